@@ -1,0 +1,138 @@
+"""``retro::attention``: SDPA's contract plus per-layer decode state, as one torch.library op.
+
+The op takes SDPA's arguments (q, k, v, mask, is_causal, scale), the layer's state tensors
+(mutated in place) and the layer's sparse parameters. A call with more query rows than the
+window is a prefill: dense attention, exactly SDPA, and the state is rebuilt from it. Any other
+call is one decode step (ALGORITHM.md section 4).
+
+Inputs are validated by :func:`check_inputs` in both the real and the fake implementation, so a
+bad call fails while tracing, before anything runs or any state changes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import reference
+from .reference import LayerState, SparseParams
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+STATE_ARGS = ("kmax", "kmin", "last", "out_cache", "lse_cache")
+
+
+def check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    state: LayerState,
+    params: SparseParams,
+) -> None:
+    """Raise ValueError/TypeError naming the argument if the op cannot serve this call."""
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if t.dim() != 4:
+            raise ValueError(f"retro::attention: {name} must have 4 dims (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"retro::attention: {name} dtype {t.dtype} is not one of {_FLOAT_DTYPES}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"retro::attention: query/key/value dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"retro::attention: query/key/value devices differ ({q.device}, {k.device}, {v.device})")
+    b, hq, n, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"retro::attention: batch sizes differ (query {b}, key {k.shape[0]}, value {v.shape[0]})")
+    if k.shape[1] != v.shape[1] or hq % k.shape[1]:
+        raise ValueError(
+            f"retro::attention: key heads ({k.shape[1]}) and value heads ({v.shape[1]}) must be equal and divide query heads ({hq})"
+        )
+    if k.shape[3] != d:
+        raise ValueError(f"retro::attention: key head_dim {k.shape[3]} != query head_dim {d}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"retro::attention: key length {k.shape[2]} != value length {v.shape[2]}")
+    length = k.shape[2]
+    if n > length:
+        raise ValueError(f"retro::attention: query has {n} rows but the cache holds only {length} positions")
+    if attn_mask is not None:
+        if attn_mask.device != q.device:
+            raise ValueError(f"retro::attention: attn_mask is on {attn_mask.device}, query on {q.device}")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"retro::attention: attn_mask dtype {attn_mask.dtype} must be bool or a float dtype")
+        if attn_mask.dim() != 4 or attn_mask.shape[1] != 1 or attn_mask.shape[0] not in (1, b) \
+                or attn_mask.shape[2] not in (1, n) or attn_mask.shape[3] != length:
+            raise ValueError(
+                f"retro::attention: attn_mask shape {tuple(attn_mask.shape)} must broadcast as (batch, 1, {n}, {length}) "
+                "with one head (per-head masks are not supported)"
+            )
+    kmax, kmin, last, out_cache, lse_cache = state
+    capacity = kmax.shape[2] * params.page_size
+    if length > capacity:
+        raise ValueError(
+            f"retro::attention: context of {length} positions exceeds the state's max_context ({capacity}); "
+            "raise RetroConfig.max_context"
+        )
+    expected = {
+        "kmax": (b, k.shape[1], kmax.shape[2], d),
+        "kmin": (b, k.shape[1], kmax.shape[2], d),
+        "last": (b, k.shape[1], kmax.shape[2]),
+        "out_cache": (b, hq, params.window - 1, v.shape[3]),
+        "lse_cache": (b, hq, params.window - 1),
+    }
+    for name, t in zip(STATE_ARGS, state):
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"retro::attention: state {name} has shape {tuple(t.shape)}, expected {expected[name]}")
+        if t.device != q.device:
+            raise ValueError(f"retro::attention: state {name} is on {t.device}, query on {q.device}")
+    if kmax.dtype != k.dtype or kmin.dtype != k.dtype:
+        raise TypeError(f"retro::attention: summaries dtype {kmax.dtype} must equal the key dtype {k.dtype}")
+
+
+@torch.library.custom_op("retro::attention", mutates_args=STATE_ARGS)
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    kmax: torch.Tensor,
+    kmin: torch.Tensor,
+    last: torch.Tensor,
+    out_cache: torch.Tensor,
+    lse_cache: torch.Tensor,
+    is_causal: bool,
+    scale: Optional[float],
+    page_size: int,
+    budget_pages: int,
+    budget_fraction: float,
+    sink_pages: int,
+    local_pages: int,
+    window: int,
+) -> torch.Tensor:
+    """Sparse + retrospective attention with SDPA's output: (B, Hq, n, Dv), contiguous."""
+    state = LayerState(kmax, kmin, last, out_cache, lse_cache)
+    params = SparseParams(page_size, budget_pages, budget_fraction, sink_pages, local_pages, window)
+    check_inputs(q, k, v, attn_mask, state, params)
+    return reference.attention(q, k, v, attn_mask, is_causal, scale, state, params)
+
+
+@attention.register_fake
+def _(q, k, v, attn_mask, kmax, kmin, last, out_cache, lse_cache, is_causal, scale,
+      page_size, budget_pages, budget_fraction, sink_pages, local_pages, window):
+    state = LayerState(kmax, kmin, last, out_cache, lse_cache)
+    params = SparseParams(page_size, budget_pages, budget_fraction, sink_pages, local_pages, window)
+    check_inputs(q, k, v, attn_mask, state, params)
+    return q.new_empty(q.shape[:3] + v.shape[3:])
+
+
+def retro_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    state: LayerState,
+    params: SparseParams,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Call ``retro::attention`` with named state and parameters."""
+    return torch.ops.retro.attention(q, k, v, attn_mask, *state, is_causal, scale, *params)

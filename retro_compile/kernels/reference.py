@@ -1,0 +1,317 @@
+"""Readable PyTorch implementation of ALGORITHM.md: the CPU path and the test oracle.
+
+Every stage is its own function, in the order a decode step runs them:
+
+1. :func:`mask_to_allowed` / :func:`query_positions`: what each query row may see, and where it is.
+2. :func:`build_summaries` / :func:`refresh_summaries`: per-page key max/min over valid positions.
+3. :func:`page_scores`: Quest's upper bound ``sum_d max(q_d kmax_d, q_d kmin_d)``, GQA group max.
+4. :func:`select_pages`: always-kept pages plus the top-scoring rest, up to the budget.
+5. :func:`attend`: exact attention over a key mask, returning output and log-sum-exp.
+6. :func:`merge`: the exact LSE merge of two partial attentions over disjoint keys.
+7. :func:`decode_step` / :func:`prefill`: the whole step, including the state update.
+
+Shapes: ``q`` (B, Hq, n, D); ``k``/``v`` (B, Hkv, L, D) (the whole cache, positions 0..L-1);
+``G = Hq // Hkv``. All math is in fp32; the output is cast back to ``q``'s dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+
+
+class SparseParams(NamedTuple):
+    """The scalar arguments of one sparse layer (derived from RetroConfig)."""
+
+    page_size: int
+    budget_pages: int  # the most pages a query may read
+    budget_fraction: float  # 0.0: budget_pages is fixed; else pages = ceil(fraction * context / page_size)
+    sink_pages: int
+    local_pages: int
+    window: int
+
+
+class LayerState(NamedTuple):
+    """Per-layer decode state (fixed shapes, updated in place). See state.py for allocation."""
+
+    kmax: torch.Tensor  # (B, Hkv, NP, D) key dtype: element-wise max of each page's valid keys
+    kmin: torch.Tensor  # (B, Hkv, NP, D) key dtype: element-wise min
+    last: torch.Tensor  # (B, Hkv, NP) int32: last step (position) whose query loaded the page
+    out_cache: torch.Tensor  # (B, Hq, w-1, D) fp32: outputs of the last w-1 rows, oldest first
+    lse_cache: torch.Tensor  # (B, Hq, w-1) fp32: their log-sum-exp
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Masks and positions
+# --------------------------------------------------------------------------------------------
+def mask_to_allowed(
+    attn_mask: torch.Tensor | None, is_causal: bool, batch: int, n: int, length: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SDPA's mask conventions as (allowed (B, n, L) bool, additive bias (B, n, L) fp32 or None).
+
+    A boolean mask is True where attention is allowed; a float mask is added to the logits and
+    ``-inf`` (or the dtype's lowest value, as Hugging Face writes it) disallows. No mask with
+    ``is_causal`` is SDPA's top-left causal mask; no mask without it allows every key.
+    """
+    if attn_mask is None:
+        if is_causal:
+            rows = torch.arange(n, device=device)[:, None]
+            allowed = torch.arange(length, device=device)[None, :] <= rows
+        else:
+            allowed = torch.ones(n, length, dtype=torch.bool, device=device)
+        return allowed.expand(batch, n, length), None
+    mask = attn_mask.expand(batch, 1, n, length)[:, 0]
+    if mask.dtype == torch.bool:
+        return mask, None
+    bias = mask.float()
+    allowed = bias > torch.finfo(attn_mask.dtype).min / 2
+    return allowed, bias.masked_fill(~allowed, 0.0)
+
+
+def query_positions(allowed: torch.Tensor) -> torch.Tensor:
+    """Cache position of each query row (B, n): the last key it may see (a query sees itself)."""
+    length = allowed.shape[-1]
+    index = torch.arange(length, device=allowed.device)
+    return torch.where(allowed, index, -1).amax(dim=-1)
+
+
+def pages_to_tokens(per_page: torch.Tensor, page_size: int, length: int) -> torch.Tensor:
+    """Expand a (..., NP) per-page tensor to (..., L) per-position."""
+    return per_page.repeat_interleave(page_size, dim=-1)[..., :length]
+
+
+def page_any(valid: torch.Tensor, page_size: int) -> torch.Tensor:
+    """(B, L) bool -> (B, NP) bool: does the page hold any valid position."""
+    batch, length = valid.shape
+    pad = (-length) % page_size
+    return F.pad(valid, (0, pad)).view(batch, -1, page_size).any(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Page summaries
+# --------------------------------------------------------------------------------------------
+def _paged(x: torch.Tensor, page_size: int) -> torch.Tensor:
+    """(B, H, L, D) -> (B, H, NP, P, D), zero-padding the last page."""
+    b, h, length, d = x.shape
+    pad = (-length) % page_size
+    return F.pad(x, (0, 0, 0, pad)).view(b, h, -1, page_size, d)
+
+
+def build_summaries(k: torch.Tensor, valid: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element-wise max/min of every page's valid keys; pages with none get zeros.
+
+    ``valid`` (B, L) marks the positions that count (written, not padding).
+    """
+    paged = _paged(k.float(), page_size)  # (B, H, NP, P, D)
+    ok = _paged(valid[:, None, :, None].float(), page_size).bool()  # (B, 1, NP, P, 1)
+    kmax = paged.masked_fill(~ok, NEG_INF).amax(dim=3)
+    kmin = paged.masked_fill(~ok, float("inf")).amin(dim=3)
+    empty = ~ok.any(dim=3)
+    return kmax.masked_fill(empty, 0.0).to(k.dtype), kmin.masked_fill(empty, 0.0).to(k.dtype)
+
+
+def refresh_summaries(
+    state: LayerState, k: torch.Tensor, valid: torch.Tensor, first_pos: torch.Tensor, n: int, page_size: int
+) -> None:
+    """Recompute, in place, the summaries of the pages that positions ``first_pos .. first_pos+n-1`` fall in."""
+    num_pages = state.kmax.shape[2]
+    touched = (n - 1) // page_size + 2  # pages a run of n positions can straddle
+    pages = (first_pos[:, None] // page_size + torch.arange(touched, device=k.device)).clamp(max=num_pages - 1)
+    kmax, kmin = build_summaries(k, valid, page_size)  # readable, not fast: the kernels do it per page
+    index = pages[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+    state.kmax.scatter_(2, index, kmax.gather(2, index))
+    state.kmin.scatter_(2, index, kmin.gather(2, index))
+
+
+# --------------------------------------------------------------------------------------------
+# 3-4. Scoring and selection (Quest)
+# --------------------------------------------------------------------------------------------
+def page_scores(q_row: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor) -> torch.Tensor:
+    """Upper bound of ``q . k`` over each page, maxed over each KV head's query group.
+
+    q_row (B, Hq, D); kmax/kmin (B, Hkv, NP, D) -> (B, Hkv, NP) fp32.
+    """
+    b, hq, d = q_row.shape
+    hkv = kmax.shape[1]
+    q = q_row.float().view(b, hkv, hq // hkv, 1, d)
+    upper = torch.maximum(q * kmax.float()[:, :, None], q * kmin.float()[:, :, None]).sum(-1)  # (B, Hkv, G, NP)
+    return upper.amax(dim=2)
+
+
+def budget_pages_for(params: SparseParams, position: torch.Tensor) -> torch.Tensor:
+    """Pages the query at ``position`` (B,) may read: fixed, or a fraction of the context."""
+    kept = params.sink_pages + params.local_pages
+    if params.budget_fraction == 0.0:
+        return torch.full_like(position, params.budget_pages)
+    pages = torch.ceil(params.budget_fraction * (position + 1).double() / params.page_size).long()
+    return pages.clamp(min=kept, max=params.budget_pages)
+
+
+def select_pages(
+    scores: torch.Tensor, page_valid: torch.Tensor, position: torch.Tensor, params: SparseParams
+) -> torch.Tensor:
+    """Selected pages (B, Hkv, NP) bool for the query at ``position`` (B,).
+
+    Always kept: the sink pages and the ``local_pages`` pages ending with the query's own page.
+    Then the top-scoring pages until the budget is met. A page with no valid position for this
+    query (beyond it, or all padding) is never chosen.
+    """
+    num_pages = scores.shape[-1]
+    page = torch.arange(num_pages, device=scores.device)
+    own = (position // params.page_size)[:, None, None]
+    keep = (page < params.sink_pages) | ((page <= own) & (page > own - params.local_pages))
+    ranked = scores.masked_fill(keep, float("inf")).masked_fill(~page_valid[:, None, :], NEG_INF)
+    k = min(params.budget_pages, num_pages)
+    top = ranked.topk(k, dim=-1)
+    within_budget = torch.arange(k, device=scores.device) < budget_pages_for(params, position)[:, None, None]
+    chosen = (top.values > NEG_INF) & within_budget
+    return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top.indices, chosen)
+
+
+# --------------------------------------------------------------------------------------------
+# 5-6. Attention over a key mask, and the LSE merge
+# --------------------------------------------------------------------------------------------
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of q (B, Hq, r, D) over the keys ``key_mask`` allows.
+
+    ``key_mask`` is (B, 1 or Hkv, r, L); ``bias`` (B, r, L) is added to the logits. Returns
+    (output (B, Hq, r, Dv) fp32, lse (B, Hq, r) fp32); a row with no key gets zeros and -inf.
+    """
+    group = q.shape[1] // k.shape[1]
+    kx = k.float().repeat_interleave(group, dim=1)
+    vx = v.float().repeat_interleave(group, dim=1)
+    logits = torch.einsum("bhrd,bhld->bhrl", q.float(), kx) * scale
+    if bias is not None:
+        logits = logits + bias[:, None]
+    mask = key_mask if key_mask.shape[1] == 1 else key_mask.repeat_interleave(group, dim=1)
+    logits = logits.masked_fill(~mask, NEG_INF)
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - lse[..., None]).nan_to_num(0.0)
+    return probs @ vx, lse
+
+
+def merge(
+    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of attention over disjoint key sets A and B into attention over A and B."""
+    lse = torch.logaddexp(lse1, lse2)
+    w1 = torch.exp(lse1 - lse).nan_to_num(0.0)[..., None]
+    w2 = torch.exp(lse2 - lse).nan_to_num(0.0)[..., None]
+    return w1 * o1 + w2 * o2, lse
+
+
+# --------------------------------------------------------------------------------------------
+# 7. The step
+# --------------------------------------------------------------------------------------------
+def default_scale(q: torch.Tensor, scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+
+
+def prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    state: LayerState,
+    params: SparseParams,
+) -> torch.Tensor:
+    """Dense causal attention (SDPA itself) and the state the first decode step needs."""
+    batch, _, n, _ = q.shape
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+    allowed, bias = mask_to_allowed(attn_mask, is_causal, batch, n, k.shape[2], q.device)
+    position = query_positions(allowed)[:, -1]
+    kmax, kmin = build_summaries(k, allowed[:, -1], params.page_size)
+    state.kmax.copy_(kmax)
+    state.kmin.copy_(kmin)
+    state.last.copy_(position[:, None, None].to(state.last.dtype).expand_as(state.last))
+    rows = min(state.out_cache.shape[2], n)  # the last w-1 prompt rows, seen densely
+    if rows:
+        o, lse = attend(q[:, :, -rows:], k, v, allowed[:, None, -rows:], default_scale(q, scale),
+                        None if bias is None else bias[:, -rows:])
+        state.out_cache[:, :, -rows:] = o
+        state.lse_cache[:, :, -rows:] = lse
+    return out.contiguous()
+
+
+def decode_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    state: LayerState,
+    params: SparseParams,
+) -> torch.Tensor:
+    """One decode step over the window of ``n <= w`` consecutive rows (ALGORITHM.md section 4).
+
+    The newest row attends to its selected pages; each past row attends to the selected pages it
+    has not seen yet and merges that into its cached output. Then the state moves one step on.
+    """
+    batch, _, n, _ = q.shape
+    length, page_size = k.shape[2], params.page_size
+    scale = default_scale(q, scale)
+    allowed, bias = mask_to_allowed(attn_mask, is_causal, batch, n, length, q.device)
+    position = query_positions(allowed)  # (B, n)
+    newest = position[:, -1]
+    valid = allowed[:, -1]  # every key the newest row may see: written, not padding, <= newest
+
+    refresh_summaries(state, k, valid, position[:, 0], n, page_size)
+    scores = page_scores(q[:, :, -1], state.kmax, state.kmin)
+    selected = select_pages(scores, page_any(valid, page_size), newest, params)  # (B, Hkv, NP)
+    selected_keys = pages_to_tokens(selected, page_size, length)  # (B, Hkv, L)
+
+    o_new, lse_new = attend(q[:, :, -1:], k, v, (selected_keys & valid[:, None])[:, :, None], scale,
+                            None if bias is None else bias[:, -1:])
+    rows_o, rows_lse = [o_new], [lse_new]
+    past = n - 1
+    if past > 0:
+        last_keys = pages_to_tokens(state.last, page_size, length)  # (B, Hkv, L)
+        past_pos = position[:, :-1]  # (B, past)
+        unseen = selected_keys[:, :, None] & (last_keys[:, :, None] < past_pos[:, None, :, None])
+        o_sup, lse_sup = attend(q[:, :, :-1], k, v, unseen & allowed[:, None, :-1], scale,
+                                None if bias is None else bias[:, :-1])
+        cached = slice(state.out_cache.shape[2] - past, None)  # cache rows are aligned to the newest
+        o_past, lse_past = merge(state.out_cache[:, :, cached], state.lse_cache[:, :, cached], o_sup, lse_sup)
+        rows_o.insert(0, o_past)
+        rows_lse.insert(0, lse_past)
+    out = torch.cat(rows_o, dim=2)
+    lse = torch.cat(rows_lse, dim=2)
+
+    state.last.copy_(torch.where(selected, newest[:, None, None].to(state.last.dtype), state.last))
+    keep = min(state.out_cache.shape[2], n)  # drop the oldest row; the newest joins
+    if keep:
+        state.out_cache.copy_(torch.cat([state.out_cache[:, :, keep:], out[:, :, n - keep:]], dim=2))
+        state.lse_cache.copy_(torch.cat([state.lse_cache[:, :, keep:], lse[:, :, n - keep:]], dim=2))
+    return out.to(q.dtype)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    state: LayerState,
+    params: SparseParams,
+) -> torch.Tensor:
+    """The op: a call with more rows than the window is a prefill, otherwise a decode step."""
+    step = prefill if q.shape[2] > params.window else decode_step
+    return step(q, k, v, attn_mask, is_causal, scale, state, params)

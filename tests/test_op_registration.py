@@ -1,0 +1,111 @@
+"""retro::attention as a torch.library op: opcheck, torch.compile, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retro_compile.kernels.op import retro_attention
+from retro_compile.kernels.reference import SparseParams
+from retro_compile.state import StateShape, allocate
+
+from .sequences import make_problem, mask_for
+
+PARAMS = SparseParams(8, 2, 0.0, 0, 1, 2)
+
+
+def fresh_state(problem, window=2):
+    b, hq, length, d = problem.q.shape
+    return allocate(StateShape(b, hq, problem.k.shape[1], d, d, -(-length // 8), window, problem.k.dtype,
+                               torch.device("cpu")))
+
+
+def call_args(problem, positions, state, params=PARAMS):
+    return (problem.q[:, :, positions], problem.k, problem.v, mask_for(problem, positions), *state, False, None, *params)
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_opcheck(phase):
+    problem = make_problem()
+    state = fresh_state(problem)
+    torch.ops.retro.attention(*call_args(problem, list(range(40)), state))
+    positions = list(range(40)) if phase == "prefill" else [40, 41]
+    torch.library.opcheck(torch.ops.retro.attention.default, call_args(problem, positions, state))
+
+
+def test_compiled_matches_eager_without_graph_break_or_recompile():
+    problem = make_problem()
+    eager_state, compiled_state = fresh_state(problem), fresh_state(problem)
+
+    def step(q, k, v, mask, state):
+        return retro_attention(q, k, v, mask, state, PARAMS) * 2.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    calls = [list(range(40))] + [[t - 1, t] for t in range(40, 46)]
+    for i, positions in enumerate(calls):
+        args = (problem.q[:, :, positions], problem.k, problem.v, mask_for(problem, positions))
+        expected = step(*args, eager_state)
+        if i >= 2:  # prefill and first decode compiled; every later decode step reuses the graph
+            with torch.compiler.set_stance("fail_on_recompile"):
+                got = compiled(*args, compiled_state)
+        else:
+            got = compiled(*args, compiled_state)
+        torch.testing.assert_close(got, expected)
+        for a, b in zip(compiled_state, eager_state):
+            torch.testing.assert_close(a, b)
+
+
+def _bad(problem, state, **change):
+    args = dict(q=problem.q[:, :, [40, 41]], k=problem.k, v=problem.v, attn_mask=mask_for(problem, [40, 41]))
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("change,error,words", [
+    (lambda p: dict(q=p.q[0, :, [40, 41]]), ValueError, "query must have 4 dims"),
+    (lambda p: dict(k=p.k[:, :1].expand(2, 3, -1, -1)), ValueError, "key heads"),
+    (lambda p: dict(k=p.k[..., :8]), ValueError, "key head_dim"),
+    (lambda p: dict(v=p.v.double()), TypeError, "value dtype"),
+    (lambda p: dict(q=p.q[:, :, [40, 41]].half()), TypeError, "dtypes differ"),
+    (lambda p: dict(q=p.q[:, :, [40, 41]].to("meta")), ValueError, "devices differ"),
+    (lambda p: dict(attn_mask=torch.ones(2, 4, 2, 96, dtype=torch.bool)), ValueError, "one head"),
+    (lambda p: dict(attn_mask=torch.ones(2, 1, 2, 96, dtype=torch.int64)), TypeError, "attn_mask dtype"),
+    (lambda p: dict(q=p.q[:1, :, [40, 41]]), ValueError, "batch sizes differ"),
+])
+def test_bad_input_raises_and_leaves_state_alone(change, error, words):
+    problem = make_problem()
+    state = fresh_state(problem)
+    retro_attention(problem.q[:, :, :40], problem.k, problem.v, mask_for(problem, list(range(40))), state, PARAMS)
+    before = [t.clone() for t in state]
+    args = _bad(problem, state, **change(problem))
+    with pytest.raises(error, match=words):
+        retro_attention(args["q"], args["k"], args["v"], args["attn_mask"], state, PARAMS)
+    for a, b in zip(state, before):
+        assert torch.equal(a, b)
+
+
+def test_context_beyond_max_context_raises():
+    problem = make_problem()
+    state = allocate(StateShape(2, 4, 2, 16, 16, 4, 2, torch.float32, torch.device("cpu")))  # 32 positions
+    with pytest.raises(ValueError, match="exceeds the state's max_context"):
+        retro_attention(problem.q[:, :, [40, 41]], problem.k, problem.v, mask_for(problem, [40, 41]), state, PARAMS)
+
+
+def test_state_for_another_window_raises():
+    problem = make_problem()
+    state = fresh_state(problem, window=3)
+    with pytest.raises(ValueError, match="state out_cache has shape"):
+        retro_attention(problem.q[:, :, [40, 41]], problem.k, problem.v, mask_for(problem, [40, 41]), state, PARAMS)
+
+
+def test_bad_input_fails_while_tracing():
+    """The fake implementation validates too: a compiled call fails before running anything."""
+    problem = make_problem()
+    state = fresh_state(problem)
+
+    def step(q, k, v, mask):
+        return retro_attention(q, k, v, mask, state, PARAMS)
+
+    with pytest.raises(Exception, match="key head_dim"):
+        torch.compile(step, fullgraph=True, backend="eager")(problem.q[:, :, [40, 41]], problem.k[..., :8],
+                                                            problem.v, mask_for(problem, [40, 41]))
