@@ -1,0 +1,65 @@
+"""``retro_compile(model)``: the one call a user makes."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+
+from .backend import backend_for
+from .config import RetroConfig
+from .integrations import hf
+from .state import StateStore
+
+log = logging.getLogger(__name__)
+
+
+def retro_compile(model: torch.nn.Module, config: RetroConfig | None = None, **compile_kwargs: Any) -> torch.nn.Module:
+    """Make ``model`` decode with sparse + retrospective attention.
+
+    For a Hugging Face causal LM this returns the same model, ready for ``model.generate(...)``:
+    its attention runs through SDPA with grouped KV heads, every generate() call gets a static
+    cache of ``config.max_context`` positions, and forward calls go through two graphs compiled
+    with the ``retro`` backend (the prefill, with a dynamic prompt length, and the decode step).
+    Any other module is returned as ``torch.compile(model, backend=retro)``.
+
+    ``compile_kwargs`` go to ``torch.compile`` for the decode step (``mode="reduce-overhead"``
+    for CUDA graphs, ``fullgraph=True``, ...).
+    """
+    config = config or RetroConfig()
+    if not isinstance(config, RetroConfig):
+        raise TypeError(f"retro_compile: config must be a RetroConfig, got {type(config).__name__}")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise TypeError("retro_compile: the model is already torch.compile'd; pass the original module (model._orig_mod)")
+    previous = getattr(model, "retro_config", None)
+    if previous is not None:
+        if previous == config:
+            log.info("retro_compile: model already compiled with this config; returning it unchanged")
+            return model
+        raise ValueError(
+            f"retro_compile: model was already compiled with {previous}; load a fresh model to use {config}"
+        )
+    store = StateStore()
+    if not hf.is_hf_causal_lm(model):
+        compiled = torch.compile(model, backend=backend_for(config, store), **compile_kwargs)
+        compiled.retro_config = config
+        return compiled
+
+    hf.check_sdpa_support(model)
+    sliding = hf.sliding_window_layers(model.config)
+    if sliding and config.mode != "dense":
+        log.info("retro_compile: layers %s use a sliding window and stay dense", list(sliding))
+        dense = config.dense_layers if isinstance(config.dense_layers, tuple) else tuple(range(config.dense_layers))
+        config = dataclasses.replace(config, dense_layers=tuple(sorted(set(dense) | set(sliding))))
+    hf.register_attention()
+    model.set_attn_implementation(hf.ATTENTION_NAME)
+    forward = model.forward
+    prefill = torch.compile(forward, backend=backend_for(config, store, inductor=False), dynamic=None)
+    decode = torch.compile(forward, backend=backend_for(config, store), dynamic=False, **compile_kwargs)
+    driver = hf.install(model, config, prefill, decode)
+    model.retro_config = config
+    model.retro_state = store
+    model.retro_driver = driver
+    return model

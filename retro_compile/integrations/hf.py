@@ -1,0 +1,202 @@
+"""Hugging Face transformers glue: attention function, static cache, and the decode-window driver.
+
+What ``generate()`` sees does not change: every forward call still takes the newest token and
+returns its logits. Inside, each decode step feeds the last ``w`` tokens (the ``w - 1`` already
+generated ones again, plus the new one) at their own cache positions, so the static cache's
+entries for the past tokens are overwritten with K/V computed from corrected hidden states
+(ALGORITHM.md section 4). The prefill runs through the rewritten graph too, so it leaves the
+sparse layers' state behind.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..config import RetroConfig
+
+log = logging.getLogger(__name__)
+
+ATTENTION_NAME = "retro_sdpa"
+
+
+def retro_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Plain SDPA with grouped-query heads left unexpanded (``enable_gqa``), so the rewrite sees
+    the real KV heads and selects pages per KV head. Same result as transformers' "sdpa"."""
+    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        raise ValueError("retro-compile: softcapping and position biases are not supported by SDPA attention")
+    if is_causal is None:
+        is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+        is_causal=is_causal, enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, retro_sdpa_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def is_hf_causal_lm(model: torch.nn.Module) -> bool:
+    try:
+        from transformers import GenerationMixin, PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel) and isinstance(model, GenerationMixin)
+
+
+def check_sdpa_support(model: torch.nn.Module) -> None:
+    """Raise if the architecture cannot run SDPA attention (so there would be nothing to rewrite)."""
+    if not getattr(model, "_supports_sdpa", False):
+        raise ValueError(
+            f"retro_compile: {type(model).__name__} does not support SDPA attention in transformers "
+            "(its attention is eager-only), so there is no SDPA call site to rewrite. "
+            "Use an architecture that supports attn_implementation='sdpa'."
+        )
+
+
+def sliding_window_layers(hf_config: Any) -> tuple[int, ...]:
+    """Layers whose cache is a sliding window (a ring buffer): they stay dense."""
+    types = getattr(hf_config, "layer_types", None)
+    if types:
+        return tuple(i for i, t in enumerate(types) if t != "full_attention")
+    if getattr(hf_config, "sliding_window", None) and getattr(hf_config, "use_sliding_window", True):
+        return tuple(range(hf_config.num_hidden_layers))
+    return ()
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """transformers 5.24 renamed forward's ``past_key_values`` to ``cache``."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+class DecodeWindowDriver:
+    """Replaces ``model.forward``: prefill through one compiled graph, window decode through another."""
+
+    def __init__(self, model: torch.nn.Module, config: RetroConfig, prefill: Callable, decode: Callable) -> None:
+        self.model = model
+        self.config = config
+        self.window = config.window
+        self.prefill_fn = prefill
+        self.decode_fn = decode
+        self.cache_arg = cache_argument(model)
+        self.original_forward = model.forward
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the current sequence: the next call must be a prefill."""
+        self.cache: Any = None
+        self.length = 0  # positions written in the cache
+        self.recent: torch.Tensor | None = None  # (B, w-1) ids of the newest tokens
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        cache = kwargs.get(self.cache_arg)
+        if input_ids is None or cache is None or not getattr(cache, "is_compileable", False):
+            raise ValueError(
+                "retro_compile: a compiled model needs input_ids and a static cache "
+                f"(got input_ids={'set' if input_ids is not None else None}, {self.cache_arg}={type(cache).__name__}); "
+                "use model.generate(...), which sets both up"
+            )
+        if cache is not self.cache or input_ids.shape[1] > 1:
+            return self._prefill(input_ids, attention_mask, position_ids, cache, kwargs)
+        return self._decode(input_ids, attention_mask, position_ids, kwargs)
+
+    def _prefill(self, input_ids, attention_mask, position_ids, cache, kwargs):
+        n = input_ids.shape[1]
+        if cache is not self.cache:
+            self.reset()
+            self.cache = cache
+            self.length = int(cache.get_seq_length())
+        if n <= self.window:
+            raise ValueError(f"retro_compile: the prompt has {n} tokens; it needs more than window={self.window}")
+        if self.length + n > self.config.max_context:
+            raise ValueError(f"retro_compile: {self.length + n} positions exceed RetroConfig.max_context={self.config.max_context}")
+        for t, dim in ((input_ids, 1), (position_ids, 1), (attention_mask, 2 if _is_4d(attention_mask) else 1)):
+            if t is not None:
+                torch._dynamo.mark_dynamic(t, dim)
+        out = self.prefill_fn(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        self.length += n
+        self.recent = input_ids[:, n - (self.window - 1):] if self.window > 1 else None
+        return out
+
+    def _decode(self, input_ids, attention_mask, position_ids, kwargs):
+        w, newest = self.window, self.length
+        if newest + 1 > self.config.max_context:
+            raise ValueError(f"retro_compile: position {newest} is beyond RetroConfig.max_context={self.config.max_context}")
+        device = input_ids.device
+        rows = torch.arange(newest - w + 1, newest + 1, device=device)  # cache positions of the window
+        visible = self._visible_keys(attention_mask, input_ids.shape[0], device)  # (B, 1, 1, L)
+        mask = visible & (torch.arange(visible.shape[-1], device=device) <= rows[:, None])  # (B, 1, w, L)
+        if position_ids is None:
+            position_ids = visible[:, 0, 0].sum(-1, keepdim=True) - 1
+        position_ids = position_ids[:, -1:] + torch.arange(1 - w, 1, device=device)
+        ids = input_ids if w == 1 else torch.cat([self.recent, input_ids], dim=1)
+        if w > 1:
+            self.cache.crop(-(w - 1))  # the window rewrites the past tokens' entries
+        out = self.decode_fn(input_ids=ids, attention_mask=mask, position_ids=position_ids, **kwargs)
+        self.length += 1
+        self.recent = ids[:, 1:] if w > 1 else None
+        out.logits = out.logits[:, -1:]
+        return out
+
+    def _visible_keys(self, attention_mask, batch, device) -> torch.Tensor:
+        """Keys the newest token may see, as a (B, 1, 1, L) bool mask over the whole cache."""
+        length = self.config.max_context
+        if attention_mask is None:
+            visible = torch.arange(length, device=device) <= self.length
+            return visible.expand(batch, 1, 1, length)
+        if _is_4d(attention_mask):
+            row = attention_mask[:, :, -1:, :]
+            return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+        visible = F.pad(attention_mask.bool(), (0, length - attention_mask.shape[1]))
+        return visible[:, None, None, :]
+
+
+def _is_4d(t: torch.Tensor | None) -> bool:
+    return t is not None and t.dim() == 4
+
+
+def install(model: torch.nn.Module, config: RetroConfig, prefill: Callable, decode: Callable) -> DecodeWindowDriver:
+    """Install the driver and a generate() that starts every request from a fresh static cache."""
+    from transformers import StaticCache
+
+    driver = DecodeWindowDriver(model, config, prefill, decode)
+    original_generate = model.generate
+    cache_arg = driver.cache_arg
+
+    @functools.wraps(original_generate)
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        driver.reset()
+        if kwargs.get(cache_arg) is None and kwargs.get("past_key_values") is None:
+            kwargs[cache_arg] = StaticCache(config=model.config, max_cache_len=config.max_context)
+        return original_generate(*args, **kwargs)
+
+    @functools.wraps(driver.original_forward)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return driver.forward(*args, **kwargs)
+
+    model.forward = forward
+    model.generate = generate
+    model.generation_config.disable_compile = True  # the driver compiles; generate must not again
+    return driver

@@ -1,0 +1,152 @@
+"""Rewrite SDPA call sites of sparse layers into ``retro::attention`` with the layer's state.
+
+Dense layers and call sites the op cannot serve stay SDPA; each is logged once with the reason.
+State tensors are registered on the graph module as buffers and read with ``get_attr``, so
+AOTAutograd lifts them like any module buffer (static addresses for CUDA graphs) and the op's
+in-place updates are functionalised and re-inplaced by Inductor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+
+import torch
+import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from ..config import RetroConfig
+from ..kernels.op import STATE_ARGS
+from ..kernels.reference import SparseParams
+from ..state import StateShape, StateStore
+from .sdpa import SdpaSite, example_value, find_sdpa_sites
+
+log = logging.getLogger(__name__)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_logged: set[tuple[str, str]] = set()
+
+
+def sparse_params(config: RetroConfig) -> SparseParams:
+    return SparseParams(config.page_size, config.budget_pages, config.budget_fraction,
+                        config.sink_pages, config.local_pages, config.window)
+
+
+def unsupported_reason(site: SdpaSite, config: RetroConfig) -> str | None:
+    """Why this call site must stay dense SDPA, or None if the op serves it."""
+    if config.mode == "dense":
+        return "mode='dense'"
+    if config.is_dense_layer(site.layer_index):
+        return f"layer {site.layer_index} is in dense_layers"
+    if isinstance(site.dropout_p, fx.Node) or site.dropout_p != 0.0:
+        return f"dropout_p={site.dropout_p} (the op has no dropout)"
+    if isinstance(site.scale, fx.Node) or isinstance(site.is_causal, fx.Node):
+        return "scale or is_causal is computed at run time"
+    q, k, v = (example_value(n) for n in (site.query, site.key, site.value))
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return "query/key/value have no shape metadata"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"query rank {q.dim()} (the op needs (batch, heads, seq, head_dim))"
+    if q.dtype not in _FLOAT_DTYPES or not (q.dtype == k.dtype == v.dtype):
+        return f"dtype {q.dtype}/{k.dtype}/{v.dtype}"
+    if not all(isinstance(s, int) for s in (*q.shape[:2], q.shape[3], *k.shape[1:2], k.shape[3], v.shape[3])):
+        return "batch, head or head_dim sizes are dynamic (mark them static)"
+    if q.shape[1] != k.shape[1] and not site.enable_gqa:
+        return "query and key heads differ without enable_gqa"
+    if q.shape[1] % k.shape[1]:
+        return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key heads"
+    mask = example_value(site.attn_mask)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            return f"attn_mask of type {type(mask).__name__}"
+        if mask.dtype != torch.bool and mask.dtype not in _FLOAT_DTYPES:
+            return f"attn_mask dtype {mask.dtype}"
+        if mask.dim() != 4 or mask.shape[1] != 1:
+            return f"attn_mask shape {tuple(mask.shape)} (needs (batch, 1, rows, keys))"
+    return None
+
+
+def _log_once(layer: str, message: str) -> None:
+    if (layer, message) not in _logged:
+        _logged.add((layer, message))
+        log.info("retro-compile: %s stays dense SDPA: %s", layer, message)
+
+
+def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore) -> list[str]:
+    """Rewrite ``gm`` in place. Returns the names of the layers now served by ``retro::attention``."""
+    graph = gm.graph
+    rewritten = []
+    params = sparse_params(config)
+    for site in find_sdpa_sites(graph):
+        reason = unsupported_reason(site, config)
+        if reason:
+            _log_once(site.layer_name, reason)
+            continue
+        q, k, v = (example_value(n) for n in (site.query, site.key, site.value))
+        shape = StateShape(batch=q.shape[0], q_heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[3],
+                           value_dim=v.shape[3], num_pages=config.num_pages, window=config.window,
+                           dtype=k.dtype, device=k.device)
+        state = store.get(site.layer_name, shape)
+        with graph.inserting_before(site.node):
+            state_nodes = []
+            for field, tensor in zip(STATE_ARGS, state):
+                attr = _buffer_name(gm, site.layer_name, field)
+                _register_state(gm, attr, tensor)
+                node = graph.get_attr(attr)
+                node.meta["example_value"] = tensor
+                state_nodes.append(node)
+            new = graph.call_function(
+                torch.ops.retro.attention.default,
+                (site.query, site.key, site.value, site.attn_mask, *state_nodes,
+                 bool(site.is_causal), site.scale, *params),
+            )
+        new.meta = dict(site.node.meta)
+        site.node.replace_all_uses_with(new)
+        graph.erase_node(site.node)
+        rewritten.append(site.layer_name)
+    graph.lint()
+    gm.recompile()
+    if rewritten:
+        log.debug("retro-compile: %d SDPA sites -> retro::attention: %s", len(rewritten), rewritten)
+    return rewritten
+
+
+def _register_state(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> None:
+    """Register ``tensor`` as a buffer of ``gm``. A Dynamo graph module also maps each of its
+    buffers to a source (AOTAutograd reads that map to mark buffers static for CUDA graphs), so
+    the new buffer gets an entry there: this is Dynamo's one private field the rewrite touches."""
+    gm.register_buffer(name, tensor, persistent=False)
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is not None:
+        from torch._dynamo.source import ConstantSource
+
+        sources[name] = ConstantSource(source_name=name)
+
+
+def _buffer_name(gm: fx.GraphModule, layer: str, field: str) -> str:
+    base = "_retro_" + "".join(c if c.isalnum() else "_" for c in layer) + "_" + field
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+class RetroPass(CustomGraphPass):
+    """The rewrite as an Inductor ``CustomGraphPass``: callable on a graph, with a ``uuid`` that
+    changes with the configuration and this module's source, so Inductor's FX graph cache stays on."""
+
+    def __init__(self, config: RetroConfig, store: StateStore) -> None:
+        self.config = config
+        self.store = store
+        self.rewritten: list[str] = []
+
+    def __call__(self, graph: fx.Graph) -> None:
+        gm = graph.owning_module
+        if gm is None:
+            raise ValueError("RetroPass needs a graph owned by a GraphModule (state is stored on it)")
+        self.rewritten = rewrite_sdpa(gm, self.config, self.store)
+
+    def uuid(self) -> bytes:
+        source = inspect.getsource(inspect.getmodule(RetroPass))
+        return hashlib.sha256((repr(self.config) + source).encode()).digest()
