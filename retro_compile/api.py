@@ -49,6 +49,11 @@ def retro_compile(model: torch.nn.Module, config: RetroConfig | None = None, **c
 
     hf.check_sdpa_support(model)
     sliding = hf.sliding_window_layers(model.config)
+    if sliding and config.window > 1:
+        raise ValueError(
+            f"retro_compile: layers {list(sliding)} of {type(model).__name__} use a sliding-window cache, which the "
+            "decode window cannot rewrite; use mode='quest' (window 1) or a model without sliding-window layers"
+        )
     if sliding and config.mode != "dense":
         log.info("retro_compile: layers %s use a sliding window and stay dense", list(sliding))
         dense = config.dense_layers if isinstance(config.dense_layers, tuple) else tuple(range(config.dense_layers))

@@ -132,7 +132,8 @@ class DecodeWindowDriver:
             raise ValueError(f"retro_compile: the prompt has {n} tokens; it needs more than window={self.window}")
         if self.length + n > self.config.max_context:
             raise ValueError(f"retro_compile: {self.length + n} positions exceed RetroConfig.max_context={self.config.max_context}")
-        for t, dim in ((input_ids, 1), (position_ids, 1), (attention_mask, 2 if _is_4d(attention_mask) else 1)):
+        masks = list(attention_mask.values()) if isinstance(attention_mask, dict) else [attention_mask]
+        for t, dim in [(input_ids, 1), (position_ids, 1)] + [(m, 2 if _is_4d(m) else 1) for m in masks]:
             if t is not None:
                 torch._dynamo.mark_dynamic(t, dim)
         out = self.prefill_fn(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
@@ -146,8 +147,13 @@ class DecodeWindowDriver:
             raise ValueError(f"retro_compile: position {newest} is beyond RetroConfig.max_context={self.config.max_context}")
         device = input_ids.device
         rows = torch.arange(newest - w + 1, newest + 1, device=device)  # cache positions of the window
-        visible = self._visible_keys(attention_mask, input_ids.shape[0], device)  # (B, 1, 1, L)
-        mask = visible & (torch.arange(visible.shape[-1], device=device) <= rows[:, None])  # (B, 1, w, L)
+        window_mask = functools.partial(self._window_mask, rows=rows, batch=input_ids.shape[0])
+        if isinstance(attention_mask, dict):  # one mask per layer type (all full attention: see retro_compile)
+            mask = {kind: window_mask(m) for kind, m in attention_mask.items()}
+            visible = next(iter(mask.values()))[:, :, -1:]
+        else:
+            mask = window_mask(attention_mask)
+            visible = mask[:, :, -1:]
         if position_ids is None:
             position_ids = visible[:, 0, 0].sum(-1, keepdim=True) - 1
         position_ids = position_ids[:, -1:] + torch.arange(1 - w, 1, device=device)
@@ -159,6 +165,11 @@ class DecodeWindowDriver:
         self.recent = ids[:, 1:] if w > 1 else None
         out.logits = out.logits[:, -1:]
         return out
+
+    def _window_mask(self, attention_mask, rows, batch) -> torch.Tensor:
+        """(B, 1, w, L) bool: the keys the newest token may see, cut causally for each window row."""
+        visible = self._visible_keys(attention_mask, batch, rows.device)
+        return visible & (torch.arange(visible.shape[-1], device=rows.device) <= rows[:, None])
 
     def _visible_keys(self, attention_mask, batch, device) -> torch.Tensor:
         """Keys the newest token may see, as a (B, 1, 1, L) bool mask over the whole cache."""
