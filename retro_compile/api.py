@@ -16,7 +16,9 @@ from .state import StateStore
 log = logging.getLogger(__name__)
 
 
-def retro_compile(model: torch.nn.Module, config: RetroConfig | None = None, **compile_kwargs: Any) -> torch.nn.Module:
+def retro_compile(
+    model: torch.nn.Module, config: RetroConfig | None = None, *, inductor: bool | None = None, **compile_kwargs: Any
+) -> torch.nn.Module:
     """Make ``model`` decode with sparse + retrospective attention.
 
     For a Hugging Face causal LM this returns the same model, ready for ``model.generate(...)``:
@@ -26,7 +28,10 @@ def retro_compile(model: torch.nn.Module, config: RetroConfig | None = None, **c
     Any other module is returned as ``torch.compile(model, backend=retro)``.
 
     ``compile_kwargs`` go to ``torch.compile`` for the decode step (``mode="reduce-overhead"``
-    for CUDA graphs, ``fullgraph=True``, ...).
+    for CUDA graphs, ``fullgraph=True``, ...). ``inductor`` chooses whether the rewritten decode
+    graph is compiled by Inductor; by default it is on CUDA, while on CPU the graph runs as it is
+    (the op runs its PyTorch reference there, and Inductor's C++ build of a 30-layer model takes
+    minutes on a small machine).
     """
     config = config or RetroConfig()
     if not isinstance(config, RetroConfig):
@@ -42,8 +47,10 @@ def retro_compile(model: torch.nn.Module, config: RetroConfig | None = None, **c
             f"retro_compile: model was already compiled with {previous}; load a fresh model to use {config}"
         )
     store = StateStore()
+    if inductor is None:
+        inductor = any(p.is_cuda for p in model.parameters())
     if not hf.is_hf_causal_lm(model):
-        compiled = torch.compile(model, backend=backend_for(config, store), **compile_kwargs)
+        compiled = torch.compile(model, backend=backend_for(config, store, inductor=inductor), **compile_kwargs)
         compiled.retro_config = config
         return compiled
 
@@ -62,7 +69,7 @@ def retro_compile(model: torch.nn.Module, config: RetroConfig | None = None, **c
     model.set_attn_implementation(hf.ATTENTION_NAME)
     forward = model.forward
     prefill = torch.compile(forward, backend=backend_for(config, store, inductor=False), dynamic=None)
-    decode = torch.compile(forward, backend=backend_for(config, store), dynamic=False, **compile_kwargs)
+    decode = torch.compile(forward, backend=backend_for(config, store, inductor=inductor), dynamic=False, **compile_kwargs)
     driver = hf.install(model, config, prefill, decode)
     model.retro_config = config
     model.retro_state = store

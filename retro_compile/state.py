@@ -53,10 +53,11 @@ def allocate(shape: StateShape) -> LayerState:
 
 
 class StateStore:
-    """All decode state of one model, keyed by (layer name, shape)."""
+    """All decode state of one model, keyed by (layer name, shape), and why other layers stay dense."""
 
     def __init__(self) -> None:
         self._states: dict[tuple[str, StateShape], LayerState] = {}
+        self.dense_reasons: dict[str, str] = {}  # layer name -> why its SDPA call was left as it is
 
     def get(self, layer: str, shape: StateShape) -> LayerState:
         key = (layer, shape)

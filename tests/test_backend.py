@@ -1,0 +1,76 @@
+"""torch.compile(model, backend="retro") on a decoder written by hand (no transformers)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from retro_compile import RetroConfig
+from retro_compile.passes.sdpa import find_sdpa_sites
+from retro_compile.state import StateStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from hand_written_decoder import Decoder, greedy  # noqa: E402
+
+
+def test_backend_rewrites_sdpa_fullgraph_without_recompiles():
+    torch.manual_seed(0)
+    model = Decoder(layers=3, max_len=128).eval()
+    config = RetroConfig(mode="retro", budget=32, page_size=16, dense_layers=1, max_context=128)
+    store = StateStore()
+    from retro_compile.backend import backend_for
+
+    compiled = torch.compile(model, backend=backend_for(config, store), fullgraph=True)
+    prompt = torch.randint(0, 97, (1, 70))
+    with torch.no_grad():
+        compiled(prompt, torch.arange(70))  # prefill graph
+        for t in (70, 71):  # first decode graph
+            compiled(torch.randint(0, 97, (1, 2)), torch.arange(t - 1, t + 1))
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for t in range(72, 80):
+                compiled(torch.randint(0, 97, (1, 2)), torch.arange(t - 1, t + 1))
+    assert store.layers() == ["layers.1.attn", "layers.2.attn"]
+
+
+def test_string_backend_full_budget_equals_dense(caplog):
+    torch.manual_seed(0)
+    model = Decoder(layers=3, max_len=128).eval()
+    prompt = torch.randint(0, 97, (1, 60))
+    dense = greedy(model, prompt, 10)
+    config = RetroConfig(mode="retro", budget=128, page_size=16, dense_layers=1, max_context=128)
+    from retro_compile.backend import DEFAULT_STORE
+
+    DEFAULT_STORE.dense_reasons.clear()
+    with caplog.at_level(logging.INFO, logger="retro_compile"):
+        retro = greedy(torch.compile(model, backend="retro", options={"retro_config": config}), prompt, 10, window=2)
+    assert torch.equal(dense, retro)
+    assert "layers.0.attn stays dense SDPA: layer 0 is in dense_layers" in caplog.text
+
+
+def test_unsupported_sites_stay_sdpa_with_reason():
+    class Dropout(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+
+    gm = torch.fx.symbolic_trace(Dropout())
+    sites = find_sdpa_sites(gm.graph)
+    assert len(sites) == 1 and sites[0].dropout_p == 0.1
+    from retro_compile.passes.rewrite import unsupported_reason
+
+    assert "dropout" in unsupported_reason(sites[0], RetroConfig(dense_layers=0))
+
+
+def test_export_graph_sites_are_found():
+    class M(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, scale=0.5)
+
+    q = torch.randn(1, 2, 3, 8)
+    ep = torch.export.export(M(), (q, q, q, torch.ones(1, 1, 3, 3, dtype=torch.bool)))
+    sites = find_sdpa_sites(ep.graph)
+    assert len(sites) == 1
+    assert sites[0].scale == 0.5 and sites[0].attn_mask is not None and sites[0].is_causal is False
