@@ -8,7 +8,7 @@ from transformers import AttentionInterface, AttentionMaskInterface, StaticCache
 from transformers.masking_utils import sdpa_mask
 
 from retro_compile import RetroConfig
-from retro_compile.integrations.hf import cache_argument
+from retro_compile.integrations.hf import cache_argument, rewind
 from retro_compile.kernels.op import retro_attention
 from retro_compile.passes.rewrite import sparse_params
 from retro_compile.state import StateShape, allocate
@@ -111,7 +111,7 @@ class HandDriven:
             last_pos = pos_ids[:, -1:] + 1
             pos_ids = torch.cat([pos_ids, last_pos], dim=1)
             if w > 1:
-                cache.crop(-(w - 1))
+                rewind(cache, w - 1)
             out = self.model(input_ids=history[:, -w:], attention_mask=mask, position_ids=pos_ids[:, -w:],
                              **{cache_arg: cache})
         return torch.stack(tokens, dim=1), logits, cache

@@ -46,7 +46,7 @@ def mask_for(problem: Problem, positions: list[int]) -> torch.Tensor:
 
     A padded query row sees itself only, as Hugging Face's masks keep such rows finite.
     """
-    j = torch.arange(problem.length)
+    j = torch.arange(problem.length, device=problem.valid.device)
     rows = []
     for p in positions:
         row = problem.valid & (j <= p)

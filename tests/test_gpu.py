@@ -20,7 +20,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("window", [1, 2, 4])
 def test_full_budget_equals_sdpa_on_cuda(dtype, window):
     cpu = make_problem(batch=3, q_heads=8, kv_heads=2, pad=(0, 5, 11), dtype=dtype)
-    problem = Problem(cpu.q.cuda(), cpu.k.cuda(), cpu.v.cuda(), cpu.valid, cpu.prompt)
+    problem = Problem(cpu.q.cuda(), cpu.k.cuda(), cpu.v.cuda(), cpu.valid.cuda(), cpu.prompt)
     for positions, out in run(problem, params(window=window), steps=8):
         assert out.is_cuda
         expected = dense_rows(cpu, positions)

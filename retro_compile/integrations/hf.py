@@ -159,7 +159,7 @@ class DecodeWindowDriver:
         position_ids = position_ids[:, -1:] + torch.arange(1 - w, 1, device=device)
         ids = input_ids if w == 1 else torch.cat([self.recent, input_ids], dim=1)
         if w > 1:
-            self.cache.crop(-(w - 1))  # the window rewrites the past tokens' entries
+            rewind(self.cache, w - 1)  # the window rewrites the past tokens' entries
         out = self.decode_fn(input_ids=ids, attention_mask=mask, position_ids=position_ids, **kwargs)
         self.length += 1
         self.recent = ids[:, 1:] if w > 1 else None
@@ -182,6 +182,20 @@ class DecodeWindowDriver:
             return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
         visible = F.pad(attention_mask.bool(), (0, length - attention_mask.shape[1]))
         return visible[:, None, None, :]
+
+
+def rewind(cache: Any, tokens: int) -> None:
+    """Move a static cache's write position back by ``tokens``, so the next forward overwrites them.
+
+    Static layers keep their write position in a device tensor, ``cumulative_length``, on
+    transformers 5.17 through 5.24; ``StaticLayer.crop`` (5.24 only) does the same subtraction.
+    Rewinding in place keeps the tensor's static address, so CUDA graphs stay valid.
+    """
+    for layer in cache.layers:
+        position = getattr(layer, "cumulative_length", None)
+        if not isinstance(position, torch.Tensor):
+            raise TypeError(f"retro_compile: cannot rewind a {type(layer).__name__} cache layer; use a StaticCache")
+        position.sub_(tokens)
 
 
 def _is_4d(t: torch.Tensor | None) -> bool:
