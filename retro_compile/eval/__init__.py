@@ -1,0 +1,1 @@
+"""Quality harnesses (``python -m retro_compile.eval ppl ...``)."""
