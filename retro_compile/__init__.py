@@ -4,13 +4,9 @@
     torch.compile(decoder, backend="retro")        # any module that calls SDPA
 """
 
+from .api import retro_compile
 from .backend import retro_backend
 from .config import RetroConfig
-from .kernels import op as _op  # noqa: F401  (registers retro::attention)
 
-__all__ = ["RetroConfig", "retro_backend"]
+__all__ = ["RetroConfig", "retro_backend", "retro_compile"]
 __version__ = "0.1.0"
-
-from .api import retro_compile  # noqa: E402
-
-__all__ += ["retro_compile"]

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any, Callable
 
 import torch
@@ -17,8 +16,6 @@ from torch._dynamo import register_backend
 from .config import RetroConfig
 from .passes.rewrite import RetroPass
 from .state import StateStore
-
-log = logging.getLogger(__name__)
 
 #: State for graphs compiled through the plain ``backend="retro"`` string. ``retro_compile``
 #: gives each model its own store. Sharing is safe across requests (every prefill rebuilds the

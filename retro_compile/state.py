@@ -69,13 +69,8 @@ class StateStore:
     def layers(self) -> list[str]:
         return sorted({layer for layer, _ in self._states})
 
-    def states(self, layer: str) -> list[LayerState]:
-        return [state for (name, _), state in self._states.items() if name == layer]
-
     @property
     def nbytes(self) -> int:
+        """Bytes of decode state held for this model."""
         return sum(shape.nbytes for _, shape in self._states)
-
-    def __len__(self) -> int:
-        return len(self._states)
 

@@ -57,8 +57,9 @@ def main(argv=None) -> None:
         log.info("%s budget=%s w=%d: ppl %.3f", mode, budget, window, row["ppl"])
         results.append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    defaults = RetroConfig()
     setup = dict(model=args.model, context=args.context, prefill=args.prefill, books=list(BOOKS[:args.passages]),
-                 device=args.device, page_size=16, dense_layers=2)
+                 device=args.device, page_size=defaults.page_size, dense_layers=defaults.dense_layers)
     args.out.write_text(json.dumps(dict(setup=setup, results=results), indent=2))
     log.info("wrote %s", args.out)
 

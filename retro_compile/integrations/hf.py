@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 from typing import Any, Callable
 
 import torch
@@ -20,7 +19,6 @@ import torch.nn.functional as F
 
 from ..config import RetroConfig
 
-log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "retro_sdpa"
 
@@ -94,20 +92,18 @@ class DecodeWindowDriver:
     """Replaces ``model.forward``: prefill through one compiled graph, window decode through another."""
 
     def __init__(self, model: torch.nn.Module, config: RetroConfig, prefill: Callable, decode: Callable) -> None:
-        self.model = model
         self.config = config
         self.window = config.window
         self.prefill_fn = prefill
         self.decode_fn = decode
         self.cache_arg = cache_argument(model)
-        self.original_forward = model.forward
         self.reset()
 
     def reset(self) -> None:
         """Forget the current sequence: the next call must be a prefill."""
         self.cache: Any = None
         self.length = 0  # positions written in the cache
-        self.recent: torch.Tensor | None = None  # (B, w-1) ids of the newest tokens
+        self.recent: torch.Tensor | None = None  # (B, w-1) ids of the newest tokens ((B, 0) for w = 1)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -138,7 +134,7 @@ class DecodeWindowDriver:
                 torch._dynamo.mark_dynamic(t, dim)
         out = self.prefill_fn(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         self.length += n
-        self.recent = input_ids[:, n - (self.window - 1):] if self.window > 1 else None
+        self.recent = input_ids[:, n - (self.window - 1):]
         return out
 
     def _decode(self, input_ids, attention_mask, position_ids, kwargs):
@@ -157,12 +153,11 @@ class DecodeWindowDriver:
         if position_ids is None:
             position_ids = visible[:, 0, 0].sum(-1, keepdim=True) - 1
         position_ids = position_ids[:, -1:] + torch.arange(1 - w, 1, device=device)
-        ids = input_ids if w == 1 else torch.cat([self.recent, input_ids], dim=1)
-        if w > 1:
-            rewind(self.cache, w - 1)  # the window rewrites the past tokens' entries
+        ids = torch.cat([self.recent, input_ids], dim=1)
+        rewind(self.cache, w - 1)  # the window rewrites the past tokens' entries
         out = self.decode_fn(input_ids=ids, attention_mask=mask, position_ids=position_ids, **kwargs)
         self.length += 1
-        self.recent = ids[:, 1:] if w > 1 else None
+        self.recent = ids[:, 1:]
         out.logits = out.logits[:, -1:]
         return out
 
@@ -191,6 +186,8 @@ def rewind(cache: Any, tokens: int) -> None:
     transformers 5.17 through 5.24; ``StaticLayer.crop`` (5.24 only) does the same subtraction.
     Rewinding in place keeps the tensor's static address, so CUDA graphs stay valid.
     """
+    if tokens == 0:
+        return
     for layer in cache.layers:
         position = getattr(layer, "cumulative_length", None)
         if not isinstance(position, torch.Tensor):
@@ -207,7 +204,7 @@ def install(model: torch.nn.Module, config: RetroConfig, prefill: Callable, deco
     from transformers import StaticCache
 
     driver = DecodeWindowDriver(model, config, prefill, decode)
-    original_generate = model.generate
+    original_generate, original_forward = model.generate, model.forward
     cache_arg = driver.cache_arg
 
     @functools.wraps(original_generate)
@@ -217,7 +214,7 @@ def install(model: torch.nn.Module, config: RetroConfig, prefill: Callable, deco
             kwargs[cache_arg] = StaticCache(config=model.config, max_cache_len=config.max_context)
         return original_generate(*args, **kwargs)
 
-    @functools.wraps(driver.original_forward)
+    @functools.wraps(original_forward)
     def forward(*args: Any, **kwargs: Any) -> Any:
         return driver.forward(*args, **kwargs)
 

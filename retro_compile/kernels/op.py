@@ -18,7 +18,7 @@ import torch
 from . import reference
 from .reference import LayerState, SparseParams
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 STATE_ARGS = ("kmax", "kmin", "last", "out_cache", "lse_cache")
 
 
@@ -34,8 +34,8 @@ def check_inputs(
     for name, t in (("query", q), ("key", k), ("value", v)):
         if t.dim() != 4:
             raise ValueError(f"retro::attention: {name} must have 4 dims (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"retro::attention: {name} dtype {t.dtype} is not one of {_FLOAT_DTYPES}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"retro::attention: {name} dtype {t.dtype} is not one of {FLOAT_DTYPES}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"retro::attention: query/key/value dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     if not (q.device == k.device == v.device):
@@ -57,7 +57,7 @@ def check_inputs(
     if attn_mask is not None:
         if attn_mask.device != q.device:
             raise ValueError(f"retro::attention: attn_mask is on {attn_mask.device}, query on {q.device}")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype not in _FLOAT_DTYPES:
+        if attn_mask.dtype != torch.bool and attn_mask.dtype not in FLOAT_DTYPES:
             raise TypeError(f"retro::attention: attn_mask dtype {attn_mask.dtype} must be bool or a float dtype")
         if attn_mask.dim() != 4 or attn_mask.shape[1] != 1 or attn_mask.shape[0] not in (1, b) \
                 or attn_mask.shape[2] not in (1, n) or attn_mask.shape[3] != length:

@@ -118,14 +118,21 @@ def build_summaries(k: torch.Tensor, valid: torch.Tensor, page_size: int) -> tup
 def refresh_summaries(
     state: LayerState, k: torch.Tensor, valid: torch.Tensor, first_pos: torch.Tensor, n: int, page_size: int
 ) -> None:
-    """Recompute, in place, the summaries of the pages that positions ``first_pos .. first_pos+n-1`` fall in."""
-    num_pages = state.kmax.shape[2]
+    """Recompute, in place, the summaries of the pages that positions ``first_pos .. first_pos+n-1`` fall in.
+
+    Only those pages' keys are read (at most ``ceil(n / P) + 1`` pages), never the whole cache.
+    """
+    batch, heads, length, dim = k.shape
     touched = (n - 1) // page_size + 2  # pages a run of n positions can straddle
-    pages = (first_pos[:, None] // page_size + torch.arange(touched, device=k.device)).clamp(max=num_pages - 1)
-    kmax, kmin = build_summaries(k, valid, page_size)  # readable, not fast: the kernels do it per page
-    index = pages[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-    state.kmax.scatter_(2, index, kmax.gather(2, index))
-    state.kmin.scatter_(2, index, kmin.gather(2, index))
+    pages = (first_pos[:, None] // page_size + torch.arange(touched, device=k.device)).clamp(max=state.kmax.shape[2] - 1)
+    positions = (pages[:, :, None] * page_size + torch.arange(page_size, device=k.device)).flatten(1)  # (B, m*P)
+    inside = positions < length
+    positions = positions.clamp(max=length - 1)
+    keys = k.gather(2, positions[:, None, :, None].expand(-1, heads, -1, dim))
+    kmax, kmin = build_summaries(keys, valid.gather(1, positions) & inside, page_size)  # (B, H, m, D)
+    index = pages[:, None, :, None].expand(-1, heads, -1, dim)
+    state.kmax.scatter_(2, index, kmax)
+    state.kmin.scatter_(2, index, kmin)
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,13 +17,12 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..config import RetroConfig
-from ..kernels.op import STATE_ARGS
+from ..kernels.op import FLOAT_DTYPES, STATE_ARGS
 from ..kernels.reference import SparseParams
 from ..state import StateShape, StateStore
 from .sdpa import SdpaSite, example_value, find_sdpa_sites
 
 log = logging.getLogger(__name__)
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def sparse_params(config: RetroConfig) -> SparseParams:
@@ -46,7 +45,7 @@ def unsupported_reason(site: SdpaSite, config: RetroConfig) -> str | None:
         return "query/key/value have no shape metadata"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return f"query rank {q.dim()} (the op needs (batch, heads, seq, head_dim))"
-    if q.dtype not in _FLOAT_DTYPES or not (q.dtype == k.dtype == v.dtype):
+    if q.dtype not in FLOAT_DTYPES or not (q.dtype == k.dtype == v.dtype):
         return f"dtype {q.dtype}/{k.dtype}/{v.dtype}"
     if not all(isinstance(s, int) for s in (*q.shape[:2], q.shape[3], *k.shape[1:2], k.shape[3], v.shape[3])):
         return "batch, head or head_dim sizes are dynamic (mark them static)"
@@ -58,7 +57,7 @@ def unsupported_reason(site: SdpaSite, config: RetroConfig) -> str | None:
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             return f"attn_mask of type {type(mask).__name__}"
-        if mask.dtype != torch.bool and mask.dtype not in _FLOAT_DTYPES:
+        if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
             return f"attn_mask dtype {mask.dtype}"
         if mask.dim() != 4 or mask.shape[1] != 1:
             return f"attn_mask shape {tuple(mask.shape)} (needs (batch, 1, rows, keys))"
@@ -139,13 +138,12 @@ class RetroPass(CustomGraphPass):
     def __init__(self, config: RetroConfig, store: StateStore) -> None:
         self.config = config
         self.store = store
-        self.rewritten: list[str] = []
 
     def __call__(self, graph: fx.Graph) -> None:
         gm = graph.owning_module
         if gm is None:
             raise ValueError("RetroPass needs a graph owned by a GraphModule (state is stored on it)")
-        self.rewritten = rewrite_sdpa(gm, self.config, self.store)
+        rewrite_sdpa(gm, self.config, self.store)
 
     def uuid(self) -> bytes:
         source = inspect.getsource(inspect.getmodule(RetroPass))
