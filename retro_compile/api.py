@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -14,6 +14,22 @@ from .integrations import hf
 from .state import StateStore
 
 log = logging.getLogger(__name__)
+
+
+def own_frame(fn: Callable) -> Callable:
+    """``fn`` behind a function with a code object of its own.
+
+    Dynamo keeps compiled graphs, and counts recompiles against ``recompile_limit``, per code
+    object. Compiling ``model.forward`` directly would share one count among every model of the
+    class in the process; past the limit Dynamo silently runs the model eagerly, with the SDPA
+    calls un-rewritten. A fresh code object per compiled callable keeps each model's count its own.
+    """
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    call.__code__ = call.__code__.replace()  # a new code object, not the one shared by every `call`
+    return call
 
 
 def retro_compile(
@@ -67,9 +83,9 @@ def retro_compile(
         config = dataclasses.replace(config, dense_layers=tuple(sorted(set(dense) | set(sliding))))
     hf.register_attention()
     model.set_attn_implementation(hf.ATTENTION_NAME)
-    forward = model.forward
-    prefill = torch.compile(forward, backend=backend_for(config, store, inductor=False), dynamic=None)
-    decode = torch.compile(forward, backend=backend_for(config, store, inductor=inductor), dynamic=False, **compile_kwargs)
+    prefill = torch.compile(own_frame(model.forward), backend=backend_for(config, store, inductor=False), dynamic=None)
+    decode = torch.compile(own_frame(model.forward), backend=backend_for(config, store, inductor=inductor),
+                           dynamic=False, **compile_kwargs)
     driver = hf.install(model, config, prefill, decode)
     model.retro_config = config
     model.retro_state = store

@@ -152,3 +152,20 @@ def test_eager_only_architecture_is_refused():
             retro_compile(model)
     finally:
         del type(model)._supports_sdpa
+
+
+def test_many_models_in_one_process_all_stay_rewritten():
+    """Dynamo counts recompiles per code object; six models of one class (twelve graphs) must not
+    push a later model past the limit into silent eager, un-rewritten execution."""
+    model = tiny_model("llama", seed=3)
+    ids, mask = prompts(1, 60, seed=4)
+    config = RetroConfig(mode="retro", budget=16, page_size=8, dense_layers=1, max_context=MAX_CONTEXT)
+    first = greedy(compiled_copy(model, config), ids, mask, 6, output_logits=True, return_dict_in_generate=True)
+    for budget in (24, 32, 40, 48):
+        greedy(compiled_copy(model, RetroConfig(mode="quest", budget=budget, page_size=8, dense_layers=1,
+                                                max_context=MAX_CONTEXT)), ids, mask, 3)
+    last = greedy(compiled_copy(model, config), ids, mask, 6, output_logits=True, return_dict_in_generate=True)
+    dense = greedy(model, ids, mask, 6, output_logits=True, return_dict_in_generate=True)
+    assert not torch.allclose(first.logits[-1], dense.logits[-1]), "the budget is too large to tell sparse from dense"
+    for a, b in zip(first.logits, last.logits):
+        torch.testing.assert_close(a, b)
