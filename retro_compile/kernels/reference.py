@@ -159,10 +159,10 @@ def budget_pages_for(params: SparseParams, position: torch.Tensor) -> torch.Tens
     return pages.clamp(min=kept, max=params.budget_pages)
 
 
-def select_pages(
+def top_pages(
     scores: torch.Tensor, page_valid: torch.Tensor, position: torch.Tensor, params: SparseParams
-) -> torch.Tensor:
-    """Selected pages (B, Hkv, NP) bool for the query at ``position`` (B,).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection as a page list: (indices (B, Hkv, K), chosen (B, Hkv, K) bool), K = the page cap.
 
     Always kept: the sink pages and the ``local_pages`` pages ending with the query's own page.
     Then the top-scoring pages until the budget is met. A page with no valid position for this
@@ -176,8 +176,15 @@ def select_pages(
     k = min(params.budget_pages, num_pages)
     top = ranked.topk(k, dim=-1)
     within_budget = torch.arange(k, device=scores.device) < budget_pages_for(params, position)[:, None, None]
-    chosen = (top.values > NEG_INF) & within_budget
-    return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top.indices, chosen)
+    return top.indices, (top.values > NEG_INF) & within_budget
+
+
+def select_pages(
+    scores: torch.Tensor, page_valid: torch.Tensor, position: torch.Tensor, params: SparseParams
+) -> torch.Tensor:
+    """Selected pages (B, Hkv, NP) bool for the query at ``position`` (B,): :func:`top_pages` as a mask."""
+    indices, chosen = top_pages(scores, page_valid, position, params)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, indices, chosen)
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,6 +263,36 @@ def prefill(
     return out.contiguous()
 
 
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    bias: torch.Tensor | None,
+    pages: torch.Tensor,
+    last: torch.Tensor,
+    position: torch.Tensor,
+    scale: float,
+    page_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's attention, before any merge: (out (B, Hq, n, Dv) fp32, lse (B, Hq, n) fp32).
+
+    ``pages`` (B, Hkv, K) int lists the newest row's selected pages (-1: none). The newest row
+    attends over all of them; past row ``p`` only over those whose ``last`` (as it was before this
+    step) is below ``p``: the pages it has not seen. Every row keeps to the keys ``allowed`` (B, n, L).
+    """
+    length = k.shape[2]
+    num_pages = last.shape[-1]
+    slot = torch.where(pages >= 0, pages, num_pages).long()  # unused entries go to a spare slot
+    selected = torch.zeros(*last.shape[:-1], num_pages + 1, dtype=torch.bool, device=last.device)
+    selected = selected.scatter(-1, slot, True)[..., :num_pages]  # (B, Hkv, NP)
+    selected_keys = pages_to_tokens(selected, page_size, length)[:, :, None]  # (B, Hkv, 1, L)
+    last_keys = pages_to_tokens(last, page_size, length)[:, :, None]
+    newest = torch.arange(q.shape[2], device=q.device) == q.shape[2] - 1  # (n,)
+    unseen = newest[:, None] | (last_keys < position[:, None, :, None])  # (B, Hkv, n, L)
+    return attend(q, k, v, selected_keys & unseen & allowed[:, None], scale, bias)
+
+
 def decode_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -265,43 +302,34 @@ def decode_step(
     scale: float | None,
     state: LayerState,
     params: SparseParams,
+    scores_fn=page_scores,
+    attention_fn=window_attention,
 ) -> torch.Tensor:
     """One decode step over the window of ``n <= w`` consecutive rows (ALGORITHM.md section 4).
 
     The newest row attends to its selected pages; each past row attends to the selected pages it
     has not seen yet and merges that into its cached output. Then the state moves one step on.
+    ``scores_fn`` and ``attention_fn`` are the two stages a fused kernel replaces (kernels/decode.py).
     """
     batch, _, n, _ = q.shape
     length, page_size = k.shape[2], params.page_size
-    scale = default_scale(q, scale)
     allowed, bias = mask_to_allowed(attn_mask, is_causal, batch, n, length, q.device)
     position = query_positions(allowed)  # (B, n)
     newest = position[:, -1]
     valid = allowed[:, -1]  # every key the newest row may see: written, not padding, <= newest
 
     refresh_summaries(state, k, valid, position[:, 0], n, page_size)
-    scores = page_scores(q[:, :, -1], state.kmax, state.kmin)
-    selected = select_pages(scores, page_any(valid, page_size), newest, params)  # (B, Hkv, NP)
-    selected_keys = pages_to_tokens(selected, page_size, length)  # (B, Hkv, L)
+    scores = scores_fn(q[:, :, -1], state.kmax, state.kmin)
+    indices, chosen = top_pages(scores, page_any(valid, page_size), newest, params)
+    pages = torch.where(chosen, indices, -1)
+    out, lse = attention_fn(q, k, v, allowed, bias, pages, state.last, position, default_scale(q, scale), page_size)
 
-    o_new, lse_new = attend(q[:, :, -1:], k, v, (selected_keys & valid[:, None])[:, :, None], scale,
-                            None if bias is None else bias[:, -1:])
-    rows_o, rows_lse = [o_new], [lse_new]
     past = n - 1
-    if past > 0:
-        last_keys = pages_to_tokens(state.last, page_size, length)  # (B, Hkv, L)
-        past_pos = position[:, :-1]  # (B, past)
-        unseen = selected_keys[:, :, None] & (last_keys[:, :, None] < past_pos[:, None, :, None])
-        o_sup, lse_sup = attend(q[:, :, :-1], k, v, unseen & allowed[:, None, :-1], scale,
-                                None if bias is None else bias[:, :-1])
-        cached = slice(state.out_cache.shape[2] - past, None)  # cache rows are aligned to the newest
-        o_past, lse_past = merge(state.out_cache[:, :, cached], state.lse_cache[:, :, cached], o_sup, lse_sup)
-        rows_o.insert(0, o_past)
-        rows_lse.insert(0, lse_past)
-    out = torch.cat(rows_o, dim=2)
-    lse = torch.cat(rows_lse, dim=2)
-
-    state.last.copy_(torch.where(selected, newest[:, None, None].to(state.last.dtype), state.last))
+    cached = slice(state.out_cache.shape[2] - past, None)  # cache rows are aligned to the newest
+    out[:, :, :past], lse[:, :, :past] = merge(state.out_cache[:, :, cached], state.lse_cache[:, :, cached],
+                                               out[:, :, :past], lse[:, :, :past])
+    stamped = torch.where(chosen, newest[:, None, None].to(state.last.dtype), state.last.gather(-1, indices))
+    state.last.scatter_(-1, indices, stamped)
     keep = min(state.out_cache.shape[2], n)  # drop the oldest row; the newest joins
     if keep:
         state.out_cache.copy_(torch.cat([state.out_cache[:, :, keep:], out[:, :, n - keep:]], dim=2))
