@@ -11,6 +11,7 @@ bad call fails while tracing, before anything runs or any state changes.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -88,6 +89,23 @@ def check_inputs(
         raise TypeError(f"retro::attention: summaries dtype {kmax.dtype} must equal the key dtype {k.dtype}")
 
 
+def use_kernels(q: torch.Tensor, attn_mask: Optional[torch.Tensor], params: SparseParams) -> bool:
+    """Whether a decode step runs the Triton kernels: CUDA tensors, a boolean (or no) mask,
+    pages of at least 16 positions and power-of-two head dims; everything else takes the reference."""
+    head_dim = q.shape[-1]
+    return (q.is_cuda and (attn_mask is None or attn_mask.dtype == torch.bool) and params.page_size >= 16
+            and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and _triton_available())
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @torch.library.custom_op("retro::attention", mutates_args=STATE_ARGS)
 def attention(
     q: torch.Tensor,
@@ -112,7 +130,14 @@ def attention(
     state = LayerState(kmax, kmin, last, out_cache, lse_cache)
     params = SparseParams(page_size, budget_pages, budget_fraction, sink_pages, local_pages, window)
     check_inputs(q, k, v, attn_mask, state, params)
-    return reference.attention(q, k, v, attn_mask, is_causal, scale, state, params)
+    if q.shape[2] > window:
+        return reference.prefill(q, k, v, attn_mask, is_causal, scale, state, params)
+    if use_kernels(q, attn_mask, params):
+        from . import decode
+
+        return reference.decode_step(q, k, v, attn_mask, is_causal, scale, state, params,
+                                     scores_fn=decode.page_scores, attention_fn=decode.window_attention)
+    return reference.decode_step(q, k, v, attn_mask, is_causal, scale, state, params)
 
 
 @attention.register_fake

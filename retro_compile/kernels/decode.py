@@ -1,0 +1,167 @@
+"""Triton kernels for the two heavy stages of a decode step (ALGORITHM.md section 7).
+
+* :func:`page_scores`: Quest's page bound, reading each page summary once, GQA group max fused.
+* :func:`window_attention`: split-KV sparse attention. One program per (batch row, KV head,
+  split) walks its share of the selected pages; each page's K and V are loaded once and used by
+  all ``G * n`` query rows of the group (G query heads x n window rows). Per row it applies the
+  mask, and for past rows the unseen-page test ``last[page] < position``; partial results are
+  merged across splits by log-sum-exp.
+
+They are drop-in replacements for ``reference.page_scores`` / ``reference.window_attention``
+(same arguments, same results), so ``reference.decode_step`` runs either. Everything else in the
+step (summary refresh of a few pages, top-k, the merge with the output cache, the state update)
+is a handful of small PyTorch ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _page_scores_kernel(
+    Q, KMAX, KMIN, OUT,
+    stride_qb, stride_qh,
+    stride_sb, stride_sh, stride_sp,
+    stride_ob, stride_oh,
+    num_pages,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    b, hkv, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pages = block * BLOCK_P + tl.arange(0, BLOCK_P)
+    dims = tl.arange(0, D)
+    ok = pages < num_pages
+    offs = b * stride_sb + hkv * stride_sh + pages[:, None] * stride_sp + dims[None, :]
+    kmax = tl.load(KMAX + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    kmin = tl.load(KMIN + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    best = tl.full((BLOCK_P,), float("-inf"), tl.float32)
+    for g in tl.static_range(G):
+        q = tl.load(Q + b * stride_qb + (hkv * G + g) * stride_qh + dims).to(tl.float32)
+        bound = tl.sum(tl.maximum(q[None, :] * kmax, q[None, :] * kmin), axis=1)
+        best = tl.maximum(best, bound)
+    tl.store(OUT + b * stride_ob + hkv * stride_oh + pages, best, mask=ok)
+
+
+def page_scores(q_row: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor) -> torch.Tensor:
+    """Same as ``reference.page_scores``: q_row (B, Hq, D) -> (B, Hkv, NP) fp32."""
+    b, hq, d = q_row.shape
+    hkv, num_pages = kmax.shape[1], kmax.shape[2]
+    q_row, kmax, kmin = q_row.contiguous(), kmax.contiguous(), kmin.contiguous()
+    out = torch.empty(b, hkv, num_pages, dtype=torch.float32, device=q_row.device)
+    block = min(128, triton.next_power_of_2(num_pages))
+    grid = (b, hkv, triton.cdiv(num_pages, block))
+    _page_scores_kernel[grid](
+        q_row, kmax, kmin, out,
+        q_row.stride(0), q_row.stride(1),
+        kmax.stride(0), kmax.stride(1), kmax.stride(2),
+        out.stride(0), out.stride(1),
+        num_pages, G=hq // hkv, D=d, BLOCK_P=block,
+    )
+    return out
+
+
+@triton.jit
+def _window_attention_kernel(
+    Q, K, V, ALLOWED, PAGES, LAST, POS, OUT, LSE,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_ab, stride_an,
+    stride_pb, stride_ph,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh, stride_os, stride_or,
+    stride_eb, stride_eh, stride_es,
+    length, num_selected, pages_per_split, scale,
+    G: tl.constexpr, N: tl.constexpr, ROWS: tl.constexpr, P: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    b, hkv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = tl.arange(0, ROWS)  # row r = (query head g = r // N, window row i = r % N)
+    head, win = rows // N, rows % N
+    live = rows < G * N
+    dims, vdims, slots = tl.arange(0, D), tl.arange(0, DV), tl.arange(0, P)
+    q = tl.load(Q + b * stride_qb + (hkv * G + head)[:, None] * stride_qh + win[:, None] * stride_qn + dims[None, :],
+                mask=live[:, None], other=0.0)
+    position = tl.load(POS + b * N + win, mask=live, other=0)
+    newest = win == N - 1
+
+    m = tl.full((ROWS,), float("-inf"), tl.float32)
+    l = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, DV), tl.float32)
+    first = split * pages_per_split
+    for j in range(first, tl.minimum(first + pages_per_split, num_selected)):
+        page = tl.load(PAGES + b * stride_pb + hkv * stride_ph + j)
+        if page >= 0:
+            keys = page * P + slots
+            inside = keys < length
+            k = tl.load(K + b * stride_kb + hkv * stride_kh + keys[:, None] * stride_kl + dims[None, :],
+                        mask=inside[:, None], other=0.0)
+            v = tl.load(V + b * stride_vb + hkv * stride_vh + keys[:, None] * stride_vl + vdims[None, :],
+                        mask=inside[:, None], other=0.0)
+            seen_at = tl.load(LAST + b * stride_lb + hkv * stride_lh + page)
+            row_ok = live & (newest | (seen_at < position))  # past rows: only pages they never saw
+            allowed = tl.load(ALLOWED + b * stride_ab + win[:, None] * stride_an + keys[None, :],
+                              mask=row_ok[:, None] & inside[None, :], other=0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (ROWS, P), fp32
+            s = tl.where(allowed != 0, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at zero
+            alpha = tl.exp(m - shift)
+            p = tl.exp(s - shift[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m = m_new
+    out_offs = b * stride_ob + hkv * stride_oh + split * stride_os + rows[:, None] * stride_or + vdims[None, :]
+    tl.store(OUT + out_offs, acc / tl.where(l > 0, l, 1.0)[:, None], mask=live[:, None])
+    lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
+    tl.store(LSE + b * stride_eb + hkv * stride_eh + split * stride_es + rows, lse, mask=live)
+
+
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    bias: torch.Tensor | None,
+    pages: torch.Tensor,
+    last: torch.Tensor,
+    position: torch.Tensor,
+    scale: float,
+    page_size: int,
+    pages_per_split: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same as ``reference.window_attention`` (additive biases excepted: the op routes those to the reference)."""
+    if bias is not None:
+        raise ValueError("kernels.decode.window_attention: additive mask biases are served by the reference")
+    if page_size < 16:
+        raise ValueError(f"kernels.decode.window_attention: page_size={page_size} must be >= 16 (tl.dot tiles)")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    b, hq, n, d = q.shape
+    hkv, length, dv = k.shape[1], k.shape[2], v.shape[3]
+    group, num_selected = hq // hkv, pages.shape[-1]
+    splits = triton.cdiv(num_selected, pages_per_split)
+    rows = max(16, triton.next_power_of_2(group * n))
+    allowed = allowed.to(torch.int8).contiguous()
+    pages, last, position = pages.int().contiguous(), last.contiguous(), position.int().contiguous()
+    part_out = torch.empty(b, hkv, splits, group * n, dv, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(b, hkv, splits, group * n, dtype=torch.float32, device=q.device)
+    _window_attention_kernel[(b, hkv, splits)](
+        q, k, v, allowed, pages, last, position, part_out, part_lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        allowed.stride(0), allowed.stride(1),
+        pages.stride(0), pages.stride(1),
+        last.stride(0), last.stride(1),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(3),
+        part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
+        length, num_selected, pages_per_split, scale,
+        G=group, N=n, ROWS=rows, P=page_size, D=d, DV=dv,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 exact; 16-bit inputs ignore it
+    )
+    lse = torch.logsumexp(part_lse, dim=2)  # merge the splits
+    weight = torch.exp(part_lse - lse[:, :, None]).nan_to_num(0.0)
+    out = (weight[..., None] * part_out).sum(dim=2)
+    return out.view(b, hq, n, dv), lse.view(b, hq, n)
