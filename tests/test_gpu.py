@@ -48,3 +48,37 @@ def test_generate_small_budget_runs_on_cuda():
     out = compiled.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=20, do_sample=False,
                             pad_token_id=0)
     assert out.shape == (2, 110)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("context", [4096, 32768, 131072])
+@pytest.mark.parametrize("kv_heads", [8, 4])
+@pytest.mark.parametrize("window", [1, 2, 4])
+def test_kernels_match_reference_bf16_realistic(batch, context, kv_heads, window, monkeypatch):
+    """The op with the Triton stages against the op with the reference stages, on the GPU in bf16:
+    32 query heads (GQA 4 and 8), head dim 128, page 16, budgets below and above the context."""
+    from retro_compile.bench import causal_mask
+    from retro_compile.kernels import op
+    from retro_compile.kernels.op import retro_attention
+    from retro_compile.kernels.reference import SparseParams
+    from retro_compile.state import StateShape, allocate
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    kw = dict(device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(batch, kv_heads, context, 128, **kw) for _ in range(2))
+    q = torch.randn(batch, 32, window + 1, 128, **kw)
+    prefill = causal_mask(torch.arange(context - 2 * window - 1, context - window, device="cuda"), batch, context)
+    decode = causal_mask(torch.arange(context - window, context, device="cuda"), batch, context)
+    for budget in (2048, 2 * context):
+        params = SparseParams(16, min(budget, context) // 16, 0.0, 0, 1, window)
+        outs = []
+        for kernels in (True, False):
+            monkeypatch.setattr(op, "use_kernels", lambda *a, _k=kernels: _k)
+            state = allocate(StateShape(batch, 32, kv_heads, 128, 128, context // 16, window, torch.bfloat16,
+                                        torch.device("cuda")))
+            retro_attention(q, k, v, prefill, state, params)
+            outs.append((retro_attention(q[:, :, 1:], k, v, decode, state, params).float(), state))
+        (got, s_got), (want, s_want) = outs
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+        assert torch.equal(s_got.last, s_want.last)
+        torch.testing.assert_close(s_got.out_cache, s_want.out_cache, atol=2e-2, rtol=2e-2)

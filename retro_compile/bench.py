@@ -1,0 +1,145 @@
+"""Speed benchmarks (GPU). ``python -m retro_compile.bench op`` times one decode-attention step.
+
+Shape: Llama-3.1-8B heads (32 query, 8 KV, head dim 128), bf16, page 16, budget 2048 tokens,
+for B in {1, 8} and contexts {8K, 32K, 128K}. Side by side in one run:
+
+* ``dense``: ``F.scaled_dot_product_attention`` over the whole cache (enable_gqa, boolean mask);
+* ``quest``, ``retro w=2``, ``retro w=4``: the whole ``retro::attention`` decode step (summary
+  refresh, scoring, top-k, attention, merge, state update), eager and replayed from a CUDA graph;
+* ``bound``: bytes a sparse step must read (summaries + selected K/V) over measured copy bandwidth.
+
+Writes JSON (and a PNG plot when matplotlib is installed). Medians from ``triton.testing.do_bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .kernels.op import retro_attention
+from .kernels.reference import SparseParams
+from .state import StateShape, allocate
+
+log = logging.getLogger("retro_compile.bench")
+Q_HEADS, KV_HEADS, HEAD_DIM, PAGE, BUDGET = 32, 8, 128, 16, 2048
+
+
+def _median_us(fn) -> float:
+    from triton.testing import do_bench
+
+    return 1000.0 * do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _graphed(fn):
+    """``fn`` captured into a CUDA graph (after a warm-up run); returns the replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def copy_bandwidth() -> float:
+    """Measured device-to-device copy bandwidth, bytes/s (reads + writes)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (_median_us(lambda: dst.copy_(src)) * 1e-6)
+
+
+def causal_mask(positions: torch.Tensor, batch: int, context: int) -> torch.Tensor:
+    """(B, 1, rows, context) bool: row i sees every position up to ``positions[i]``."""
+    allowed = torch.arange(context, device=positions.device) <= positions[:, None]
+    return allowed.expand(batch, 1, *allowed.shape).contiguous()
+
+
+def op_case(batch: int, context: int, window: int, seed: int = 0):
+    """(decode step, its inputs) for the op at ``context`` cache positions, state built by a prefill."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    kw = dict(device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, **kw)
+    v = torch.randn(batch, KV_HEADS, context, HEAD_DIM, **kw)
+    q = torch.randn(batch, Q_HEADS, window + 1, HEAD_DIM, **kw)
+    params = SparseParams(PAGE, BUDGET // PAGE, 0.0, 0, 1, window)
+    state = allocate(StateShape(batch, Q_HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM, math.ceil(context / PAGE), window,
+                                torch.bfloat16, torch.device("cuda")))
+    prefill_rows = torch.arange(context - 2 * window - 1, context - window, device="cuda")
+    retro_attention(q, k, v, causal_mask(prefill_rows, batch, context), state, params)
+    q, mask = q[:, :, 1:].contiguous(), causal_mask(torch.arange(context - window, context, device="cuda"), batch, context)
+    return (lambda: retro_attention(q, k, v, mask, state, params)), (q, k, v, mask)
+
+
+def bench_op(batches, contexts, out: Path) -> list[dict]:
+    bandwidth = copy_bandwidth()
+    log.info("copy bandwidth %.2f TB/s", bandwidth / 1e12)
+    rows = []
+    cases = [(b, c) for b in batches for c in contexts]
+    for batch, context in tqdm(cases, desc="op benchmark"):
+        row = dict(batch=batch, context=context)
+        step, (q, k, v, mask) = op_case(batch, context, 1)
+        row["dense_us"] = _median_us(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
+        for name, window in (("quest", 1), ("retro_w2", 2), ("retro_w4", 4)):
+            step, _ = op_case(batch, context, window)
+            row[f"{name}_eager_us"] = _median_us(step)
+            row[f"{name}_graph_us"] = _median_us(_graphed(step))
+        pages = math.ceil(context / PAGE)
+        bytes_read = batch * (2 * pages * KV_HEADS * HEAD_DIM * 2 + 2 * min(BUDGET, context) * KV_HEADS * HEAD_DIM * 2)
+        row["bound_us"] = 1e6 * bytes_read / (bandwidth / 2)
+        rows.append(row)
+        log.info("%s", {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, q_heads=Q_HEADS, kv_heads=KV_HEADS,
+                head_dim=HEAD_DIM, page_size=PAGE, budget=BUDGET, dtype="bfloat16", copy_bandwidth=bandwidth)
+    out.write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
+    _plot(rows, out.with_suffix(".png"))
+    return rows
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: no plot")
+        return
+    labels = [f"B={r['batch']}\n{r['context'] // 1024}K" for r in rows]
+    series = ["dense_us", "quest_graph_us", "retro_w2_graph_us", "retro_w4_graph_us", "bound_us"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(series)
+    for i, key in enumerate(series):
+        ax.bar([x + i * width for x in range(len(rows))], [r[key] for r in rows], width, label=key.removesuffix("_us"))
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("microseconds per decode-attention step")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m retro_compile.bench")
+    p.add_argument("what", choices=["op"])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    p.add_argument("--out", type=Path, default=Path("results/bench_op_h200.json"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not torch.cuda.is_available():
+        raise SystemExit("python -m retro_compile.bench needs a CUDA device")
+    bench_op(args.batches, args.contexts, args.out)
+
+
+if __name__ == "__main__":
+    main()
