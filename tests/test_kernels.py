@@ -56,6 +56,7 @@ def test_decode_step_with_kernels_matches_reference(window, monkeypatch):
     from retro_compile.kernels import op
 
     problem = make_problem(batch=2, q_heads=4, kv_heads=2, length=80, prompt=50, pad=(0, 7))
+    problem = type(problem)(*(t.to(DEVICE) for t in (problem.q, problem.k, problem.v, problem.valid)), problem.prompt)
     p = ref.SparseParams(16, 2, 0.0, 0, 1, window)
     expected = [out for _, out in run(problem, p, steps=4)]
     monkeypatch.setattr(op, "use_kernels", lambda *a: True)
@@ -64,4 +65,4 @@ def test_decode_step_with_kernels_matches_reference(window, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     full = ref.SparseParams(16, 8, 0.0, 0, 1, window)
     for positions, out in run(problem, full, steps=3):
-        torch.testing.assert_close(out, dense_rows(problem, positions), atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(out, dense_rows(problem, positions).to(out.device), atol=2e-5, rtol=2e-5)

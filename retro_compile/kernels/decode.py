@@ -130,7 +130,7 @@ def window_attention(
     position: torch.Tensor,
     scale: float,
     page_size: int,
-    pages_per_split: int = 16,
+    pages_per_split: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same as ``reference.window_attention`` (additive biases excepted: the op routes those to the reference)."""
     if bias is not None:
@@ -141,6 +141,8 @@ def window_attention(
     b, hq, n, d = q.shape
     hkv, length, dv = k.shape[1], k.shape[2], v.shape[3]
     group, num_selected = hq // hkv, pages.shape[-1]
+    if pages_per_split is None:  # enough programs to fill the GPU: about 512 over (batch, KV heads, splits)
+        pages_per_split = max(1, triton.cdiv(num_selected * b * hkv, 512))
     splits = triton.cdiv(num_selected, pages_per_split)
     rows = max(16, triton.next_power_of_2(group * n))
     allowed = allowed.to(torch.int8).contiguous()
