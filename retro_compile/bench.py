@@ -5,7 +5,9 @@ for B in {1, 8} and contexts {8K, 32K, 128K}. Side by side in one run:
 
 * ``dense``: ``F.scaled_dot_product_attention`` over the whole cache (enable_gqa, boolean mask);
 * ``quest``, ``retro w=2``, ``retro w=4``: the whole ``retro::attention`` decode step (summary
-  refresh, scoring, top-k, attention, merge, state update), eager and replayed from a CUDA graph;
+  refresh, scoring, top-k, attention, merge, state update), eager, and compiled the way a
+  ``retro_compile``'d decode graph runs it: Inductor (which traces the op's body and fuses the
+  small ops around its Triton kernels) with CUDA graphs (``mode="reduce-overhead"``);
 * ``bound``: bytes a sparse step must read (summaries + selected K/V) over measured copy bandwidth.
 
 Writes JSON (and a PNG plot when matplotlib is installed). Medians from ``triton.testing.do_bench``.
@@ -37,17 +39,19 @@ def _median_us(fn) -> float:
     return 1000.0 * do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def _graphed(fn):
-    """``fn`` captured into a CUDA graph (after a warm-up run); returns the replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+def _compiled(state, params, inputs):
+    """The decode step under Inductor + CUDA graphs, state marked static as the rewrite's buffers are."""
+    torch._dynamo.reset()  # every case compiles afresh (and stays clear of the recompile limit)
+    for t in state:
+        torch._dynamo.mark_static_address(t)
+
+    def step(q, k, v, mask):
+        return retro_attention(q, k, v, mask, state, params)
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    for _ in range(3):  # warm-up, record
+        compiled(*inputs)
+    return lambda: compiled(*inputs)
 
 
 def copy_bandwidth() -> float:
@@ -64,7 +68,7 @@ def causal_mask(positions: torch.Tensor, batch: int, context: int) -> torch.Tens
 
 
 def op_case(batch: int, context: int, window: int, seed: int = 0):
-    """(decode step, its inputs) for the op at ``context`` cache positions, state built by a prefill."""
+    """(state, params, decode-step inputs) for the op at ``context`` cache positions, state built by a prefill."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     kw = dict(device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, **kw)
@@ -76,7 +80,28 @@ def op_case(batch: int, context: int, window: int, seed: int = 0):
     prefill_rows = torch.arange(context - 2 * window - 1, context - window, device="cuda")
     retro_attention(q, k, v, causal_mask(prefill_rows, batch, context), state, params)
     q, mask = q[:, :, 1:].contiguous(), causal_mask(torch.arange(context - window, context, device="cuda"), batch, context)
-    return (lambda: retro_attention(q, k, v, mask, state, params)), (q, k, v, mask)
+    return state, params, (q, k, v, mask)
+
+
+def stage_times(state, params, inputs) -> dict[str, float]:
+    """Eager time of each heavy stage alone, to show where a step's time goes."""
+    from .kernels import decode
+    from .kernels import reference as ref
+
+    q, k, v, mask = inputs
+    allowed, _ = ref.mask_to_allowed(mask, False, q.shape[0], q.shape[2], k.shape[2], q.device)
+    position = ref.query_positions(allowed)
+    scores = decode.page_scores(q[:, :, -1], state.kmax, state.kmin)
+    page_valid = ref.page_any(allowed[:, -1], params.page_size)
+    indices, chosen = ref.top_pages(scores, page_valid, position[:, -1], params)
+    pages = torch.where(chosen, indices, -1)
+    scale = q.shape[-1] ** -0.5
+    return {
+        "stage_scores_us": _median_us(lambda: decode.page_scores(q[:, :, -1], state.kmax, state.kmin)),
+        "stage_topk_us": _median_us(lambda: ref.top_pages(scores, page_valid, position[:, -1], params)),
+        "stage_attention_us": _median_us(lambda: decode.window_attention(q, k, v, allowed, None, pages, state.last,
+                                                                         position, scale, params.page_size)),
+    }
 
 
 def bench_op(batches, contexts, out: Path) -> list[dict]:
@@ -86,12 +111,13 @@ def bench_op(batches, contexts, out: Path) -> list[dict]:
     cases = [(b, c) for b in batches for c in contexts]
     for batch, context in tqdm(cases, desc="op benchmark"):
         row = dict(batch=batch, context=context)
-        step, (q, k, v, mask) = op_case(batch, context, 1)
+        _, _, (q, k, v, mask) = op_case(batch, context, 1)
         row["dense_us"] = _median_us(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
         for name, window in (("quest", 1), ("retro_w2", 2), ("retro_w4", 4)):
-            step, _ = op_case(batch, context, window)
-            row[f"{name}_eager_us"] = _median_us(step)
-            row[f"{name}_graph_us"] = _median_us(_graphed(step))
+            state, params, inputs = op_case(batch, context, window)
+            row[f"{name}_eager_us"] = _median_us(lambda: retro_attention(*inputs, state, params))
+            row[f"{name}_compiled_us"] = _median_us(_compiled(state, params, inputs))
+        row.update(stage_times(state, params, inputs))
         pages = math.ceil(context / PAGE)
         bytes_read = batch * (2 * pages * KV_HEADS * HEAD_DIM * 2 + 2 * min(BUDGET, context) * KV_HEADS * HEAD_DIM * 2)
         row["bound_us"] = 1e6 * bytes_read / (bandwidth / 2)
@@ -115,7 +141,7 @@ def _plot(rows: list[dict], path: Path) -> None:
         log.info("matplotlib is not installed: no plot")
         return
     labels = [f"B={r['batch']}\n{r['context'] // 1024}K" for r in rows]
-    series = ["dense_us", "quest_graph_us", "retro_w2_graph_us", "retro_w4_graph_us", "bound_us"]
+    series = ["dense_us", "quest_compiled_us", "retro_w2_compiled_us", "retro_w4_compiled_us", "bound_us"]
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(series)
     for i, key in enumerate(series):

@@ -82,3 +82,23 @@ def test_kernels_match_reference_bf16_realistic(batch, context, kv_heads, window
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
         assert torch.equal(s_got.last, s_want.last)
         torch.testing.assert_close(s_got.out_cache, s_want.out_cache, atol=2e-2, rtol=2e-2)
+
+
+def test_inductor_inlines_the_triton_kernels():
+    """Under torch.compile the op's body is traced: its Triton kernels appear in Inductor's code."""
+    from torch._inductor.utils import run_and_get_code
+
+    from retro_compile.bench import op_case
+    from retro_compile.kernels.op import retro_attention
+
+    state, params, inputs = op_case(1, 4096, 2)
+
+    def step(q, k, v, mask):
+        return retro_attention(q, k, v, mask, state, params)
+
+    expected = step(*inputs)
+    state, params, inputs = op_case(1, 4096, 2)
+    got, code = run_and_get_code(torch.compile(step, fullgraph=True), *inputs)
+    torch.testing.assert_close(got, expected)
+    source = "\n".join(code)
+    assert "_window_attention_kernel" in source and "_page_scores_kernel" in source

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 
 @triton.jit
@@ -52,7 +53,7 @@ def page_scores(q_row: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor) -> 
     out = torch.empty(b, hkv, num_pages, dtype=torch.float32, device=q_row.device)
     block = min(128, triton.next_power_of_2(num_pages))
     grid = (b, hkv, triton.cdiv(num_pages, block))
-    _page_scores_kernel[grid](
+    wrap_triton(_page_scores_kernel)[grid](
         q_row, kmax, kmin, out,
         q_row.stride(0), q_row.stride(1),
         kmax.stride(0), kmax.stride(1), kmax.stride(2),
@@ -149,7 +150,7 @@ def window_attention(
     pages, last, position = pages.int().contiguous(), last.contiguous(), position.int().contiguous()
     part_out = torch.empty(b, hkv, splits, group * n, dv, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, hkv, splits, group * n, dtype=torch.float32, device=q.device)
-    _window_attention_kernel[(b, hkv, splits)](
+    wrap_triton(_window_attention_kernel)[(b, hkv, splits)](
         q, k, v, allowed, pages, last, position, part_out, part_lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

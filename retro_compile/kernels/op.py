@@ -5,8 +5,11 @@ The op takes SDPA's arguments (q, k, v, mask, is_causal, scale), the layer's sta
 window is a prefill: dense attention, exactly SDPA, and the state is rebuilt from it. Any other
 call is one decode step (ALGORITHM.md section 4).
 
-Inputs are validated by :func:`check_inputs` in both the real and the fake implementation, so a
-bad call fails while tracing, before anything runs or any state changes.
+It is a ``torch.library.triton_op``: eagerly it runs its body; under ``torch.compile`` Inductor
+traces the body (PyTorch ops and the Triton kernels of kernels/decode.py, launched through
+``wrap_triton``) into its own generated code, fusing the small ops around the kernels. The same
+body, run on fake tensors, is the fake implementation, so :func:`check_inputs` rejects a bad
+call while tracing, before anything runs or any state changes.
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ def _triton_available() -> bool:
     return True
 
 
-@torch.library.custom_op("retro::attention", mutates_args=STATE_ARGS)
+@torch.library.triton_op("retro::attention", mutates_args=STATE_ARGS)
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -138,15 +141,6 @@ def attention(
         return reference.decode_step(q, k, v, attn_mask, is_causal, scale, state, params,
                                      scores_fn=decode.page_scores, attention_fn=decode.window_attention)
     return reference.decode_step(q, k, v, attn_mask, is_causal, scale, state, params)
-
-
-@attention.register_fake
-def _(q, k, v, attn_mask, kmax, kmin, last, out_cache, lse_cache, is_causal, scale,
-      page_size, budget_pages, budget_fraction, sink_pages, local_pages, window):
-    state = LayerState(kmax, kmin, last, out_cache, lse_cache)
-    params = SparseParams(page_size, budget_pages, budget_fraction, sink_pages, local_pages, window)
-    check_inputs(q, k, v, attn_mask, state, params)
-    return q.new_empty(q.shape[:3] + v.shape[3:])
 
 
 def retro_attention(

@@ -246,7 +246,7 @@ def prefill(
     """Dense causal attention (SDPA itself) and the state the first decode step needs."""
     batch, _, n, _ = q.shape
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=True
     )
     allowed, bias = mask_to_allowed(attn_mask, is_causal, batch, n, k.shape[2], q.device)
     position = query_positions(allowed)[:, -1]

@@ -59,7 +59,8 @@ def layer_name_of(node: fx.Node) -> str | None:
     if not stack:
         return None
     path = list(stack.values())[-1][0]
-    path = re.sub(r"^L\[[^\]]*\](\[[^\]]*\])*\.?", "", path)  # the traced function's argument: L['self'], L['args'][0]
+    # The traced function's argument (L['self'], L['args'][0], L['fn'].__self__ for a bound method) is not part of the path.
+    path = re.sub(r"^L\[[^\]]*\](\[[^\]]*\])*(\.__self__)?\.?", "", path)
     path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)  # layers[3] / _modules['3'] -> layers.3
     path = re.sub(r"\._modules\.", ".", path)
     return path.strip(".") or "<root>"
