@@ -105,7 +105,7 @@ def _window_attention_kernel(
             row_ok = live & (newest | (seen_at < position))  # past rows: only pages they never saw
             allowed = tl.load(ALLOWED + b * stride_ab + win[:, None] * stride_an + keys[None, :],
                               mask=row_ok[:, None] & inside[None, :], other=0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (ROWS, P), fp32
+            s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale).to(tl.float32)  # (ROWS, P)
             s = tl.where(allowed != 0, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at zero
