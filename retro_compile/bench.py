@@ -154,16 +154,35 @@ def _plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def profile_op(batch: int, context: int, window: int) -> str:
+    """Top GPU kernels of the compiled decode step, by total device time over 20 steps."""
+    state, params, inputs = op_case(batch, context, window)
+    step = _compiled(state, params, inputs)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            step()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m retro_compile.bench")
     p.add_argument("what", choices=["op"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--out", type=Path, default=Path("results/bench_op_h200.json"))
+    p.add_argument("--profile", action="store_true", help="print the compiled step's top kernels instead (window 2)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available():
         raise SystemExit("python -m retro_compile.bench needs a CUDA device")
+    if args.profile:
+        for batch in args.batches:
+            for context in args.contexts:
+                log.info("B=%d, context %d, retro w=2:\n%s", batch, context, profile_op(batch, context, 2))
+        return
     bench_op(args.batches, args.contexts, args.out)
 
 
