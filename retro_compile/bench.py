@@ -42,7 +42,9 @@ def _median_us(fn) -> float:
 def _compiled(state, params, inputs):
     """The decode step under Inductor + CUDA graphs, state marked static as the rewrite's buffers are."""
     torch._dynamo.reset()  # every case compiles afresh (and stays clear of the recompile limit)
-    for t in state:
+    # State and the KV cache have fixed addresses in a real decode graph (module buffers, a static
+    # cache); unmarked, CUDA graphs would copy the whole cache into their own buffers every replay.
+    for t in (*state, inputs[1], inputs[2]):
         torch._dynamo.mark_static_address(t)
 
     def step(q, k, v, mask):
