@@ -39,15 +39,18 @@ def smollm2_gguf() -> Path:
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype=None, device: str = "cpu"):
-    """(model, tokenizer) for ``name``: "smollm2" (the default), a local folder or a model id."""
+    """(model, tokenizer) for ``name``: "smollm2" (the default), a ``.gguf`` file, a local folder or a model id.
+
+    A GGUF file is dequantised once into a bf16 safetensors folder in the cache directory.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = dtype or torch.float32
-    if name == DEFAULT_MODEL:
-        folder = cache_dir() / "smollm2-135m-instruct"
+    gguf = smollm2_gguf() if name == DEFAULT_MODEL else Path(name) if name.endswith(".gguf") else None
+    if gguf is not None:
+        folder = cache_dir() / gguf.name.removesuffix(".gguf").lower()
         if not (folder / "model.safetensors").exists():
-            gguf = smollm2_gguf()
             log.info("converting %s to safetensors in %s (once, about 30 s)", gguf.name, folder)
             from safetensors.torch import save_file
 

@@ -66,6 +66,10 @@ class StateStore:
             log.debug("allocated %.1f MiB of decode state for %s (%s)", shape.nbytes / 2**20, layer, shape)
         return self._states[key]
 
+    def states(self) -> list[LayerState]:
+        """Every layer's state, in layer-name order (one model usually decodes at one batch size)."""
+        return [self._states[key] for key in sorted(self._states, key=lambda key: key[0])]
+
     def layers(self) -> list[str]:
         return sorted({layer for layer, _ in self._states})
 

@@ -1,39 +1,46 @@
-"""The perplexity harness on a tiny random model."""
+"""The quality harnesses (perplexity, exposure, passkey) on a tiny random model."""
 
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import retro_compile.kernels.reference as reference
 from retro_compile import RetroConfig, retro_compile
-from retro_compile.eval.ppl import perplexity, teacher_forced_nll
+from retro_compile.eval.decode import ExposureMeter, perplexity, teacher_forced_nll
+from retro_compile.eval.passkey import is_correct, passkey_answers, passkey_prompt, random_keys
 
-from .hf_models import prompts, tiny_model
+from .hf_models import VOCAB, prompts, tiny_model
 
 
-def test_dense_ppl_equals_one_forward_loss():
+def sparse(mode: str, budget: int, window: int | None = None, max_context: int = 128) -> RetroConfig:
+    return RetroConfig(mode=mode, budget=budget, window=window, page_size=8, dense_layers=1, max_context=max_context)
+
+
+def test_dense_nll_equals_one_forward_loss_per_sequence():
     model = tiny_model("llama", seed=9)
-    ids, _ = prompts(1, 80, seed=10)
+    ids, _ = prompts(2, 80, seed=10)
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, 39:-1]
-    direct = F.cross_entropy(logits.float(), ids[0, 40:], reduction="none")
+        logits = model(input_ids=ids).logits[:, 39:-1]
+    direct = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 40:], reduction="none")
     dense = retro_compile(copy.deepcopy(model), RetroConfig(mode="dense", max_context=128))
     nll = teacher_forced_nll(dense, ids, prefill=40)
+    assert nll.shape == (2, 40)
     torch.testing.assert_close(nll, direct, atol=1e-4, rtol=1e-4)
 
 
 def test_full_budget_ppl_is_the_same_in_every_mode():
     model = tiny_model("llama", seed=9)
-    ids, _ = prompts(1, 80, seed=10)
-    ppl = {}
-    for mode in ("dense", "quest", "retro"):
-        config = RetroConfig(mode=mode, budget=128, page_size=8, dense_layers=1, max_context=128)
-        ppl[mode] = perplexity(teacher_forced_nll(retro_compile(copy.deepcopy(model), config), ids, prefill=40))
-    assert ppl["quest"] == pytest.approx(ppl["dense"], rel=1e-4)
-    assert ppl["retro"] == pytest.approx(ppl["dense"], rel=1e-4)
+    ids, _ = prompts(2, 80, seed=10)
+    dense = perplexity(teacher_forced_nll(retro_compile(copy.deepcopy(model), RetroConfig(mode="dense", max_context=128)),
+                                          ids, prefill=40))
+    for mode, window in [("quest", 1), ("retro", 2), ("retro", 4)]:
+        ppl = perplexity(teacher_forced_nll(retro_compile(copy.deepcopy(model), sparse(mode, 128, window)), ids, 40))
+        assert ppl == pytest.approx(dense, rel=1e-4), (mode, window)
 
 
 def test_small_budget_changes_ppl():
@@ -41,6 +48,108 @@ def test_small_budget_changes_ppl():
     ids, _ = prompts(1, 100, seed=10)
     dense = perplexity(teacher_forced_nll(retro_compile(copy.deepcopy(model), RetroConfig(mode="dense", max_context=128)),
                                           ids, prefill=40))
-    config = RetroConfig(mode="quest", budget=16, page_size=8, dense_layers=1, max_context=128)
-    quest = perplexity(teacher_forced_nll(retro_compile(copy.deepcopy(model), config), ids, prefill=40))
+    quest = perplexity(teacher_forced_nll(retro_compile(copy.deepcopy(model), sparse("quest", 16)), ids, prefill=40))
     assert quest != pytest.approx(dense, rel=1e-4)
+
+
+@pytest.mark.parametrize("mode,window", [("quest", 1), ("retro", 2), ("retro", 4)])
+def test_exposure_equals_the_union_of_the_selected_page_sets(monkeypatch, mode, window):
+    """Oracle: the page sets the selection itself returns, recorded call by call, unioned by hand."""
+    calls = []
+
+    def recording_top_pages(*args, **kwargs):
+        indices, chosen = original(*args, **kwargs)
+        calls.append([[set(indices[b, h][chosen[b, h]].tolist()) for h in range(indices.shape[1])]
+                      for b in range(indices.shape[0])])
+        return indices, chosen
+
+    original = reference.top_pages
+    monkeypatch.setattr(reference, "top_pages", recording_top_pages)
+    model = retro_compile(tiny_model("llama", seed=3), sparse(mode, 24, window), inductor=False)
+    ids, _ = prompts(2, 90, seed=4)
+    meter = ExposureMeter(model, window)
+    teacher_forced_nll(model, ids, prefill=40, meter=meter)
+
+    layers = len(model.retro_state.layers())
+    assert layers == 3 and len(calls) == layers * 49  # one selection per sparse layer and step
+    steps = [calls[i:i + layers] for i in range(0, len(calls), layers)]
+    ratios = []
+    for t in range(len(steps) - window + 1):
+        for layer in range(layers):
+            for b, heads in enumerate(steps[t][layer]):
+                for h, first in enumerate(heads):
+                    union = set().union(*(steps[t + i][layer][b][h] for i in range(window)))
+                    ratios.append(len(union) / len(first))
+    assert meter.value == pytest.approx(sum(ratios) / len(ratios), rel=1e-6)
+    if mode == "quest":
+        assert meter.value == 1.0
+    else:
+        assert 1.0 < meter.value <= window
+
+
+def test_exposure_needs_enough_steps():
+    model = retro_compile(tiny_model("llama", seed=3), sparse("retro", 24, 4), inductor=False)
+    ids, _ = prompts(1, 43, seed=4)
+    meter = ExposureMeter(model, 4)
+    teacher_forced_nll(model, ids, prefill=40, meter=meter)  # two decode steps
+    with pytest.raises(ValueError, match="window=4"):
+        meter.value
+
+
+class CharTokenizer:
+    """Byte-level stand-in for a real tokenizer: one token per character, modulo the tiny vocab."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % VOCAB for c in text]}
+
+    def batch_decode(self, ids):
+        return ["".join(chr(int(i)) for i in row) for row in ids]
+
+
+def test_passkey_prompt_has_the_asked_length_and_the_needle_at_its_depth():
+    tok = CharTokenizer()
+    for depth in (0.0, 0.25, 0.9, 1.0):
+        prompt = passkey_prompt(tok, 2000, depth, "12345")
+        text = tok.batch_decode([prompt.context])[0]
+        assert len(prompt.context) + len(prompt.question) == 2000
+        assert text.count("12345") == 2
+        assert abs(text.index("The pass key is") / len(text) - depth) < 0.08
+    with pytest.raises(ValueError, match="depth"):
+        passkey_prompt(tok, 2000, 1.5, "12345")
+    with pytest.raises(ValueError, match="length=50"):
+        passkey_prompt(tok, 50, 0.5, "12345")
+    keys = random_keys(20, seed=1)
+    assert keys == random_keys(20, seed=1) and all(len(k) == 5 and k.isdigit() for k in keys)
+
+
+def test_is_correct_is_an_exact_match_of_the_first_number():
+    assert is_correct(" 12345.\n", "12345")
+    assert not is_correct(" 1234.", "12345") and not is_correct(" 123456", "12345")
+    assert not is_correct(" the key", "12345") and not is_correct(" 99 is 12345", "12345")
+
+
+def test_passkey_answers_equal_generate_on_the_untouched_model():
+    """Dense: the hand-driven question-then-answer decode gives what HF's own generate() gives."""
+    tok = CharTokenizer()
+    model = tiny_model("llama", seed=5)
+    prompts_ = [passkey_prompt(tok, 300, depth, key) for depth, key in zip((0.2, 0.7), random_keys(2, 0))]
+    whole = torch.tensor([p.context + p.question for p in prompts_])
+    with torch.no_grad():
+        expected = model.generate(whole, max_new_tokens=8, do_sample=False)[:, whole.shape[1]:]
+    for config in (RetroConfig(mode="dense", max_context=320), sparse("retro", 512, 2, max_context=320)):
+        answers = passkey_answers(retro_compile(copy.deepcopy(model), config), tok, prompts_)
+        assert answers == tok.batch_decode(expected), config.mode
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from retro_compile.eval.plot import plot
+
+    rows = [dict(mode="dense", budget=None, window=1, ppl=10.0),
+            dict(mode="quest", budget=64, window=1, ppl=14.0, exposure=1.0),
+            dict(mode="retro", budget=64, window=2, ppl=12.0, exposure=1.4)]
+    path = tmp_path / "ppl.json"
+    path.write_text(json.dumps(dict(task="ppl", setup=dict(model="tiny", passages=1, context=80, prefill=40),
+                                    results=rows)))
+    png = plot(path)
+    assert png == tmp_path / "ppl.png" and png.read_bytes()[:4] == b"\x89PNG"

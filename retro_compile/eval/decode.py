@@ -1,0 +1,104 @@
+"""Hand-driven decoding of a ``retro_compile``'d model: what the quality tasks are built on.
+
+Every task runs through the same driver and compiled graphs that ``model.generate`` uses: one
+dense prefill, then one token per forward call, each call a decode step of the window driver.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+class DecodeSession:
+    """One request: ``prefill(ids)`` once, then ``step(ids)`` one token per sequence at a time."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from transformers import StaticCache
+
+        driver = getattr(model, "retro_driver", None)
+        if driver is None:
+            raise TypeError("DecodeSession: the model must come from retro_compile (use mode='dense' for dense)")
+        driver.reset()
+        self.model = model
+        self.kwargs = {driver.cache_arg: StaticCache(config=model.config, max_cache_len=driver.config.max_context),
+                       "use_cache": True}
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) predicting the token after ``ids`` (B, N)."""
+        return self.model(input_ids=ids, **self.kwargs).logits[:, -1]
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feed one token per sequence, ``ids`` (B,) or (B, 1); logits (B, V) predicting the next."""
+        return self.model(input_ids=ids.reshape(-1, 1), **self.kwargs).logits[:, -1]
+
+
+class ExposureMeter:
+    """Effective KV exposure (ALGORITHM.md section 6), read from the op's state after each step.
+
+    ``|S_t u S_{t+1} u .. u S_{t+w-1}| / |S_t|``, averaged over steps, layers and KV heads:
+    how many pages a row's final output has seen, relative to the pages a plain Quest step loads.
+    A decode step stamps the pages it loads with its position in ``last``, so after step t the
+    pages holding the newest stamp are exactly ``S_t``. Everything stays on the device.
+    """
+
+    def __init__(self, model: torch.nn.Module, window: int) -> None:
+        self.store = model.retro_state  # filled by the first prefill: read it in update()
+        self.window = window
+        self.recent: deque[list[torch.Tensor]] = deque(maxlen=window)
+        self.total = self.count = None
+
+    def update(self) -> None:
+        """Call after every decode step."""
+        selected = [s.last == s.last.amax(-1, keepdim=True) for s in self.store.states()]  # S_t, (B, Hkv, NP)
+        self.recent.append(selected)
+        if not selected or len(self.recent) < self.window:
+            return
+        oldest = self.recent[0]
+        ratios = []
+        for layer, first in enumerate(oldest):
+            union = torch.stack([step[layer] for step in self.recent]).any(0)
+            ratios.append(union.sum(-1).float() / first.sum(-1).float())
+        ratios = torch.stack(ratios)
+        self.total = ratios.sum() if self.total is None else self.total + ratios.sum()
+        self.count = ratios.numel() if self.count is None else self.count + ratios.numel()
+
+    @property
+    def value(self) -> float:
+        if not self.store.states():
+            raise ValueError("ExposureMeter: the model has no sparse layer (dense mode?)")
+        if self.total is None:
+            raise ValueError(f"ExposureMeter: fewer than window={self.window} decode steps were measured")
+        return float(self.total / self.count)
+
+
+def teacher_forced_nll(model: torch.nn.Module, ids: torch.Tensor, prefill: int, progress: bool = False,
+                       meter: ExposureMeter | None = None) -> torch.Tensor:
+    """NLL (B, N - prefill), fp32, of every position of ``ids`` (B, N) after ``prefill`` tokens.
+
+    Quest's PG-19 recipe: the first ``prefill`` tokens go in as one dense prefill; each later
+    token is fed as a decode step (teacher forcing: the true token, not the predicted one). The
+    prefill's last logits score position ``prefill``; feeding token ``t`` scores token ``t + 1``.
+    """
+    if not 0 < prefill < ids.shape[1]:
+        raise ValueError(f"teacher_forced_nll: prefill={prefill} must lie in (0, {ids.shape[1]})")
+    session = DecodeSession(model)
+    logits = session.prefill(ids[:, :prefill])
+    nll = [F.cross_entropy(logits.float(), ids[:, prefill], reduction="none")]
+    for t in tqdm(range(prefill, ids.shape[1] - 1), desc="decode", disable=not progress, leave=False):
+        logits = session.step(ids[:, t])
+        if meter is not None:
+            meter.update()
+        nll.append(F.cross_entropy(logits.float(), ids[:, t + 1], reduction="none"))
+    return torch.stack(nll, dim=1)
+
+
+def perplexity(nll: torch.Tensor) -> float:
+    """exp of the mean NLL over every scored token."""
+    return math.exp(nll.float().mean().item())

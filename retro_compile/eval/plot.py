@@ -1,0 +1,57 @@
+"""PNG plot of an eval JSON: the task's metric against the budget, one line per mode and window."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+METRICS = {"ppl": [("ppl", "perplexity"), ("exposure", "effective KV exposure")],
+           "passkey": [("accuracy", "passkey accuracy")],
+           "exposure": [("exposure", "effective KV exposure")]}
+
+
+def label(row: dict) -> str:
+    return f"retro w={row['window']}" if row["mode"] == "retro" else row["mode"]
+
+
+def plot(path: Path) -> Path | None:
+    """Write ``path`` with a .png suffix; returns it, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: no plot")
+        return None
+    data = json.loads(Path(path).read_text())
+    metrics = METRICS[data["task"]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    for ax, (key, name) in zip(axes[0], metrics):
+        lines: dict[str, list[tuple[int, float]]] = {}
+        for row in data["results"]:
+            if key not in row:
+                continue
+            if row["budget"] is None:
+                ax.axhline(row[key], color="black", linestyle="--", label=label(row))
+            else:
+                lines.setdefault(label(row), []).append((row["budget"], row[key]))
+        for name_, points in lines.items():
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", label=name_)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("budget (tokens)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    setup = data["setup"]
+    fig.suptitle(f"{data['task']}: {setup['model']}, " + (
+        f"lengths {setup['lengths']}" if data["task"] == "passkey" else
+        f"{setup['passages']} passages x {setup['context']} tokens, {setup['prefill']} prefilled"))
+    fig.tight_layout()
+    png = Path(path).with_suffix(".png")
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
