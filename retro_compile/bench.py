@@ -4,6 +4,7 @@ Shape: Llama-3.1-8B heads (32 query, 8 KV, head dim 128), bf16, page 16, budget 
 for B in {1, 8} and contexts {8K, 32K, 128K}. Side by side in one run:
 
 * ``dense``: ``F.scaled_dot_product_attention`` over the whole cache (enable_gqa, boolean mask);
+* ``flex``: FlexAttention over a fixed block mask of the same number of keys (:func:`flex_step`);
 * ``quest``, ``retro w=2``, ``retro w=4``: the whole ``retro::attention`` decode step (summary
   refresh, scoring, top-k, attention, merge, state update), eager, and compiled the way a
   ``retro_compile``'d decode graph runs it: Inductor (which traces the op's body and fuses the
@@ -95,15 +96,46 @@ def stage_times(state, params, inputs) -> dict[str, float]:
     position = ref.query_positions(allowed)
     scores = decode.page_scores(q[:, :, -1], state.kmax, state.kmin)
     page_valid = ref.page_any(allowed[:, -1], params.page_size)
-    indices, chosen = ref.top_pages(scores, page_valid, position[:, -1], params)
+    indices, chosen = decode.top_pages(scores, page_valid, position[:, -1], params)
     pages = torch.where(chosen, indices, -1)
     scale = q.shape[-1] ** -0.5
     return {
         "stage_scores_us": _median_us(lambda: decode.page_scores(q[:, :, -1], state.kmax, state.kmin)),
-        "stage_topk_us": _median_us(lambda: ref.top_pages(scores, page_valid, position[:, -1], params)),
+        "stage_select_us": _median_us(lambda: decode.top_pages(scores, page_valid, position[:, -1], params)),
+        "stage_select_torch_topk_us": _median_us(lambda: ref.top_pages(scores, page_valid, position[:, -1], params)),
         "stage_attention_us": _median_us(lambda: decode.window_attention(q, k, v, allowed, None, pages, state.last,
                                                                          position, scale, params.page_size)),
     }
+
+
+def flex_step(q, k, v, seed: int = 0):
+    """FlexAttention over an equal block-sparse budget, compiled with CUDA graphs.
+
+    Each KV head reads ``BUDGET // 128`` blocks of 128 keys (the newest block and random others):
+    the same number of keys as the op's budget, through a fixed block mask. This times attention
+    alone: there is no scoring or selection, and no window rows.
+    """
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    batch, context, block = q.shape[0], k.shape[2], 128
+    blocks = context // block
+    count = min(BUDGET // block, blocks)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    others = torch.rand(batch, KV_HEADS, blocks - 1, device="cuda", generator=g).argsort(-1)[..., :count - 1]
+    newest = torch.full((batch, KV_HEADS, 1), blocks - 1, device="cuda")
+    chosen = torch.cat([others, newest], -1).sort(-1).values.repeat_interleave(Q_HEADS // KV_HEADS, dim=1)
+    kv_indices = torch.zeros(batch, Q_HEADS, 1, blocks, dtype=torch.int32, device="cuda")
+    kv_indices[..., :count] = chosen[:, :, None].int()
+    kv_num_blocks = torch.full((batch, Q_HEADS, 1), count, dtype=torch.int32, device="cuda")
+    mask = BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=block, seq_lengths=(q.shape[2], context))
+    torch._dynamo.reset()
+    for t in (k, v):
+        torch._dynamo.mark_static_address(t)
+    compiled = torch.compile(lambda q, k, v: flex_attention(q, k, v, block_mask=mask, enable_gqa=True),
+                             mode="reduce-overhead", fullgraph=True, dynamic=False)
+    for _ in range(3):
+        compiled(q, k, v)
+    return lambda: compiled(q, k, v)
 
 
 def bench_op(batches, contexts, out: Path) -> list[dict]:
@@ -115,6 +147,11 @@ def bench_op(batches, contexts, out: Path) -> list[dict]:
         row = dict(batch=batch, context=context)
         _, _, (q, k, v, mask) = op_case(batch, context, 1)
         row["dense_us"] = _median_us(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
+        try:
+            row["flex_us"] = _median_us(flex_step(q, k, v))
+        except Exception as error:  # FlexAttention's decode path varies across torch versions
+            log.warning("FlexAttention failed at B=%d, context %d: %s", batch, context, error)
+            row["flex_error"] = f"{type(error).__name__}: {error}"[:300]
         for name, window in (("quest", 1), ("retro_w2", 2), ("retro_w4", 4)):
             state, params, inputs = op_case(batch, context, window)
             row[f"{name}_eager_us"] = _median_us(lambda: retro_attention(*inputs, state, params))
@@ -143,11 +180,11 @@ def _plot(rows: list[dict], path: Path) -> None:
         log.info("matplotlib is not installed: no plot")
         return
     labels = [f"B={r['batch']}\n{r['context'] // 1024}K" for r in rows]
-    series = ["dense_us", "quest_compiled_us", "retro_w2_compiled_us", "retro_w4_compiled_us", "bound_us"]
+    series = ["dense_us", "flex_us", "quest_compiled_us", "retro_w2_compiled_us", "retro_w4_compiled_us", "bound_us"]
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(series)
     for i, key in enumerate(series):
-        ax.bar([x + i * width for x in range(len(rows))], [r[key] for r in rows], width, label=key.removesuffix("_us"))
+        ax.bar([x + i * width for x in range(len(rows))], [r.get(key, 0.0) for r in rows], width, label=key.removesuffix("_us"))
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels)
     ax.set_yscale("log")
     ax.set_ylabel("microseconds per decode-attention step")

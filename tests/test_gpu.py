@@ -40,6 +40,37 @@ def test_generate_with_cuda_graphs_matches_dense_and_never_recompiles():
         assert torch.equal(compiled.generate(**kw), expected)
 
 
+def test_decode_records_cuda_graphs_once_then_replays(monkeypatch):
+    """mode='reduce-overhead': after warm-up, 64 more decode steps record no new CUDA graph."""
+    captures = []
+    original = torch.cuda.graphs.CUDAGraph.capture_begin
+
+    def counting(self, *args, **kwargs):
+        captures.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda.graphs.CUDAGraph, "capture_begin", counting)
+    model = tiny_model("llama").cuda()
+    ids, mask = prompts(2, 40, pad=(0, 5))
+    config = RetroConfig(mode="retro", budget=32, page_size=16, dense_layers=1, max_context=256)
+    compiled = retro_compile(model, config, mode="reduce-overhead")
+    driver = compiled.retro_driver
+    recorded_before_step = []
+    decode = driver.decode_fn
+
+    def counted_decode(*args, **kwargs):
+        recorded_before_step.append(len(captures))
+        return decode(*args, **kwargs)
+
+    driver.decode_fn = counted_decode
+    compiled.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=72, do_sample=False,
+                      pad_token_id=0)
+    warm_up = 8
+    assert len(recorded_before_step) == 71
+    assert recorded_before_step[warm_up] > 0  # the step was recorded during warm-up...
+    assert len(captures) == recorded_before_step[warm_up]  # ...and the last 63 steps plus this one replayed it
+
+
 def test_generate_small_budget_runs_on_cuda():
     model = tiny_model("llama").cuda()
     ids, mask = prompts(2, 90, pad=(0, 5))

@@ -66,3 +66,36 @@ def test_decode_step_with_kernels_matches_reference(window, monkeypatch):
     full = ref.SparseParams(16, 8, 0.0, 0, 1, window)
     for positions, out in run(problem, full, steps=3):
         torch.testing.assert_close(out, dense_rows(problem, positions).to(out.device), atol=2e-5, rtol=2e-5)
+
+
+def chosen_sets(indices, chosen):
+    return [[sorted(indices[b, h][chosen[b, h]].tolist()) for h in range(indices.shape[1])]
+            for b in range(indices.shape[0])]
+
+
+@pytest.mark.parametrize("num_pages,budget_pages,fraction,sink,local", [
+    (11, 4, 0.0, 0, 1), (11, 4, 0.0, 1, 2), (37, 8, 0.0, 0, 1), (37, 30, 0.5, 1, 1), (9, 9, 0.0, 0, 1), (300, 16, 0.0, 2, 1),
+])
+def test_top_pages_kernel_selects_the_reference_page_set(num_pages, budget_pages, fraction, sink, local):
+    g = torch.Generator().manual_seed(num_pages)
+    b, hkv, page = 3, 2, 16
+    scores = torch.randn(b, hkv, num_pages, generator=g).to(DEVICE)
+    position = torch.tensor([num_pages * page - 1, num_pages * page // 2, 5 * page + 3]).to(DEVICE)
+    page_valid = (torch.arange(num_pages, device=DEVICE) <= (position // page)[:, None])
+    page_valid[1, 1] = False  # an all-padding page
+    params = ref.SparseParams(page, budget_pages, fraction, sink, local, 2)
+    got = decode.top_pages(scores, page_valid, position, params)
+    want = ref.top_pages(scores, page_valid, position, params)
+    assert chosen_sets(*got) == chosen_sets(*want)
+    k = got[0].shape[-1]
+    assert all(len(set(row.tolist())) == k for row in got[0].reshape(-1, k))  # every slot a distinct page
+
+
+def test_top_pages_kernel_hand_case():
+    """Page 4 holds the query (local), page 0 is a sink; of the rest, the two best scores are pages 2 and 5...
+    but page 5 lies beyond the query and page 3 is padding, so pages 2 and 1 fill the budget of 4."""
+    scores = torch.tensor([[[0.0, 1.0, 9.0, 8.0, -5.0, 7.0]]], device=DEVICE)
+    page_valid = torch.tensor([[True, True, True, False, True, False]], device=DEVICE)
+    params = ref.SparseParams(16, 4, 0.0, 1, 1, 1)
+    indices, chosen = decode.top_pages(scores, page_valid, torch.tensor([4 * 16 + 2], device=DEVICE), params)
+    assert chosen_sets(indices, chosen) == [[[0, 1, 2, 4]]]

@@ -20,6 +20,9 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from . import reference
+from .reference import SparseParams
+
 
 @triton.jit
 def _page_scores_kernel(
@@ -61,6 +64,77 @@ def page_scores(q_row: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor) -> 
         num_pages, G=hq // hkv, D=d, BLOCK_P=block,
     )
     return out
+
+
+@triton.jit
+def _top_pages_kernel(
+    SCORES, VALID, POS, BUDGET, IDX, CHOSEN,
+    stride_sb, stride_sh, stride_vb,
+    kv_heads, num_pages, K, page_size, sink_pages, local_pages,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    b, h = row // kv_heads, row % kv_heads
+    pages = tl.arange(0, BLOCK)
+    inside = pages < num_pages
+    score = tl.load(SCORES + b * stride_sb + h * stride_sh + pages, mask=inside, other=float("-inf"))
+    valid = tl.load(VALID + b * stride_vb + pages, mask=inside, other=0) != 0
+    own = tl.load(POS + b) // page_size
+    budget = tl.load(BUDGET + b)
+    keep = (pages < sink_pages) | ((pages <= own) & (pages > own - local_pages))
+    ranked = tl.where(valid & inside, tl.where(keep, float("inf"), score), float("-inf"))
+    # An order-preserving integer key: flipping the magnitude bits of negative floats makes
+    # signed-integer order equal float order. Padding sorts below every real key.
+    bits = ranked.to(tl.int32, bitcast=True)
+    key = tl.where(inside, (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64), -(1 << 40))
+    # The budget-th largest key, by bisection on the key's value: 32 steps, no sort.
+    lo = tl.full((), -(1 << 31), tl.int64)
+    hi = tl.full((), (1 << 31) - 1, tl.int64)
+    for _ in range(32):
+        mid = lo + (hi - lo + 1) // 2
+        enough = tl.sum((key >= mid).to(tl.int32), axis=0) >= budget
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    above = key > lo
+    ties = key == lo
+    take = above | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= budget - tl.sum(above.to(tl.int32), axis=0)))
+    # Taken pages fill slots 0..budget-1 in page order; the rest follow, so all K slots hold
+    # distinct pages (the state update scatters through every slot).
+    rest = inside & ~take
+    slot = tl.where(take, tl.cumsum(take.to(tl.int32), axis=0) - 1, budget + tl.cumsum(rest.to(tl.int32), axis=0) - 1)
+    out = (take | rest) & (slot < K)
+    tl.store(IDX + row * K + slot, pages.to(tl.int64), mask=out)
+    tl.store(CHOSEN + row * K + slot, (take & (ranked > float("-inf"))).to(tl.int8), mask=out)
+
+
+MAX_KERNEL_PAGES = 16384  # one program holds a row of page scores in registers
+
+
+def top_pages(
+    scores: torch.Tensor, page_valid: torch.Tensor, position: torch.Tensor, params: SparseParams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same selection as ``reference.top_pages`` without a sort: one program per (batch row, KV head)
+    finds the budget-th largest score by bisection, then writes the chosen pages in page order.
+
+    The page set equals the reference's (ties at the threshold aside, where either choice is a
+    valid top-k); the slot order differs, which nothing downstream depends on.
+    """
+    b, hkv, num_pages = scores.shape
+    if num_pages > MAX_KERNEL_PAGES:
+        return reference.top_pages(scores, page_valid, position, params)
+    k = min(params.budget_pages, num_pages)
+    budget = reference.budget_pages_for(params, position).clamp(max=k).to(torch.int32)
+    scores, page_valid = scores.contiguous(), page_valid.contiguous()
+    indices = torch.empty(b, hkv, k, dtype=torch.int64, device=scores.device)
+    chosen = torch.empty(b, hkv, k, dtype=torch.int8, device=scores.device)
+    block = max(16, triton.next_power_of_2(num_pages))
+    wrap_triton(_top_pages_kernel)[(b * hkv,)](
+        scores, page_valid, position.contiguous(), budget, indices, chosen,
+        scores.stride(0), scores.stride(1), page_valid.stride(0),
+        hkv, num_pages, k, params.page_size, params.sink_pages, params.local_pages,
+        BLOCK=block, num_warps=min(16, max(1, block // 512)),
+    )
+    return indices, chosen.bool()
 
 
 @triton.jit

@@ -139,7 +139,8 @@ def attention(
         from . import decode
 
         return reference.decode_step(q, k, v, attn_mask, is_causal, scale, state, params,
-                                     scores_fn=decode.page_scores, attention_fn=decode.window_attention)
+                                     scores_fn=decode.page_scores, select_fn=decode.top_pages,
+                                     attention_fn=decode.window_attention)
     return reference.decode_step(q, k, v, attn_mask, is_causal, scale, state, params)
 
 

@@ -303,13 +303,14 @@ def decode_step(
     state: LayerState,
     params: SparseParams,
     scores_fn=page_scores,
+    select_fn=top_pages,
     attention_fn=window_attention,
 ) -> torch.Tensor:
     """One decode step over the window of ``n <= w`` consecutive rows (ALGORITHM.md section 4).
 
     The newest row attends to its selected pages; each past row attends to the selected pages it
     has not seen yet and merges that into its cached output. Then the state moves one step on.
-    ``scores_fn`` and ``attention_fn`` are the two stages a fused kernel replaces (kernels/decode.py).
+    ``scores_fn``, ``select_fn`` and ``attention_fn`` are the stages a kernel replaces (kernels/decode.py).
     """
     batch, _, n, _ = q.shape
     length, page_size = k.shape[2], params.page_size
@@ -320,7 +321,7 @@ def decode_step(
 
     refresh_summaries(state, k, valid, position[:, 0], n, page_size)
     scores = scores_fn(q[:, :, -1], state.kmax, state.kmin)
-    indices, chosen = top_pages(scores, page_any(valid, page_size), newest, params)
+    indices, chosen = select_fn(scores, page_any(valid, page_size), newest, params)
     pages = torch.where(chosen, indices, -1)
     out, lse = attention_fn(q, k, v, allowed, bias, pages, state.last, position, default_scale(q, scale), page_size)
 
