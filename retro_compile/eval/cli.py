@@ -47,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000], help="passkey: prompt lengths")
     p.add_argument("--depths", type=float, nargs="+", default=list(DEPTHS), help="passkey: needle depths")
     p.add_argument("--seed", type=int, default=0, help="passkey: seed of the random keys")
+    p.add_argument("--batch", type=int, default=3, help="passkey: prompts decoded together")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--inductor", choices=["auto", "on", "off"], default="auto",
                    help="compile the decode graph with Inductor (auto: on CUDA only)")
@@ -87,7 +88,8 @@ def run_passkey(model, args, tokenizer) -> dict:
     for length in args.lengths:
         keys = random_keys(len(args.depths), seed=args.seed + length)
         prompts = [passkey_prompt(tokenizer, length, depth, key) for depth, key in zip(args.depths, keys)]
-        answers = passkey_answers(model, tokenizer, prompts, device=args.device)
+        answers = [answer for i in range(0, len(prompts), args.batch)  # the dense prefill's memory grows with B
+                   for answer in passkey_answers(model, tokenizer, prompts[i:i + args.batch], device=args.device)]
         per_length[str(length)] = [is_correct(a, p.key) for a, p in zip(answers, prompts)]
     hits = [hit for row in per_length.values() for hit in row]
     return dict(accuracy=sum(hits) / len(hits), correct_per_length=per_length)
