@@ -109,3 +109,29 @@ def test_bad_input_fails_while_tracing():
     with pytest.raises(Exception, match="key head_dim"):
         torch.compile(step, fullgraph=True, backend="eager")(problem.q[:, :, [40, 41]], problem.k[..., :8],
                                                             problem.v, mask_for(problem, [40, 41]))
+
+
+def test_compiled_decode_step_updates_the_summaries_in_place():
+    """The summary refresh writes a few pages of the state; compiled, it must not copy the whole table.
+
+    A scatter_ into the state buffer used to compile to a full copy of kmax and kmin (and a copy
+    back) every step: the largest cost of a step at batch 8. Inductor's generated code for a step
+    must hold no flat loop over the table's size.
+    """
+    from torch._inductor.utils import run_and_get_code
+
+    problem = make_problem(batch=1, q_heads=3, kv_heads=3, length=1000, head_dim=16)
+    state = fresh_state(problem)
+    numel = state.kmax.numel()  # 3 * 125 * 16 = 6000: no other tensor of the step has this size
+    prompt = list(range(problem.prompt))
+    retro_attention(problem.q[:, :, prompt], problem.k, problem.v, mask_for(problem, prompt), state, PARAMS)
+    rows = [problem.prompt, problem.prompt + 1]
+
+    def step(q, k, v, mask):
+        return retro_attention(q, k, v, mask, state, PARAMS)
+
+    with torch._inductor.config.patch(force_disable_caches=True):
+        _, code = run_and_get_code(torch.compile(step, fullgraph=True), problem.q[:, :, rows], problem.k, problem.v,
+                                   mask_for(problem, rows))
+    source = "\n".join(code)
+    assert f"<static_cast<int64_t>({numel}L)" not in source.replace(" ", "")

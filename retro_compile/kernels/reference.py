@@ -130,9 +130,12 @@ def refresh_summaries(
     positions = positions.clamp(max=length - 1)
     keys = k.gather(2, positions[:, None, :, None].expand(-1, heads, -1, dim))
     kmax, kmin = build_summaries(keys, valid.gather(1, positions) & inside, page_size)  # (B, H, m, D)
-    index = pages[:, None, :, None].expand(-1, heads, -1, dim)
-    state.kmax.scatter_(2, index, kmax)
-    state.kmin.scatter_(2, index, kmin)
+    # index_put_, not scatter_: Inductor turns a functional index_put back into an in-place store,
+    # while scatter_ on a state buffer becomes a copy of the whole summary table every step.
+    index = (torch.arange(batch, device=k.device)[:, None, None], torch.arange(heads, device=k.device)[None, :, None],
+             pages[:, None, :])
+    state.kmax.index_put_(index, kmax)
+    state.kmin.index_put_(index, kmin)
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,16 +305,19 @@ def decode_step(
     scale: float | None,
     state: LayerState,
     params: SparseParams,
-    scores_fn=page_scores,
-    select_fn=top_pages,
-    attention_fn=window_attention,
+    scores_fn=None,
+    select_fn=None,
+    attention_fn=None,
 ) -> torch.Tensor:
     """One decode step over the window of ``n <= w`` consecutive rows (ALGORITHM.md section 4).
 
     The newest row attends to its selected pages; each past row attends to the selected pages it
     has not seen yet and merges that into its cached output. Then the state moves one step on.
-    ``scores_fn``, ``select_fn`` and ``attention_fn`` are the stages a kernel replaces (kernels/decode.py).
+    ``scores_fn``, ``select_fn`` and ``attention_fn`` are the stages a kernel replaces (kernels/decode.py);
+    None means this module's function, looked up at call time.
     """
+    scores_fn, select_fn = scores_fn or page_scores, select_fn or top_pages
+    attention_fn = attention_fn or window_attention
     batch, _, n, _ = q.shape
     length, page_size = k.shape[2], params.page_size
     allowed, bias = mask_to_allowed(attn_mask, is_causal, batch, n, length, q.device)
@@ -330,7 +336,8 @@ def decode_step(
     out[:, :, :past], lse[:, :, :past] = merge(state.out_cache[:, :, cached], state.lse_cache[:, :, cached],
                                                out[:, :, :past], lse[:, :, :past])
     stamped = torch.where(chosen, newest[:, None, None].to(state.last.dtype), state.last.gather(-1, indices))
-    state.last.scatter_(-1, indices, stamped)
+    rows = (torch.arange(batch, device=q.device)[:, None, None], torch.arange(indices.shape[1], device=q.device)[None, :, None])
+    state.last.index_put_((*rows, indices), stamped)  # in place once compiled (see refresh_summaries)
     keep = min(state.out_cache.shape[2], n)  # drop the oldest row; the newest joins
     if keep:
         state.out_cache.copy_(torch.cat([state.out_cache[:, :, keep:], out[:, :, n - keep:]], dim=2))

@@ -9,6 +9,7 @@ in-place updates are functionalised and re-inplaced by Inductor.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import logging
 
@@ -133,7 +134,8 @@ def _buffer_name(gm: fx.GraphModule, layer: str, field: str) -> str:
 
 class RetroPass(CustomGraphPass):
     """The rewrite as an Inductor ``CustomGraphPass``: callable on a graph, with a ``uuid`` that
-    changes with the configuration and this module's source, so Inductor's FX graph cache stays on."""
+    changes with the configuration and the source of the rewrite and the op, so Inductor's FX graph
+    cache stays on and never serves a graph built from other code."""
 
     def __init__(self, config: RetroConfig, store: StateStore) -> None:
         self.config = config
@@ -146,5 +148,13 @@ class RetroPass(CustomGraphPass):
         rewrite_sdpa(gm, self.config, self.store)
 
     def uuid(self) -> bytes:
-        source = inspect.getsource(inspect.getmodule(RetroPass))
+        # Inductor traces the op's body into the cached graph, so the body's source is part of the key.
+        from ..kernels import op, reference
+
+        modules = [inspect.getmodule(RetroPass), op, reference]
+        if importlib.util.find_spec("triton") is not None:
+            from ..kernels import decode
+
+            modules.append(decode)
+        source = "".join(inspect.getsource(module) for module in modules)
         return hashlib.sha256((repr(self.config) + source).encode()).digest()
