@@ -6,8 +6,9 @@
     python -m retro_compile.eval exposure --context 2048 --out results/exposure.json
 
 Every configuration runs through ``retro_compile(model, RetroConfig(...))``, the path users run.
-``ppl`` also measures the effective KV exposure of its runs; ``exposure`` measures only that, on
-fewer tokens. Results are written as JSON after every configuration, and as a PNG plot at the end.
+``ppl`` also measures the effective KV exposure of its sparse runs; ``exposure`` is the same run
+without dense, plotted for exposure. Results are written as JSON after every configuration, and as
+a PNG plot at the end. ``--jobs N`` runs N configurations at once, each in a process of its own.
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ def run_passkey(model, args, tokenizer) -> dict:
     return dict(accuracy=sum(hits) / len(hits), correct_per_length=per_length)
 
 
+_LOADED: dict = {}  # this process's model, tokenizer and texts, keyed by what they depend on
+
+
 def load(args) -> tuple:
     """(model, tokenizer, passages or None, max_context): loaded once per process."""
     if _LOADED.get("key") != (args.model, args.device, args.task):
@@ -108,9 +112,6 @@ def load(args) -> tuple:
         _LOADED.update(key=(args.model, args.device, args.task),
                        value=(model, tokenizer, passages, -(-max_context // 256) * 256))
     return _LOADED["value"]
-
-
-_LOADED: dict = {}
 
 
 def evaluate(args, run: tuple[str, int | None, int]) -> dict:
@@ -132,7 +133,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("retro_compile.passes.rewrite").setLevel(logging.WARNING)
-    _, _, _, max_context = load(args)
+    _, _, _, max_context = load(args)  # here first, so a GGUF is converted once, not once per worker
     defaults = RetroConfig()
     setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     setup.update(page_size=defaults.page_size, dense_layers=defaults.dense_layers, max_context=max_context,

@@ -1,16 +1,18 @@
-"""Triton kernels for the two heavy stages of a decode step (ALGORITHM.md section 7).
+"""Triton kernels for the heavy stages of a decode step (ALGORITHM.md section 7).
 
 * :func:`page_scores`: Quest's page bound, reading each page summary once, GQA group max fused.
+* :func:`top_pages`: the page selection without a sort: one program per (batch row, KV head)
+  bisects on the score for the budget-th largest, then writes the chosen pages.
 * :func:`window_attention`: split-KV sparse attention. One program per (batch row, KV head,
   split) walks its share of the selected pages; each page's K and V are loaded once and used by
   all ``G * n`` query rows of the group (G query heads x n window rows). Per row it applies the
   mask, and for past rows the unseen-page test ``last[page] < position``; partial results are
   merged across splits by log-sum-exp.
 
-They are drop-in replacements for ``reference.page_scores`` / ``reference.window_attention``
-(same arguments, same results), so ``reference.decode_step`` runs either. Everything else in the
-step (summary refresh of a few pages, top-k, the merge with the output cache, the state update)
-is a handful of small PyTorch ops.
+They are drop-in replacements for the ``reference`` functions of the same names (same arguments,
+same results), so ``reference.decode_step`` runs either. Everything else in the step (summary
+refresh of a few pages, the merge with the output cache, the state update) is a handful of small
+PyTorch ops that Inductor fuses.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def _top_pages_kernel(
     ties = key == lo
     take = above | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= budget - tl.sum(above.to(tl.int32), axis=0)))
     # Taken pages fill slots 0..budget-1 in page order; the rest follow, so all K slots hold
-    # distinct pages (the state update scatters through every slot).
+    # distinct pages (the state update writes through every slot).
     rest = inside & ~take
     slot = tl.where(take, tl.cumsum(take.to(tl.int32), axis=0) - 1, budget + tl.cumsum(rest.to(tl.int32), axis=0) - 1)
     out = (take | rest) & (slot < K)
