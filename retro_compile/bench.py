@@ -32,6 +32,7 @@ from .state import StateShape, allocate
 
 log = logging.getLogger("retro_compile.bench")
 Q_HEADS, KV_HEADS, HEAD_DIM, PAGE, BUDGET = 32, 8, 128, 16, 2048
+TARGETS_US = {(1, 32768): 15.0, (1, 131072): 20.0, (8, 131072): 100.0}  # the speed targets, per (B, context)
 
 
 def _median_us(fn) -> float:
@@ -147,7 +148,7 @@ def bench_op(batches, contexts, out: Path) -> list[dict]:
                 head_dim=HEAD_DIM, page_size=PAGE, budget=BUDGET, dtype="bfloat16", copy_bandwidth=bandwidth)
     cases = [(b, c) for b in batches for c in contexts]
     for batch, context in tqdm(cases, desc="op benchmark"):
-        row = dict(batch=batch, context=context)
+        row = dict(batch=batch, context=context, target_us=TARGETS_US.get((batch, context)))
         _, _, (q, k, v, mask) = op_case(batch, context, 1)
         row["dense_us"] = _median_us(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
         try:

