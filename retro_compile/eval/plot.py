@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import textwrap
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,10 @@ def plot(path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend()
     setup = data["setup"]
-    fig.suptitle(f"{data['task']}: {setup['model']}, " + (
+    title = f"{data['task']}: {setup['model']}, " + (
         f"lengths {setup['lengths']}" if data["task"] == "passkey" else
-        f"{setup['passages']} passages x {setup['context']} tokens, {setup['prefill']} prefilled"))
+        f"{setup['passages']} passages x {setup['context']} tokens, {setup['prefill']} prefilled")
+    fig.suptitle(textwrap.fill(title, width=60 * len(metrics)), fontsize=9)
     fig.tight_layout()
     png = Path(path).with_suffix(".png")
     fig.savefig(png, dpi=120)
