@@ -96,6 +96,14 @@ def test_exposure_needs_enough_steps():
         meter.value
 
 
+def test_exposure_refuses_a_model_that_decoded_at_two_batch_sizes():
+    model = retro_compile(tiny_model("llama", seed=3), sparse("retro", 24, 2), inductor=False)
+    teacher_forced_nll(model, prompts(1, 43, seed=4)[0], prefill=40)
+    meter = ExposureMeter(model, 2)
+    with pytest.raises(ValueError, match="several batch sizes"):
+        teacher_forced_nll(model, prompts(2, 43, seed=4)[0], prefill=40, meter=meter)
+
+
 class CharTokenizer:
     """Byte-level stand-in for a real tokenizer: one token per character, modulo the tiny vocab."""
 

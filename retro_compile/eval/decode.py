@@ -56,7 +56,10 @@ class ExposureMeter:
 
     def update(self) -> None:
         """Call after every decode step."""
-        selected = [s.last == s.last.amax(-1, keepdim=True) for s in self.store.states()]  # S_t, (B, Hkv, NP)
+        states = self.store.states()
+        if len(states) != len(self.store.layers()):
+            raise ValueError("ExposureMeter: the model has decoded at several batch sizes; measure a fresh model")
+        selected = [s.last == s.last.amax(-1, keepdim=True) for s in states]  # S_t per layer, (B, Hkv, NP)
         self.recent.append(selected)
         if not selected or len(self.recent) < self.window:
             return
