@@ -11,10 +11,11 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+import torch._functorch.config
 from torch._dynamo import register_backend
 
 from .config import RetroConfig
-from .passes.rewrite import RetroPass
+from .passes.rewrite import rewrite_sdpa
 from .state import StateStore
 
 #: State for graphs compiled through the plain ``backend="retro"`` string. ``retro_compile``
@@ -41,15 +42,17 @@ def retro_backend(
     config = options.pop("retro_config", None) or config or RetroConfig()
     if not isinstance(config, RetroConfig):
         raise TypeError(f"retro backend: retro_config must be a RetroConfig, got {type(config).__name__}")
-    store = DEFAULT_STORE if store is None else store
-    rewrite = RetroPass(config, store)
-    rewrite(gm.graph)
+    rewrite_sdpa(gm, config, DEFAULT_STORE if store is None else store)
     if not inductor:
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
     patches = {**torch._inductor.list_mode_options(mode), **options} if mode else options
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    # AOTAutograd's cache keys a graph by its ops, and sees retro::attention as one opaque op: after
+    # a change to the op's body it would serve the graph traced from the old body. Inductor's FX
+    # graph cache keys the traced body itself (Triton kernel sources included) and stays on.
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def backend_for(config: RetroConfig, store: StateStore, **kwargs: Any) -> Callable:

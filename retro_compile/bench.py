@@ -21,6 +21,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,21 +42,25 @@ def _median_us(fn) -> float:
     return 1000.0 * do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def _compiled(state, params, inputs):
-    """The decode step under Inductor + CUDA graphs, state marked static as the rewrite's buffers are."""
+def _graphed(fn, inputs, static) -> Callable[[], object]:
+    """``fn(*inputs)`` under Inductor + CUDA graphs, recorded, as a call without arguments.
+
+    ``static`` are the tensors with fixed addresses in a real decode graph (state buffers, a static
+    KV cache); unmarked, CUDA graphs would copy them into their own buffers on every replay.
+    """
     torch._dynamo.reset()  # every case compiles afresh (and stays clear of the recompile limit)
-    # State and the KV cache have fixed addresses in a real decode graph (module buffers, a static
-    # cache); unmarked, CUDA graphs would copy the whole cache into their own buffers every replay.
-    for t in (*state, inputs[1], inputs[2]):
+    for t in static:
         torch._dynamo.mark_static_address(t)
-
-    def step(q, k, v, mask):
-        return retro_attention(q, k, v, mask, state, params)
-
-    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
     for _ in range(3):  # warm-up, record
         compiled(*inputs)
     return lambda: compiled(*inputs)
+
+
+def _compiled(state, params, inputs):
+    """The decode step as a ``retro_compile``'d graph runs it: state and KV cache static."""
+    return _graphed(lambda q, k, v, mask: retro_attention(q, k, v, mask, state, params), inputs,
+                    (*state, inputs[1], inputs[2]))
 
 
 def copy_bandwidth() -> float:
@@ -129,14 +134,7 @@ def flex_step(q, k, v, seed: int = 0):
     kv_indices[..., :count] = chosen[:, :, None].int()
     kv_num_blocks = torch.full((batch, Q_HEADS, 1), count, dtype=torch.int32, device="cuda")
     mask = BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=block, seq_lengths=(q.shape[2], context))
-    torch._dynamo.reset()
-    for t in (k, v):
-        torch._dynamo.mark_static_address(t)
-    compiled = torch.compile(lambda q, k, v: flex_attention(q, k, v, block_mask=mask, enable_gqa=True),
-                             mode="reduce-overhead", fullgraph=True, dynamic=False)
-    for _ in range(3):
-        compiled(q, k, v)
-    return lambda: compiled(q, k, v)
+    return _graphed(lambda q, k, v: flex_attention(q, k, v, block_mask=mask, enable_gqa=True), (q, k, v), (k, v))
 
 
 def bench_op(batches, contexts, out: Path) -> list[dict]:

@@ -122,7 +122,8 @@ def test_selection_properties(seed, sink, local, budget):
     valid[torch.arange(batch), position] = True  # a query sees itself
     page_valid = ref.page_any(valid, page_size)
     p = SparseParams(page_size, budget, 0.0, sink, local, 1)
-    sel = ref.select_pages(scores, page_valid, position, p)
+    indices, chosen = ref.top_pages(scores, page_valid, position, p)
+    sel = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, indices, chosen)  # (B, Hkv, NP)
     page = torch.arange(num_pages)
     for b in range(batch):
         own = int(position[b]) // page_size

@@ -51,32 +51,29 @@ class ExposureMeter:
     def __init__(self, model: torch.nn.Module, window: int) -> None:
         self.store = model.retro_state  # filled by the first prefill: read it in update()
         self.window = window
-        self.recent: deque[list[torch.Tensor]] = deque(maxlen=window)
-        self.total = self.count = None
+        self.recent: deque[list[torch.Tensor]] = deque(maxlen=window)  # S_t per layer, of the last w steps
+        self.total: torch.Tensor | float = 0.0  # sum of the ratios, on the device
+        self.count = 0
 
     def update(self) -> None:
         """Call after every decode step."""
         states = self.store.states()
         if len(states) != len(self.store.layers()):
             raise ValueError("ExposureMeter: the model has decoded at several batch sizes; measure a fresh model")
-        selected = [s.last == s.last.amax(-1, keepdim=True) for s in states]  # S_t per layer, (B, Hkv, NP)
-        self.recent.append(selected)
-        if not selected or len(self.recent) < self.window:
+        self.recent.append([s.last == s.last.amax(-1, keepdim=True) for s in states])  # (B, Hkv, NP) each
+        if len(self.recent) < self.window:
             return
-        oldest = self.recent[0]
-        ratios = []
-        for layer, first in enumerate(oldest):
+        for layer, first in enumerate(self.recent[0]):
             union = torch.stack([step[layer] for step in self.recent]).any(0)
-            ratios.append(union.sum(-1).float() / first.sum(-1).float())
-        ratios = torch.stack(ratios)
-        self.total = ratios.sum() if self.total is None else self.total + ratios.sum()
-        self.count = ratios.numel() if self.count is None else self.count + ratios.numel()
+            ratios = union.sum(-1) / first.sum(-1)
+            self.total = self.total + ratios.sum()
+            self.count += ratios.numel()
 
     @property
     def value(self) -> float:
         if not self.store.states():
             raise ValueError("ExposureMeter: the model has no sparse layer (dense mode?)")
-        if self.total is None:
+        if self.count == 0:
             raise ValueError(f"ExposureMeter: fewer than window={self.window} decode steps were measured")
         return float(self.total / self.count)
 

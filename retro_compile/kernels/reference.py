@@ -5,7 +5,7 @@ Every stage is its own function, in the order a decode step runs them:
 1. :func:`mask_to_allowed` / :func:`query_positions`: what each query row may see, and where it is.
 2. :func:`build_summaries` / :func:`refresh_summaries`: per-page key max/min over valid positions.
 3. :func:`page_scores`: Quest's upper bound ``sum_d max(q_d kmax_d, q_d kmin_d)``, GQA group max.
-4. :func:`select_pages`: always-kept pages plus the top-scoring rest, up to the budget.
+4. :func:`top_pages`: always-kept pages plus the top-scoring rest, up to the budget.
 5. :func:`attend`: exact attention over a key mask, returning output and log-sum-exp.
 6. :func:`merge`: the exact LSE merge of two partial attentions over disjoint keys.
 7. :func:`decode_step` / :func:`prefill`: the whole step, including the state update.
@@ -122,7 +122,7 @@ def refresh_summaries(
 
     Only those pages' keys are read (at most ``ceil(n / P) + 1`` pages), never the whole cache.
     """
-    batch, heads, length, dim = k.shape
+    _, heads, length, dim = k.shape
     touched = (n - 1) // page_size + 2  # pages a run of n positions can straddle
     pages = (first_pos[:, None] // page_size + torch.arange(touched, device=k.device)).clamp(max=state.kmax.shape[2] - 1)
     positions = (pages[:, :, None] * page_size + torch.arange(page_size, device=k.device)).flatten(1)  # (B, m*P)
@@ -130,12 +130,19 @@ def refresh_summaries(
     positions = positions.clamp(max=length - 1)
     keys = k.gather(2, positions[:, None, :, None].expand(-1, heads, -1, dim))
     kmax, kmin = build_summaries(keys, valid.gather(1, positions) & inside, page_size)  # (B, H, m, D)
-    # index_put_, not scatter_: Inductor turns a functional index_put back into an in-place store,
-    # while scatter_ on a state buffer becomes a copy of the whole summary table every step.
-    index = (torch.arange(batch, device=k.device)[:, None, None], torch.arange(heads, device=k.device)[None, :, None],
-             pages[:, None, :])
-    state.kmax.index_put_(index, kmax)
-    state.kmin.index_put_(index, kmin)
+    put_pages(state.kmax, pages[:, None, :], kmax)
+    put_pages(state.kmin, pages[:, None, :], kmin)
+
+
+def put_pages(table: torch.Tensor, pages: torch.Tensor, values: torch.Tensor) -> None:
+    """``table[b, h, pages[b, h, j]] = values[b, h, j]`` in place; table (B, H, NP, ...), pages (B, 1 or H, m).
+
+    ``index_put_``, not ``scatter_``: compiled, Inductor turns a functional index_put on a state
+    buffer back into an in-place store, while ``scatter_`` becomes a copy of the whole table.
+    """
+    rows = torch.arange(table.shape[0], device=table.device)[:, None, None]
+    heads = torch.arange(table.shape[1], device=table.device)[None, :, None]
+    table.index_put_((rows, heads, pages), values)
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,14 +187,6 @@ def top_pages(
     top = ranked.topk(k, dim=-1)
     within_budget = torch.arange(k, device=scores.device) < budget_pages_for(params, position)[:, None, None]
     return top.indices, (top.values > NEG_INF) & within_budget
-
-
-def select_pages(
-    scores: torch.Tensor, page_valid: torch.Tensor, position: torch.Tensor, params: SparseParams
-) -> torch.Tensor:
-    """Selected pages (B, Hkv, NP) bool for the query at ``position`` (B,): :func:`top_pages` as a mask."""
-    indices, chosen = top_pages(scores, page_valid, position, params)
-    return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, indices, chosen)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,8 +335,7 @@ def decode_step(
     out[:, :, :past], lse[:, :, :past] = merge(state.out_cache[:, :, cached], state.lse_cache[:, :, cached],
                                                out[:, :, :past], lse[:, :, :past])
     stamped = torch.where(chosen, newest[:, None, None].to(state.last.dtype), state.last.gather(-1, indices))
-    rows = (torch.arange(batch, device=q.device)[:, None, None], torch.arange(indices.shape[1], device=q.device)[None, :, None])
-    state.last.index_put_((*rows, indices), stamped)  # in place once compiled (see refresh_summaries)
+    put_pages(state.last, indices, stamped)
     keep = min(state.out_cache.shape[2], n)  # drop the oldest row; the newest joins
     if keep:
         state.out_cache.copy_(torch.cat([state.out_cache[:, :, keep:], out[:, :, n - keep:]], dim=2))

@@ -8,14 +8,10 @@ in-place updates are functionalised and re-inplaced by Inductor.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import inspect
 import logging
 
 import torch
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..config import RetroConfig
 from ..kernels.op import FLOAT_DTYPES, STATE_ARGS
@@ -130,31 +126,3 @@ def _buffer_name(gm: fx.GraphModule, layer: str, field: str) -> str:
         i += 1
         name = f"{base}_{i}"
     return name
-
-
-class RetroPass(CustomGraphPass):
-    """The rewrite as an Inductor ``CustomGraphPass``: callable on a graph, with a ``uuid`` that
-    changes with the configuration and the source of the rewrite and the op, so Inductor's FX graph
-    cache stays on and never serves a graph built from other code."""
-
-    def __init__(self, config: RetroConfig, store: StateStore) -> None:
-        self.config = config
-        self.store = store
-
-    def __call__(self, graph: fx.Graph) -> None:
-        gm = graph.owning_module
-        if gm is None:
-            raise ValueError("RetroPass needs a graph owned by a GraphModule (state is stored on it)")
-        rewrite_sdpa(gm, self.config, self.store)
-
-    def uuid(self) -> bytes:
-        # Inductor traces the op's body into the cached graph, so the body's source is part of the key.
-        from ..kernels import op, reference
-
-        modules = [inspect.getmodule(RetroPass), op, reference]
-        if importlib.util.find_spec("triton") is not None:
-            from ..kernels import decode
-
-            modules.append(decode)
-        source = "".join(inspect.getsource(module) for module in modules)
-        return hashlib.sha256((repr(self.config) + source).encode()).digest()
