@@ -9,7 +9,8 @@ for B in {1, 8} and contexts {8K, 32K, 128K}. Side by side in one run:
   refresh, scoring, top-k, attention, merge, state update), eager, and compiled the way a
   ``retro_compile``'d decode graph runs it: Inductor (which traces the op's body and fuses the
   small ops around its Triton kernels) with CUDA graphs (``mode="reduce-overhead"``);
-* ``bound``: bytes a sparse step must read (summaries + selected K/V) over measured copy bandwidth.
+* ``bound``: bytes a sparse step must read (summaries + selected K/V) over the measured memory
+  bandwidth (a large device-to-device copy's bytes read + written per second).
 
 Writes JSON (and a PNG plot when matplotlib is installed). Medians from ``triton.testing.do_bench``.
 """
@@ -58,13 +59,17 @@ def _graphed(fn, inputs, static) -> Callable[[], object]:
 
 
 def _compiled(state, params, inputs):
-    """The decode step as a ``retro_compile``'d graph runs it: state and KV cache static."""
+    """The decode step as a ``retro_compile``'d graph runs it: state, KV cache and inputs static.
+
+    In a model's decode graph the query comes from the layer's projection and the mask from a
+    static buffer, so neither is copied in per replay; marking them keeps such copies out of the time.
+    """
     return _graphed(lambda q, k, v, mask: retro_attention(q, k, v, mask, state, params), inputs,
-                    (*state, inputs[1], inputs[2]))
+                    (*state, *inputs))
 
 
 def copy_bandwidth() -> float:
-    """Measured device-to-device copy bandwidth, bytes/s (reads + writes)."""
+    """Memory bandwidth, bytes/s: a 1 GiB device-to-device copy's bytes read + written per second."""
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     return 2 * src.numel() / (_median_us(lambda: dst.copy_(src)) * 1e-6)
@@ -134,7 +139,7 @@ def flex_step(q, k, v, seed: int = 0):
     kv_indices[..., :count] = chosen[:, :, None].int()
     kv_num_blocks = torch.full((batch, Q_HEADS, 1), count, dtype=torch.int32, device="cuda")
     mask = BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=block, seq_lengths=(q.shape[2], context))
-    return _graphed(lambda q, k, v: flex_attention(q, k, v, block_mask=mask, enable_gqa=True), (q, k, v), (k, v))
+    return _graphed(lambda q, k, v: flex_attention(q, k, v, block_mask=mask, enable_gqa=True), (q, k, v), (q, k, v))
 
 
 def bench_op(batches, contexts, out: Path) -> list[dict]:
@@ -161,7 +166,7 @@ def bench_op(batches, contexts, out: Path) -> list[dict]:
         row.update(stage_times(state, params, inputs))
         pages = math.ceil(context / PAGE)
         bytes_read = batch * (2 * pages * KV_HEADS * HEAD_DIM * 2 + 2 * min(BUDGET, context) * KV_HEADS * HEAD_DIM * 2)
-        row["bound_us"] = 1e6 * bytes_read / (bandwidth / 2)
+        row["bound_us"] = 1e6 * bytes_read / bandwidth
         rows.append(row)
         log.info("%s", {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()})
         out.write_text(json.dumps(dict(meta=meta, results=rows), indent=2))  # after every case

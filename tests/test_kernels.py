@@ -27,25 +27,27 @@ def test_page_scores_kernel(dtype, q_heads, kv_heads):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("q_heads,kv_heads,n", [(4, 2, 2), (3, 1, 1), (2, 2, 4)])
-def test_window_attention_kernel(dtype, q_heads, kv_heads, n):
-    """Random page lists (with unused -1 entries), last-loaded table, positions and masks."""
+@pytest.mark.parametrize("pages_per_split,tile_pages", [(2, 4), (3, 2), (6, 4)])
+def test_window_attention_kernel(dtype, q_heads, kv_heads, n, pages_per_split, tile_pages):
+    """Random page lists (with unused -1 entries), last-loaded table, positions and masks; splits
+    of several tiles, and splits that end inside a tile."""
     g = torch.Generator().manual_seed(1)
-    b, length, d, page = 2, 70, 16, 16
+    b, length, d, page = 2, 120, 16, 16
     num_pages = -(-length // page)
     q = torch.randn(b, q_heads, n, d, generator=g).to(dtype)
     k = torch.randn(b, kv_heads, length, d, generator=g).to(dtype)
     v = torch.randn(b, kv_heads, length, d, generator=g).to(dtype)
-    newest = torch.tensor([60, 66])
+    newest = torch.tensor([100, 117])
     position = newest[:, None] - torch.arange(n - 1, -1, -1)
     allowed = (torch.arange(length) <= position[:, :, None]) & (torch.rand(b, 1, length, generator=g) > 0.2)
     allowed[torch.arange(b)[:, None], torch.arange(n), position] = True
-    pages = torch.stack([torch.randperm(num_pages, generator=g)[:3] for _ in range(b * kv_heads)]).view(b, kv_heads, 3)
-    pages[0, 0, 2] = -1
-    last = torch.randint(55, 67, (b, kv_heads, num_pages), generator=g, dtype=torch.int32)
+    pages = torch.stack([torch.randperm(num_pages, generator=g)[:6] for _ in range(b * kv_heads)]).view(b, kv_heads, 6)
+    pages[0, 0, 2] = pages[-1, -1, 5] = -1
+    last = torch.randint(95, 118, (b, kv_heads, num_pages), generator=g, dtype=torch.int32)
     args = (allowed, None, pages, last, position, 0.25, page)
     want_o, want_lse = ref.window_attention(q, k, v, *args)
     got_o, got_lse = decode.window_attention(*(t.to(DEVICE) for t in (q, k, v, allowed)), None, pages.to(DEVICE),
-                                             last.to(DEVICE), position.to(DEVICE), 0.25, page, pages_per_split=2)
+                                             last.to(DEVICE), position.to(DEVICE), 0.25, page, pages_per_split, tile_pages)
     torch.testing.assert_close(got_o.cpu(), want_o, atol=TOL[dtype], rtol=TOL[dtype])
     torch.testing.assert_close(got_lse.cpu(), want_lse, atol=TOL[dtype], rtol=TOL[dtype])
 
@@ -99,3 +101,23 @@ def test_top_pages_kernel_hand_case():
     params = ref.SparseParams(16, 4, 0.0, 1, 1, 1)
     indices, chosen = decode.top_pages(scores, page_valid, torch.tensor([4 * 16 + 2], device=DEVICE), params)
     assert chosen_sets(indices, chosen) == [[[0, 1, 2, 4]]]
+
+
+def test_top_pages_kernel_with_ties_takes_a_top_k():
+    """Scores with many equal values (and negatives, and -inf pages): the chosen set is a top-k
+    whatever the tie-breaking: exactly ``budget`` pages, none scoring below a page left out."""
+    g = torch.Generator().manual_seed(5)
+    b, hkv, num_pages, page = 2, 3, 200, 16
+    scores = torch.randint(-3, 4, (b, hkv, num_pages), generator=g).float().to(DEVICE)
+    position = torch.tensor([num_pages * page - 1, 150 * page], device=DEVICE)
+    page_valid = torch.arange(num_pages, device=DEVICE) <= (position // page)[:, None]
+    params = ref.SparseParams(page, 24, 0.0, 1, 1, 1)
+    indices, chosen = decode.top_pages(scores, page_valid, position, params)
+    for i in range(b):
+        for h in range(hkv):
+            taken = set(indices[i, h][chosen[i, h]].tolist())
+            assert len(taken) == 24 and {0, int(position[i]) // page} <= taken
+            ranked = scores[i, h].masked_fill(~page_valid[i], float("-inf")).tolist()
+            free = [ranked[p] for p in taken - {0, int(position[i]) // page}]
+            left = [ranked[p] for p in range(num_pages) if p not in taken]
+            assert min(free) >= max(left)

@@ -50,20 +50,25 @@ def _page_scores_kernel(
     tl.store(OUT + b * stride_ob + hkv * stride_oh + pages, best, mask=ok)
 
 
-def page_scores(q_row: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor) -> torch.Tensor:
-    """Same as ``reference.page_scores``: q_row (B, Hq, D) -> (B, Hkv, NP) fp32."""
+def page_scores(
+    q_row: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor, block_pages: int = 128, num_warps: int = 4
+) -> torch.Tensor:
+    """Same as ``reference.page_scores``: q_row (B, Hq, D) -> (B, Hkv, NP) fp32.
+
+    One program scores ``block_pages`` pages of one (batch row, KV head) for the whole query group.
+    """
     b, hq, d = q_row.shape
     hkv, num_pages = kmax.shape[1], kmax.shape[2]
     q_row, kmax, kmin = q_row.contiguous(), kmax.contiguous(), kmin.contiguous()
     out = torch.empty(b, hkv, num_pages, dtype=torch.float32, device=q_row.device)
-    block = min(128, triton.next_power_of_2(num_pages))
+    block = min(block_pages, triton.next_power_of_2(num_pages))
     grid = (b, hkv, triton.cdiv(num_pages, block))
     wrap_triton(_page_scores_kernel)[grid](
         q_row, kmax, kmin, out,
         q_row.stride(0), q_row.stride(1),
         kmax.stride(0), kmax.stride(1), kmax.stride(2),
         out.stride(0), out.stride(1),
-        num_pages, G=hq // hkv, D=d, BLOCK_P=block,
+        num_pages, G=hq // hkv, D=d, BLOCK_P=block, num_warps=num_warps,
     )
     return out
 
@@ -85,20 +90,21 @@ def _top_pages_kernel(
     budget = tl.load(BUDGET + b)
     keep = (pages < sink_pages) | ((pages <= own) & (pages > own - local_pages))
     ranked = tl.where(valid & inside, tl.where(keep, float("inf"), score), float("-inf"))
-    # An order-preserving integer key: flipping the magnitude bits of negative floats makes
-    # signed-integer order equal float order. Padding sorts below every real key.
+    # An order-preserving key: flipping the magnitude bits of negative floats makes signed-integer
+    # order equal float order; adding 2**31 makes it unsigned, 0 .. 2**32-1. Padding gets -1.
     bits = ranked.to(tl.int32, bitcast=True)
-    key = tl.where(inside, (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64), -(1 << 40))
-    # The budget-th largest key, by bisection on the key's value: 32 steps, no sort.
-    lo = tl.full((), -(1 << 31), tl.int64)
-    hi = tl.full((), (1 << 31) - 1, tl.int64)
-    for _ in range(32):
-        mid = lo + (hi - lo + 1) // 2
-        enough = tl.sum((key >= mid).to(tl.int32), axis=0) >= budget
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
-    above = key > lo
-    ties = key == lo
+    key = tl.where(inside, (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + (1 << 31), -1)
+    # The budget-th largest key: the largest t with at least `budget` keys >= t. Found 4 bits at a
+    # time, most significant first: each pass counts the keys at or above 16 candidate values of
+    # the next digit at once (one reduction instead of four rounds of bisection). No sort.
+    digits = tl.arange(0, 16).to(tl.int64)
+    threshold = tl.zeros((), tl.int64)
+    for shift in tl.static_range(28, -1, -4):
+        candidates = threshold + (digits << shift)
+        at_least = tl.sum((key[:, None] >= candidates[None, :]).to(tl.int32), axis=0)
+        threshold += tl.max(tl.where(at_least >= budget, digits, 0), axis=0) << shift
+    above = inside & (key > threshold)
+    ties = inside & (key == threshold)
     take = above | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= budget - tl.sum(above.to(tl.int32), axis=0)))
     # Taken pages fill slots 0..budget-1 in page order; the rest follow, so all K slots hold
     # distinct pages (the state update writes through every slot).
@@ -152,13 +158,13 @@ def _window_attention_kernel(
     stride_eb, stride_eh, stride_es,
     length, num_selected, pages_per_split, scale,
     G: tl.constexpr, N: tl.constexpr, ROWS: tl.constexpr, P: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    TILE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b, hkv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = tl.arange(0, ROWS)  # row r = (query head g = r // N, window row i = r % N)
     head, win = rows // N, rows % N
     live = rows < G * N
-    dims, vdims, slots = tl.arange(0, D), tl.arange(0, DV), tl.arange(0, P)
+    dims, vdims = tl.arange(0, D), tl.arange(0, DV)
     q = tl.load(Q + b * stride_qb + (hkv * G + head)[:, None] * stride_qh + win[:, None] * stride_qn + dims[None, :],
                 mask=live[:, None], other=0.0)
     position = tl.load(POS + b * N + win, mask=live, other=0)
@@ -168,28 +174,31 @@ def _window_attention_kernel(
     l = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((ROWS, DV), tl.float32)
     first = split * pages_per_split
-    for j in range(first, tl.minimum(first + pages_per_split, num_selected)):
-        page = tl.load(PAGES + b * stride_pb + hkv * stride_ph + j)
-        if page >= 0:
-            keys = page * P + slots
-            inside = keys < length
-            k = tl.load(K + b * stride_kb + hkv * stride_kh + keys[:, None] * stride_kl + dims[None, :],
-                        mask=inside[:, None], other=0.0)
-            v = tl.load(V + b * stride_vb + hkv * stride_vh + keys[:, None] * stride_vl + vdims[None, :],
-                        mask=inside[:, None], other=0.0)
-            seen_at = tl.load(LAST + b * stride_lb + hkv * stride_lh + page)
-            row_ok = live & (newest | (seen_at < position))  # past rows: only pages they never saw
-            allowed = tl.load(ALLOWED + b * stride_ab + win[:, None] * stride_an + keys[None, :],
-                              mask=row_ok[:, None] & inside[None, :], other=0)
-            s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale).to(tl.float32)  # (ROWS, P)
-            s = tl.where(allowed != 0, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at zero
-            alpha = tl.exp(m - shift)
-            p = tl.exp(s - shift[:, None])
-            l = l * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m = m_new
+    end = tl.minimum(first + pages_per_split, num_selected)
+    tile = tl.arange(0, TILE * P)  # TILE pages per iteration: key t of the tile is slot t // P's page
+    for j in range(first, end, TILE):
+        slot = j + tile // P
+        page = tl.load(PAGES + b * stride_pb + hkv * stride_ph + slot, mask=slot < end, other=-1)
+        keys = page * P + tile % P
+        inside = (page >= 0) & (keys < length)
+        k = tl.load(K + b * stride_kb + hkv * stride_kh + keys[:, None] * stride_kl + dims[None, :],
+                    mask=inside[:, None], other=0.0)
+        v = tl.load(V + b * stride_vb + hkv * stride_vh + keys[:, None] * stride_vl + vdims[None, :],
+                    mask=inside[:, None], other=0.0)
+        seen_at = tl.load(LAST + b * stride_lb + hkv * stride_lh + page, mask=inside, other=0)
+        # past rows see only pages they never saw
+        row_ok = live[:, None] & (newest[:, None] | (seen_at[None, :] < position[:, None]))
+        allowed = tl.load(ALLOWED + b * stride_ab + win[:, None] * stride_an + keys[None, :],
+                          mask=row_ok & inside[None, :], other=0)
+        s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale).to(tl.float32)  # (ROWS, TILE * P)
+        s = tl.where(allowed != 0, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at zero
+        alpha = tl.exp(m - shift)
+        p = tl.exp(s - shift[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
     out_offs = b * stride_ob + hkv * stride_oh + split * stride_os + rows[:, None] * stride_or + vdims[None, :]
     tl.store(OUT + out_offs, acc / tl.where(l > 0, l, 1.0)[:, None], mask=live[:, None])
     lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
@@ -208,6 +217,8 @@ def window_attention(
     scale: float,
     page_size: int,
     pages_per_split: int | None = None,
+    tile_pages: int = 4,
+    num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same as ``reference.window_attention`` (additive biases excepted: the op routes those to the reference)."""
     if bias is not None:
@@ -221,8 +232,10 @@ def window_attention(
     if pages_per_split is None:  # enough programs to fill the GPU: about 512 over (batch, KV heads, splits)
         pages_per_split = max(1, triton.cdiv(num_selected * b * hkv, 512))
     splits = triton.cdiv(num_selected, pages_per_split)
+    tile = min(tile_pages, triton.next_power_of_2(pages_per_split))
     rows = max(16, triton.next_power_of_2(group * n))
-    allowed = allowed.to(torch.int8).contiguous()
+    if allowed.stride(-1) != 1:
+        allowed = allowed.contiguous()
     pages, last, position = pages.int().contiguous(), last.contiguous(), position.int().contiguous()
     part_out = torch.empty(b, hkv, splits, group * n, dv, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, hkv, splits, group * n, dtype=torch.float32, device=q.device)
@@ -237,8 +250,9 @@ def window_attention(
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(3),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
         length, num_selected, pages_per_split, scale,
-        G=group, N=n, ROWS=rows, P=page_size, D=d, DV=dv,
+        G=group, N=n, ROWS=rows, P=page_size, D=d, DV=dv, TILE=tile,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 exact; 16-bit inputs ignore it
+        num_warps=num_warps,
     )
     lse = torch.logsumexp(part_lse, dim=2)  # merge the splits
     weight = torch.exp(part_lse - lse[:, :, None]).nan_to_num(0.0)
