@@ -26,6 +26,33 @@ def test_page_scores_kernel(dtype, q_heads, kv_heads):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("first,count", [([0, 0], 5), ([2, 3], 2), ([4, 1], 3)])
+def test_summarize_pages_kernel(dtype, first, count):
+    """In-place page summaries: a ragged last page, padding, an all-padding page, ranges that run
+    past the last page (clamped), and pages outside the range left alone."""
+    g = torch.Generator().manual_seed(2)
+    b, kv_heads, length, d, page = 2, 3, 70, 16, 16
+    num_pages = -(-length // page)
+    k = torch.randn(b, kv_heads, length, d, generator=g).to(dtype)
+    valid = torch.rand(b, length, generator=g) > 0.3
+    valid[1, 16:32] = False
+    sentinel = torch.full((b, kv_heads, num_pages, d), 7.0, dtype=dtype)
+    want = [sentinel.clone(), sentinel.clone()]
+    ref.summarize_pages(*want, k, valid, torch.tensor(first), count, page)
+    got = [sentinel.clone().to(DEVICE), sentinel.clone().to(DEVICE)]
+    decode.summarize_pages(*got, k.to(DEVICE), valid.to(DEVICE), torch.tensor(first, device=DEVICE), count, page)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.cpu(), e, atol=0, rtol=0)  # max and min are exact in any dtype
+    full = ref.build_summaries(k, valid, page)
+    for row in range(b):
+        written = sorted({min(first[row] + t, num_pages - 1) for t in range(count)})
+        for table, summary in zip(got, full):
+            torch.testing.assert_close(table[row, :, written].cpu(), summary[row, :, written])
+            untouched = [p for p in range(num_pages) if p not in written]
+            assert (table[row, :, untouched].cpu() == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("q_heads,kv_heads,n", [(4, 2, 2), (3, 1, 1), (2, 2, 4)])
 @pytest.mark.parametrize("pages_per_split,tile_pages", [(2, 4), (3, 2), (6, 4)])
 def test_window_attention_kernel(dtype, q_heads, kv_heads, n, pages_per_split, tile_pages):

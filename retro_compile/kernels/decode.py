@@ -1,5 +1,6 @@
 """Triton kernels for the heavy stages of a decode step (ALGORITHM.md section 7).
 
+* :func:`summarize_pages`: page key max/min, in place, for the pages a step wrote (or all, after a prefill).
 * :func:`page_scores`: Quest's page bound, reading each page summary once, GQA group max fused.
 * :func:`top_pages`: the page selection without a sort: one program per (batch row, KV head)
   bisects on the score for the budget-th largest, then writes the chosen pages.
@@ -10,9 +11,9 @@
   merged across splits by log-sum-exp.
 
 They are drop-in replacements for the ``reference`` functions of the same names (same arguments,
-same results), so ``reference.decode_step`` runs either. Everything else in the step (summary
-refresh of a few pages, the merge with the output cache, the state update) is a handful of small
-PyTorch ops that Inductor fuses.
+same results; :func:`kernel_stages` bundles them), so ``reference.decode_step`` runs either.
+Everything else in the step (positions, the merge with the output cache, the state update) is a
+handful of small PyTorch ops that Inductor fuses.
 """
 
 from __future__ import annotations
@@ -24,6 +25,53 @@ from torch.library import wrap_triton
 
 from . import reference
 from .reference import SparseParams
+
+
+@triton.jit
+def _summarize_pages_kernel(
+    K, VALID, FIRST, KMAX, KMIN,
+    stride_kb, stride_kh, stride_kl, stride_vb,
+    stride_sb, stride_sh, stride_sp,
+    length, num_pages,
+    P: tl.constexpr, D: tl.constexpr,
+):
+    b, h, t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    page = tl.minimum(tl.load(FIRST + b) + t, num_pages - 1)
+    keys = page * P + tl.arange(0, P)
+    dims = tl.arange(0, D)
+    ok = (keys < length) & (tl.load(VALID + b * stride_vb + keys, mask=keys < length, other=0) != 0)
+    x = tl.load(K + b * stride_kb + h * stride_kh + keys[:, None] * stride_kl + dims[None, :],
+                mask=ok[:, None], other=0.0).to(tl.float32)
+    written = tl.max(ok.to(tl.int32), axis=0) > 0  # a page with no valid key summarizes to zeros
+    kmax = tl.where(written, tl.max(tl.where(ok[:, None], x, float("-inf")), axis=0), 0.0)
+    kmin = tl.where(written, tl.min(tl.where(ok[:, None], x, float("inf")), axis=0), 0.0)
+    offs = b * stride_sb + h * stride_sh + page * stride_sp + dims
+    tl.store(KMAX + offs, kmax.to(KMAX.dtype.element_ty))
+    tl.store(KMIN + offs, kmin.to(KMIN.dtype.element_ty))
+
+
+def summarize_pages(
+    kmax: torch.Tensor,
+    kmin: torch.Tensor,
+    k: torch.Tensor,
+    valid: torch.Tensor,
+    first_page: torch.Tensor,
+    count: int,
+    page_size: int,
+) -> None:
+    """Same as ``reference.summarize_pages``: one program per (batch row, KV head, page) reads the
+    page's keys once and writes its max and min rows in place."""
+    b, hkv, length, d = k.shape
+    if kmax.stride(-1) != 1 or kmin.stride(-1) != 1 or kmax.stride() != kmin.stride():
+        raise ValueError("kernels.decode.summarize_pages: kmax and kmin must share a layout with unit last stride")
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    valid = valid if valid.stride(-1) == 1 else valid.contiguous()
+    wrap_triton(_summarize_pages_kernel)[(b, hkv, count)](
+        k, valid, first_page.contiguous(), kmax, kmin,
+        k.stride(0), k.stride(1), k.stride(2), valid.stride(0),
+        kmax.stride(0), kmax.stride(1), kmax.stride(2),
+        length, kmax.shape[2], P=page_size, D=d,
+    )
 
 
 @triton.jit
@@ -51,7 +99,7 @@ def _page_scores_kernel(
 
 
 def page_scores(
-    q_row: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor, block_pages: int = 128, num_warps: int = 4
+    q_row: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor, block_pages: int = 64, num_warps: int = 8
 ) -> torch.Tensor:
     """Same as ``reference.page_scores``: q_row (B, Hq, D) -> (B, Hkv, NP) fp32.
 
@@ -258,3 +306,8 @@ def window_attention(
     weight = torch.exp(part_lse - lse[:, :, None]).nan_to_num(0.0)
     out = (weight[..., None] * part_out).sum(dim=2)
     return out.view(b, hq, n, dv), lse.view(b, hq, n)
+
+
+def kernel_stages() -> reference.Stages:
+    """The Triton stages, for ``reference.decode_step`` and ``reference.prefill``."""
+    return reference.Stages(summarize_pages, page_scores, top_pages, window_attention)

@@ -93,10 +93,10 @@ def check_inputs(
 
 
 def use_kernels(q: torch.Tensor, attn_mask: Optional[torch.Tensor], params: SparseParams) -> bool:
-    """Whether a decode step runs the Triton kernels: CUDA tensors, a boolean (or no) mask,
+    """Whether a step runs the Triton kernels: CUDA tensors, a boolean (or no) mask, power-of-two
     pages of at least 16 positions and power-of-two head dims; everything else takes the reference."""
-    head_dim = q.shape[-1]
-    return (q.is_cuda and (attn_mask is None or attn_mask.dtype == torch.bool) and params.page_size >= 16
+    head_dim, page = q.shape[-1], params.page_size
+    return (q.is_cuda and (attn_mask is None or attn_mask.dtype == torch.bool) and page >= 16 and page & (page - 1) == 0
             and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and _triton_available())
 
 
@@ -133,15 +133,13 @@ def attention(
     state = LayerState(kmax, kmin, last, out_cache, lse_cache)
     params = SparseParams(page_size, budget_pages, budget_fraction, sink_pages, local_pages, window)
     check_inputs(q, k, v, attn_mask, state, params)
-    if q.shape[2] > window:
-        return reference.prefill(q, k, v, attn_mask, is_causal, scale, state, params)
+    stages = None
     if use_kernels(q, attn_mask, params):
         from . import decode
 
-        return reference.decode_step(q, k, v, attn_mask, is_causal, scale, state, params,
-                                     scores_fn=decode.page_scores, select_fn=decode.top_pages,
-                                     attention_fn=decode.window_attention)
-    return reference.decode_step(q, k, v, attn_mask, is_causal, scale, state, params)
+        stages = decode.kernel_stages()
+    step = reference.prefill if q.shape[2] > window else reference.decode_step
+    return step(q, k, v, attn_mask, is_causal, scale, state, params, stages)
 
 
 def retro_attention(

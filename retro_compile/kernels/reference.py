@@ -3,7 +3,7 @@
 Every stage is its own function, in the order a decode step runs them:
 
 1. :func:`mask_to_allowed` / :func:`query_positions`: what each query row may see, and where it is.
-2. :func:`build_summaries` / :func:`refresh_summaries`: per-page key max/min over valid positions.
+2. :func:`build_summaries` / :func:`summarize_pages`: per-page key max/min over valid positions.
 3. :func:`page_scores`: Quest's upper bound ``sum_d max(q_d kmax_d, q_d kmin_d)``, GQA group max.
 4. :func:`top_pages`: always-kept pages plus the top-scoring rest, up to the budget.
 5. :func:`attend`: exact attention over a key mask, returning output and log-sum-exp.
@@ -17,7 +17,7 @@ Shapes: ``q`` (B, Hq, n, D); ``k``/``v`` (B, Hkv, L, D) (the whole cache, positi
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -115,23 +115,29 @@ def build_summaries(k: torch.Tensor, valid: torch.Tensor, page_size: int) -> tup
     return kmax.masked_fill(empty, 0.0).to(k.dtype), kmin.masked_fill(empty, 0.0).to(k.dtype)
 
 
-def refresh_summaries(
-    state: LayerState, k: torch.Tensor, valid: torch.Tensor, first_pos: torch.Tensor, n: int, page_size: int
+def summarize_pages(
+    kmax: torch.Tensor,
+    kmin: torch.Tensor,
+    k: torch.Tensor,
+    valid: torch.Tensor,
+    first_page: torch.Tensor,
+    count: int,
+    page_size: int,
 ) -> None:
-    """Recompute, in place, the summaries of the pages that positions ``first_pos .. first_pos+n-1`` fall in.
+    """Recompute, in place, the summaries of pages ``first_page[b] .. first_page[b] + count - 1``
+    (clamped to the last page) from those pages' keys alone, never the whole cache.
 
-    Only those pages' keys are read (at most ``ceil(n / P) + 1`` pages), never the whole cache.
+    A decode step refreshes the pages its rows were written to; a prefill builds every page.
     """
     _, heads, length, dim = k.shape
-    touched = (n - 1) // page_size + 2  # pages a run of n positions can straddle
-    pages = (first_pos[:, None] // page_size + torch.arange(touched, device=k.device)).clamp(max=state.kmax.shape[2] - 1)
+    pages = (first_page[:, None] + torch.arange(count, device=k.device)).clamp(max=kmax.shape[2] - 1)
     positions = (pages[:, :, None] * page_size + torch.arange(page_size, device=k.device)).flatten(1)  # (B, m*P)
     inside = positions < length
     positions = positions.clamp(max=length - 1)
     keys = k.gather(2, positions[:, None, :, None].expand(-1, heads, -1, dim))
-    kmax, kmin = build_summaries(keys, valid.gather(1, positions) & inside, page_size)  # (B, H, m, D)
-    put_pages(state.kmax, pages[:, None, :], kmax)
-    put_pages(state.kmin, pages[:, None, :], kmin)
+    page_max, page_min = build_summaries(keys, valid.gather(1, positions) & inside, page_size)  # (B, H, m, D)
+    put_pages(kmax, pages[:, None, :], page_max)
+    put_pages(kmin, pages[:, None, :], page_min)
 
 
 def put_pages(table: torch.Tensor, pages: torch.Tensor, values: torch.Tensor) -> None:
@@ -231,6 +237,20 @@ def merge(
 # --------------------------------------------------------------------------------------------
 # 7. The step
 # --------------------------------------------------------------------------------------------
+class Stages(NamedTuple):
+    """The heavy stages of a step. kernels/decode.py has Triton versions with the same contracts."""
+
+    summarize_pages: Callable[..., None]
+    page_scores: Callable[..., torch.Tensor]
+    top_pages: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    window_attention: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def reference_stages() -> Stages:
+    """This module's stage functions, looked up at call time (so tests can patch one)."""
+    return Stages(summarize_pages, page_scores, top_pages, window_attention)
+
+
 def default_scale(q: torch.Tensor, scale: float | None) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
 
@@ -244,6 +264,7 @@ def prefill(
     scale: float | None,
     state: LayerState,
     params: SparseParams,
+    stages: Stages | None = None,
 ) -> torch.Tensor:
     """Dense causal attention (SDPA itself) and the state the first decode step needs."""
     batch, _, n, _ = q.shape
@@ -252,9 +273,9 @@ def prefill(
     )
     allowed, bias = mask_to_allowed(attn_mask, is_causal, batch, n, k.shape[2], q.device)
     position = query_positions(allowed)[:, -1]
-    kmax, kmin = build_summaries(k, allowed[:, -1], params.page_size)
-    state.kmax.copy_(kmax)
-    state.kmin.copy_(kmin)
+    stages = stages or reference_stages()
+    first = torch.zeros_like(position)
+    stages.summarize_pages(state.kmax, state.kmin, k, allowed[:, -1], first, state.kmax.shape[2], params.page_size)
     state.last.copy_(position[:, None, None].to(state.last.dtype).expand_as(state.last))
     rows = min(state.out_cache.shape[2], n)  # the last w-1 prompt rows, seen densely
     if rows:
@@ -304,19 +325,15 @@ def decode_step(
     scale: float | None,
     state: LayerState,
     params: SparseParams,
-    scores_fn=None,
-    select_fn=None,
-    attention_fn=None,
+    stages: Stages | None = None,
 ) -> torch.Tensor:
     """One decode step over the window of ``n <= w`` consecutive rows (ALGORITHM.md section 4).
 
     The newest row attends to its selected pages; each past row attends to the selected pages it
     has not seen yet and merges that into its cached output. Then the state moves one step on.
-    ``scores_fn``, ``select_fn`` and ``attention_fn`` are the stages a kernel replaces (kernels/decode.py);
-    None means this module's function, looked up at call time.
+    ``stages`` defaults to this module's (:func:`reference_stages`).
     """
-    scores_fn, select_fn = scores_fn or page_scores, select_fn or top_pages
-    attention_fn = attention_fn or window_attention
+    stages = stages or reference_stages()
     batch, _, n, _ = q.shape
     length, page_size = k.shape[2], params.page_size
     allowed, bias = mask_to_allowed(attn_mask, is_causal, batch, n, length, q.device)
@@ -324,11 +341,13 @@ def decode_step(
     newest = position[:, -1]
     valid = allowed[:, -1]  # every key the newest row may see: written, not padding, <= newest
 
-    refresh_summaries(state, k, valid, position[:, 0], n, page_size)
-    scores = scores_fn(q[:, :, -1], state.kmax, state.kmin)
-    indices, chosen = select_fn(scores, page_any(valid, page_size), newest, params)
+    touched = (n - 1) // page_size + 2  # pages a run of n positions can straddle
+    stages.summarize_pages(state.kmax, state.kmin, k, valid, position[:, 0] // page_size, touched, page_size)
+    scores = stages.page_scores(q[:, :, -1], state.kmax, state.kmin)
+    indices, chosen = stages.top_pages(scores, page_any(valid, page_size), newest, params)
     pages = torch.where(chosen, indices, -1)
-    out, lse = attention_fn(q, k, v, allowed, bias, pages, state.last, position, default_scale(q, scale), page_size)
+    out, lse = stages.window_attention(q, k, v, allowed, bias, pages, state.last, position,
+                                       default_scale(q, scale), page_size)
 
     past = n - 1
     cached = slice(state.out_cache.shape[2] - past, None)  # cache rows are aligned to the newest
