@@ -98,24 +98,32 @@ def op_case(batch: int, context: int, window: int, seed: int = 0):
 
 
 def stage_times(state, params, inputs) -> dict[str, float]:
-    """Eager time of each heavy stage alone, to show where a step's time goes."""
+    """Each heavy stage alone, its launches recorded in a CUDA graph: where a step's time goes."""
+    from triton.testing import do_bench_cudagraph
+
     from .kernels import decode
     from .kernels import reference as ref
+
+    def graphed_us(fn) -> float:
+        fn()  # compile before recording
+        return 1000.0 * do_bench_cudagraph(fn, rep=100, return_mode="median")
 
     q, k, v, mask = inputs
     allowed, _ = ref.mask_to_allowed(mask, False, q.shape[0], q.shape[2], k.shape[2], q.device)
     position = ref.query_positions(allowed)
-    scores = decode.page_scores(q[:, :, -1], state.kmax, state.kmin)
-    page_valid = ref.page_any(allowed[:, -1], params.page_size)
+    valid, q_row, first_page = allowed[:, -1], q[:, :, -1].contiguous(), position[:, 0] // params.page_size
+    scores = decode.page_scores(q_row, state.kmax, state.kmin)
+    page_valid = ref.page_any(valid, params.page_size)
     indices, chosen = decode.top_pages(scores, page_valid, position[:, -1], params)
-    pages = torch.where(chosen, indices, -1)
     scale = q.shape[-1] ** -0.5
     return {
-        "stage_scores_us": _median_us(lambda: decode.page_scores(q[:, :, -1], state.kmax, state.kmin)),
-        "stage_select_us": _median_us(lambda: decode.top_pages(scores, page_valid, position[:, -1], params)),
-        "stage_select_torch_topk_us": _median_us(lambda: ref.top_pages(scores, page_valid, position[:, -1], params)),
-        "stage_attention_us": _median_us(lambda: decode.window_attention(q, k, v, allowed, None, pages, state.last,
-                                                                         position, scale, params.page_size)),
+        "stage_summarize_us": graphed_us(lambda: decode.summarize_pages(state.kmax, state.kmin, k, valid, first_page,
+                                                                        2, params.page_size)),
+        "stage_scores_us": graphed_us(lambda: decode.page_scores(q_row, state.kmax, state.kmin)),
+        "stage_select_us": graphed_us(lambda: decode.top_pages(scores, page_valid, position[:, -1], params)),
+        "stage_select_torch_topk_us": graphed_us(lambda: ref.top_pages(scores, page_valid, position[:, -1], params)),
+        "stage_attend_us": graphed_us(lambda: decode.attend_window(q, k, v, allowed, None, indices, chosen, state,
+                                                                   position, scale, params.page_size)),
     }
 
 

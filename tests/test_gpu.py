@@ -132,4 +132,6 @@ def test_inductor_inlines_the_triton_kernels():
     got, code = run_and_get_code(torch.compile(step, fullgraph=True), *inputs)
     torch.testing.assert_close(got, expected)
     source = "\n".join(code)
-    assert "_window_attention_kernel" in source and "_page_scores_kernel" in source
+    for kernel in ("_summarize_pages_kernel", "_page_scores_kernel", "_top_pages_kernel", "_window_attention_kernel",
+                   "_merge_window_kernel"):
+        assert kernel in source, kernel

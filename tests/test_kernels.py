@@ -53,11 +53,12 @@ def test_summarize_pages_kernel(dtype, first, count):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("q_heads,kv_heads,n", [(4, 2, 2), (3, 1, 1), (2, 2, 4)])
+@pytest.mark.parametrize("q_heads,kv_heads,n,window", [(4, 2, 2, 2), (3, 1, 1, 1), (2, 2, 4, 4), (4, 2, 2, 4)])
 @pytest.mark.parametrize("pages_per_split,tile_pages", [(2, 4), (3, 2), (6, 4)])
-def test_window_attention_kernel(dtype, q_heads, kv_heads, n, pages_per_split, tile_pages):
-    """Random page lists (with unused -1 entries), last-loaded table, positions and masks; splits
-    of several tiles, and splits that end inside a tile."""
+def test_attend_window_kernel(dtype, q_heads, kv_heads, n, window, pages_per_split, tile_pages):
+    """Attention, output-cache merge and state update against the reference stage: random page
+    lists (some not chosen), last-loaded table, cached outputs, positions and masks; splits of
+    several tiles, and splits that end inside a tile."""
     g = torch.Generator().manual_seed(1)
     b, length, d, page = 2, 120, 16, 16
     num_pages = -(-length // page)
@@ -68,15 +69,26 @@ def test_window_attention_kernel(dtype, q_heads, kv_heads, n, pages_per_split, t
     position = newest[:, None] - torch.arange(n - 1, -1, -1)
     allowed = (torch.arange(length) <= position[:, :, None]) & (torch.rand(b, 1, length, generator=g) > 0.2)
     allowed[torch.arange(b)[:, None], torch.arange(n), position] = True
-    pages = torch.stack([torch.randperm(num_pages, generator=g)[:6] for _ in range(b * kv_heads)]).view(b, kv_heads, 6)
-    pages[0, 0, 2] = pages[-1, -1, 5] = -1
-    last = torch.randint(95, 118, (b, kv_heads, num_pages), generator=g, dtype=torch.int32)
-    args = (allowed, None, pages, last, position, 0.25, page)
-    want_o, want_lse = ref.window_attention(q, k, v, *args)
-    got_o, got_lse = decode.window_attention(*(t.to(DEVICE) for t in (q, k, v, allowed)), None, pages.to(DEVICE),
-                                             last.to(DEVICE), position.to(DEVICE), 0.25, page, pages_per_split, tile_pages)
-    torch.testing.assert_close(got_o.cpu(), want_o, atol=TOL[dtype], rtol=TOL[dtype])
-    torch.testing.assert_close(got_lse.cpu(), want_lse, atol=TOL[dtype], rtol=TOL[dtype])
+    indices = torch.stack([torch.randperm(num_pages, generator=g)[:6] for _ in range(b * kv_heads)]).view(b, kv_heads, 6)
+    chosen = torch.rand(b, kv_heads, 6, generator=g) > 0.25
+    state = ref.LayerState(
+        kmax=torch.zeros(0), kmin=torch.zeros(0),  # not read by this stage
+        last=torch.randint(95, 118, (b, kv_heads, num_pages), generator=g, dtype=torch.int32),
+        out_cache=torch.randn(b, q_heads, window - 1, d, generator=g),
+        lse_cache=torch.randn(b, q_heads, window - 1, generator=g),
+    )
+    want_state = ref.LayerState(*(t.clone() for t in state))
+    want = ref.attend_window(q, k, v, allowed, None, indices, chosen, want_state, position, 0.25, page)
+    got_state = ref.LayerState(*(t.to(DEVICE) for t in state))
+    got = decode.attend_window(*(t.to(DEVICE) for t in (q, k, v, allowed)), None, indices.to(DEVICE),
+                               chosen.to(DEVICE), got_state, position.to(DEVICE), 0.25, page,
+                               pages_per_split, tile_pages)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.cpu(), want, atol=TOL[dtype], rtol=TOL[dtype])
+    assert torch.equal(got_state.last.cpu(), want_state.last)
+    for name in ("out_cache", "lse_cache"):
+        torch.testing.assert_close(getattr(got_state, name).cpu(), getattr(want_state, name),
+                                   atol=TOL[dtype], rtol=TOL[dtype])
 
 
 @pytest.mark.parametrize("window", [1, 2])

@@ -251,50 +251,130 @@ def _window_attention_kernel(
     tl.store(OUT + out_offs, acc / tl.where(l > 0, l, 1.0)[:, None], mask=live[:, None])
     lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
     tl.store(LSE + b * stride_eb + hkv * stride_eh + split * stride_es + rows, lse, mask=live)
+    # Stamp this split's pages as loaded by the newest row. Pages are distinct within a (batch row,
+    # KV head), so no other program reads these entries; the barrier keeps every warp's reads of
+    # `last` above before the stores.
+    tl.debug_barrier()
+    newest_position = tl.load(POS + b * N + N - 1)
+    for j in range(first, end, TILE):
+        slot = j + tl.arange(0, TILE)
+        page = tl.load(PAGES + b * stride_pb + hkv * stride_ph + slot, mask=slot < end, other=-1)
+        tl.store(LAST + b * stride_lb + hkv * stride_lh + page, newest_position, mask=page >= 0)
 
 
-def window_attention(
+@triton.jit
+def _merge_window_kernel(
+    PART_OUT, PART_LSE, OUT_CACHE, LSE_CACHE, OUT,
+    stride_pb, stride_ph, stride_ps, stride_pr,
+    stride_eb, stride_eh, stride_es,
+    stride_cb, stride_ch, stride_cr,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh, stride_on,
+    splits,
+    G: tl.constexpr, N: tl.constexpr, NB: tl.constexpr, CACHE: tl.constexpr, CB: tl.constexpr, KEEP: tl.constexpr,
+    DV: tl.constexpr, SB: tl.constexpr,
+):
+    b, hq = tl.program_id(0), tl.program_id(1)
+    hkv, g = hq // G, hq % G
+    win = tl.arange(0, NB)  # window row i of query head hq is partial row g * N + i
+    live = win < N
+    vdims = tl.arange(0, DV)
+    # 1. The splits' partial results, merged by log-sum-exp, SB splits at a time.
+    m = tl.full((NB,), float("-inf"), tl.float32)
+    l = tl.zeros((NB,), tl.float32)
+    acc = tl.zeros((NB, DV), tl.float32)
+    for first in range(0, splits, SB):
+        split = first + tl.arange(0, SB)
+        ok = (split < splits)[:, None] & live[None, :]  # (SB, NB)
+        part = b * stride_pb + hkv * stride_ph + split[:, None] * stride_ps + (g * N + win)[None, :] * stride_pr
+        o = tl.load(PART_OUT + part[:, :, None] + vdims[None, None, :], mask=ok[:, :, None], other=0.0)
+        lse = tl.load(PART_LSE + b * stride_eb + hkv * stride_eh + split[:, None] * stride_es + (g * N + win)[None, :],
+                      mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - shift)
+        weight = tl.exp(lse - shift[None, :])
+        l = l * alpha + tl.sum(weight, axis=0)
+        acc = acc * alpha[:, None] + tl.sum(weight[:, :, None] * o, axis=0)
+        m = m_new
+    # 2. Past rows merge with their cached outputs (row i <- cache row CACHE - (N - 1) + i).
+    past = live & (win < N - 1)
+    cache_row = CACHE - (N - 1) + win
+    cache_base = OUT_CACHE + b * stride_cb + hq * stride_ch
+    lse_base = LSE_CACHE + b * stride_lb + hq * stride_lh
+    cached_lse = tl.load(lse_base + cache_row, mask=past, other=float("-inf"))
+    cached_out = tl.load(cache_base + cache_row[:, None] * stride_cr + vdims[None, :], mask=past[:, None], other=0.0)
+    top = tl.maximum(m, cached_lse)
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    ours, theirs = tl.exp(m - shift), tl.exp(cached_lse - shift)
+    total = l * ours + theirs
+    out = (acc * ours[:, None] + cached_out * theirs[:, None]) / tl.where(total > 0, total, 1.0)[:, None]
+    lse = tl.where(total > 0, shift + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    tl.store(OUT + b * stride_ob + hq * stride_oh + win[:, None] * stride_on + vdims[None, :],
+             out.to(OUT.dtype.element_ty), mask=live[:, None])
+    # 3. The cache moves on: its newest CACHE - KEEP rows move up, and this step's last KEEP rows
+    # join. Every read of the cache comes before the barrier, every write after.
+    if CACHE > 0:
+        slot = tl.arange(0, CB)
+        stays = slot < CACHE - KEEP
+        kept_out = tl.load(cache_base + (slot + KEEP)[:, None] * stride_cr + vdims[None, :], mask=stays[:, None], other=0.0)
+        kept_lse = tl.load(lse_base + slot + KEEP, mask=stays, other=0.0)
+        tl.debug_barrier()
+        tl.store(cache_base + slot[:, None] * stride_cr + vdims[None, :], kept_out, mask=stays[:, None])
+        tl.store(lse_base + slot, kept_lse, mask=stays)
+        joins = live & (win >= N - KEEP)
+        tl.store(cache_base + (CACHE - N + win)[:, None] * stride_cr + vdims[None, :], out, mask=joins[:, None])
+        tl.store(lse_base + CACHE - N + win, lse, mask=joins)
+
+
+def attend_window(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     allowed: torch.Tensor,
     bias: torch.Tensor | None,
-    pages: torch.Tensor,
-    last: torch.Tensor,
+    indices: torch.Tensor,
+    chosen: torch.Tensor,
+    state: reference.LayerState,
     position: torch.Tensor,
     scale: float,
     page_size: int,
     pages_per_split: int | None = None,
     tile_pages: int = 4,
     num_warps: int = 4,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same as ``reference.window_attention`` (additive biases excepted: the op routes those to the reference)."""
-    if bias is not None:
-        raise ValueError("kernels.decode.window_attention: additive mask biases are served by the reference")
+) -> torch.Tensor:
+    """Same as ``reference.attend_window``, in two launches: the attention kernel (which also stamps
+    ``last``) and one merge kernel (splits, output cache, cache update, cast to ``q``'s dtype)."""
+    if bias is not None:  # never sent here: use_kernels routes float masks to the reference
+        raise ValueError("kernels.decode.attend_window: additive mask biases are served by the reference")
+    out_cache, lse_cache = state.out_cache, state.lse_cache
+    if out_cache.stride(-1) != 1 or lse_cache.stride(-1) != 1:
+        raise ValueError("kernels.decode.attend_window: the output cache must have unit last stride (written in place)")
     if page_size < 16:
-        raise ValueError(f"kernels.decode.window_attention: page_size={page_size} must be >= 16 (tl.dot tiles)")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        raise ValueError(f"kernels.decode: page_size={page_size} must be >= 16 (tl.dot tiles)")
+    if state.last.stride(-1) != 1:
+        raise ValueError("kernels.decode: the last-loaded table must have unit last stride (it is written in place)")
+    q, k, v, allowed = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, allowed))
     b, hq, n, d = q.shape
     hkv, length, dv = k.shape[1], k.shape[2], v.shape[3]
-    group, num_selected = hq // hkv, pages.shape[-1]
+    group, num_selected = hq // hkv, indices.shape[-1]
     if pages_per_split is None:  # enough programs to fill the GPU: about 512 over (batch, KV heads, splits)
         pages_per_split = max(1, triton.cdiv(num_selected * b * hkv, 512))
     splits = triton.cdiv(num_selected, pages_per_split)
     tile = min(tile_pages, triton.next_power_of_2(pages_per_split))
     rows = max(16, triton.next_power_of_2(group * n))
-    if allowed.stride(-1) != 1:
-        allowed = allowed.contiguous()
-    pages, last, position = pages.int().contiguous(), last.contiguous(), position.int().contiguous()
+    pages = torch.where(chosen, indices, -1).int()
+    position = position.int().contiguous()
     part_out = torch.empty(b, hkv, splits, group * n, dv, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, hkv, splits, group * n, dtype=torch.float32, device=q.device)
     wrap_triton(_window_attention_kernel)[(b, hkv, splits)](
-        q, k, v, allowed, pages, last, position, part_out, part_lse,
+        q, k, v, allowed, pages, state.last, position, part_out, part_lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         allowed.stride(0), allowed.stride(1),
         pages.stride(0), pages.stride(1),
-        last.stride(0), last.stride(1),
+        state.last.stride(0), state.last.stride(1),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(3),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
         length, num_selected, pages_per_split, scale,
@@ -302,12 +382,21 @@ def window_attention(
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 exact; 16-bit inputs ignore it
         num_warps=num_warps,
     )
-    lse = torch.logsumexp(part_lse, dim=2)  # merge the splits
-    weight = torch.exp(part_lse - lse[:, :, None]).nan_to_num(0.0)
-    out = (weight[..., None] * part_out).sum(dim=2)
-    return out.view(b, hq, n, dv), lse.view(b, hq, n)
+    cache = out_cache.shape[2]
+    out = torch.empty(b, hq, n, dv, dtype=q.dtype, device=q.device)
+    wrap_triton(_merge_window_kernel)[(b, hq)](
+        part_out, part_lse, out_cache, lse_cache, out,
+        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(3),
+        part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
+        out_cache.stride(0), out_cache.stride(1), out_cache.stride(2),
+        lse_cache.stride(0), lse_cache.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        splits, G=group, N=n, NB=triton.next_power_of_2(n), CACHE=cache,
+        CB=triton.next_power_of_2(max(cache, 1)), KEEP=min(cache, n), DV=dv, SB=min(16, triton.next_power_of_2(splits)),
+    )
+    return out
 
 
 def kernel_stages() -> reference.Stages:
     """The Triton stages, for ``reference.decode_step`` and ``reference.prefill``."""
-    return reference.Stages(summarize_pages, page_scores, top_pages, window_attention)
+    return reference.Stages(summarize_pages, page_scores, top_pages, attend_window)

@@ -243,12 +243,12 @@ class Stages(NamedTuple):
     summarize_pages: Callable[..., None]
     page_scores: Callable[..., torch.Tensor]
     top_pages: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    window_attention: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    attend_window: Callable[..., torch.Tensor]
 
 
 def reference_stages() -> Stages:
     """This module's stage functions, looked up at call time (so tests can patch one)."""
-    return Stages(summarize_pages, page_scores, top_pages, window_attention)
+    return Stages(summarize_pages, page_scores, top_pages, attend_window)
 
 
 def default_scale(q: torch.Tensor, scale: float | None) -> float:
@@ -316,6 +316,54 @@ def window_attention(
     return attend(q, k, v, selected_keys & unseen & allowed[:, None], scale, bias)
 
 
+def attend_window(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    bias: torch.Tensor | None,
+    indices: torch.Tensor,
+    chosen: torch.Tensor,
+    state: LayerState,
+    position: torch.Tensor,
+    scale: float,
+    page_size: int,
+) -> torch.Tensor:
+    """The step's attention and its state update; returns the window's output in ``q``'s dtype.
+
+    :func:`window_attention` over the chosen pages; each past row merged with its cached output;
+    the chosen pages stamped with the newest row's position in ``last``; the output cache moved
+    one step on (:func:`merge_window`). ``indices`` (B, Hkv, K) are distinct pages, ``chosen`` marks
+    the selected ones.
+    """
+    out, lse = window_attention(q, k, v, allowed, bias, torch.where(chosen, indices, -1), state.last, position,
+                                scale, page_size)
+    newest = position[:, -1, None, None].to(state.last.dtype)
+    put_pages(state.last, indices, torch.where(chosen, newest, state.last.gather(-1, indices)))
+    return merge_window(out, lse, state.out_cache, state.lse_cache).to(q.dtype)
+
+
+def merge_window(
+    out: torch.Tensor, lse: torch.Tensor, out_cache: torch.Tensor, lse_cache: torch.Tensor
+) -> torch.Tensor:
+    """Merge the past rows of a step's (out, lse) with their cached outputs, and move the cache on.
+
+    The cache holds the last ``w - 1`` rows' outputs, oldest first, aligned to the newest row:
+    past row ``i`` of ``n`` is cache row ``w - 1 - (n - 1) + i``. Afterwards the cache holds the
+    newest ``w - 1`` rows, this step's included. Returns ``out`` (fp32), past rows merged.
+    """
+    n, cache_rows = out.shape[2], out_cache.shape[2]
+    past = n - 1
+    cached = slice(cache_rows - past, None)
+    out[:, :, :past], lse[:, :, :past] = merge(out_cache[:, :, cached], lse_cache[:, :, cached],
+                                               out[:, :, :past], lse[:, :, :past])
+    keep = min(cache_rows, n)  # drop the oldest rows; the newest join
+    if keep:
+        out_cache.copy_(torch.cat([out_cache[:, :, keep:], out[:, :, n - keep:]], dim=2))
+        lse_cache.copy_(torch.cat([lse_cache[:, :, keep:], lse[:, :, n - keep:]], dim=2))
+    return out
+
+
 def decode_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -345,21 +393,8 @@ def decode_step(
     stages.summarize_pages(state.kmax, state.kmin, k, valid, position[:, 0] // page_size, touched, page_size)
     scores = stages.page_scores(q[:, :, -1], state.kmax, state.kmin)
     indices, chosen = stages.top_pages(scores, page_any(valid, page_size), newest, params)
-    pages = torch.where(chosen, indices, -1)
-    out, lse = stages.window_attention(q, k, v, allowed, bias, pages, state.last, position,
-                                       default_scale(q, scale), page_size)
-
-    past = n - 1
-    cached = slice(state.out_cache.shape[2] - past, None)  # cache rows are aligned to the newest
-    out[:, :, :past], lse[:, :, :past] = merge(state.out_cache[:, :, cached], state.lse_cache[:, :, cached],
-                                               out[:, :, :past], lse[:, :, :past])
-    stamped = torch.where(chosen, newest[:, None, None].to(state.last.dtype), state.last.gather(-1, indices))
-    put_pages(state.last, indices, stamped)
-    keep = min(state.out_cache.shape[2], n)  # drop the oldest row; the newest joins
-    if keep:
-        state.out_cache.copy_(torch.cat([state.out_cache[:, :, keep:], out[:, :, n - keep:]], dim=2))
-        state.lse_cache.copy_(torch.cat([state.lse_cache[:, :, keep:], lse[:, :, n - keep:]], dim=2))
-    return out.to(q.dtype)
+    return stages.attend_window(q, k, v, allowed, bias, indices, chosen, state, position,
+                                default_scale(q, scale), page_size)
 
 
 def attention(
