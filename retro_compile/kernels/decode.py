@@ -142,15 +142,24 @@ def _top_pages_kernel(
     # order equal float order; adding 2**31 makes it unsigned, 0 .. 2**32-1. Padding gets -1.
     bits = ranked.to(tl.int32, bitcast=True)
     key = tl.where(inside, (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + (1 << 31), -1)
-    # The budget-th largest key: the largest t with at least `budget` keys >= t. Found 4 bits at a
-    # time, most significant first: each pass counts the keys at or above 16 candidate values of
-    # the next digit at once (one reduction instead of four rounds of bisection). No sort.
-    digits = tl.arange(0, 16).to(tl.int64)
+    # The threshold: the largest t with at least `budget` keys >= t (the budget-th largest key), or
+    # any t with exactly `budget` keys >= t. Searched 2 bits at a time, most significant first:
+    # each pass counts the keys at or above three candidates in one reduction, the three counts
+    # packed in 16-bit fields of one int64 (counts stay below 2**16: see MAX_KERNEL_PAGES).
+    # Stops early once the count is exact, which random-like scores reach in about half the passes.
     threshold = tl.zeros((), tl.int64)
-    for shift in tl.static_range(28, -1, -4):
-        candidates = threshold + (digits << shift)
-        at_least = tl.sum((key[:, None] >= candidates[None, :]).to(tl.int32), axis=0)
-        threshold += tl.max(tl.where(at_least >= budget, digits, 0), axis=0) << shift
+    count = tl.sum(inside.to(tl.int32), axis=0)  # keys >= 0
+    shift = tl.full((), 30, tl.int64)
+    while (shift >= 0) & (count != budget):
+        step = tl.full((), 1, tl.int64) << shift
+        packed = ((key >= threshold + step).to(tl.int64) + ((key >= threshold + 2 * step).to(tl.int64) << 16)
+                  + ((key >= threshold + 3 * step).to(tl.int64) << 32))
+        counts = tl.sum(packed, axis=0)
+        at1, at2, at3 = counts & 0xFFFF, (counts >> 16) & 0xFFFF, counts >> 32
+        up = (at1 >= budget).to(tl.int64) + (at2 >= budget).to(tl.int64) + (at3 >= budget).to(tl.int64)
+        threshold += up * step
+        count = tl.where(up == 3, at3, tl.where(up == 2, at2, tl.where(up == 1, at1, count))).to(tl.int32)
+        shift -= 2
     above = inside & (key > threshold)
     ties = inside & (key == threshold)
     take = above | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= budget - tl.sum(above.to(tl.int32), axis=0)))
@@ -163,7 +172,7 @@ def _top_pages_kernel(
     tl.store(CHOSEN + row * K + slot, (take & (ranked > float("-inf"))).to(tl.int8), mask=out)
 
 
-MAX_KERNEL_PAGES = 16384  # one program holds a row of page scores in registers
+MAX_KERNEL_PAGES = 16384  # one program holds a row of page scores in registers; counts fit 16 bits
 
 
 def top_pages(
