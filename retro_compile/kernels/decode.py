@@ -232,21 +232,27 @@ def _window_attention_kernel(
     acc = tl.zeros((ROWS, DV), tl.float32)
     first = split * pages_per_split
     end = tl.minimum(first + pages_per_split, num_selected)
-    tile = tl.arange(0, TILE * P)  # TILE pages per iteration: key t of the tile is slot t // P's page
-    for j in range(first, end, TILE):
-        slot = j + tile // P
+    within = tl.arange(0, P)
+    for j in range(first, end, TILE):  # TILE pages per iteration
+        slot = j + tl.arange(0, TILE)
         page = tl.load(PAGES + b * stride_pb + hkv * stride_ph + slot, mask=slot < end, other=-1)
-        keys = page * P + tile % P
-        inside = (page >= 0) & (keys < length)
+        # Key offsets as (page, offset in page), so loads of the byte mask below see runs of P
+        # contiguous bytes (as one flat vector they looked like single bytes: too small for the
+        # asynchronous copies Triton pipelines loads into).
+        page_keys = page[:, None] * P + within[None, :]  # (TILE, P)
+        page_inside = (page[:, None] >= 0) & (page_keys < length)
+        keys = tl.reshape(page_keys, (TILE * P,))
+        inside = tl.reshape(page_inside, (TILE * P,))
         k = tl.load(K + b * stride_kb + hkv * stride_kh + keys[:, None] * stride_kl + dims[None, :],
                     mask=inside[:, None], other=0.0)
         v = tl.load(V + b * stride_vb + hkv * stride_vh + keys[:, None] * stride_vl + vdims[None, :],
                     mask=inside[:, None], other=0.0)
-        seen_at = tl.load(LAST + b * stride_lb + hkv * stride_lh + page, mask=inside, other=0)
+        seen_at = tl.load(LAST + b * stride_lb + hkv * stride_lh + page, mask=page >= 0, other=0)  # (TILE,)
         # past rows see only pages they never saw
-        row_ok = live[:, None] & (newest[:, None] | (seen_at[None, :] < position[:, None]))
-        allowed = tl.load(ALLOWED + b * stride_ab + win[:, None] * stride_an + keys[None, :],
-                          mask=row_ok & inside[None, :], other=0)
+        row_ok = live[:, None] & (newest[:, None] | (seen_at[None, :] < position[:, None]))  # (ROWS, TILE)
+        allowed = tl.load(ALLOWED + b * stride_ab + win[:, None, None] * stride_an + page_keys[None, :, :],
+                          mask=row_ok[:, :, None] & page_inside[None, :, :], other=0)  # (ROWS, TILE, P)
+        allowed = tl.reshape(allowed, (ROWS, TILE * P))
         s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale).to(tl.float32)  # (ROWS, TILE * P)
         s = tl.where(allowed != 0, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
