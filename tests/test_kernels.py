@@ -17,12 +17,19 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("q_heads,kv_heads", [(4, 2), (3, 1)])
 def test_page_scores_kernel(dtype, q_heads, kv_heads):
+    """Scores, and -inf for pages with no valid position (a padded page, pages past the query)."""
     g = torch.Generator().manual_seed(0)
+    page, num_pages = 16, 11
     q = torch.randn(2, q_heads, 16, generator=g).to(dtype).to(DEVICE)
-    kmax = torch.randn(2, kv_heads, 11, 16, generator=g).to(dtype).to(DEVICE)
-    kmin = kmax - torch.rand(2, kv_heads, 11, 16, generator=g).to(dtype).to(DEVICE)
-    torch.testing.assert_close(decode.page_scores(q, kmax, kmin), ref.page_scores(q, kmax, kmin),
-                               atol=TOL[dtype], rtol=TOL[dtype])
+    kmax = torch.randn(2, kv_heads, num_pages, 16, generator=g).to(dtype).to(DEVICE)
+    kmin = kmax - torch.rand(2, kv_heads, num_pages, 16, generator=g).to(dtype).to(DEVICE)
+    valid = torch.arange(num_pages * page - 5) <= torch.tensor([[170], [100]])
+    valid[1, 16:32] = False
+    valid = valid.to(DEVICE)
+    got = decode.page_scores(q, kmax, kmin, valid, page)
+    torch.testing.assert_close(got, ref.page_scores(q, kmax, kmin, valid, page), atol=TOL[dtype], rtol=TOL[dtype])
+    assert (got[1, :, 1] == float("-inf")).all() and (got[1, :, 7:] == float("-inf")).all()
+    assert (got[0] > float("-inf")).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -114,19 +121,25 @@ def chosen_sets(indices, chosen):
             for b in range(indices.shape[0])]
 
 
+def scores_for(scores, page_valid):
+    """Scores as page_scores returns them: -inf where a page has no valid position."""
+    return scores.masked_fill(~page_valid[:, None, :], float("-inf"))
+
+
 @pytest.mark.parametrize("num_pages,budget_pages,fraction,sink,local", [
     (11, 4, 0.0, 0, 1), (11, 4, 0.0, 1, 2), (37, 8, 0.0, 0, 1), (37, 30, 0.5, 1, 1), (9, 9, 0.0, 0, 1), (300, 16, 0.0, 2, 1),
 ])
 def test_top_pages_kernel_selects_the_reference_page_set(num_pages, budget_pages, fraction, sink, local):
     g = torch.Generator().manual_seed(num_pages)
     b, hkv, page = 3, 2, 16
-    scores = torch.randn(b, hkv, num_pages, generator=g).to(DEVICE)
     position = torch.tensor([num_pages * page - 1, num_pages * page // 2, 5 * page + 3]).to(DEVICE)
     page_valid = (torch.arange(num_pages, device=DEVICE) <= (position // page)[:, None])
     page_valid[1, 1] = False  # an all-padding page
+    page_valid[1, 0] = False  # ... which is also a sink
+    scores = scores_for(torch.randn(b, hkv, num_pages, generator=g).to(DEVICE), page_valid)
     params = ref.SparseParams(page, budget_pages, fraction, sink, local, 2)
-    got = decode.top_pages(scores, page_valid, position, params)
-    want = ref.top_pages(scores, page_valid, position, params)
+    got = decode.top_pages(scores, position, params)
+    want = ref.top_pages(scores, position, params)
     assert chosen_sets(*got) == chosen_sets(*want)
     k = got[0].shape[-1]
     assert all(len(set(row.tolist())) == k for row in got[0].reshape(-1, k))  # every slot a distinct page
@@ -134,11 +147,11 @@ def test_top_pages_kernel_selects_the_reference_page_set(num_pages, budget_pages
 
 def test_top_pages_kernel_hand_case():
     """Page 4 holds the query (local), page 0 is a sink; of the rest, the two best scores are pages 2 and 5...
-    but page 5 lies beyond the query and page 3 is padding, so pages 2 and 1 fill the budget of 4."""
-    scores = torch.tensor([[[0.0, 1.0, 9.0, 8.0, -5.0, 7.0]]], device=DEVICE)
-    page_valid = torch.tensor([[True, True, True, False, True, False]], device=DEVICE)
+    but page 5 lies beyond the query and page 3 is padding (both -inf), so pages 2 and 1 fill the budget of 4."""
+    inf = float("inf")
+    scores = torch.tensor([[[0.0, 1.0, 9.0, -inf, -5.0, -inf]]], device=DEVICE)
     params = ref.SparseParams(16, 4, 0.0, 1, 1, 1)
-    indices, chosen = decode.top_pages(scores, page_valid, torch.tensor([4 * 16 + 2], device=DEVICE), params)
+    indices, chosen = decode.top_pages(scores, torch.tensor([4 * 16 + 2], device=DEVICE), params)
     assert chosen_sets(indices, chosen) == [[[0, 1, 2, 4]]]
 
 
@@ -147,16 +160,16 @@ def test_top_pages_kernel_with_ties_takes_a_top_k():
     whatever the tie-breaking: exactly ``budget`` pages, none scoring below a page left out."""
     g = torch.Generator().manual_seed(5)
     b, hkv, num_pages, page = 2, 3, 200, 16
-    scores = torch.randint(-3, 4, (b, hkv, num_pages), generator=g).float().to(DEVICE)
     position = torch.tensor([num_pages * page - 1, 150 * page], device=DEVICE)
     page_valid = torch.arange(num_pages, device=DEVICE) <= (position // page)[:, None]
+    scores = scores_for(torch.randint(-3, 4, (b, hkv, num_pages), generator=g).float().to(DEVICE), page_valid)
     params = ref.SparseParams(page, 24, 0.0, 1, 1, 1)
-    indices, chosen = decode.top_pages(scores, page_valid, position, params)
+    indices, chosen = decode.top_pages(scores, position, params)
     for i in range(b):
         for h in range(hkv):
             taken = set(indices[i, h][chosen[i, h]].tolist())
             assert len(taken) == 24 and {0, int(position[i]) // page} <= taken
-            ranked = scores[i, h].masked_fill(~page_valid[i], float("-inf")).tolist()
+            ranked = scores[i, h].tolist()
             free = [ranked[p] for p in taken - {0, int(position[i]) // page}]
             left = [ranked[p] for p in range(num_pages) if p not in taken]
             assert min(free) >= max(left)

@@ -121,8 +121,9 @@ def test_selection_properties(seed, sink, local, budget):
     valid[:, 8:12] = False  # a fully padded page
     valid[torch.arange(batch), position] = True  # a query sees itself
     page_valid = ref.page_any(valid, page_size)
+    scores = scores.masked_fill(~page_valid[:, None], float("-inf"))  # as page_scores marks them
     p = SparseParams(page_size, budget, 0.0, sink, local, 1)
-    indices, chosen = ref.top_pages(scores, page_valid, position, p)
+    indices, chosen = ref.top_pages(scores, position, p)
     sel = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, indices, chosen)  # (B, Hkv, NP)
     page = torch.arange(num_pages)
     for b in range(batch):

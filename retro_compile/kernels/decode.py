@@ -1,7 +1,8 @@
 """Triton kernels for the heavy stages of a decode step (ALGORITHM.md section 7).
 
 * :func:`summarize_pages`: page key max/min, in place, for the pages a step wrote (or all, after a prefill).
-* :func:`page_scores`: Quest's page bound, reading each page summary once, GQA group max fused.
+* :func:`page_scores`: Quest's page bound, reading each page summary once, GQA group max fused;
+  pages with no valid position score -inf.
 * :func:`top_pages`: the page selection without a sort: one program per (batch row, KV head)
   bisects on the score for the budget-th largest, then writes the chosen pages.
 * :func:`window_attention`: split-KV sparse attention. One program per (batch row, KV head,
@@ -76,12 +77,13 @@ def summarize_pages(
 
 @triton.jit
 def _page_scores_kernel(
-    Q, KMAX, KMIN, OUT,
+    Q, KMAX, KMIN, VALID, OUT,
     stride_qb, stride_qh,
     stride_sb, stride_sh, stride_sp,
+    stride_vb,
     stride_ob, stride_oh,
-    num_pages,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr,
+    num_pages, length,
+    G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     b, hkv, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pages = block * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -95,36 +97,55 @@ def _page_scores_kernel(
         q = tl.load(Q + b * stride_qb + (hkv * G + g) * stride_qh + dims).to(tl.float32)
         bound = tl.sum(tl.maximum(q[None, :] * kmax, q[None, :] * kmin), axis=1)
         best = tl.maximum(best, bound)
-    tl.store(OUT + b * stride_ob + hkv * stride_oh + pages, best, mask=ok)
+    keys = pages[:, None] * P + tl.arange(0, P)[None, :]
+    valid = tl.load(VALID + b * stride_vb + keys, mask=keys < length, other=0) != 0
+    any_valid = tl.max(valid.to(tl.int32), axis=1) > 0
+    tl.store(OUT + b * stride_ob + hkv * stride_oh + pages, tl.where(any_valid, best, float("-inf")), mask=ok)
 
 
 def page_scores(
-    q_row: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor, block_pages: int = 64, num_warps: int = 8
+    q_row: torch.Tensor,
+    kmax: torch.Tensor,
+    kmin: torch.Tensor,
+    valid: torch.Tensor,
+    page_size: int,
+    block_pages: int = 64,
+    num_warps: int = 8,
 ) -> torch.Tensor:
     """Same as ``reference.page_scores``: q_row (B, Hq, D) -> (B, Hkv, NP) fp32.
 
-    One program scores ``block_pages`` pages of one (batch row, KV head) for the whole query group.
+    One program scores ``block_pages`` pages of one (batch row, KV head) for the whole query group,
+    and reads their bytes of ``valid`` to mark the pages with no valid position.
     """
     b, hq, d = q_row.shape
     hkv, num_pages = kmax.shape[1], kmax.shape[2]
     q_row, kmax, kmin = q_row.contiguous(), kmax.contiguous(), kmin.contiguous()
+    valid = valid if valid.stride(-1) == 1 else valid.contiguous()
     out = torch.empty(b, hkv, num_pages, dtype=torch.float32, device=q_row.device)
     block = min(block_pages, triton.next_power_of_2(num_pages))
     grid = (b, hkv, triton.cdiv(num_pages, block))
     wrap_triton(_page_scores_kernel)[grid](
-        q_row, kmax, kmin, out,
+        q_row, kmax, kmin, valid, out,
         q_row.stride(0), q_row.stride(1),
         kmax.stride(0), kmax.stride(1), kmax.stride(2),
+        valid.stride(0),
         out.stride(0), out.stride(1),
-        num_pages, G=hq // hkv, D=d, BLOCK_P=block, num_warps=num_warps,
+        num_pages, valid.shape[-1], G=hq // hkv, D=d, P=page_size, BLOCK_P=block, num_warps=num_warps,
     )
     return out
 
 
 @triton.jit
+def _key_to_float(key):
+    """The float whose order-preserving key (see _top_pages_kernel) is ``key``."""
+    signed = (key - (1 << 31)).to(tl.int32)
+    return (signed ^ ((signed >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _top_pages_kernel(
-    SCORES, VALID, POS, BUDGET, IDX, CHOSEN,
-    stride_sb, stride_sh, stride_vb,
+    SCORES, POS, BUDGET, IDX, CHOSEN,
+    stride_sb, stride_sh,
     kv_heads, num_pages, K, page_size, sink_pages, local_pages,
     BLOCK: tl.constexpr,
 ):
@@ -133,35 +154,29 @@ def _top_pages_kernel(
     pages = tl.arange(0, BLOCK)
     inside = pages < num_pages
     score = tl.load(SCORES + b * stride_sb + h * stride_sh + pages, mask=inside, other=float("-inf"))
-    valid = tl.load(VALID + b * stride_vb + pages, mask=inside, other=0) != 0
     own = tl.load(POS + b) // page_size
     budget = tl.load(BUDGET + b)
     keep = (pages < sink_pages) | ((pages <= own) & (pages > own - local_pages))
-    ranked = tl.where(valid & inside, tl.where(keep, float("inf"), score), float("-inf"))
-    # An order-preserving key: flipping the magnitude bits of negative floats makes signed-integer
-    # order equal float order; adding 2**31 makes it unsigned, 0 .. 2**32-1. Padding gets -1.
-    bits = ranked.to(tl.int32, bitcast=True)
-    key = tl.where(inside, (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + (1 << 31), -1)
-    # The threshold: the largest t with at least `budget` keys >= t (the budget-th largest key), or
-    # any t with exactly `budget` keys >= t. Searched 2 bits at a time, most significant first:
-    # each pass counts the keys at or above three candidates in one reduction, the three counts
-    # packed in 16-bit fields of one int64 (counts stay below 2**16: see MAX_KERNEL_PAGES).
-    # Stops early once the count is exact, which random-like scores reach in about half the passes.
-    threshold = tl.zeros((), tl.int64)
-    count = tl.sum(inside.to(tl.int32), axis=0)  # keys >= 0
-    shift = tl.full((), 30, tl.int64)
-    while (shift >= 0) & (count != budget):
-        step = tl.full((), 1, tl.int64) << shift
-        packed = ((key >= threshold + step).to(tl.int64) + ((key >= threshold + 2 * step).to(tl.int64) << 16)
-                  + ((key >= threshold + 3 * step).to(tl.int64) << 32))
-        counts = tl.sum(packed, axis=0)
-        at1, at2, at3 = counts & 0xFFFF, (counts >> 16) & 0xFFFF, counts >> 32
-        up = (at1 >= budget).to(tl.int64) + (at2 >= budget).to(tl.int64) + (at3 >= budget).to(tl.int64)
-        threshold += up * step
-        count = tl.where(up == 3, at3, tl.where(up == 2, at2, tl.where(up == 1, at1, count))).to(tl.int32)
-        shift -= 2
-    above = inside & (key > threshold)
-    ties = inside & (key == threshold)
+    # Pages scored -inf stay -inf (never chosen); padding is NaN, which no comparison counts.
+    ranked = tl.where(inside, tl.where(keep & (score > float("-inf")), float("inf"), score), float("nan"))
+    # The threshold: the budget-th largest score, or any value with exactly `budget` scores at or
+    # above it. Bisection over the order-preserving integer key of a float (flip the magnitude
+    # bits of negatives, add 2**31), from -inf's key up to +inf's: at most 32 rounds of one
+    # comparison per score and one sum, stopping early once the count is exact (random-like
+    # scores get there in about half the rounds). Comparisons are on floats, the key converted back.
+    lo = tl.full((), 0x7FFFFF, tl.int64)  # key(-inf): every page counts
+    hi = tl.full((), 0xFF800000, tl.int64)  # key(+inf)
+    count = tl.sum(inside.to(tl.int32), axis=0)
+    while (lo < hi) & (count != budget):
+        mid = lo + (hi - lo + 1) // 2
+        at_least = tl.sum((ranked >= _key_to_float(mid)).to(tl.int32), axis=0)
+        enough = at_least >= budget
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+        count = tl.where(enough, at_least, count)
+    threshold = _key_to_float(lo)
+    above = ranked > threshold
+    ties = ranked == threshold
     take = above | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= budget - tl.sum(above.to(tl.int32), axis=0)))
     # Taken pages fill slots 0..budget-1 in page order; the rest follow, so all K slots hold
     # distinct pages (the state update writes through every slot).
@@ -172,11 +187,11 @@ def _top_pages_kernel(
     tl.store(CHOSEN + row * K + slot, (take & (ranked > float("-inf"))).to(tl.int8), mask=out)
 
 
-MAX_KERNEL_PAGES = 16384  # one program holds a row of page scores in registers; counts fit 16 bits
+MAX_KERNEL_PAGES = 16384  # one program holds a row of page scores in registers
 
 
 def top_pages(
-    scores: torch.Tensor, page_valid: torch.Tensor, position: torch.Tensor, params: SparseParams
+    scores: torch.Tensor, position: torch.Tensor, params: SparseParams
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same selection as ``reference.top_pages`` without a sort: one program per (batch row, KV head)
     finds the budget-th largest score by bisection, then writes the chosen pages in page order.
@@ -186,16 +201,16 @@ def top_pages(
     """
     b, hkv, num_pages = scores.shape
     if num_pages > MAX_KERNEL_PAGES:
-        return reference.top_pages(scores, page_valid, position, params)
+        return reference.top_pages(scores, position, params)
     k = min(params.budget_pages, num_pages)
     budget = reference.budget_pages_for(params, position).clamp(max=k).to(torch.int32)
-    scores, page_valid = scores.contiguous(), page_valid.contiguous()
+    scores = scores.contiguous()
     indices = torch.empty(b, hkv, k, dtype=torch.int64, device=scores.device)
     chosen = torch.empty(b, hkv, k, dtype=torch.int8, device=scores.device)
     block = max(16, triton.next_power_of_2(num_pages))
     wrap_triton(_top_pages_kernel)[(b * hkv,)](
-        scores, page_valid, position.contiguous(), budget, indices, chosen,
-        scores.stride(0), scores.stride(1), page_valid.stride(0),
+        scores, position.contiguous(), budget, indices, chosen,
+        scores.stride(0), scores.stride(1),
         hkv, num_pages, k, params.page_size, params.sink_pages, params.local_pages,
         BLOCK=block, num_warps=min(16, max(1, block // 512)),
     )

@@ -4,7 +4,8 @@ Every stage is its own function, in the order a decode step runs them:
 
 1. :func:`mask_to_allowed` / :func:`query_positions`: what each query row may see, and where it is.
 2. :func:`build_summaries` / :func:`summarize_pages`: per-page key max/min over valid positions.
-3. :func:`page_scores`: Quest's upper bound ``sum_d max(q_d kmax_d, q_d kmin_d)``, GQA group max.
+3. :func:`page_scores`: Quest's upper bound ``sum_d max(q_d kmax_d, q_d kmin_d)``, GQA group max
+   (``-inf`` for pages the query has no valid position in).
 4. :func:`top_pages`: always-kept pages plus the top-scoring rest, up to the budget.
 5. :func:`attend`: exact attention over a key mask, returning output and log-sum-exp.
 6. :func:`merge`: the exact LSE merge of two partial attentions over disjoint keys.
@@ -154,8 +155,11 @@ def put_pages(table: torch.Tensor, pages: torch.Tensor, values: torch.Tensor) ->
 # --------------------------------------------------------------------------------------------
 # 3-4. Scoring and selection (Quest)
 # --------------------------------------------------------------------------------------------
-def page_scores(q_row: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor) -> torch.Tensor:
-    """Upper bound of ``q . k`` over each page, maxed over each KV head's query group.
+def page_scores(
+    q_row: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor, valid: torch.Tensor, page_size: int
+) -> torch.Tensor:
+    """Upper bound of ``q . k`` over each page, maxed over each KV head's query group; ``-inf`` for
+    a page with no position in ``valid`` (B, L) (beyond the query, or all padding).
 
     q_row (B, Hq, D); kmax/kmin (B, Hkv, NP, D) -> (B, Hkv, NP) fp32.
     """
@@ -163,7 +167,7 @@ def page_scores(q_row: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor) -> 
     hkv = kmax.shape[1]
     q = q_row.float().view(b, hkv, hq // hkv, 1, d)
     upper = torch.maximum(q * kmax.float()[:, :, None], q * kmin.float()[:, :, None]).sum(-1)  # (B, Hkv, G, NP)
-    return upper.amax(dim=2)
+    return upper.amax(dim=2).masked_fill(~page_any(valid, page_size)[:, None, :], NEG_INF)
 
 
 def budget_pages_for(params: SparseParams, position: torch.Tensor) -> torch.Tensor:
@@ -176,19 +180,19 @@ def budget_pages_for(params: SparseParams, position: torch.Tensor) -> torch.Tens
 
 
 def top_pages(
-    scores: torch.Tensor, page_valid: torch.Tensor, position: torch.Tensor, params: SparseParams
+    scores: torch.Tensor, position: torch.Tensor, params: SparseParams
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The selection as a page list: (indices (B, Hkv, K), chosen (B, Hkv, K) bool), K = the page cap.
 
     Always kept: the sink pages and the ``local_pages`` pages ending with the query's own page.
-    Then the top-scoring pages until the budget is met. A page with no valid position for this
-    query (beyond it, or all padding) is never chosen.
+    Then the top-scoring pages until the budget is met. A page scored ``-inf`` (no valid position
+    for this query: see :func:`page_scores`) is never chosen.
     """
     num_pages = scores.shape[-1]
     page = torch.arange(num_pages, device=scores.device)
     own = (position // params.page_size)[:, None, None]
     keep = (page < params.sink_pages) | ((page <= own) & (page > own - params.local_pages))
-    ranked = scores.masked_fill(keep, float("inf")).masked_fill(~page_valid[:, None, :], NEG_INF)
+    ranked = torch.where(keep & (scores > NEG_INF), float("inf"), scores)
     k = min(params.budget_pages, num_pages)
     top = ranked.topk(k, dim=-1)
     within_budget = torch.arange(k, device=scores.device) < budget_pages_for(params, position)[:, None, None]
@@ -391,8 +395,8 @@ def decode_step(
 
     touched = (n - 1) // page_size + 2  # pages a run of n positions can straddle
     stages.summarize_pages(state.kmax, state.kmin, k, valid, position[:, 0] // page_size, touched, page_size)
-    scores = stages.page_scores(q[:, :, -1], state.kmax, state.kmin)
-    indices, chosen = stages.top_pages(scores, page_any(valid, page_size), newest, params)
+    scores = stages.page_scores(q[:, :, -1], state.kmax, state.kmin, valid, page_size)
+    indices, chosen = stages.top_pages(scores, newest, params)
     return stages.attend_window(q, k, v, allowed, bias, indices, chosen, state, position,
                                 default_scale(q, scale), page_size)
 
