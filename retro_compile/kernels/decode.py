@@ -4,17 +4,19 @@
 * :func:`page_scores`: Quest's page bound, reading each page summary once, GQA group max fused;
   pages with no valid position score -inf.
 * :func:`top_pages`: the page selection without a sort: one program per (batch row, KV head)
-  bisects on the score for the budget-th largest, then writes the chosen pages.
-* :func:`window_attention`: split-KV sparse attention. One program per (batch row, KV head,
-  split) walks its share of the selected pages; each page's K and V are loaded once and used by
-  all ``G * n`` query rows of the group (G query heads x n window rows). Per row it applies the
-  mask, and for past rows the unseen-page test ``last[page] < position``; partial results are
-  merged across splits by log-sum-exp.
+  bisects for the budget-th largest score, then writes the chosen pages.
+* :func:`attend_window`: split-KV sparse attention and the state update, in two kernels. The
+  attention kernel runs one program per (batch row, KV head, split); each walks its share of the
+  selected pages a tile of pages at a time, loading each page's K and V once for all ``G * n``
+  query rows of the group (G query heads x n window rows). Per row it applies the mask, and for
+  past rows the unseen-page test ``last[page] < position``; then it stamps its pages in ``last``.
+  The merge kernel, one program per (batch row, query head), folds the splits by log-sum-exp,
+  merges past rows with the output cache, moves the cache on and writes the output.
 
 They are drop-in replacements for the ``reference`` functions of the same names (same arguments,
-same results; :func:`kernel_stages` bundles them), so ``reference.decode_step`` runs either.
-Everything else in the step (positions, the merge with the output cache, the state update) is a
-handful of small PyTorch ops that Inductor fuses.
+same results; :func:`kernel_stages` bundles them), so ``reference.decode_step`` and
+``reference.prefill`` run either. What remains of a step (query positions, the budget, the page
+list) is a few small PyTorch ops that Inductor fuses.
 """
 
 from __future__ import annotations

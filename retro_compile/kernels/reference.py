@@ -9,7 +9,10 @@ Every stage is its own function, in the order a decode step runs them:
 4. :func:`top_pages`: always-kept pages plus the top-scoring rest, up to the budget.
 5. :func:`attend`: exact attention over a key mask, returning output and log-sum-exp.
 6. :func:`merge`: the exact LSE merge of two partial attentions over disjoint keys.
-7. :func:`decode_step` / :func:`prefill`: the whole step, including the state update.
+7. :func:`window_attention` / :func:`attend_window` / :func:`merge_window`: the window's rows over
+   the selected pages, merged with the output cache, and the state update.
+8. :func:`decode_step` / :func:`prefill`: the whole step. :class:`Stages` names the functions a
+   step calls that kernels/decode.py replaces on CUDA.
 
 Shapes: ``q`` (B, Hq, n, D); ``k``/``v`` (B, Hkv, L, D) (the whole cache, positions 0..L-1);
 ``G = Hq // Hkv``. All math is in fp32; the output is cast back to ``q``'s dtype.
