@@ -4,15 +4,18 @@ Shape: Llama-3.1-8B heads (32 query, 8 KV, head dim 128), bf16, page 16, budget 
 for B in {1, 8} and contexts {8K, 32K, 128K}. Side by side in one run:
 
 * ``dense``: ``F.scaled_dot_product_attention`` over the whole cache (enable_gqa, boolean mask);
-* ``flex``: FlexAttention over a fixed block mask of the same number of keys (:func:`flex_step`);
+* ``flex``: FlexAttention over a fixed block mask of the same number of keys (:func:`flex_case`),
+  compiled by Inductor;
 * ``quest``, ``retro w=2``, ``retro w=4``: the whole ``retro::attention`` decode step (summary
-  refresh, scoring, top-k, attention, merge, state update), eager, and compiled the way a
-  ``retro_compile``'d decode graph runs it: Inductor (which traces the op's body and fuses the
-  small ops around its Triton kernels) with CUDA graphs (``mode="reduce-overhead"``);
+  refresh, scoring, top-k, attention, merge, state update) compiled the way a ``retro_compile``'d
+  decode graph runs it: Inductor traces the op's body and fuses the small ops around its Triton
+  kernels;
 * ``bound``: bytes a sparse step must read (summaries + selected K/V) over the measured memory
   bandwidth (a large device-to-device copy's bytes read + written per second).
 
-Writes JSON (and a PNG plot when matplotlib is installed). Medians from ``triton.testing.do_bench``.
+Every column is device time per step: 20 steps recorded in one CUDA graph, as a model's decode
+graph records all its layers (:func:`_record`), medians of replays from ``triton.testing.do_bench``.
+Writes JSON (and a PNG plot when matplotlib is installed).
 """
 
 from __future__ import annotations
@@ -43,29 +46,40 @@ def _median_us(fn) -> float:
     return 1000.0 * do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def _graphed(fn, inputs, static) -> Callable[[], object]:
-    """``fn(*inputs)`` under Inductor + CUDA graphs, recorded, as a call without arguments.
+STEPS_PER_GRAPH = 20
 
-    ``static`` are the tensors with fixed addresses in a real decode graph (state buffers, a static
-    KV cache); unmarked, CUDA graphs would copy them into their own buffers on every replay.
+
+def _record(fn, inputs, compile: bool = True) -> torch.cuda.CUDAGraph:
+    """``STEPS_PER_GRAPH`` calls of ``fn(*inputs)`` recorded in one CUDA graph, compiled by Inductor
+    first (``compile``) or as they are.
+
+    A model's decode graph holds every layer's step, so a replay's host-side cost (tens of
+    microseconds) is spread over all of them; a graph of one step would time that cost instead of
+    the GPU work.
     """
     torch._dynamo.reset()  # every case compiles afresh (and stays clear of the recompile limit)
-    for t in static:
-        torch._dynamo.mark_static_address(t)
-    compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    for _ in range(3):  # warm-up, record
-        compiled(*inputs)
-    return lambda: compiled(*inputs)
+    step = torch.compile(fn, fullgraph=True, dynamic=False) if compile else fn
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # compile, autotune, warm up
+            step(*inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(STEPS_PER_GRAPH):
+            step(*inputs)
+    return graph
 
 
-def _compiled(state, params, inputs):
-    """The decode step as a ``retro_compile``'d graph runs it: state, KV cache and inputs static.
+def graph_us(fn, inputs, compile: bool = True) -> float:
+    """Median device time of one ``fn(*inputs)``, from replays of :func:`_record`'s graph."""
+    return _median_us(_record(fn, inputs, compile).replay) / STEPS_PER_GRAPH
 
-    In a model's decode graph the query comes from the layer's projection and the mask from a
-    static buffer, so neither is copied in per replay; marking them keeps such copies out of the time.
-    """
-    return _graphed(lambda q, k, v, mask: retro_attention(q, k, v, mask, state, params), inputs,
-                    (*state, *inputs))
+
+def _op_step(state, params):
+    """The decode step as a ``retro_compile``'d graph runs it (inputs q, k, v, mask)."""
+    return lambda q, k, v, mask: retro_attention(q, k, v, mask, state, params)
 
 
 def copy_bandwidth() -> float:
@@ -98,15 +112,12 @@ def op_case(batch: int, context: int, window: int, seed: int = 0):
 
 
 def stage_times(state, params, inputs) -> dict[str, float]:
-    """Each heavy stage alone, its launches recorded in a CUDA graph: where a step's time goes."""
-    from triton.testing import do_bench_cudagraph
-
+    """Each heavy stage alone (kernel stages as they are, no Inductor): where a step's time goes."""
     from .kernels import decode
     from .kernels import reference as ref
 
     def graphed_us(fn) -> float:
-        fn()  # compile before recording
-        return 1000.0 * do_bench_cudagraph(fn, rep=100, return_mode="median")
+        return graph_us(fn, (), compile=False)
 
     q, k, v, mask = inputs
     allowed, _ = ref.mask_to_allowed(mask, False, q.shape[0], q.shape[2], k.shape[2], q.device)
@@ -127,8 +138,8 @@ def stage_times(state, params, inputs) -> dict[str, float]:
     }
 
 
-def flex_step(q, k, v, seed: int = 0):
-    """FlexAttention over an equal block-sparse budget, compiled with CUDA graphs.
+def flex_case(q, k, v, seed: int = 0):
+    """(step, inputs): FlexAttention over an equal block-sparse budget.
 
     Each KV head reads ``BUDGET // 128`` blocks of 128 keys (the newest block and random others):
     the same number of keys as the op's budget, through a fixed block mask. This times attention
@@ -147,7 +158,16 @@ def flex_step(q, k, v, seed: int = 0):
     kv_indices[..., :count] = chosen[:, :, None].int()
     kv_num_blocks = torch.full((batch, Q_HEADS, 1), count, dtype=torch.int32, device="cuda")
     mask = BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=block, seq_lengths=(q.shape[2], context))
-    return _graphed(lambda q, k, v: flex_attention(q, k, v, block_mask=mask, enable_gqa=True), (q, k, v), (q, k, v))
+    return (lambda q, k, v: flex_attention(q, k, v, block_mask=mask, enable_gqa=True)), (q, k, v)
+
+
+def _measure(row: dict, key: str, timed: Callable[[], float]) -> None:
+    """``row[key] = timed()``; a failure is logged and recorded as ``row[key + "_error"]`` instead."""
+    try:
+        row[key] = timed()
+    except Exception as error:
+        log.warning("%s failed at B=%d, context %d: %s", key, row["batch"], row["context"], error)
+        row[f"{key}_error"] = f"{type(error).__name__}: {error}"[:300]
 
 
 def bench_op(batches, contexts, out: Path) -> list[dict]:
@@ -161,16 +181,12 @@ def bench_op(batches, contexts, out: Path) -> list[dict]:
     for batch, context in tqdm(cases, desc="op benchmark"):
         row = dict(batch=batch, context=context, target_us=TARGETS_US.get((batch, context)))
         _, _, (q, k, v, mask) = op_case(batch, context, 1)
-        row["dense_us"] = _median_us(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
-        try:
-            row["flex_us"] = _median_us(flex_step(q, k, v))
-        except Exception as error:  # FlexAttention's decode path varies across torch versions
-            log.warning("FlexAttention failed at B=%d, context %d: %s", batch, context, error)
-            row["flex_error"] = f"{type(error).__name__}: {error}"[:300]
+        dense = lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        _measure(row, "dense_us", lambda: graph_us(dense, (q, k, v, mask), compile=False))
+        _measure(row, "flex_us", lambda: graph_us(*flex_case(q, k, v)))  # its decode path varies across torch versions
         for name, window in (("quest", 1), ("retro_w2", 2), ("retro_w4", 4)):
             state, params, inputs = op_case(batch, context, window)
-            row[f"{name}_eager_us"] = _median_us(lambda: retro_attention(*inputs, state, params))
-            row[f"{name}_compiled_us"] = _median_us(_compiled(state, params, inputs))
+            _measure(row, f"{name}_us", lambda: graph_us(_op_step(state, params), inputs))
         row.update(stage_times(state, params, inputs))
         pages = math.ceil(context / PAGE)
         bytes_read = batch * (2 * pages * KV_HEADS * HEAD_DIM * 2 + 2 * min(BUDGET, context) * KV_HEADS * HEAD_DIM * 2)
@@ -192,7 +208,7 @@ def _plot(rows: list[dict], path: Path) -> None:
         log.info("matplotlib is not installed: no plot")
         return
     labels = [f"B={r['batch']}\n{r['context'] // 1024}K" for r in rows]
-    series = ["dense_us", "flex_us", "quest_compiled_us", "retro_w2_compiled_us", "retro_w4_compiled_us", "bound_us"]
+    series = ["dense_us", "flex_us", "quest_us", "retro_w2_us", "retro_w4_us", "bound_us"]
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(series)
     for i, key in enumerate(series):
@@ -208,12 +224,11 @@ def _plot(rows: list[dict], path: Path) -> None:
 def profile_op(batch: int, context: int, window: int) -> str:
     """Top GPU kernels of the compiled decode step, by total device time over 20 steps."""
     state, params, inputs = op_case(batch, context, window)
-    step = _compiled(state, params, inputs)
+    graph = _record(_op_step(state, params), inputs)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(20):
-            step()
+        graph.replay()
         torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
 
