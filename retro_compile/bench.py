@@ -57,8 +57,10 @@ def _record(fn, inputs, compile: bool = True) -> torch.cuda.CUDAGraph:
     microseconds) is spread over all of them; a graph of one step would time that cost instead of
     the GPU work.
     """
-    torch._dynamo.reset()  # every case compiles afresh (and stays clear of the recompile limit)
-    step = torch.compile(fn, fullgraph=True, dynamic=False) if compile else fn
+    step = fn
+    if compile:
+        torch._dynamo.reset()  # every case compiles afresh (and stays clear of the recompile limit)
+        step = torch.compile(fn, fullgraph=True, dynamic=False)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -199,13 +201,10 @@ def bench_op(batches, contexts, out: Path) -> list[dict]:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
+    from .eval.plot import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     labels = [f"B={r['batch']}\n{r['context'] // 1024}K" for r in rows]
     series = ["dense_us", "flex_us", "quest_us", "retro_w2_us", "retro_w4_us", "bound_us"]

@@ -142,7 +142,8 @@ def test_top_pages_kernel_selects_the_reference_page_set(num_pages, budget_pages
     want = ref.top_pages(scores, position, params)
     assert chosen_sets(*got) == chosen_sets(*want)
     k = got[0].shape[-1]
-    assert all(len(set(row.tolist())) == k for row in got[0].reshape(-1, k))  # every slot a distinct page
+    assert all(len(set(row.tolist())) == k for row in got[0].reshape(-1, k))  # every slot a distinct page...
+    assert ((got[0] >= 0) & (got[0] < num_pages)).all()  # ...written, not left as allocated
 
 
 def test_top_pages_kernel_hand_case():
@@ -173,3 +174,13 @@ def test_top_pages_kernel_with_ties_takes_a_top_k():
             free = [ranked[p] for p in taken - {0, int(position[i]) // page}]
             left = [ranked[p] for p in range(num_pages) if p not in taken]
             assert min(free) >= max(left)
+
+
+def test_top_pages_kernel_slots_when_the_best_pages_come_first():
+    """Budget below the page cap, best scores on the first pages: taken pages fill the first slots,
+    the others the rest, every slot a distinct page (hand-computed)."""
+    scores = torch.tensor([[[9.0, 8.0, 7.0, 1.0, 2.0, float("-inf")]]], device=DEVICE)  # page 5: past the query
+    params = ref.SparseParams(16, 5, 0.25, 0, 1, 1)  # budget ceil(0.25 * 80 / 16) = 2 of a cap of 5
+    indices, chosen = decode.top_pages(scores, torch.tensor([4 * 16 + 15], device=DEVICE), params)
+    assert chosen.tolist() == [[[True, True, False, False, False]]]
+    assert sorted(indices[0, 0, :2].tolist()) == [0, 4] and indices[0, 0].tolist()[2:] == [1, 2, 3]

@@ -17,8 +17,8 @@ def label(row: dict) -> str:
     return f"retro w={row['window']}" if row["mode"] == "retro" else row["mode"]
 
 
-def plot(path: Path) -> Path | None:
-    """Write ``path`` with a .png suffix; returns it, or None when matplotlib is not installed."""
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend, or None (logged) without matplotlib."""
     try:
         import matplotlib
 
@@ -26,6 +26,14 @@ def plot(path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         log.info("matplotlib is not installed: no plot")
+        return None
+    return plt
+
+
+def plot(path: Path) -> Path | None:
+    """Write ``path`` with a .png suffix; returns it, or None when matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
         return None
     data = json.loads(Path(path).read_text())
     metrics = METRICS[data["task"]]

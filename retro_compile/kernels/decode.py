@@ -181,12 +181,13 @@ def _top_pages_kernel(
     ties = ranked == threshold
     take = above | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= budget - tl.sum(above.to(tl.int32), axis=0)))
     # Taken pages fill slots 0..budget-1 in page order; the rest follow, so all K slots hold
-    # distinct pages (the state update writes through every slot).
-    rest = inside & ~take
-    slot = tl.where(take, tl.cumsum(take.to(tl.int32), axis=0) - 1, budget + tl.cumsum(rest.to(tl.int32), axis=0) - 1)
-    out = (take | rest) & (slot < K)
+    # distinct pages (the reference's state update writes through every slot). Every page is
+    # taken or not, so the pages not taken up to page i number i + 1 - (taken up to i).
+    taken_so_far = tl.cumsum(take.to(tl.int32), axis=0)
+    slot = tl.where(take, taken_so_far - 1, budget + pages - taken_so_far)
+    out = inside & (slot < K)
     tl.store(IDX + row * K + slot, pages.to(tl.int64), mask=out)
-    tl.store(CHOSEN + row * K + slot, (take & (ranked > float("-inf"))).to(tl.int8), mask=out)
+    tl.store(CHOSEN + row * K + slot, take & (ranked > float("-inf")), mask=out)
 
 
 MAX_KERNEL_PAGES = 16384  # one program holds a row of page scores in registers
@@ -208,7 +209,7 @@ def top_pages(
     budget = reference.budget_pages_for(params, position).clamp(max=k).to(torch.int32)
     scores = scores.contiguous()
     indices = torch.empty(b, hkv, k, dtype=torch.int64, device=scores.device)
-    chosen = torch.empty(b, hkv, k, dtype=torch.int8, device=scores.device)
+    chosen = torch.empty(b, hkv, k, dtype=torch.bool, device=scores.device)
     block = max(16, triton.next_power_of_2(num_pages))
     wrap_triton(_top_pages_kernel)[(b * hkv,)](
         scores, position.contiguous(), budget, indices, chosen,
@@ -216,12 +217,20 @@ def top_pages(
         hkv, num_pages, k, params.page_size, params.sink_pages, params.local_pages,
         BLOCK=block, num_warps=min(16, max(1, block // 512)),
     )
-    return indices, chosen.bool()
+    return indices, chosen
+
+
+@triton.jit
+def _selected_pages(INDICES, CHOSEN, offset, slot, end):
+    """The pages in slots ``slot`` of a (batch row, KV head)'s list; -1 for unchosen slots and past ``end``."""
+    index = tl.load(INDICES + offset + slot, mask=slot < end, other=-1)
+    chosen = tl.load(CHOSEN + offset + slot, mask=slot < end, other=0) != 0
+    return tl.where(chosen, index, -1).to(tl.int32)
 
 
 @triton.jit
 def _window_attention_kernel(
-    Q, K, V, ALLOWED, PAGES, LAST, POS, OUT, LSE,
+    Q, K, V, ALLOWED, INDICES, CHOSEN, LAST, POS, OUT, LSE,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
@@ -251,8 +260,7 @@ def _window_attention_kernel(
     end = tl.minimum(first + pages_per_split, num_selected)
     within = tl.arange(0, P)
     for j in range(first, end, TILE):  # TILE pages per iteration
-        slot = j + tl.arange(0, TILE)
-        page = tl.load(PAGES + b * stride_pb + hkv * stride_ph + slot, mask=slot < end, other=-1)
+        page = _selected_pages(INDICES, CHOSEN, b * stride_pb + hkv * stride_ph, j + tl.arange(0, TILE), end)
         # Key offsets as (page, offset in page), so loads of the byte mask below see runs of P
         # contiguous bytes (as one flat vector they looked like single bytes: too small for the
         # asynchronous copies Triton pipelines loads into).
@@ -287,10 +295,9 @@ def _window_attention_kernel(
     # KV head), so no other program reads these entries; the barrier keeps every warp's reads of
     # `last` above before the stores.
     tl.debug_barrier()
-    newest_position = tl.load(POS + b * N + N - 1)
+    newest_position = tl.load(POS + b * N + N - 1).to(tl.int32)
     for j in range(first, end, TILE):
-        slot = j + tl.arange(0, TILE)
-        page = tl.load(PAGES + b * stride_pb + hkv * stride_ph + slot, mask=slot < end, other=-1)
+        page = _selected_pages(INDICES, CHOSEN, b * stride_pb + hkv * stride_ph, j + tl.arange(0, TILE), end)
         tl.store(LAST + b * stride_lb + hkv * stride_lh + page, newest_position, mask=page >= 0)
 
 
@@ -379,14 +386,14 @@ def attend_window(
     ``last``) and one merge kernel (splits, output cache, cache update, cast to ``q``'s dtype)."""
     if bias is not None:  # never sent here: use_kernels routes float masks to the reference
         raise ValueError("kernels.decode.attend_window: additive mask biases are served by the reference")
-    out_cache, lse_cache = state.out_cache, state.lse_cache
-    if out_cache.stride(-1) != 1 or lse_cache.stride(-1) != 1:
-        raise ValueError("kernels.decode.attend_window: the output cache must have unit last stride (written in place)")
     if page_size < 16:
-        raise ValueError(f"kernels.decode: page_size={page_size} must be >= 16 (tl.dot tiles)")
-    if state.last.stride(-1) != 1:
-        raise ValueError("kernels.decode: the last-loaded table must have unit last stride (it is written in place)")
+        raise ValueError(f"kernels.decode.attend_window: page_size={page_size} must be >= 16 (tl.dot tiles)")
+    out_cache, lse_cache = state.out_cache, state.lse_cache
+    if any(t.stride(-1) != 1 for t in (state.last, out_cache, lse_cache)):
+        raise ValueError("kernels.decode.attend_window: last, out_cache and lse_cache are written in place "
+                         "and must have unit last stride")
     q, k, v, allowed = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, allowed))
+    indices, chosen, position = indices.contiguous(), chosen.contiguous(), position.contiguous()
     b, hq, n, d = q.shape
     hkv, length, dv = k.shape[1], k.shape[2], v.shape[3]
     group, num_selected = hq // hkv, indices.shape[-1]
@@ -395,17 +402,15 @@ def attend_window(
     splits = triton.cdiv(num_selected, pages_per_split)
     tile = min(tile_pages, triton.next_power_of_2(pages_per_split))
     rows = max(16, triton.next_power_of_2(group * n))
-    pages = torch.where(chosen, indices, -1).int()
-    position = position.int().contiguous()
     part_out = torch.empty(b, hkv, splits, group * n, dv, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, hkv, splits, group * n, dtype=torch.float32, device=q.device)
     wrap_triton(_window_attention_kernel)[(b, hkv, splits)](
-        q, k, v, allowed, pages, state.last, position, part_out, part_lse,
+        q, k, v, allowed, indices, chosen, state.last, position, part_out, part_lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         allowed.stride(0), allowed.stride(1),
-        pages.stride(0), pages.stride(1),
+        indices.stride(0), indices.stride(1),  # chosen: the same shape, contiguous too
         state.last.stride(0), state.last.stride(1),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(3),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
