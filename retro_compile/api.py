@@ -83,10 +83,10 @@ def retro_compile(
         config = dataclasses.replace(config, dense_layers=tuple(sorted(set(dense) | set(sliding))))
     hf.register_attention()
     model.set_attn_implementation(hf.ATTENTION_NAME)
-    prefill = torch.compile(own_frame(model.forward), backend=backend_for(config, store, inductor=False), dynamic=None)
+    prefill = torch.compile(own_frame(model.forward), backend=backend_for(config, store, inductor=False), dynamic=False)
     decode = torch.compile(own_frame(model.forward), backend=backend_for(config, store, inductor=inductor),
                            dynamic=False, **compile_kwargs)
-    driver = hf.install(model, config, prefill, decode)
+    driver = hf.install(model, config, store, prefill, decode)
     model.retro_config = config
     model.retro_state = store
     model.retro_driver = driver

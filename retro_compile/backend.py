@@ -15,7 +15,7 @@ import torch._functorch.config
 from torch._dynamo import register_backend
 
 from .config import RetroConfig
-from .passes.rewrite import rewrite_sdpa
+from .passes.rewrite import Rewrite, rewrite_sdpa
 from .state import StateStore
 
 #: State for graphs compiled through the plain ``backend="retro"`` string. ``retro_compile``
@@ -42,9 +42,10 @@ def retro_backend(
     config = options.pop("retro_config", None) or config or RetroConfig()
     if not isinstance(config, RetroConfig):
         raise TypeError(f"retro backend: retro_config must be a RetroConfig, got {type(config).__name__}")
-    rewrite_sdpa(gm, config, DEFAULT_STORE if store is None else store)
+    store = DEFAULT_STORE if store is None else store
+    plan = rewrite_sdpa(gm, config, store)
     if not inductor:
-        return gm.forward
+        return guard_state(gm.forward, plan, store)
     from torch._inductor.compile_fx import compile_fx
 
     patches = {**torch._inductor.list_mode_options(mode), **options} if mode else options
@@ -52,7 +53,39 @@ def retro_backend(
     # a change to the op's body it would serve the graph traced from the old body. Inductor's FX
     # graph cache keys the traced body itself (Triton kernel sources included) and stays on.
     with torch._functorch.config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        return guard_state(compile_fx(gm, example_inputs, config_patches=patches), plan, store)
+
+
+def guard_state(compiled: Callable, plan: Rewrite, store: StateStore) -> Callable:
+    """``compiled``, refusing to run a decode step on state that the last prefill did not build.
+
+    A graph's prefill sites record, each time the graph runs, which state they built (or that a
+    layer left dense built none); its decode sites check that record first. A decode step on
+    state from another request, or on zeros, would give wrong tokens without any error, so this
+    raises instead. The check is one integer comparison per call once the record is unchanged.
+    """
+    if not plan.builds and not plan.reads:
+        return compiled
+    checked = -1  # the store's built_version last found complete for this graph's reads
+
+    def run(*args: Any) -> Any:
+        nonlocal checked
+        if plan.reads and checked != store.built_version:
+            missing = store.unbuilt(plan.reads)
+            if missing:
+                raise RuntimeError(
+                    f"retro-compile: a decode step would read state that no prefill built for {missing} "
+                    "(the request's prefill left these layers dense, ran at another batch size, or did not run); "
+                    "refusing to give an answer from stale state"
+                )
+            checked = store.built_version
+        out = compiled(*args)
+        if plan.builds:
+            store.record_built(plan.builds)
+        return out
+
+    run._boxed_call = getattr(compiled, "_boxed_call", False)  # keep the calling convention Dynamo expects
+    return run
 
 
 def backend_for(config: RetroConfig, store: StateStore, **kwargs: Any) -> Callable:

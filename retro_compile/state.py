@@ -53,11 +53,41 @@ def allocate(shape: StateShape) -> LayerState:
 
 
 class StateStore:
-    """All decode state of one model, keyed by (layer name, shape), and why other layers stay dense."""
+    """All decode state of one model, keyed by (layer name, shape), and why other layers stay dense.
+
+    It also keeps the two records behind the rule that a decode step never reads state its prefill
+    did not build: which states some compiled prefill graph builds (consulted when a decode graph
+    is rewritten), and which state each layer's most recent prefill call built (consulted before
+    every decode call; see :func:`retro_compile.backend.guard_state`).
+    """
 
     def __init__(self) -> None:
         self._states: dict[tuple[str, StateShape], LayerState] = {}
+        self._prefilled: set[tuple[str, StateShape]] = set()
+        self.built: dict[str, LayerState | None] = {}  # layer -> the state its last prefill call built
+        self.built_version = 0  # bumped whenever ``built`` changes
         self.dense_reasons: dict[str, str] = {}  # layer name -> why its SDPA call was left as it is
+
+    def prefilled(self, layer: str, shape: StateShape) -> bool:
+        """Whether a compiled prefill graph builds this layer's state of this shape."""
+        return (layer, shape) in self._prefilled
+
+    def mark_prefilled(self, layer: str, shape: StateShape) -> None:
+        self._prefilled.add((layer, shape))
+
+    def record_built(self, builds: dict[str, LayerState | None]) -> None:
+        """A prefill call ran: each layer's state is now the one it built (None: it built none)."""
+        self.built.update(builds)
+        self.built_version += 1
+
+    def forget_built(self) -> None:
+        """A new request begins: no layer has built state for it yet."""
+        self.built.clear()
+        self.built_version += 1
+
+    def unbuilt(self, reads: dict[str, LayerState]) -> list[str]:
+        """The layers among ``reads`` whose last prefill call did not build the state read."""
+        return [layer for layer, state in reads.items() if self.built.get(layer) is not state]
 
     def get(self, layer: str, shape: StateShape) -> LayerState:
         key = (layer, shape)
@@ -77,4 +107,11 @@ class StateStore:
     def nbytes(self) -> int:
         """Bytes of decode state held for this model."""
         return sum(shape.nbytes for _, shape in self._states)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of decode state held per layer (every batch size it has decoded at, summed)."""
+        usage: dict[str, int] = {}
+        for (layer, _), state in self._states.items():
+            usage[layer] = usage.get(layer, 0) + sum(t.numel() * t.element_size() for t in state)
+        return dict(sorted(usage.items()))
 

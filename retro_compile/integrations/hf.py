@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import RetroConfig
+from ..state import StateStore
 
 
 ATTENTION_NAME = "retro_sdpa"
@@ -91,8 +92,10 @@ def cache_argument(model: torch.nn.Module) -> str:
 class DecodeWindowDriver:
     """Replaces ``model.forward``: prefill through one compiled graph, window decode through another."""
 
-    def __init__(self, model: torch.nn.Module, config: RetroConfig, prefill: Callable, decode: Callable) -> None:
+    def __init__(self, model: torch.nn.Module, config: RetroConfig, store: StateStore, prefill: Callable,
+                 decode: Callable) -> None:
         self.config = config
+        self.store = store
         self.window = config.window
         self.prefill_fn = prefill
         self.decode_fn = decode
@@ -104,6 +107,17 @@ class DecodeWindowDriver:
         self.cache: Any = None
         self.length = 0  # positions written in the cache
         self.recent: torch.Tensor | None = None  # (B, w-1) ids of the newest tokens ((B, 0) for w = 1)
+
+    def check_request(self, prompt: int, new_tokens: int = 0) -> None:
+        """Refuse, before any work, a request the window or the static state cannot hold."""
+        if prompt <= self.window:
+            raise ValueError(f"retro_compile: the prompt has {prompt} tokens; it needs more than window={self.window}")
+        if prompt + new_tokens > self.config.max_context:
+            raise ValueError(
+                f"retro_compile: the prompt's {prompt} tokens plus {new_tokens} new tokens need {prompt + new_tokens} "
+                f"positions, more than RetroConfig.max_context={self.config.max_context}; raise RetroConfig.max_context "
+                "(or ask for fewer tokens)"
+            )
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -124,14 +138,12 @@ class DecodeWindowDriver:
             self.reset()
             self.cache = cache
             self.length = int(cache.get_seq_length())
-        if n <= self.window:
-            raise ValueError(f"retro_compile: the prompt has {n} tokens; it needs more than window={self.window}")
-        if self.length + n > self.config.max_context:
-            raise ValueError(f"retro_compile: {self.length + n} positions exceed RetroConfig.max_context={self.config.max_context}")
+        self.check_request(self.length + n)
         masks = list(attention_mask.values()) if isinstance(attention_mask, dict) else [attention_mask]
         for t, dim in [(input_ids, 1), (position_ids, 1)] + [(m, 2 if _is_4d(m) else 1) for m in masks]:
             if t is not None:
                 torch._dynamo.mark_dynamic(t, dim)
+        self.store.forget_built()  # a prefill that runs no rewritten graph must leave nothing to decode from
         out = self.prefill_fn(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         self.length += n
         self.recent = input_ids[:, n - (self.window - 1):]
@@ -199,16 +211,35 @@ def _is_4d(t: torch.Tensor | None) -> bool:
     return t is not None and t.dim() == 4
 
 
-def install(model: torch.nn.Module, config: RetroConfig, prefill: Callable, decode: Callable) -> DecodeWindowDriver:
+def requested_positions(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int] | None:
+    """(prompt tokens, new tokens) a ``generate(*args, **kwargs)`` call asks for, as generate()
+    itself resolves them (``max_new_tokens`` wins over ``max_length``); None without token ids."""
+    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return None
+    prompt = ids.shape[1]
+    generation = kwargs.get("generation_config") or model.generation_config
+    new = kwargs.get("max_new_tokens", generation.max_new_tokens)
+    if new is None:
+        total = kwargs.get("max_length", generation.max_length)
+        new = max(0, total - prompt) if total is not None else 0
+    return prompt, new
+
+
+def install(model: torch.nn.Module, config: RetroConfig, store: StateStore, prefill: Callable,
+            decode: Callable) -> DecodeWindowDriver:
     """Install the driver and a generate() that starts every request from a fresh static cache."""
     from transformers import StaticCache
 
-    driver = DecodeWindowDriver(model, config, prefill, decode)
+    driver = DecodeWindowDriver(model, config, store, prefill, decode)
     original_generate, original_forward = model.generate, model.forward
     cache_arg = driver.cache_arg
 
     @functools.wraps(original_generate)
     def generate(*args: Any, **kwargs: Any) -> Any:
+        request = requested_positions(model, args, kwargs)
+        if request is not None:
+            driver.check_request(*request)
         driver.reset()
         if kwargs.get(cache_arg) is None and kwargs.get("past_key_values") is None:
             kwargs[cache_arg] = StaticCache(config=model.config, max_cache_len=config.max_context)

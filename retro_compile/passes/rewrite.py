@@ -1,21 +1,30 @@
 """Rewrite SDPA call sites of sparse layers into ``retro::attention`` with the layer's state.
 
-Dense layers and call sites the op cannot serve stay SDPA; each is logged once with the reason.
-State tensors are registered on the graph module as buffers and read with ``get_attr``, so
-AOTAutograd lifts them like any module buffer (static addresses for CUDA graphs) and the op's
-in-place updates are functionalised and re-inplaced by Inductor.
+Dense layers and call sites the op cannot serve stay SDPA; each is logged once with the reason
+(at WARNING when the user did not ask for it). State tensors are registered on the graph module
+as buffers and read with ``get_attr``, so AOTAutograd lifts them like any module buffer (static
+addresses for CUDA graphs) and the op's in-place updates are functionalised and re-inplaced by
+Inductor.
+
+A site with more query rows than the window (or a dynamic number of rows) is a *prefill* site:
+the op builds the layer's state there. A site with at most ``window`` static rows is a *decode*
+site: the op reads that state. A decode site is rewritten only if a prefill site of the same layer
+and state was rewritten before it, and :class:`Rewrite` records which states a graph builds and
+reads, so that the backend can check at run time that a decode step never reads state its own
+prefill did not build (:func:`retro_compile.backend.guard_state`).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
 from ..config import RetroConfig
 from ..kernels.op import FLOAT_DTYPES, STATE_ARGS
-from ..kernels.reference import SparseParams
+from ..kernels.reference import LayerState, SparseParams
 from ..state import StateShape, StateStore
 from .sdpa import SdpaSite, example_value, find_sdpa_sites
 
@@ -61,28 +70,66 @@ def unsupported_reason(site: SdpaSite, config: RetroConfig) -> str | None:
     return None
 
 
-def _note_dense(store: StateStore, layer: str, reason: str) -> None:
-    """Record why a layer stays dense; log it the first time for this model."""
+def chosen_dense(site: SdpaSite, config: RetroConfig) -> bool:
+    """Whether the user asked for this site to stay dense (the mode, or ``dense_layers``)."""
+    return config.mode == "dense" or config.is_dense_layer(site.layer_index)
+
+
+def is_decode_site(site: SdpaSite, config: RetroConfig) -> bool:
+    """A decode site has at most ``window`` query rows, fixed at compile time; any other is a prefill."""
+    rows = example_value(site.query).shape[2]
+    return isinstance(rows, int) and rows <= config.window
+
+
+def _note_dense(store: StateStore, layer: str, reason: str, chosen: bool) -> None:
+    """Record why a layer stays dense; log it the first time for this model (WARNING unless chosen)."""
     if store.dense_reasons.get(layer) != reason:
         store.dense_reasons[layer] = reason
-        log.info("retro-compile: %s stays dense SDPA: %s", layer, reason)
+        log.log(logging.INFO if chosen else logging.WARNING, "retro-compile: %s stays dense SDPA: %s", layer, reason)
 
 
-def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore) -> list[str]:
-    """Rewrite ``gm`` in place. Returns the names of the layers now served by ``retro::attention``."""
+@dataclass
+class Rewrite:
+    """What one rewritten graph does with state: each layer's state it builds (prefill sites; None
+    for a prefill site left dense, which builds nothing) and each layer's state it reads (decode sites)."""
+
+    builds: dict[str, LayerState | None] = field(default_factory=dict)
+    reads: dict[str, LayerState] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[str]:
+        """The layers now served by ``retro::attention``."""
+        return [name for name, state in self.builds.items() if state is not None] + list(self.reads)
+
+
+def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore) -> Rewrite:
+    """Rewrite ``gm`` in place; returns which layers' state the graph builds and reads."""
     graph = gm.graph
-    rewritten = []
+    plan = Rewrite()
     params = sparse_params(config)
     for site in find_sdpa_sites(graph):
+        decode = is_decode_site(site, config) if isinstance(example_value(site.query), torch.Tensor) else False
         reason = unsupported_reason(site, config)
+        state = None
+        if not reason:
+            q, k, v = (example_value(n) for n in (site.query, site.key, site.value))
+            shape = StateShape(batch=q.shape[0], q_heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[3],
+                               value_dim=v.shape[3], num_pages=config.num_pages, window=config.window,
+                               dtype=k.dtype, device=k.device)
+            if decode and not store.prefilled(site.layer_name, shape):
+                reason = "its prefill was not rewritten, so the decode step would have no state to read"
+            else:
+                state = store.get(site.layer_name, shape)
         if reason:
-            _note_dense(store, site.layer_name, reason)
+            _note_dense(store, site.layer_name, reason, chosen_dense(site, config))
+            if not decode:
+                plan.builds[site.layer_name] = None
             continue
-        q, k, v = (example_value(n) for n in (site.query, site.key, site.value))
-        shape = StateShape(batch=q.shape[0], q_heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[3],
-                           value_dim=v.shape[3], num_pages=config.num_pages, window=config.window,
-                           dtype=k.dtype, device=k.device)
-        state = store.get(site.layer_name, shape)
+        if decode:
+            plan.reads[site.layer_name] = state
+        else:
+            plan.builds[site.layer_name] = state
+            store.mark_prefilled(site.layer_name, shape)
         with graph.inserting_before(site.node):
             state_nodes = []
             for field, tensor in zip(STATE_ARGS, state):
@@ -99,12 +146,11 @@ def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore) -> 
         new.meta = dict(site.node.meta)
         site.node.replace_all_uses_with(new)
         graph.erase_node(site.node)
-        rewritten.append(site.layer_name)
     graph.lint()
     gm.recompile()
-    if rewritten:
-        log.debug("retro-compile: %d SDPA sites -> retro::attention: %s", len(rewritten), rewritten)
-    return rewritten
+    if plan.layers:
+        log.debug("retro-compile: %d SDPA sites -> retro::attention: %s", len(plan.layers), plan.layers)
+    return plan
 
 
 def _register_state(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> None:
