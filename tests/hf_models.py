@@ -16,11 +16,12 @@ from retro_compile.state import StateShape, allocate
 VOCAB = 128
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 4, q_heads: int = 4, kv_heads: int = 2):
+def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 4, q_heads: int = 4, kv_heads: int = 2,
+               max_positions: int = 1024):
     import transformers
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                  num_attention_heads=q_heads, num_key_value_heads=kv_heads, max_position_embeddings=1024)
+                  num_attention_heads=q_heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions)
     config = {
         "llama": lambda: transformers.LlamaConfig(**common),
         "qwen2": lambda: transformers.Qwen2Config(**common, use_sliding_window=False),

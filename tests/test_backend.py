@@ -74,3 +74,28 @@ def test_export_graph_sites_are_found():
     sites = find_sdpa_sites(ep.graph)
     assert len(sites) == 1
     assert sites[0].scale == 0.5 and sites[0].attn_mask is not None and sites[0].is_causal is False
+
+
+def test_decode_site_without_a_rewritten_prefill_stays_dense_with_a_warning(caplog):
+    """A decode graph whose layer state no prefill graph builds keeps SDPA there (and says so at
+    WARNING): rewritten, it would read zeros or another request's state."""
+    from retro_compile.passes.rewrite import rewrite_sdpa
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = Decoder(layers=2, max_len=64).eval()
+    with torch.no_grad():
+        torch.compile(model, backend=capture)(torch.randint(0, 97, (1, 2)), torch.arange(30, 32))  # 2 rows: decode
+    config = RetroConfig(mode="retro", budget=32, page_size=16, dense_layers=1, max_context=64)
+    store = StateStore()
+    with caplog.at_level(logging.INFO, logger="retro_compile"):
+        plan = rewrite_sdpa(graphs[0], config, store)
+    assert plan.reads == {} and plan.builds == {} and store.layers() == []
+    assert "its prefill was not rewritten" in store.dense_reasons["layers.1.attn"]
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "layers.1.attn" in warned[0].getMessage()
+    assert all("layers.0.attn" not in r.getMessage() for r in warned)  # a chosen dense layer logs at INFO

@@ -1,0 +1,166 @@
+"""Requests in sequence on one compiled model: limits, failures mid-request, long runs, and the
+rule that a decode step never reads state its own prefill did not build."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from retro_compile import RetroConfig, retro_compile
+
+from .hf_models import HandDriven, prompts, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = RetroConfig(mode="retro", window=2, budget=24, page_size=8, dense_layers=1, max_context=128)
+
+
+def greedy(model, ids, mask, new_tokens, **kw):
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=0, **kw)
+    return out[:, ids.shape[1]:]
+
+
+def test_request_beyond_max_context_is_refused_before_any_work():
+    model = retro_compile(tiny_model("llama"), CONFIG)
+    ids, mask = prompts(1, 100)
+    with pytest.raises(ValueError, match=r"100 tokens plus 40 new tokens need 140 positions.*RetroConfig.max_context=128"):
+        greedy(model, ids, mask, 40)
+    assert model.retro_state.layers() == [], "the refused request compiled or ran something"
+    with pytest.raises(ValueError, match="RetroConfig.max_context=128"):  # max_length counts the prompt
+        model.generate(input_ids=ids, attention_mask=mask, max_length=129, do_sample=False, pad_token_id=0)
+    assert greedy(model, ids, mask, 28).shape == (1, 28)  # exactly max_context positions
+
+
+@pytest.mark.parametrize("window,length", [(2, 3), (4, 5), (2, 64), (4, 63)],
+                         ids=["w2-prompt-w+1", "w4-prompt-w+1", "w2-page-boundary", "w4-page-boundary-1"])
+def test_short_prompts_and_page_boundaries(window, length):
+    """A prompt of exactly window + 1 tokens, and prompts ending on or just before a page boundary:
+    full budget gives the untouched model's tokens, a small budget the hand-driven reference's."""
+    model = tiny_model("llama", seed=2)
+    ids, mask = prompts(2, length, pad=(0, 1) if length > 3 else (), seed=3)
+    full = RetroConfig(mode="retro", window=window, budget=128, page_size=8, dense_layers=1, max_context=128)
+    assert torch.equal(greedy(retro_compile(copy.deepcopy(model), full), ids, mask, 12), greedy(model, ids, mask, 12))
+    small = RetroConfig(mode="retro", window=window, budget=16, page_size=8, dense_layers=1, max_context=128)
+    expected, _, _ = HandDriven(copy.deepcopy(model), small).generate(ids, mask, 12)
+    assert torch.equal(greedy(retro_compile(copy.deepcopy(model), small), ids, mask, 12), expected)
+
+
+def test_prompt_of_window_tokens_is_refused():
+    model = retro_compile(tiny_model("llama"), CONFIG)
+    ids, mask = prompts(1, 2)
+    with pytest.raises(ValueError, match="the prompt has 2 tokens; it needs more than window=2"):
+        greedy(model, ids, mask, 4)
+
+
+def test_exception_from_a_streamer_leaves_the_model_usable():
+    class Boom(BaseStreamer):
+        def __init__(self):
+            self.calls = 0
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 5:
+                raise KeyboardInterrupt("the user stopped the stream")
+
+        def end(self):
+            pass
+
+    base = tiny_model("llama", seed=4)
+    ids, mask = prompts(2, 50, pad=(0, 3), seed=5)
+    model = retro_compile(copy.deepcopy(base), CONFIG)
+    expected = greedy(retro_compile(copy.deepcopy(base), CONFIG), ids, mask, 10)
+    with pytest.raises(KeyboardInterrupt):
+        greedy(model, ids, mask, 10, streamer=Boom())
+    assert torch.equal(greedy(model, ids, mask, 10), expected)
+    assert torch.equal(greedy(model, ids[1:], mask[1:], 10), expected[1:])
+
+
+FRESH = """
+import json, sys, torch
+sys.path.insert(0, {root!r})
+from tests.hf_models import prompts, tiny_model
+from retro_compile import RetroConfig, retro_compile
+model = retro_compile(tiny_model("llama", seed=6), RetroConfig(**{config}))
+ids, mask = prompts({batch}, 70, pad={pad}, seed=7)
+out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+print(json.dumps(out[:, 70:].tolist()))
+"""
+
+
+def test_consecutive_requests_equal_fresh_process_runs():
+    """Two requests of different batch sizes on one model give what each gives in a new process."""
+    config = dict(mode="retro", window=2, budget=24, page_size=8, dense_layers=1, max_context=128)
+    model = retro_compile(tiny_model("llama", seed=6), RetroConfig(**config))
+    got = []
+    for batch, pad in ((1, ()), (3, (0, 9, 2))):
+        ids, mask = prompts(batch, 70, pad=pad, seed=7)
+        got.append(greedy(model, ids, mask, 10).tolist())
+    for (batch, pad), tokens in zip(((1, ()), (3, (0, 9, 2))), got):
+        script = FRESH.format(root=str(ROOT), config=config, batch=batch, pad=pad)
+        fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300)
+        assert json.loads(fresh.stdout.strip().splitlines()[-1]) == tokens
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from /proc")
+def test_ten_thousand_decode_steps_with_flat_memory():
+    """10,000 decode steps in one request: resident memory at step 10,000 is within a few MiB of
+    step 1,000 (after the allocator has warmed up), the state's size never changes, and nothing
+    recompiles."""
+
+    class Probe(BaseStreamer):
+        def __init__(self):
+            self.steps, self.rss = 0, {}
+
+        def put(self, value):
+            self.steps += 1
+            if self.steps in (1_000, 10_000):
+                self.rss[self.steps] = _rss_mib()
+
+        def end(self):
+            pass
+
+    model = retro_compile(tiny_model("llama", layers=2, max_positions=10_240),
+                          RetroConfig(mode="retro", window=2, budget=32, page_size=16, dense_layers=1, max_context=10_100))
+    ids, mask = prompts(1, 40)
+    greedy(model, ids, mask, 20)
+    memory = model.retro_state.memory()
+    assert list(memory) == ["model.layers.1.self_attn"] and memory["model.layers.1.self_attn"] > 0
+    probe = Probe()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        out = greedy(model, ids, mask, 10_000, streamer=probe)
+    assert out.shape == (1, 10_000) and probe.steps == 10_001  # the prompt, then one put per token
+    assert probe.rss[10_000] - probe.rss[1_000] < 8.0, f"resident memory grew: {probe.rss}"
+    assert model.retro_state.memory() == memory
+
+
+def test_decode_refuses_state_its_prefill_did_not_build():
+    """A prefill that runs no rewritten graph (here: forced eager) leaves no state for this request;
+    the decode graph, compiled and rewritten by an earlier request, must refuse to run."""
+    model = retro_compile(tiny_model("llama"), CONFIG)
+    ids, mask = prompts(1, 50)
+    greedy(model, ids, mask, 4)  # compiles and rewrites both graphs
+    driver = model.retro_driver
+    compiled_prefill = driver.prefill_fn
+
+    def eager_prefill(**kwargs):
+        with torch.compiler.set_stance("force_eager"):
+            return compiled_prefill(**kwargs)
+
+    driver.prefill_fn = eager_prefill
+    with pytest.raises(RuntimeError, match=r"no prefill built for \['model.layers.1.self_attn'"):
+        greedy(model, ids, mask, 4)
+    driver.prefill_fn = compiled_prefill
+    assert greedy(model, ids, mask, 4).shape == (1, 4)
