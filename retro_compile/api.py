@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any, Callable
 
@@ -33,21 +32,34 @@ def own_frame(fn: Callable) -> Callable:
 
 
 def retro_compile(
-    model: torch.nn.Module, config: RetroConfig | None = None, *, inductor: bool | None = None, **compile_kwargs: Any
+    model: torch.nn.Module,
+    config: RetroConfig | None = None,
+    *,
+    inductor: bool | None = None,
+    cuda_graphs: bool | None = None,
+    mode: str | None = None,
+    **compile_kwargs: Any,
 ) -> torch.nn.Module:
     """Make ``model`` decode with sparse + retrospective attention.
 
     For a Hugging Face causal LM this returns the same model, ready for ``model.generate(...)``:
-    its attention runs through SDPA with grouped KV heads, every generate() call gets a static
-    cache of ``config.max_context`` positions, and forward calls go through two graphs compiled
-    with the ``retro`` backend (the prefill, with a dynamic prompt length, and the decode step).
-    Any other module is returned as ``torch.compile(model, backend=retro)``.
+    its attention runs through SDPA with grouped KV heads, every generate() call runs on a static
+    cache of ``config.max_context`` positions that the model keeps per batch size, and forward calls
+    go through two graphs compiled with the ``retro`` backend (the prefill, with a dynamic prompt
+    length, and the decode step). Any other module is returned as ``torch.compile(model, backend=retro)``.
 
-    ``compile_kwargs`` go to ``torch.compile`` for the decode step (``mode="reduce-overhead"``
-    for CUDA graphs, ``fullgraph=True``, ...). ``inductor`` chooses whether the rewritten decode
-    graph is compiled by Inductor; by default it is on CUDA, while on CPU the graph runs as it is
-    (the op runs its PyTorch reference there, and Inductor's C++ build of a 30-layer model takes
-    minutes on a small machine).
+    Args:
+        model: a Hugging Face causal LM, or any module that calls SDPA.
+        config: the attention's settings (default ``RetroConfig()``).
+        inductor: compile the rewritten decode step with Inductor. By default it is on CUDA, while on
+            CPU the graph runs as it is (the op runs its PyTorch reference there, and Inductor's C++
+            build of a 30-layer model takes minutes on a small machine).
+        cuda_graphs: record each batch size's decode step in one CUDA graph and replay it (Hugging
+            Face models on CUDA; on by default there). A ``mode`` with CUDA graphs
+            (``"reduce-overhead"``, ``"max-autotune"``) turns them on; the graph is the driver's own,
+            so Inductor compiles without its ``cudagraphs`` option.
+        mode: Inductor's mode for the decode step (``torch.compile``'s ``mode``).
+        compile_kwargs: further ``torch.compile`` arguments for the decode step (``fullgraph=True``, ...).
     """
     config = config or RetroConfig()
     if not isinstance(config, RetroConfig):
@@ -63,30 +75,34 @@ def retro_compile(
             f"retro_compile: model was already compiled with {previous}; load a fresh model to use {config}"
         )
     store = StateStore()
+    on_cuda = any(p.is_cuda for p in model.parameters())
     if inductor is None:
-        inductor = any(p.is_cuda for p in model.parameters())
+        inductor = on_cuda
     if not hf.is_hf_causal_lm(model):
-        compiled = torch.compile(model, backend=backend_for(config, store, inductor=inductor), **compile_kwargs)
+        compiled = torch.compile(model, backend=backend_for(config, store, inductor=inductor), mode=mode,
+                                 **compile_kwargs)
         compiled.retro_config = config
         return compiled
 
     hf.check_sdpa_support(model)
     sliding = hf.sliding_window_layers(model.config)
-    if sliding and config.window > 1:
+    if sliding:
         raise ValueError(
             f"retro_compile: layers {list(sliding)} of {type(model).__name__} use a sliding-window cache, which the "
-            "decode window cannot rewrite; use mode='quest' (window 1) or a model without sliding-window layers"
+            "decode driver does not support yet; use a model without sliding-window layers"
         )
-    if sliding and config.mode != "dense":
-        log.info("retro_compile: layers %s use a sliding window and stay dense", list(sliding))
-        dense = config.dense_layers if isinstance(config.dense_layers, tuple) else tuple(range(config.dense_layers))
-        config = dataclasses.replace(config, dense_layers=tuple(sorted(set(dense) | set(sliding))))
+    options = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    graphs_in_mode = options.pop("triton.cudagraphs", False)
+    options.update(compile_kwargs.pop("options", None) or {})
+    if cuda_graphs is None:
+        cuda_graphs = graphs_in_mode or (mode is None and on_cuda)
     hf.register_attention()
     model.set_attn_implementation(hf.ATTENTION_NAME)
     prefill = torch.compile(own_frame(model.forward), backend=backend_for(config, store, inductor=False), dynamic=False)
-    decode = torch.compile(own_frame(model.forward), backend=backend_for(config, store, inductor=inductor),
-                           dynamic=False, **compile_kwargs)
-    driver = hf.install(model, config, store, prefill, decode)
+    step = hf.compiled_window_step(model, lambda fn: torch.compile(
+        own_frame(fn), backend=backend_for(config, store, inductor=inductor), dynamic=False, options=options or None,
+        **compile_kwargs))
+    driver = hf.install(model, config, store, prefill, step, cuda_graphs=bool(cuda_graphs))
     model.retro_config = config
     model.retro_state = store
     model.retro_driver = driver

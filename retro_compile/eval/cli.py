@@ -52,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--inductor", choices=["auto", "on", "off"], default="auto",
                    help="compile the decode graph with Inductor (auto: on CUDA only)")
-    p.add_argument("--cuda-graphs", action="store_true", help="decode with mode='reduce-overhead'")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA, run each decode step without recording it in a CUDA graph")
     p.add_argument("--jobs", type=int, default=1, help="configurations run at once, each in its own process")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default results/<task>.json); PNG beside it")
     args = p.parse_args(argv)
@@ -121,7 +122,7 @@ def evaluate(args, run: tuple[str, int | None, int]) -> dict:
     config = RetroConfig(mode=mode, window=window, budget=budget or max_context, max_context=max_context)
     inductor = None if args.inductor == "auto" else args.inductor == "on"
     model = retro_compile(copy.deepcopy(base), config, inductor=inductor,
-                          **(dict(mode="reduce-overhead") if args.cuda_graphs else {}))
+                          cuda_graphs=False if args.no_cuda_graphs else None)
     start = time.perf_counter()
     row = run_passkey(model, args, tokenizer) if args.task == "passkey" else run_ppl(model, args, passages, window)
     row = dict(mode=mode, budget=budget, window=window, **row, seconds=round(time.perf_counter() - start, 1))

@@ -18,20 +18,19 @@ class DecodeSession:
     """One request: ``prefill(ids)`` once, then ``step(ids)`` one token per sequence at a time."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        from transformers import StaticCache
-
         driver = getattr(model, "retro_driver", None)
         if driver is None:
             raise TypeError("DecodeSession: the model must come from retro_compile (use mode='dense' for dense)")
         driver.reset()
-        self.model = model
-        self.kwargs = {driver.cache_arg: StaticCache(config=model.config, max_cache_len=driver.config.max_context),
-                       "use_cache": True}
+        self.model, self.driver = model, driver
+        self.kwargs: dict = {"use_cache": True}
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) predicting the token after ``ids`` (B, N)."""
-        return self.model(input_ids=ids, **self.kwargs).logits[:, -1]
+        self.driver.check_request(ids.shape[1])
+        self.kwargs[self.driver.cache_arg] = self.driver.cache_for(ids.shape[0], ids.device)
+        return self.model(input_ids=ids, logits_to_keep=1, **self.kwargs).logits[:, -1]
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor) -> torch.Tensor:

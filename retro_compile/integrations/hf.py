@@ -1,17 +1,33 @@
-"""Hugging Face transformers glue: attention function, static cache, and the decode-window driver.
+"""Hugging Face transformers glue: attention function, masks, static caches, and the decode-window driver.
 
 What ``generate()`` sees does not change: every forward call still takes the newest token and
 returns its logits. Inside, each decode step feeds the last ``w`` tokens (the ``w - 1`` already
 generated ones again, plus the new one) at their own cache positions, so the static cache's
 entries for the past tokens are overwritten with K/V computed from corrected hidden states
-(ALGORITHM.md section 4). The prefill runs through the rewritten graph too, so it leaves the
-sparse layers' state behind.
+(docs/algorithm.md, section 4). The prefill runs through the rewritten graph too, so it leaves
+the sparse layers' state behind.
+
+Where the time goes in a decode step, and so how the driver is built:
+
+* Everything a step computes is inside one compiled function, :func:`window_step`: the window's
+  token ids, its positions and mask, the cache rewind, the model and the state updates. Its
+  per-request inputs live in fixed device buffers (:class:`WindowBuffers`) that it updates in
+  place, so no Python int reaches the graph and nothing is rebuilt on the host per step.
+* On CUDA the driver records that function in a CUDA graph per batch size, over a static cache
+  it owns and reuses across requests, and a step is one copy of the new token ids plus one graph
+  replay: no Dynamo guards, no per-step mask building, no kernel launches from Python.
+* The prefill never builds an L x L mask: a prompt without padding attends causally with no mask
+  at all (keys cut to the prompt), and a padded one gets a (B, 1, n, n) mask over the prompt's keys.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -20,8 +36,13 @@ import torch.nn.functional as F
 from ..config import RetroConfig
 from ..state import StateStore
 
+log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "retro_sdpa"
+
+# id(model.config) of the models whose forward calls a DecodeWindowDriver makes: the driver passes
+# those models every mask itself, so the mask function skips building one for them.
+_DRIVEN_CONFIGS: set[int] = set()
 
 
 def retro_sdpa_attention(
@@ -36,11 +57,25 @@ def retro_sdpa_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Plain SDPA with grouped-query heads left unexpanded (``enable_gqa``), so the rewrite sees
-    the real KV heads and selects pages per KV head. Same result as transformers' "sdpa"."""
+    the real KV heads and selects pages per KV head. Same result as transformers' "sdpa".
+
+    Two cases read fewer keys than the static cache holds, both for queries that start at cache
+    position 0 (a prefill): no mask with several rows means causal attention (SDPA's top-left
+    alignment), so keys past the last row are never visible and are cut off; a mask narrower than
+    the cache covers the first ``mask.shape[-1]`` keys, the rest being unwritten.
+    """
     if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
         raise ValueError("retro-compile: softcapping and position biases are not supported by SDPA attention")
-    if is_causal is None:
-        is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    rows = query.shape[2]
+    if attention_mask is None:
+        if is_causal is None:
+            is_causal = rows > 1 and getattr(module, "is_causal", True)
+        if is_causal:
+            key, value = key[:, :, :rows], value[:, :, :rows]
+    else:
+        is_causal = False
+        if attention_mask.shape[-1] < key.shape[2]:
+            key, value = key[:, :, :attention_mask.shape[-1]], value[:, :, :attention_mask.shape[-1]]
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
         is_causal=is_causal, enable_gqa=query.shape[1] != key.shape[1],
@@ -48,12 +83,41 @@ def retro_sdpa_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+def retro_sdpa_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' ``sdpa_mask``, minus the masks nobody needs.
+
+    * A model driven by a :class:`DecodeWindowDriver` gets its masks from the driver: none here.
+    * Several query rows from cache position 0 with no padding: no mask (SDPA's causal flag), where
+      ``sdpa_mask`` would build a (B, 1, n, max_cache_len) one for a static cache (16 GiB for a
+      128K prompt).
+    """
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    config = kwargs.get("config")
+    if config is not None and id(config) in _DRIVEN_CONFIGS:
+        return None
+    padding = kwargs.get("attention_mask")
+    q_offset = kwargs.get("q_offset", 0)
+    plainly_causal = (
+        not args and kwargs.get("q_length", 1) > 1 and kwargs.get("allow_is_causal_skip", True)
+        and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
+        and kwargs.get("local_size") is None and kwargs.get("kv_offset", 0) == 0
+        and not _traced(q_offset) and int(q_offset) == 0
+        and (padding is None or (not _traced(padding) and bool(padding.all())))
+    )
+    return None if plainly_causal else sdpa_mask(*args, **kwargs)
+
+
+def _traced(x: Any) -> bool:
+    """Whether reading ``x``'s value would need a concrete tensor that tracing does not have."""
+    return isinstance(x, torch.Tensor) and torch.compiler.is_compiling()
+
+
 def register_attention() -> None:
     from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
 
     AttentionInterface.register(ATTENTION_NAME, retro_sdpa_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, retro_sdpa_mask)
 
 
 def is_hf_causal_lm(model: torch.nn.Module) -> bool:
@@ -75,7 +139,7 @@ def check_sdpa_support(model: torch.nn.Module) -> None:
 
 
 def sliding_window_layers(hf_config: Any) -> tuple[int, ...]:
-    """Layers whose cache is a sliding window (a ring buffer): they stay dense."""
+    """Layers whose cache is a sliding window (a ring buffer)."""
     types = getattr(hf_config, "layer_types", None)
     if types:
         return tuple(i for i, t in enumerate(types) if t != "full_attention")
@@ -89,25 +153,129 @@ def cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
+def compiled_window_step(model: torch.nn.Module, compile: Callable[[Callable], Callable]) -> Callable:
+    """:func:`window_step` bound to ``model``'s own forward, compiled by ``compile``."""
+    forward_kwargs: dict[str, Any] = {"use_cache": True}
+    if "logits_to_keep" in inspect.signature(type(model).forward).parameters:
+        forward_kwargs["logits_to_keep"] = 1  # the window's older rows need no logits
+    return compile(functools.partial(window_step, model.forward, forward_kwargs, cache_argument(model)))
+
+
+def _output_cache_field() -> str:
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+@dataclass
+class WindowBuffers:
+    """The per-request inputs of a decode step, in fixed device tensors that the step updates in place.
+
+    ``valid`` marks the cache positions a query may see (written, not padding); ``next_pos`` is the
+    position id of the newest token per row (padding-aware, as ``generate`` counts); ``recent``
+    holds the ids of the last ``w - 1`` tokens, which the next step feeds again; ``ids`` is the
+    newest token's slot that a recorded CUDA graph reads.
+    """
+
+    valid: torch.Tensor  # (B, L) bool
+    next_pos: torch.Tensor  # (B,) int64
+    recent: torch.Tensor  # (B, w - 1) int64
+    ids: torch.Tensor  # (B, 1) int64
+
+    @classmethod
+    def allocate(cls, batch: int, length: int, window: int, device: torch.device) -> "WindowBuffers":
+        long = dict(dtype=torch.long, device=device)
+        return cls(torch.zeros(batch, length, dtype=torch.bool, device=device), torch.zeros(batch, **long),
+                   torch.zeros(batch, window - 1, **long), torch.zeros(batch, 1, **long))
+
+
+def window_step(forward: Callable, forward_kwargs: dict[str, Any], cache_arg: str, ids: torch.Tensor, cache: Any,
+                valid: torch.Tensor, next_pos: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
+    """One decode step of the window, all on the device: returns the newest row's logits (B, V).
+
+    The cache's write position (a device tensor in every layer) is the newest token's slot. The
+    window's ``w`` rows sit at the ``w`` slots ending there, with position ids ending at
+    ``next_pos``; each row sees the valid keys up to its own slot. Rewinding the cache by
+    ``w - 1`` makes the forward overwrite the past rows' K/V with values computed from their
+    corrected hidden states.
+    """
+    w = recent.shape[1] + 1
+    length = valid.shape[1]
+    device = ids.device
+    slot = cache.layers[0].cumulative_length
+    valid.index_fill_(1, slot.reshape(1), True)
+    rows = slot + torch.arange(1 - w, 1, device=device)  # (w,) cache slots of the window
+    mask = valid[:, None, None, :] & (torch.arange(length, device=device) <= rows[:, None])  # (B, 1, w, L)
+    positions = next_pos[:, None] + torch.arange(1 - w, 1, device=device)
+    window_ids = torch.cat([recent, ids], dim=1)
+    if w > 1:
+        for layer in cache.layers:
+            layer.cumulative_length.sub_(w - 1)
+    out = forward(input_ids=window_ids, attention_mask=mask, position_ids=positions, **forward_kwargs,
+                  **{cache_arg: cache})
+    recent.copy_(window_ids[:, 1:])
+    next_pos.add_(1)
+    return out.logits[:, -1]
+
+
+class RecordedStep:
+    """:func:`window_step` for one batch size and cache, recorded in a CUDA graph.
+
+    A replay is the whole decode step; the caller copies the newest ids into ``buffers.ids`` first.
+    """
+
+    def __init__(self, step: Callable, cache: Any, buffers: WindowBuffers) -> None:
+        self.cache, self.buffers = cache, buffers
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step(buffers.ids, cache, buffers.valid, buffers.next_pos, buffers.recent)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        self.buffers.ids.copy_(ids)
+        self.graph.replay()
+        return self.logits.clone()  # the next replay overwrites the graph's output
+
+
 class DecodeWindowDriver:
-    """Replaces ``model.forward``: prefill through one compiled graph, window decode through another."""
+    """Replaces ``model.forward``: prefill through one compiled graph, window decode through another.
+
+    Args:
+        model: the Hugging Face causal LM.
+        config: its RetroConfig.
+        store: its decode state (for the rule that a decode step only reads state its prefill built).
+        prefill: ``model.forward`` compiled for prompts (dynamic length).
+        step: :func:`window_step` bound to the model, compiled for decode steps.
+        cuda_graphs: record each batch size's decode step in a CUDA graph (CUDA only).
+    """
+
+    max_cached_batches = 2  # static caches (and their CUDA graphs) kept for this many batch sizes
 
     def __init__(self, model: torch.nn.Module, config: RetroConfig, store: StateStore, prefill: Callable,
-                 decode: Callable) -> None:
+                 step: Callable, cuda_graphs: bool) -> None:
+        self.model = model
         self.config = config
         self.store = store
         self.window = config.window
         self.prefill_fn = prefill
-        self.decode_fn = decode
+        self.step_fn = step
+        self.cuda_graphs = cuda_graphs
         self.cache_arg = cache_argument(model)
+        self._output_field = _output_cache_field()
+        self._caches: OrderedDict[int, Any] = OrderedDict()  # batch size -> the driver's own static cache
+        self._buffers: dict[int, WindowBuffers] = {}
+        self._recorded: dict[int, RecordedStep] = {}
         self.reset()
 
     def reset(self) -> None:
         """Forget the current sequence: the next call must be a prefill."""
         self.cache: Any = None
         self.length = 0  # positions written in the cache
-        self.recent: torch.Tensor | None = None  # (B, w-1) ids of the newest tokens ((B, 0) for w = 1)
+        self.steps = 0  # decode steps of this request
+        self.request_mask: torch.Tensor | None = None  # the 2D padding mask generate() was given
 
+    # ---------------------------------------------------------------------------------------------
+    # Requests and caches
+    # ---------------------------------------------------------------------------------------------
     def check_request(self, prompt: int, new_tokens: int = 0) -> None:
         """Refuse, before any work, a request the window or the static state cannot hold."""
         if prompt <= self.window:
@@ -119,7 +287,47 @@ class DecodeWindowDriver:
                 "(or ask for fewer tokens)"
             )
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+    def cache_for(self, batch: int, device: torch.device) -> Any:
+        """The driver's static cache for ``batch`` rows, allocated once and rewound to empty.
+
+        Reusing it keeps every address a recorded CUDA graph reads; its stale K/V are never read,
+        since a query only sees positions its request wrote.
+        """
+        from transformers import StaticCache
+
+        cache = self._caches.pop(batch, None)
+        if cache is None:
+            while len(self._caches) >= self.max_cached_batches:
+                self.release(next(iter(self._caches)))
+            hf = self.model.config
+            cache = StaticCache(config=hf, max_cache_len=self.config.max_context)
+            head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+            cache.early_initialization(batch, getattr(hf, "num_key_value_heads", hf.num_attention_heads), head_dim,
+                                       self.model.dtype, device)
+        else:
+            for layer in cache.layers:
+                layer.cumulative_length.zero_()
+        self._caches[batch] = cache
+        return cache
+
+    def release(self, batch: int | None = None) -> None:
+        """Free the static cache and CUDA graph kept for ``batch`` (every batch size if None)."""
+        for b in list(self._caches) if batch is None else [batch]:
+            self._caches.pop(b, None)
+            self._recorded.pop(b, None)
+            self._buffers.pop(b, None)
+
+    def _buffers_for(self, batch: int, device: torch.device) -> WindowBuffers:
+        buffers = self._buffers.get(batch)
+        if buffers is None or buffers.valid.device != device:
+            buffers = self._buffers[batch] = WindowBuffers.allocate(batch, self.config.max_context, self.window, device)
+            self._recorded.pop(batch, None)
+        return buffers
+
+    # ---------------------------------------------------------------------------------------------
+    # Forward calls
+    # ---------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: Any = None,
                 position_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
         cache = kwargs.get(self.cache_arg)
         if input_ids is None or cache is None or not getattr(cache, "is_compileable", False):
@@ -128,67 +336,103 @@ class DecodeWindowDriver:
                 f"(got input_ids={'set' if input_ids is not None else None}, {self.cache_arg}={type(cache).__name__}); "
                 "use model.generate(...), which sets both up"
             )
+        for flag in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(flag):
+                raise NotImplementedError(f"retro_compile: {flag}=True is not supported while decoding")
         if cache is not self.cache or input_ids.shape[1] > 1:
             return self._prefill(input_ids, attention_mask, position_ids, cache, kwargs)
-        return self._decode(input_ids, attention_mask, position_ids, kwargs)
+        return self._decode(input_ids)
 
     def _prefill(self, input_ids, attention_mask, position_ids, cache, kwargs):
-        n = input_ids.shape[1]
+        batch, n = input_ids.shape
         if cache is not self.cache:
+            request_mask = self.request_mask
             self.reset()
             self.cache = cache
+            self.request_mask = request_mask
             self.length = int(cache.get_seq_length())
         self.check_request(self.length + n)
-        masks = list(attention_mask.values()) if isinstance(attention_mask, dict) else [attention_mask]
-        for t, dim in [(input_ids, 1), (position_ids, 1)] + [(m, 2 if _is_4d(m) else 1) for m in masks]:
-            if t is not None:
+        start, device = self.length, input_ids.device
+        buffers = self._buffers_for(batch, device)
+        padding = self._padding_mask(attention_mask, batch, start + n, device)  # (B, start + n) bool or None
+        if start == 0:
+            buffers.valid.zero_()
+        buffers.valid[:, start:start + n] = True if padding is None else padding[:, start:]
+        if start == 0 and padding is None:
+            mask = None  # causal from position 0: SDPA's own flag, no mask
+        else:
+            mask = self._prompt_mask(buffers.valid, start, n)
+        if position_ids is None:
+            counted = buffers.valid[:, :start + n].long().cumsum(-1) - 1
+            position_ids = counted[:, start:].clamp(min=0)
+        for t, dims in [(input_ids, (1,)), (position_ids, (1,))] + ([(mask, (2, 3) if start == 0 else (2,))]
+                                                                   if mask is not None else []):
+            for dim in dims:
                 torch._dynamo.mark_dynamic(t, dim)
         self.store.forget_built()  # a prefill that runs no rewritten graph must leave nothing to decode from
-        out = self.prefill_fn(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        out = self.prefill_fn(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
         self.length += n
-        self.recent = input_ids[:, n - (self.window - 1):]
+        buffers.next_pos.copy_(position_ids[:, -1] + 1)
+        buffers.recent.copy_(input_ids[:, n - (self.window - 1):])
         return out
 
-    def _decode(self, input_ids, attention_mask, position_ids, kwargs):
-        w, newest = self.window, self.length
-        if newest + 1 > self.config.max_context:
-            raise ValueError(f"retro_compile: position {newest} is beyond RetroConfig.max_context={self.config.max_context}")
-        device = input_ids.device
-        rows = torch.arange(newest - w + 1, newest + 1, device=device)  # cache positions of the window
-        window_mask = functools.partial(self._window_mask, rows=rows, batch=input_ids.shape[0])
-        if isinstance(attention_mask, dict):  # one mask per layer type (all full attention: see retro_compile)
-            mask = {kind: window_mask(m) for kind, m in attention_mask.items()}
-            visible = next(iter(mask.values()))[:, :, -1:]
+    def _padding_mask(self, attention_mask: Any, batch: int, length: int, device) -> torch.Tensor | None:
+        """The request's 2D padding mask (B, length) as bool, or None where nothing is padded."""
+        mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None
+        if mask is None and self.request_mask is not None:
+            mask = self.request_mask
+        if mask is None:
+            return None
+        if mask.dim() == 4:  # a prepared mask: its last row sees every valid key
+            mask = mask[:, 0, -1, :length]
+            mask = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        mask = mask.to(device=device, dtype=torch.bool)
+        if mask.shape[0] != batch:  # generate() repeats each prompt for num_return_sequences
+            mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
+        mask = mask[:, :length]
+        return None if bool(mask.all()) else mask
+
+    @staticmethod
+    def _prompt_mask(valid: torch.Tensor, start: int, n: int) -> torch.Tensor:
+        """(B, 1, n, keys) bool for ``n`` rows at slots ``start..``: valid keys up to each row's slot.
+
+        From position 0 the keys are the prompt's own (n x n); a later chunk sees the whole cache.
+        A padded row sees itself, so that its output stays finite (it is never attended to).
+        """
+        keys = start + n if start == 0 else valid.shape[1]
+        rows = torch.arange(start, start + n, device=valid.device)[:, None]
+        index = torch.arange(keys, device=valid.device)
+        return (valid[:, None, None, :keys] & (index <= rows)) | (index == rows)
+
+    def _decode(self, input_ids: torch.Tensor) -> Any:
+        if self.length + 1 > self.config.max_context:
+            raise ValueError(f"retro_compile: position {self.length} is beyond RetroConfig.max_context={self.config.max_context}")
+        batch = input_ids.shape[0]
+        buffers = self._buffers[batch]
+        recorded = self._recorded.get(batch)
+        if recorded is not None and recorded.cache is self.cache and self.steps > 0:
+            logits = recorded(input_ids)
         else:
-            mask = window_mask(attention_mask)
-            visible = mask[:, :, -1:]
-        if position_ids is None:
-            position_ids = visible[:, 0, 0].sum(-1, keepdim=True) - 1
-        position_ids = position_ids[:, -1:] + torch.arange(1 - w, 1, device=device)
-        ids = torch.cat([self.recent, input_ids], dim=1)
-        rewind(self.cache, w - 1)  # the window rewrites the past tokens' entries
-        out = self.decode_fn(input_ids=ids, attention_mask=mask, position_ids=position_ids, **kwargs)
+            # The request's first step runs through the compiled function (and its check that the
+            # state it reads was built by this request's prefill); on CUDA it runs on a side stream,
+            # as warm-up for the graph the second step records.
+            graphs = self.cuda_graphs and input_ids.is_cuda and self._caches.get(batch) is self.cache
+            if graphs and self.steps > 0:
+                recorded = self._recorded[batch] = RecordedStep(self.step_fn, self.cache, buffers)
+                logits = recorded(input_ids)
+            elif graphs:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    logits = self.step_fn(input_ids, self.cache, buffers.valid, buffers.next_pos, buffers.recent)
+                torch.cuda.current_stream().wait_stream(side)
+            else:
+                logits = self.step_fn(input_ids, self.cache, buffers.valid, buffers.next_pos, buffers.recent)
         self.length += 1
-        self.recent = ids[:, 1:]
-        out.logits = out.logits[:, -1:]
-        return out
+        self.steps += 1
+        from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    def _window_mask(self, attention_mask, rows, batch) -> torch.Tensor:
-        """(B, 1, w, L) bool: the keys the newest token may see, cut causally for each window row."""
-        visible = self._visible_keys(attention_mask, batch, rows.device)
-        return visible & (torch.arange(visible.shape[-1], device=rows.device) <= rows[:, None])
-
-    def _visible_keys(self, attention_mask, batch, device) -> torch.Tensor:
-        """Keys the newest token may see, as a (B, 1, 1, L) bool mask over the whole cache."""
-        length = self.config.max_context
-        if attention_mask is None:
-            visible = torch.arange(length, device=device) <= self.length
-            return visible.expand(batch, 1, 1, length)
-        if _is_4d(attention_mask):
-            row = attention_mask[:, :, -1:, :]
-            return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
-        visible = F.pad(attention_mask.bool(), (0, length - attention_mask.shape[1]))
-        return visible[:, None, None, :]
+        return CausalLMOutputWithPast(logits=logits[:, None], **{self._output_field: self.cache})
 
 
 def rewind(cache: Any, tokens: int) -> None:
@@ -207,15 +451,11 @@ def rewind(cache: Any, tokens: int) -> None:
         position.sub_(tokens)
 
 
-def _is_4d(t: torch.Tensor | None) -> bool:
-    return t is not None and t.dim() == 4
-
-
 def requested_positions(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int] | None:
     """(prompt tokens, new tokens) a ``generate(*args, **kwargs)`` call asks for, as generate()
     itself resolves them (``max_new_tokens`` wins over ``max_length``); None without token ids."""
-    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+    ids = _prompt_ids(args, kwargs)
+    if ids is None:
         return None
     prompt = ids.shape[1]
     generation = kwargs.get("generation_config") or model.generation_config
@@ -226,23 +466,35 @@ def requested_positions(model: torch.nn.Module, args: tuple, kwargs: dict) -> tu
     return prompt, new
 
 
-def install(model: torch.nn.Module, config: RetroConfig, store: StateStore, prefill: Callable,
-            decode: Callable) -> DecodeWindowDriver:
-    """Install the driver and a generate() that starts every request from a fresh static cache."""
-    from transformers import StaticCache
+def _prompt_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    return ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
 
-    driver = DecodeWindowDriver(model, config, store, prefill, decode)
+
+def install(model: torch.nn.Module, config: RetroConfig, store: StateStore, prefill: Callable, step: Callable,
+            cuda_graphs: bool) -> DecodeWindowDriver:
+    """Install the driver and a generate() that runs every request on the driver's static cache."""
+    driver = DecodeWindowDriver(model, config, store, prefill, step, cuda_graphs)
     original_generate, original_forward = model.generate, model.forward
     cache_arg = driver.cache_arg
+    _DRIVEN_CONFIGS.add(id(model.config))
+    weakref.finalize(model, _DRIVEN_CONFIGS.discard, id(model.config))
 
     @functools.wraps(original_generate)
     def generate(*args: Any, **kwargs: Any) -> Any:
         request = requested_positions(model, args, kwargs)
         if request is not None:
             driver.check_request(*request)
+        generation = kwargs.get("generation_config") or model.generation_config
+        if (kwargs.get("num_beams") or generation.num_beams or 1) > 1:
+            raise ValueError("retro_compile: beam search (num_beams > 1) is not supported: it reorders the cache "
+                             "between steps, which the decode state does not follow")
         driver.reset()
-        if kwargs.get(cache_arg) is None and kwargs.get("past_key_values") is None:
-            kwargs[cache_arg] = StaticCache(config=model.config, max_cache_len=config.max_context)
+        driver.request_mask = kwargs.get("attention_mask")
+        ids = _prompt_ids(args, kwargs)
+        if kwargs.get(cache_arg) is None and kwargs.get("past_key_values") is None and ids is not None:
+            copies = kwargs.get("num_return_sequences") or generation.num_return_sequences or 1
+            kwargs[cache_arg] = driver.cache_for(ids.shape[0] * copies, ids.device)
         return original_generate(*args, **kwargs)
 
     @functools.wraps(original_forward)

@@ -59,8 +59,10 @@ def layer_name_of(node: fx.Node) -> str | None:
     if not stack:
         return None
     path = list(stack.values())[-1][0]
-    # The traced function's argument (L['self'], L['args'][0], L['fn'].__self__ for a bound method) is not part of the path.
-    path = re.sub(r"^L\[[^\]]*\](\[[^\]]*\])*(\.__self__)?\.?", "", path)
+    # How the traced function reaches the module (L['self'], L['args'][0], a bound method's
+    # L['fn'].__self__, a partial's L['fn'].args[0].__self__, a closure cell) is not part of the path.
+    anchors = [path.rindex(a) + len(a) for a in (".__self__", ".cell_contents") if a in path]
+    path = path[max(anchors):] if anchors else re.sub(r"^L\[[^\]]*\](\[[^\]]*\])*", "", path)
     path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)  # layers[3] / _modules['3'] -> layers.3
     path = re.sub(r"\._modules\.", ".", path)
     return path.strip(".") or "<root>"
