@@ -1,4 +1,5 @@
-"""Speed benchmarks (GPU). ``python -m retro_compile.bench op`` times one decode-attention step.
+"""Speed benchmarks. ``python -m retro_compile.bench op`` times one decode-attention step (GPU);
+``python -m retro_compile.bench e2e`` times generate() end to end (:mod:`retro_compile.bench_e2e`).
 
 Shape: Llama-3.1-8B heads (32 query, 8 KV, head dim 128), bf16, page 16, budget 2048 tokens,
 for B in {1, 8} and contexts {8K, 32K, 128K}. Side by side in one run:
@@ -234,15 +235,27 @@ def profile_op(batch: int, context: int, window: int) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m retro_compile.bench")
-    p.add_argument("what", choices=["op"])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
-    p.add_argument("--out", type=Path, default=Path("results/bench_op_h200.json"))
-    p.add_argument("--profile", action="store_true", help="print the compiled step's top kernels instead (window 2)")
+    sub = p.add_subparsers(dest="what", required=True)
+    op = sub.add_parser("op", help="one decode-attention step of the op (GPU)")
+    op.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    op.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    op.add_argument("--out", type=Path, default=Path("results/bench_op_h200.json"))
+    op.add_argument("--profile", action="store_true", help="print the compiled step's top kernels instead (window 2)")
+    e2e = sub.add_parser("e2e", help="generate() end to end on a Llama-3.1-8B-shaped model (GPU; --shape smoke on CPU)")
+    e2e.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    e2e.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    e2e.add_argument("--out", type=Path, default=Path("results/bench_e2e_h200.json"))
+    e2e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    from . import bench_e2e
+
+    bench_e2e.add_arguments(e2e)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.what == "e2e":
+        bench_e2e.main(args)
+        return
     if not torch.cuda.is_available():
-        raise SystemExit("python -m retro_compile.bench needs a CUDA device")
+        raise SystemExit("python -m retro_compile.bench op needs a CUDA device")
     if args.profile:
         for batch in args.batches:
             for context in args.contexts:

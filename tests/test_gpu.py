@@ -40,35 +40,37 @@ def test_generate_with_cuda_graphs_matches_dense_and_never_recompiles():
         assert torch.equal(compiled.generate(**kw), expected)
 
 
-def test_decode_records_cuda_graphs_once_then_replays(monkeypatch):
-    """mode='reduce-overhead': after warm-up, 64 more decode steps record no new CUDA graph."""
-    captures = []
-    original = torch.cuda.graphs.CUDAGraph.capture_begin
+def test_one_cuda_graph_replay_per_decode_step_on_a_deep_model(monkeypatch):
+    """32 layers, several requests and batch sizes: each batch size records one CUDA graph, in its
+    first request; every later decode step is one replay of it, and the tokens stay the untouched
+    model's (full budget)."""
+    captures, replays = [], []
+    capture_begin, replay = torch.cuda.graphs.CUDAGraph.capture_begin, torch.cuda.graphs.CUDAGraph.replay
 
-    def counting(self, *args, **kwargs):
+    def counting_capture(self, *args, **kwargs):
         captures.append(1)
-        return original(self, *args, **kwargs)
+        return capture_begin(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch.cuda.graphs.CUDAGraph, "capture_begin", counting)
-    model = tiny_model("llama").cuda()
-    ids, mask = prompts(2, 40, pad=(0, 5))
-    config = RetroConfig(mode="retro", budget=32, page_size=16, dense_layers=1, max_context=256)
-    compiled = retro_compile(model, config, mode="reduce-overhead")
-    driver = compiled.retro_driver
-    recorded_before_step = []
-    decode = driver.decode_fn
+    def counting_replay(self, *args, **kwargs):
+        replays.append(1)
+        return replay(self, *args, **kwargs)
 
-    def counted_decode(*args, **kwargs):
-        recorded_before_step.append(len(captures))
-        return decode(*args, **kwargs)
-
-    driver.decode_fn = counted_decode
-    compiled.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=72, do_sample=False,
-                      pad_token_id=0)
-    warm_up = 8
-    assert len(recorded_before_step) == 71
-    assert recorded_before_step[warm_up] > 0  # the step was recorded during warm-up...
-    assert len(captures) == recorded_before_step[warm_up]  # ...and the last 63 steps plus this one replayed it
+    monkeypatch.setattr(torch.cuda.graphs.CUDAGraph, "capture_begin", counting_capture)
+    monkeypatch.setattr(torch.cuda.graphs.CUDAGraph, "replay", counting_replay)
+    model = tiny_model("llama", layers=32).cuda()
+    config = RetroConfig(mode="retro", budget=256, page_size=16, dense_layers=2, max_context=256)
+    compiled = retro_compile(copy.deepcopy(model), config, mode="reduce-overhead")
+    new_tokens = 40
+    for batch, expected_captures in ((2, 1), (1, 2), (2, 2)):
+        ids, mask = prompts(batch, 60, pad=(0, 5)[:batch], seed=batch)
+        kw = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=new_tokens, do_sample=False,
+                  pad_token_id=0)
+        replays.clear()
+        assert torch.equal(compiled.generate(**kw), model.generate(**kw))
+        assert len(captures) == expected_captures
+        # The prefill gives the first token; the first decode step runs the compiled step (warm-up
+        # and the state check); each of the other new_tokens - 2 steps is one replay.
+        assert len(replays) == new_tokens - 2
 
 
 def test_generate_small_budget_runs_on_cuda():

@@ -93,8 +93,7 @@ def retro_sdpa_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     """
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-    config = kwargs.get("config")
-    if config is not None and id(config) in _DRIVEN_CONFIGS:
+    if _driven(kwargs.get("config")):
         return None
     padding = kwargs.get("attention_mask")
     q_offset = kwargs.get("q_offset", 0)
@@ -106,6 +105,14 @@ def retro_sdpa_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
         and (padding is None or (not _traced(padding) and bool(padding.all())))
     )
     return None if plainly_causal else sdpa_mask(*args, **kwargs)
+
+
+@torch._dynamo.assume_constant_result
+def _driven(config: Any) -> bool:
+    """Whether a driver makes this model's forward calls. Evaluated once while tracing, with no
+    guard on the registry: a model stays driven (or not) for its whole life, and its compiled
+    graphs are its own."""
+    return config is not None and id(config) in _DRIVEN_CONFIGS
 
 
 def _traced(x: Any) -> bool:

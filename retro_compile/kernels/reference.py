@@ -54,22 +54,26 @@ class LayerState(NamedTuple):
 # 1. Masks and positions
 # --------------------------------------------------------------------------------------------
 def mask_to_allowed(
-    attn_mask: torch.Tensor | None, is_causal: bool, batch: int, n: int, length: int, device: torch.device
+    attn_mask: torch.Tensor | None, is_causal: bool, batch: int, n: int, length: int, device: torch.device,
+    last: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """SDPA's mask conventions as (allowed (B, n, L) bool, additive bias (B, n, L) fp32 or None).
+    """SDPA's mask conventions as (allowed (B, r, L) bool, additive bias (B, r, L) fp32 or None),
+    for the last ``r = last`` of the ``n`` query rows (all of them by default).
 
     A boolean mask is True where attention is allowed; a float mask is added to the logits and
     ``-inf`` (or the dtype's lowest value, as Hugging Face writes it) disallows. No mask with
-    ``is_causal`` is SDPA's top-left causal mask; no mask without it allows every key.
+    ``is_causal`` is SDPA's top-left causal mask; no mask without it allows every key. A prefill
+    needs only its last rows, so a long prompt never materialises an (n, L) mask here.
     """
+    r = n if last is None else min(last, n)
     if attn_mask is None:
         if is_causal:
-            rows = torch.arange(n, device=device)[:, None]
+            rows = torch.arange(n - r, n, device=device)[:, None]
             allowed = torch.arange(length, device=device)[None, :] <= rows
         else:
-            allowed = torch.ones(n, length, dtype=torch.bool, device=device)
-        return allowed.expand(batch, n, length), None
-    mask = attn_mask.expand(batch, 1, n, length)[:, 0]
+            allowed = torch.ones(r, length, dtype=torch.bool, device=device)
+        return allowed.expand(batch, r, length), None
+    mask = attn_mask.expand(batch, 1, n, length)[:, 0, n - r:]
     if mask.dtype == torch.bool:
         return mask, None
     bias = mask.float()
@@ -217,18 +221,19 @@ def attend(
 
     ``key_mask`` is (B, 1 or Hkv, r, L); ``bias`` (B, r, L) is added to the logits. Returns
     (output (B, Hq, r, Dv) fp32, lse (B, Hq, r) fp32); a row with no key gets zeros and -inf.
+    Each KV head serves its group's query heads in one product; the keys are never repeated.
     """
-    group = q.shape[1] // k.shape[1]
-    kx = k.float().repeat_interleave(group, dim=1)
-    vx = v.float().repeat_interleave(group, dim=1)
-    logits = torch.einsum("bhrd,bhld->bhrl", q.float(), kx) * scale
+    b, hq, r, _ = q.shape
+    hkv, group = k.shape[1], q.shape[1] // k.shape[1]
+    logits = torch.matmul(q.float().reshape(b, hkv, group * r, -1), k.float().transpose(-1, -2)) * scale
+    logits = logits.view(b, hkv, group, r, -1)
     if bias is not None:
-        logits = logits + bias[:, None]
-    mask = key_mask if key_mask.shape[1] == 1 else key_mask.repeat_interleave(group, dim=1)
-    logits = logits.masked_fill(~mask, NEG_INF)
+        logits = logits + bias[:, None, None]
+    logits = logits.masked_fill(~key_mask[:, :, None], NEG_INF)
     lse = torch.logsumexp(logits, dim=-1)
     probs = torch.exp(logits - lse[..., None]).nan_to_num(0.0)
-    return probs @ vx, lse
+    out = torch.matmul(probs.view(b, hkv, group * r, -1), v.float())
+    return out.view(b, hq, r, -1), lse.view(b, hq, r)
 
 
 def merge(
@@ -278,13 +283,13 @@ def prefill(
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=True
     )
-    allowed, bias = mask_to_allowed(attn_mask, is_causal, batch, n, k.shape[2], q.device)
+    rows = min(state.out_cache.shape[2], n)  # the last w-1 prompt rows, seen densely, go to the output cache
+    allowed, bias = mask_to_allowed(attn_mask, is_causal, batch, n, k.shape[2], q.device, last=max(rows, 1))
     position = query_positions(allowed)[:, -1]
     stages = stages or reference_stages()
     first = torch.zeros_like(position)
     stages.summarize_pages(state.kmax, state.kmin, k, allowed[:, -1], first, state.kmax.shape[2], params.page_size)
     state.last.copy_(position[:, None, None].to(state.last.dtype).expand_as(state.last))
-    rows = min(state.out_cache.shape[2], n)  # the last w-1 prompt rows, seen densely
     if rows:
         o, lse = attend(q[:, :, -rows:], k, v, allowed[:, None, -rows:], default_scale(q, scale),
                         None if bias is None else bias[:, -rows:])

@@ -1,0 +1,320 @@
+"""End-to-end decoding benchmark: ``python -m retro_compile.bench e2e``.
+
+A Llama-3.1-8B-shaped model (32 layers, 32 query / 8 KV heads, head dim 128, vocab 128256) with
+random bf16 weights built on the GPU (speed does not depend on the weights), random prompts, one
+static cache of ``context`` positions for every configuration, everything through ``generate()``:
+
+* ``stock``: transformers' own SDPA attention (it repeats the KV heads), its static cache and its
+  compiled decode step (``CompileConfig(mode="reduce-overhead")``);
+* ``dense``: the same, with grouped SDPA (``enable_gqa``, no repeated KV heads) and no L x L
+  prefill mask: the strong dense baseline that speedups are claimed against;
+* ``driver-dense``: ``retro_compile(mode="dense")``: this package's decode driver and CUDA graph
+  with dense attention, which separates what the driver saves from what sparsity saves;
+* ``quest``, ``retro-w2``, ``retro-w4``: ``retro_compile`` with a 2048-token budget.
+
+Each (configuration, batch, context) runs in a process of its own, under a time limit, and its row
+is added to the JSON as soon as it ends. Per row: decode ms/token and tokens/s (token timestamps
+from a streamer: generate() synchronises on every token), time to first token, peak GPU memory,
+warm-up (compile) time and, with ``--profile``, the device time of a decode step split into
+matrix products, attention and other kernels (the rest of a step's wall time is host time
+between graph replays). ``--shape smoke`` runs a tiny model on the CPU (CI's smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("retro_compile.bench.e2e")
+
+SHAPES = {
+    "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+    "smoke": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0),
+}
+MODES = ("stock", "dense", "driver-dense", "quest", "retro-w2", "retro-w4")
+HEADROOM = 128  # cache positions left after the prompt: new tokens, and replays of the recorded step
+KERNEL_KINDS = {  # substrings of kernel names, first match wins
+    "attention": ("flash", "fmha", "attention", "attn", "_page_scores", "_top_pages", "_summarize_pages",
+                  "_merge_window", "_window_attention"),
+    "matmul": ("gemm", "nvjet", "cutlass", "xmma", "matmul", "sm90_", "cublas"),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# One configuration (runs in its own process)
+# ------------------------------------------------------------------------------------------------
+def build_model(shape: str, context: int, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=context, tie_word_embeddings=False)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None  # decode exactly the requested number of tokens
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def prepare(model, mode: str, context: int, budget: int, batch: int):
+    """(model ready for generate, extra generate kwargs) for ``mode``."""
+    from transformers import StaticCache
+    from transformers.generation import CompileConfig
+
+    from . import RetroConfig, retro_compile
+    from .integrations import hf
+
+    if mode in ("stock", "dense"):
+        if mode == "dense":
+            hf.register_attention()
+            model.set_attn_implementation(hf.ATTENTION_NAME)
+        else:
+            model.set_attn_implementation("sdpa")
+        cache = StaticCache(config=model.config, max_cache_len=context)
+        head_dim = model.config.hidden_size // model.config.num_attention_heads
+        cache.early_initialization(batch, model.config.num_key_value_heads, head_dim, model.dtype, model.device)
+        model.generation_config.compile_config = CompileConfig(mode="reduce-overhead")
+        return model, {hf.cache_argument(model): cache}
+    config = {
+        "driver-dense": RetroConfig(mode="dense", max_context=context),
+        "quest": RetroConfig(mode="quest", budget=budget, max_context=context),
+        "retro-w2": RetroConfig(mode="retro", window=2, budget=budget, max_context=context),
+        "retro-w4": RetroConfig(mode="retro", window=4, budget=budget, max_context=context),
+    }[mode]
+    return retro_compile(model, config), {}
+
+
+class TokenClock:
+    """A streamer that timestamps every token generate() emits (the first ``put`` is the prompt).
+
+    generate() copies each new token to the host before calling ``put``, so a timestamp is taken
+    after the step's device work is done. Optionally starts a profiler once the first token is out
+    and stops it at the end, so that it sees decode steps only.
+    """
+
+    def __init__(self, profiler=None) -> None:
+        self.times: list[float] = []
+        self.profiler = profiler
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+        if self.profiler is not None and len(self.times) == 2:
+            self.profiler.start()
+
+    def end(self) -> None:
+        if self.profiler is not None:
+            self.profiler.stop()
+
+
+class GraphCounter:
+    """Counts CUDA graph recordings and replays (Inductor's and the driver's alike) while active."""
+
+    def __enter__(self) -> "GraphCounter":
+        self.captures = self.replays = 0
+        graph = torch.cuda.CUDAGraph
+        self._saved = graph.capture_begin, graph.replay
+        counter = self
+
+        def capture_begin(self, *args, **kwargs):
+            counter.captures += 1
+            return counter._saved[0](self, *args, **kwargs)
+
+        def replay(self, *args, **kwargs):
+            counter.replays += 1
+            return counter._saved[1](self, *args, **kwargs)
+
+        graph.capture_begin, graph.replay = capture_begin, replay
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.cuda.CUDAGraph.capture_begin, torch.cuda.CUDAGraph.replay = self._saved
+
+
+def timed_generate(model, ids, kwargs, new_tokens: int, profiler=None) -> TokenClock:
+    from transformers.generation.streamers import BaseStreamer
+
+    clock = TokenClock(profiler)
+    streamer = type("Clock", (BaseStreamer,), {"put": lambda self, v: clock.put(v), "end": lambda self: clock.end()})()
+    for value in kwargs.values():
+        if hasattr(value, "reset"):
+            value.reset()  # a static cache of the stock path starts every request empty
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                       streamer=streamer, **kwargs)
+    return clock
+
+
+def kernel_breakdown(profiler, steps: int) -> dict[str, float]:
+    """Device milliseconds per decode step, by kind of kernel, from a profile of ``steps`` steps."""
+    totals = dict.fromkeys(("matmul", "attention", "other"), 0.0)
+    for event in profiler.key_averages():
+        device_us = getattr(event, "self_device_time_total", None)
+        if device_us is None:
+            device_us = getattr(event, "self_cuda_time_total", 0.0)
+        if not device_us:
+            continue
+        name = event.key.lower()
+        kind = next((k for k, marks in KERNEL_KINDS.items() if any(m in name for m in marks)), "other")
+        totals[kind] += device_us
+    return {f"step_{kind}_ms": total / 1000.0 / steps for kind, total in totals.items()}
+
+
+def run_one(args) -> dict:
+    """Build, warm up and time one configuration; returns its row."""
+    device = args.device
+    row = dict(mode=args.mode, batch=args.batch, context=args.context, budget=args.budget)
+    model = build_model(args.shape, args.context, device)
+    model, kwargs = prepare(model, args.mode, args.context, args.budget, args.batch)
+    prompt = args.context - HEADROOM
+    ids = torch.randint(1, SHAPES[args.shape]["vocab_size"], (args.batch, prompt),
+                        generator=torch.Generator().manual_seed(1)).to(device)
+    start = time.perf_counter()
+    timed_generate(model, ids, kwargs, args.warmup_tokens)  # compiles prefill and decode, records graphs
+    row["warmup_s"] = time.perf_counter() - start
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with GraphCounter() as graphs:
+        runs = [timed_generate(model, ids, kwargs, args.new_tokens) for _ in range(args.runs)]
+    if device == "cuda":
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        decode_steps = args.runs * (args.new_tokens - 1)
+        row.update(graph_captures_in_timed_runs=graphs.captures, graph_replays_per_decode_step=graphs.replays / decode_steps)
+    ttft = [c.times[1] - c.times[0] for c in runs]
+    per_token = [(c.times[-1] - c.times[1]) / (len(c.times) - 2) for c in runs]
+    intervals = [b - a for c in runs for a, b in zip(c.times[1:], c.times[2:])]
+    row.update(ttft_s=statistics.median(ttft), decode_ms=1000 * statistics.median(per_token),
+               decode_interval_median_ms=1000 * statistics.median(intervals), runs=args.runs,
+               new_tokens=args.new_tokens, prompt=prompt)
+    row["tokens_per_s"] = args.batch * 1000.0 / row["decode_ms"]
+    row["compile_s"] = max(0.0, row["warmup_s"] - row["ttft_s"])
+    store = getattr(model, "retro_state", None)
+    if store is not None:
+        row["state_gib"] = store.nbytes / 2**30
+    if args.profile and device == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        profiler = profile(activities=[ProfilerActivity.CUDA])
+        clock = timed_generate(model, ids, kwargs, 17, profiler)
+        row.update(kernel_breakdown(profiler, len(clock.times) - 2))
+    return row
+
+
+# ------------------------------------------------------------------------------------------------
+# The sweep (parent process)
+# ------------------------------------------------------------------------------------------------
+def targets(batch: int, context: int) -> float | None:
+    """Decode tokens/s over the strong dense baseline that the project aims for."""
+    return {(1, 32768): 1.1, (1, 131072): 1.6, (4, 131072): 3.0}.get((batch, context))
+
+
+def summarize(rows: list[dict]) -> None:
+    """Each row's speed relative to the dense baselines of the same (batch, context), in place."""
+    for row in rows:
+        for base in ("stock", "dense", "driver-dense"):
+            ref = next((r for r in rows if r["mode"] == base and r["batch"] == row["batch"]
+                        and r["context"] == row["context"] and "decode_ms" in r), None)
+            if ref is not None and "decode_ms" in row:
+                row[f"speedup_vs_{base}"] = ref["decode_ms"] / row["decode_ms"]
+            if ref is not None and "ttft_s" in row:
+                row[f"ttft_vs_{base}"] = row["ttft_s"] / ref["ttft_s"]
+        row["target_vs_dense"] = targets(row["batch"], row["context"]) if row["mode"] in ("quest", "retro-w2") else None
+
+
+def sweep(args) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = json.loads(out.read_text())["results"] if args.append and out.exists() else []
+    meta = dict(shape=args.shape, device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                torch=torch.__version__, budget=args.budget, new_tokens=args.new_tokens, runs=args.runs,
+                command=" ".join(sys.argv))
+    import transformers
+
+    meta["transformers"] = transformers.__version__
+    cases = [(b, c, m) for b in args.batches for c in args.contexts for m in args.modes]
+    for batch, context, mode in tqdm(cases, desc="end-to-end benchmark"):
+        with tempfile.TemporaryDirectory() as tmp:
+            result = Path(tmp) / "row.json"
+            command = [sys.executable, "-m", "retro_compile.bench", "e2e", "--one", mode, "--batches", str(batch),
+                       "--contexts", str(context), "--shape", args.shape, "--device", args.device,
+                       "--budget", str(args.budget), "--new-tokens", str(args.new_tokens), "--runs", str(args.runs),
+                       "--warmup-tokens", str(args.warmup_tokens), "--row-out", str(result)]
+            if args.profile:
+                command.append("--profile")
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
+                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                if done.returncode == 0 and result.exists():
+                    row = json.loads(result.read_text())
+                else:
+                    tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+                    row = dict(mode=mode, batch=batch, context=context, error=" | ".join(tail)[-500:])
+            except subprocess.TimeoutExpired:
+                row = dict(mode=mode, batch=batch, context=context, error=f"timed out after {args.timeout} s")
+        rows = [r for r in rows if (r["mode"], r["batch"], r["context"]) != (mode, batch, context)] + [row]
+        summarize(rows)
+        log.info("%s", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+        out.write_text(json.dumps(dict(meta=meta, results=rows), indent=2))  # after every configuration
+    plot(rows, out.with_suffix(".png"))
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    from .eval.plot import pyplot
+
+    plt = pyplot()
+    if plt is None:
+        return
+    shapes = sorted({(r["batch"], r["context"]) for r in rows})
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / max(1, len(modes))
+    for i, mode in enumerate(modes):
+        values = [next((r.get("tokens_per_s", 0.0) for r in rows if r["mode"] == mode and (r["batch"], r["context"]) == s),
+                       0.0) for s in shapes]
+        ax.bar([x + i * width for x in range(len(shapes))], values, width, label=mode)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shapes))], [f"B={b}\n{c // 1024}K" for b, c in shapes])
+    ax.set_ylabel("decode tokens/s (all rows of the batch)")
+    ax.set_title("generate() on a Llama-3.1-8B-shaped model: decode throughput", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-8b")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--budget", type=int, default=2048, help="sparse budget in tokens")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per timed request")
+    p.add_argument("--warmup-tokens", type=int, default=8, help="tokens of the warm-up request (compiles)")
+    p.add_argument("--runs", type=int, default=2, help="timed requests per configuration (medians reported)")
+    p.add_argument("--timeout", type=int, default=480, help="seconds allowed per configuration")
+    p.add_argument("--profile", action="store_true", help="also split a decode step's device time by kernel kind")
+    p.add_argument("--append", action="store_true", help="keep the rows already in --out (a sweep in several runs)")
+    p.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)  # run one configuration (internal)
+    p.add_argument("--row-out", type=Path, help=argparse.SUPPRESS)
+
+
+def main(args) -> None:
+    if args.one:
+        args.mode, args.batch, args.context = args.one, args.batches[0], args.contexts[0]
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("the end-to-end benchmark on --device cuda needs a CUDA device")
+        args.row_out.write_text(json.dumps(run_one(args)))
+        return
+    if any(c <= HEADROOM for c in args.contexts):
+        raise SystemExit(f"--contexts must exceed {HEADROOM} (the positions left for decoding)")
+    sweep(args)
