@@ -159,6 +159,7 @@ def timed_generate(model, ids, kwargs, new_tokens: int, profiler=None) -> TokenC
 def kernel_breakdown(profiler, steps: int) -> dict[str, float]:
     """Device milliseconds per decode step, by kind of kernel, from a profile of ``steps`` steps."""
     totals = dict.fromkeys(("matmul", "attention", "other"), 0.0)
+    kernels = []
     for event in profiler.key_averages():
         device_us = getattr(event, "self_device_time_total", None)
         if device_us is None:
@@ -168,7 +169,10 @@ def kernel_breakdown(profiler, steps: int) -> dict[str, float]:
         name = event.key.lower()
         kind = next((k for k, marks in KERNEL_KINDS.items() if any(m in name for m in marks)), "other")
         totals[kind] += device_us
-    return {f"step_{kind}_ms": total / 1000.0 / steps for kind, total in totals.items()}
+        kernels.append((device_us / 1000.0 / steps, event.key[:80]))
+    row = {f"step_{kind}_ms": total / 1000.0 / steps for kind, total in totals.items()}
+    row["step_top_kernels_ms"] = [[name, round(ms, 4)] for ms, name in sorted(kernels, reverse=True)[:10]]
+    return row
 
 
 def run_one(args) -> dict:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -39,11 +38,6 @@ from ..state import StateStore
 log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "retro_sdpa"
-
-# id(model.config) of the models whose forward calls a DecodeWindowDriver makes: the driver passes
-# those models every mask itself, so the mask function skips building one for them.
-_DRIVEN_CONFIGS: set[int] = set()
-
 
 def retro_sdpa_attention(
     module: torch.nn.Module,
@@ -84,35 +78,28 @@ def retro_sdpa_attention(
 
 
 def retro_sdpa_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """transformers' ``sdpa_mask``, minus the masks nobody needs.
+    """transformers' ``sdpa_mask``, minus the L x L mask of a long prompt.
 
-    * A model driven by a :class:`DecodeWindowDriver` gets its masks from the driver: none here.
-    * Several query rows from cache position 0 with no padding: no mask (SDPA's causal flag), where
-      ``sdpa_mask`` would build a (B, 1, n, max_cache_len) one for a static cache (16 GiB for a
-      128K prompt).
+    Several query rows from cache position 0 with no padding need no mask at all (SDPA's causal
+    flag), where ``sdpa_mask`` would build a (B, 1, n, max_cache_len) one for a static cache (16 GiB
+    for a 128K prompt). While tracing, the cache's write position cannot be read; a mask-less call
+    with several rows is then taken as starting at position 0, which is what the decode driver's
+    prefill guarantees (a later chunk gets an explicit 4D mask from it).
     """
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-    if _driven(kwargs.get("config")):
-        return None
     padding = kwargs.get("attention_mask")
     q_offset = kwargs.get("q_offset", 0)
+    if _traced(q_offset):
+        from_start = padding is None  # the driver's prefill (see above)
+    else:
+        from_start = int(q_offset) == 0 and (padding is None or (not _traced(padding) and bool(padding.all())))
     plainly_causal = (
-        not args and kwargs.get("q_length", 1) > 1 and kwargs.get("allow_is_causal_skip", True)
+        not args and from_start and kwargs.get("q_length", 1) > 1 and kwargs.get("allow_is_causal_skip", True)
         and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
         and kwargs.get("local_size") is None and kwargs.get("kv_offset", 0) == 0
-        and not _traced(q_offset) and int(q_offset) == 0
-        and (padding is None or (not _traced(padding) and bool(padding.all())))
     )
     return None if plainly_causal else sdpa_mask(*args, **kwargs)
-
-
-@torch._dynamo.assume_constant_result
-def _driven(config: Any) -> bool:
-    """Whether a driver makes this model's forward calls. Evaluated once while tracing, with no
-    guard on the registry: a model stays driven (or not) for its whole life, and its compiled
-    graphs are its own."""
-    return config is not None and id(config) in _DRIVEN_CONFIGS
 
 
 def _traced(x: Any) -> bool:
@@ -484,8 +471,6 @@ def install(model: torch.nn.Module, config: RetroConfig, store: StateStore, pref
     driver = DecodeWindowDriver(model, config, store, prefill, step, cuda_graphs)
     original_generate, original_forward = model.generate, model.forward
     cache_arg = driver.cache_arg
-    _DRIVEN_CONFIGS.add(id(model.config))
-    weakref.finalize(model, _DRIVEN_CONFIGS.discard, id(model.config))
 
     @functools.wraps(original_generate)
     def generate(*args: Any, **kwargs: Any) -> Any:
