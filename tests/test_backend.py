@@ -99,3 +99,17 @@ def test_decode_site_without_a_rewritten_prefill_stays_dense_with_a_warning(capl
     warned = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and "layers.1.attn" in warned[0].getMessage()
     assert all("layers.0.attn" not in r.getMessage() for r in warned)  # a chosen dense layer logs at INFO
+
+
+def test_dense_decode_sites_with_several_rows_attend_row_by_row():
+    """A dense layer's window rows go through SDPA one row at a time: the same result as one call."""
+    from retro_compile.passes.rewrite import sdpa_row_by_row
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 8, 3, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g)
+    mask = torch.rand(2, 1, 3, 40, generator=g) > 0.3
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, scale=0.3)
+    torch.testing.assert_close(sdpa_row_by_row(q, k, v, mask, scale=0.3, enable_gqa=True), expected)
+    torch.testing.assert_close(sdpa_row_by_row(q, k, v, mask[:, :, :1], enable_gqa=True),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, :1],
+                                                                                enable_gqa=True))

@@ -81,6 +81,28 @@ def is_decode_site(site: SdpaSite, config: RetroConfig) -> bool:
     return isinstance(rows, int) and rows <= config.window
 
 
+def _rows(site: SdpaSite) -> int:
+    return example_value(site.query).shape[2]
+
+
+def sdpa_row_by_row(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor,
+                    dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                    enable_gqa: bool = False) -> torch.Tensor:
+    """SDPA for a decode window's few rows, one row at a time; the same result.
+
+    A dense layer's decode step with ``w > 1`` rows and a mask over a long cache is otherwise sent
+    to a prefill kernel: on an H200 (torch 2.11) cuDNN's took 2.6 ms per layer for 2 rows over 128K
+    keys, where the one-row decode kernel takes 0.12 ms. Each row reads the cache once more.
+    """
+    outs = []
+    for row in range(query.shape[2]):
+        mask = attn_mask[:, :, row:row + 1] if attn_mask.shape[2] > 1 else attn_mask
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, row:row + 1], key, value, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+            enable_gqa=enable_gqa))
+    return torch.cat(outs, dim=2)
+
+
 def _note_dense(store: StateStore, layer: str, reason: str, chosen: bool) -> None:
     """Record why a layer stays dense; log it the first time for this model (WARNING unless chosen)."""
     if store.dense_reasons.get(layer) != reason:
@@ -124,6 +146,8 @@ def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore) -> 
             _note_dense(store, site.layer_name, reason, chosen_dense(site, config))
             if not decode:
                 plan.builds[site.layer_name] = None
+            elif _rows(site) > 1 and site.attn_mask is not None and site.is_causal is False and site.dropout_p == 0.0:
+                site.node.target = sdpa_row_by_row
             continue
         if decode:
             plan.reads[site.layer_name] = state
