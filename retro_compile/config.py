@@ -1,6 +1,6 @@
 """RetroConfig: every knob of the sparse + retrospective attention, validated once.
 
-The three modes are presets of one algorithm (see ALGORITHM.md):
+The three modes are presets of one algorithm (see docs/algorithm.md):
 
 * ``"dense"``: nothing is rewritten; the model runs stock SDPA (the baseline).
 * ``"quest"``: top-k page selection, one decode row per step (window 1).

@@ -41,7 +41,7 @@ def test_generate_with_cuda_graphs_matches_dense_and_never_recompiles():
 
 
 def test_one_cuda_graph_replay_per_decode_step_on_a_deep_model(monkeypatch):
-    """32 layers, several requests and batch sizes: each batch size records one CUDA graph, in its
+    """16 layers, several requests and batch sizes: each batch size records one CUDA graph, in its
     first request; every later decode step is one replay of it, and the tokens stay the untouched
     model's (full budget)."""
     captures, replays = [], []
@@ -57,7 +57,7 @@ def test_one_cuda_graph_replay_per_decode_step_on_a_deep_model(monkeypatch):
 
     monkeypatch.setattr(torch.cuda.graphs.CUDAGraph, "capture_begin", counting_capture)
     monkeypatch.setattr(torch.cuda.graphs.CUDAGraph, "replay", counting_replay)
-    model = tiny_model("llama", layers=32).cuda()
+    model = tiny_model("llama", layers=16).cuda()
     config = RetroConfig(mode="retro", budget=256, page_size=16, dense_layers=2, max_context=256)
     compiled = retro_compile(copy.deepcopy(model), config, mode="reduce-overhead")
     new_tokens = 40

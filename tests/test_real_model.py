@@ -61,3 +61,28 @@ def test_eval_cli_ppl_on_smollm2(tmp_path):
     assert rows[("quest", 1)]["exposure"] == 1.0 and 1.0 < rows[("retro", 2)]["exposure"] <= 2.0
     assert rows[("quest", 1)]["ppl"] > rows[("dense", 1)]["ppl"]  # 64 of 560 tokens is a real restriction
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+@needs_model
+def test_smollm2_batch_after_another_batch_size_is_row_exact():
+    """The reported failure on a real model: a batch of 1, then a left-padded batch of 2 on the same
+    model. Row 0 is the first request's prompt and must get its tokens; the batch must equal a fresh
+    model's, and every sparse layer must stay sparse."""
+    from retro_compile.data import load_model, passage
+
+    model, tokenizer = load_model()
+    first = passage(tokenizer, "hamlet", 300, offset_tokens=500)
+    second = passage(tokenizer, "macbeth", 280, offset_tokens=500)
+    ids = torch.tensor([first, [0] * 20 + second])
+    mask = torch.tensor([[1] * 300, [0] * 20 + [1] * 280])
+    config = RetroConfig(mode="retro", budget=64, window=2, max_context=2048)
+    kw = dict(do_sample=False, max_new_tokens=12, pad_token_id=0)
+    compiled = retro_compile(copy.deepcopy(model), config)
+    alone = compiled.generate(input_ids=ids[:1], attention_mask=mask[:1], **kw)[:, 300:]
+    batch = compiled.generate(input_ids=ids, attention_mask=mask, **kw)[:, 300:]
+    assert torch.equal(batch[:1], alone)
+    fresh = retro_compile(copy.deepcopy(model), config).generate(input_ids=ids, attention_mask=mask, **kw)[:, 300:]
+    assert torch.equal(batch, fresh)
+    assert compiled.retro_state.dense_reasons == {f"model.layers.{i}.self_attn": f"layer {i} is in dense_layers"
+                                                  for i in range(2)}

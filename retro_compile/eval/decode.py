@@ -39,7 +39,7 @@ class DecodeSession:
 
 
 class ExposureMeter:
-    """Effective KV exposure (ALGORITHM.md section 6), read from the op's state after each step.
+    """Effective KV exposure (docs/algorithm.md, section 6), read from the op's state after each step.
 
     ``|S_t u S_{t+1} u .. u S_{t+w-1}| / |S_t|``, averaged over steps, layers and KV heads:
     how many pages a row's final output has seen, relative to the pages a plain Quest step loads.

@@ -202,9 +202,7 @@ def window_step(forward: Callable, forward_kwargs: dict[str, Any], cache_arg: st
     mask = valid[:, None, None, :] & (torch.arange(length, device=device) <= rows[:, None])  # (B, 1, w, L)
     positions = next_pos[:, None] + torch.arange(1 - w, 1, device=device)
     window_ids = torch.cat([recent, ids], dim=1)
-    if w > 1:
-        for layer in cache.layers:
-            layer.cumulative_length.sub_(w - 1)
+    rewind(cache, w - 1)
     out = forward(input_ids=window_ids, attention_mask=mask, position_ids=positions, **forward_kwargs,
                   **{cache_arg: cache})
     recent.copy_(window_ids[:, 1:])

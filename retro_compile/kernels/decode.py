@@ -1,4 +1,4 @@
-"""Triton kernels for the heavy stages of a decode step (ALGORITHM.md section 7).
+"""Triton kernels for the heavy stages of a decode step (docs/algorithm.md, section 7).
 
 * :func:`summarize_pages`: page key max/min, in place, for the pages a step wrote (or all, after a prefill).
 * :func:`page_scores`: Quest's page bound, reading each page summary once, GQA group max fused;

@@ -3,7 +3,7 @@
 The op takes SDPA's arguments (q, k, v, mask, is_causal, scale), the layer's state tensors
 (mutated in place) and the layer's sparse parameters. A call with more query rows than the
 window is a prefill: dense attention, exactly SDPA, and the state is rebuilt from it. Any other
-call is one decode step (ALGORITHM.md section 4).
+call is one decode step (docs/algorithm.md, section 4).
 
 It is a ``torch.library.triton_op``: eagerly it runs its body; under ``torch.compile`` Inductor
 traces the body (PyTorch ops and the Triton kernels of kernels/decode.py, launched through

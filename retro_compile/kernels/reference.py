@@ -1,4 +1,4 @@
-"""Readable PyTorch implementation of ALGORITHM.md: the CPU path and the test oracle.
+"""Readable PyTorch implementation of docs/algorithm.md: the CPU path and the test oracle.
 
 Every stage is its own function, in the order a decode step runs them:
 
@@ -387,7 +387,7 @@ def decode_step(
     params: SparseParams,
     stages: Stages | None = None,
 ) -> torch.Tensor:
-    """One decode step over the window of ``n <= w`` consecutive rows (ALGORITHM.md section 4).
+    """One decode step over the window of ``n <= w`` consecutive rows (docs/algorithm.md, section 4).
 
     The newest row attends to its selected pages; each past row attends to the selected pages it
     has not seen yet and merges that into its cached output. Then the state moves one step on.
