@@ -156,8 +156,8 @@ def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore) -> 
             store.mark_prefilled(site.layer_name, shape)
         with graph.inserting_before(site.node):
             state_nodes = []
-            for field, tensor in zip(STATE_ARGS, state):
-                attr = _buffer_name(gm, site.layer_name, field)
+            for name, tensor in zip(STATE_ARGS, state):
+                attr = _buffer_name(gm, site.layer_name, name)
                 _register_state(gm, attr, tensor)
                 node = graph.get_attr(attr)
                 node.meta["example_value"] = tensor
