@@ -202,23 +202,12 @@ def bench_op(batches, contexts, out: Path) -> list[dict]:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    from .eval.plot import pyplot
+    from .eval.plot import grouped_bars
 
-    plt = pyplot()
-    if plt is None:
-        return
-    labels = [f"B={r['batch']}\n{r['context'] // 1024}K" for r in rows]
-    series = ["dense_us", "flex_us", "quest_us", "retro_w2_us", "retro_w4_us", "bound_us"]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / len(series)
-    for i, key in enumerate(series):
-        ax.bar([x + i * width for x in range(len(rows))], [r.get(key, 0.0) for r in rows], width, label=key.removesuffix("_us"))
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels)
-    ax.set_yscale("log")
-    ax.set_ylabel("microseconds per decode-attention step")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    keys = ["dense_us", "flex_us", "quest_us", "retro_w2_us", "retro_w4_us", "bound_us"]
+    grouped_bars(path, [f"B={r['batch']}\n{r['context'] // 1024}K" for r in rows],
+                 {key.removesuffix("_us"): [r.get(key, 0.0) for r in rows] for key in keys},
+                 "microseconds per decode-attention step", log_scale=True)
 
 
 def profile_op(batch: int, context: int, window: int) -> str:
@@ -241,14 +230,10 @@ def main(argv=None) -> None:
     op.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     op.add_argument("--out", type=Path, default=Path("results/bench_op_h200.json"))
     op.add_argument("--profile", action="store_true", help="print the compiled step's top kernels instead (window 2)")
-    e2e = sub.add_parser("e2e", help="generate() end to end on a Llama-3.1-8B-shaped model (GPU; --shape smoke on CPU)")
-    e2e.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    e2e.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
-    e2e.add_argument("--out", type=Path, default=Path("results/bench_e2e_h200.json"))
-    e2e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     from . import bench_e2e
 
-    bench_e2e.add_arguments(e2e)
+    bench_e2e.add_arguments(sub.add_parser(
+        "e2e", help="generate() end to end on a Llama-3.1-8B-shaped model (GPU; --shape smoke on CPU)"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.what == "e2e":

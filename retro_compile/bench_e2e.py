@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 log = logging.getLogger("retro_compile.bench.e2e")
 
@@ -70,7 +71,6 @@ def build_model(shape: str, context: int, device: str):
 
 def prepare(model, mode: str, context: int, budget: int, batch: int):
     """(model ready for generate, extra generate kwargs) for ``mode``."""
-    from transformers import StaticCache
     from transformers.generation import CompileConfig
 
     from . import RetroConfig, retro_compile
@@ -82,9 +82,7 @@ def prepare(model, mode: str, context: int, budget: int, batch: int):
             model.set_attn_implementation(hf.ATTENTION_NAME)
         else:
             model.set_attn_implementation("sdpa")
-        cache = StaticCache(config=model.config, max_cache_len=context)
-        head_dim = model.config.hidden_size // model.config.num_attention_heads
-        cache.early_initialization(batch, model.config.num_key_value_heads, head_dim, model.dtype, model.device)
+        cache = hf.static_cache(model, batch, context, model.device)
         model.generation_config.compile_config = CompileConfig(mode="reduce-overhead")
         return model, {hf.cache_argument(model): cache}
     config = {
@@ -96,7 +94,7 @@ def prepare(model, mode: str, context: int, budget: int, batch: int):
     return retro_compile(model, config), {}
 
 
-class TokenClock:
+class TokenClock(BaseStreamer):
     """A streamer that timestamps every token generate() emits (the first ``put`` is the prompt).
 
     generate() copies each new token to the host before calling ``put``, so a timestamp is taken
@@ -143,16 +141,13 @@ class GraphCounter:
 
 
 def timed_generate(model, ids, kwargs, new_tokens: int, profiler=None) -> TokenClock:
-    from transformers.generation.streamers import BaseStreamer
-
     clock = TokenClock(profiler)
-    streamer = type("Clock", (BaseStreamer,), {"put": lambda self, v: clock.put(v), "end": lambda self: clock.end()})()
     for value in kwargs.values():
         if hasattr(value, "reset"):
             value.reset()  # a static cache of the stock path starts every request empty
     with torch.no_grad():
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                       streamer=streamer, **kwargs)
+                       streamer=clock, **kwargs)
     return clock
 
 
@@ -161,9 +156,7 @@ def kernel_breakdown(profiler, steps: int) -> dict[str, float]:
     totals = dict.fromkeys(("matmul", "attention", "other"), 0.0)
     kernels = []
     for event in profiler.key_averages():
-        device_us = getattr(event, "self_device_time_total", None)
-        if device_us is None:
-            device_us = getattr(event, "self_cuda_time_total", 0.0)
+        device_us = event.self_device_time_total
         if not device_us:
             continue
         name = event.key.lower()
@@ -277,28 +270,22 @@ def sweep(args) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    from .eval.plot import pyplot
+    from .eval.plot import grouped_bars
 
-    plt = pyplot()
-    if plt is None:
-        return
     shapes = sorted({(r["batch"], r["context"]) for r in rows})
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / max(1, len(modes))
-    for i, mode in enumerate(modes):
-        values = [next((r.get("tokens_per_s", 0.0) for r in rows if r["mode"] == mode and (r["batch"], r["context"]) == s),
-                       0.0) for s in shapes]
-        ax.bar([x + i * width for x in range(len(shapes))], values, width, label=mode)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shapes))], [f"B={b}\n{c // 1024}K" for b, c in shapes])
-    ax.set_ylabel("decode tokens/s (all rows of the batch)")
-    ax.set_title("generate() on a Llama-3.1-8B-shaped model: decode throughput", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    throughput = {(r["mode"], r["batch"], r["context"]): r.get("tokens_per_s", 0.0) for r in rows}
+    grouped_bars(path, [f"B={b}\n{c // 1024}K" for b, c in shapes],
+                 {m: [throughput.get((m, *shape), 0.0) for shape in shapes] for m in modes},
+                 "decode tokens/s (all rows of the batch)",
+                 title="generate() on a Llama-3.1-8B-shaped model: decode throughput")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--out", type=Path, default=Path("results/bench_e2e_h200.json"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama-8b")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--budget", type=int, default=2048, help="sparse budget in tokens")

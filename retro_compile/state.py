@@ -106,7 +106,7 @@ class StateStore:
     @property
     def nbytes(self) -> int:
         """Bytes of decode state held for this model."""
-        return sum(shape.nbytes for _, shape in self._states)
+        return sum(self.memory().values())
 
     def memory(self) -> dict[str, int]:
         """Bytes of decode state held per layer (every batch size it has decoded at, summed)."""

@@ -38,6 +38,13 @@ def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 4, q_heads: int
     return model
 
 
+def greedy_new_tokens(model, ids, mask, new_tokens: int, **kw) -> torch.Tensor:
+    """Greedy ``generate()``: the (B, new_tokens) ids after the prompt."""
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=0, **kw)
+    return out[:, ids.shape[1]:]
+
+
 def prompts(batch: int, length: int, pad: tuple[int, ...] = (), seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, VOCAB, (batch, length), generator=g)

@@ -110,6 +110,7 @@ def test_dense_decode_sites_with_several_rows_attend_row_by_row():
     mask = torch.rand(2, 1, 3, 40, generator=g) > 0.3
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, scale=0.3)
     torch.testing.assert_close(sdpa_row_by_row(q, k, v, mask, scale=0.3, enable_gqa=True), expected)
-    torch.testing.assert_close(sdpa_row_by_row(q, k, v, mask[:, :, :1], enable_gqa=True),
-                               torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, :1],
-                                                                                enable_gqa=True))
+    for other in (mask[:, :, :1], mask[0, 0], None):  # a mask shared by the rows, a 2D mask, none
+        torch.testing.assert_close(sdpa_row_by_row(q, k, v, other, enable_gqa=True),
+                                   torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=other,
+                                                                                    enable_gqa=True))

@@ -40,37 +40,29 @@ def test_generate_with_cuda_graphs_matches_dense_and_never_recompiles():
         assert torch.equal(compiled.generate(**kw), expected)
 
 
-def test_one_cuda_graph_replay_per_decode_step_on_a_deep_model(monkeypatch):
+def test_one_cuda_graph_replay_per_decode_step_on_a_deep_model():
     """16 layers, several requests and batch sizes: each batch size records one CUDA graph, in its
     first request; every later decode step is one replay of it, and the tokens stay the untouched
     model's (full budget)."""
-    captures, replays = [], []
-    capture_begin, replay = torch.cuda.graphs.CUDAGraph.capture_begin, torch.cuda.graphs.CUDAGraph.replay
+    from retro_compile.bench_e2e import GraphCounter
 
-    def counting_capture(self, *args, **kwargs):
-        captures.append(1)
-        return capture_begin(self, *args, **kwargs)
-
-    def counting_replay(self, *args, **kwargs):
-        replays.append(1)
-        return replay(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.cuda.graphs.CUDAGraph, "capture_begin", counting_capture)
-    monkeypatch.setattr(torch.cuda.graphs.CUDAGraph, "replay", counting_replay)
     model = tiny_model("llama", layers=16).cuda()
     config = RetroConfig(mode="retro", budget=256, page_size=16, dense_layers=2, max_context=256)
     compiled = retro_compile(copy.deepcopy(model), config, mode="reduce-overhead")
     new_tokens = 40
+    captures = 0
     for batch, expected_captures in ((2, 1), (1, 2), (2, 2)):
         ids, mask = prompts(batch, 60, pad=(0, 5)[:batch], seed=batch)
         kw = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=new_tokens, do_sample=False,
                   pad_token_id=0)
-        replays.clear()
-        assert torch.equal(compiled.generate(**kw), model.generate(**kw))
-        assert len(captures) == expected_captures
+        with GraphCounter() as graphs:
+            got = compiled.generate(**kw)
+        assert torch.equal(got, model.generate(**kw))
+        captures += graphs.captures
+        assert captures == expected_captures
         # The prefill gives the first token; the first decode step runs the compiled step (warm-up
         # and the state check); each of the other new_tokens - 2 steps is one replay.
-        assert len(replays) == new_tokens - 2
+        assert graphs.replays == new_tokens - 2
 
 
 def test_generate_small_budget_runs_on_cuda():

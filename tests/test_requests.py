@@ -16,15 +16,10 @@ from transformers.generation.streamers import BaseStreamer
 from retro_compile import RetroConfig, retro_compile
 
 from .hf_models import HandDriven, prompts, tiny_model
+from .hf_models import greedy_new_tokens as greedy
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = RetroConfig(mode="retro", window=2, budget=24, page_size=8, dense_layers=1, max_context=128)
-
-
-def greedy(model, ids, mask, new_tokens, **kw):
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=0, **kw)
-    return out[:, ids.shape[1]:]
 
 
 def test_request_beyond_max_context_is_refused_before_any_work():

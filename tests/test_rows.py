@@ -16,7 +16,7 @@ import torch
 
 from retro_compile import RetroConfig, retro_compile
 
-from .hf_models import prompts, tiny_model
+from .hf_models import greedy_new_tokens, prompts, tiny_model
 
 PROMPT, NEW = 90, 12
 CONFIGS = {
@@ -26,10 +26,8 @@ CONFIGS = {
 }
 
 
-def greedy(model, ids, mask, new_tokens=NEW):
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=0)
-    return out[:, ids.shape[1]:]
+def greedy(model, ids, mask):
+    return greedy_new_tokens(model, ids, mask, NEW)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,6 @@ class DecodeSession:
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) predicting the token after ``ids`` (B, N)."""
-        self.driver.check_request(ids.shape[1])
         self.kwargs[self.driver.cache_arg] = self.driver.cache_for(ids.shape[0], ids.device)
         return self.model(input_ids=ids, logits_to_keep=1, **self.kwargs).logits[:, -1]
 

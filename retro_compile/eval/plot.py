@@ -30,6 +30,28 @@ def pyplot():
     return plt
 
 
+def grouped_bars(path: Path, groups: list[str], series: dict[str, list[float]], ylabel: str, title: str | None = None,
+                 log_scale: bool = False) -> None:
+    """A PNG of bars: one group per entry of ``groups``, one bar per series within each group."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar([x + i * width for x in range(len(groups))], values, width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))], groups)
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot(path: Path) -> Path | None:
     """Write ``path`` with a .png suffix; returns it, or None when matplotlib is not installed."""
     plt = pyplot()

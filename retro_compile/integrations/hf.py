@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -34,8 +33,6 @@ import torch.nn.functional as F
 
 from ..config import RetroConfig
 from ..state import StateStore
-
-log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "retro_sdpa"
 
@@ -155,10 +152,28 @@ def compiled_window_step(model: torch.nn.Module, compile: Callable[[Callable], C
     return compile(functools.partial(window_step, model.forward, forward_kwargs, cache_argument(model)))
 
 
-def _output_cache_field() -> str:
+def static_cache(model: torch.nn.Module, batch: int, length: int, device: torch.device) -> Any:
+    """A ``StaticCache`` of ``length`` positions for ``batch`` rows, allocated now.
+
+    Allocated up front (not lazily inside a compiled prefill), its tensors keep fixed addresses for
+    CUDA graphs, and transformers marks them static for its own compiled decode.
+    """
+    from transformers import StaticCache
+
+    hf = model.config
+    cache = StaticCache(config=hf, max_cache_len=length)
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    cache.early_initialization(batch, getattr(hf, "num_key_value_heads", hf.num_attention_heads), head_dim,
+                               model.dtype, device)
+    return cache
+
+
+def causal_lm_output(logits: torch.Tensor, cache: Any) -> Any:
+    """What a causal LM's forward returns, with its cache under the field name of this transformers."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+    field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+    return CausalLMOutputWithPast(logits=logits, **{field: cache})
 
 
 @dataclass
@@ -252,18 +267,18 @@ class DecodeWindowDriver:
         self.step_fn = step
         self.cuda_graphs = cuda_graphs
         self.cache_arg = cache_argument(model)
-        self._output_field = _output_cache_field()
         self._caches: OrderedDict[int, Any] = OrderedDict()  # batch size -> the driver's own static cache
         self._buffers: dict[int, WindowBuffers] = {}
         self._recorded: dict[int, RecordedStep] = {}
         self.reset()
 
-    def reset(self) -> None:
-        """Forget the current sequence: the next call must be a prefill."""
+    def reset(self, request_mask: torch.Tensor | None = None) -> None:
+        """Forget the current sequence: the next call must be a prefill. ``request_mask`` is the 2D
+        padding mask the coming request was given (generate() hands the model none of its own)."""
         self.cache: Any = None
         self.length = 0  # positions written in the cache
         self.steps = 0  # decode steps of this request
-        self.request_mask: torch.Tensor | None = None  # the 2D padding mask generate() was given
+        self.request_mask = request_mask
 
     # ---------------------------------------------------------------------------------------------
     # Requests and caches
@@ -285,17 +300,11 @@ class DecodeWindowDriver:
         Reusing it keeps every address a recorded CUDA graph reads; its stale K/V are never read,
         since a query only sees positions its request wrote.
         """
-        from transformers import StaticCache
-
         cache = self._caches.pop(batch, None)
         if cache is None:
             while len(self._caches) >= self.max_cached_batches:
                 self.release(next(iter(self._caches)))
-            hf = self.model.config
-            cache = StaticCache(config=hf, max_cache_len=self.config.max_context)
-            head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-            cache.early_initialization(batch, getattr(hf, "num_key_value_heads", hf.num_attention_heads), head_dim,
-                                       self.model.dtype, device)
+            cache = static_cache(self.model, batch, self.config.max_context, device)
         else:
             for layer in cache.layers:
                 layer.cumulative_length.zero_()
@@ -338,10 +347,8 @@ class DecodeWindowDriver:
     def _prefill(self, input_ids, attention_mask, position_ids, cache, kwargs):
         batch, n = input_ids.shape
         if cache is not self.cache:
-            request_mask = self.request_mask
-            self.reset()
+            self.reset(self.request_mask)
             self.cache = cache
-            self.request_mask = request_mask
             self.length = int(cache.get_seq_length())
         self.check_request(self.length + n)
         start, device = self.length, input_ids.device
@@ -422,9 +429,7 @@ class DecodeWindowDriver:
                 logits = self.step_fn(input_ids, self.cache, buffers.valid, buffers.next_pos, buffers.recent)
         self.length += 1
         self.steps += 1
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
-        return CausalLMOutputWithPast(logits=logits[:, None], **{self._output_field: self.cache})
+        return causal_lm_output(logits[:, None], self.cache)
 
 
 def rewind(cache: Any, tokens: int) -> None:
@@ -479,8 +484,7 @@ def install(model: torch.nn.Module, config: RetroConfig, store: StateStore, pref
         if (kwargs.get("num_beams") or generation.num_beams or 1) > 1:
             raise ValueError("retro_compile: beam search (num_beams > 1) is not supported: it reorders the cache "
                              "between steps, which the decode state does not follow")
-        driver.reset()
-        driver.request_mask = kwargs.get("attention_mask")
+        driver.reset(kwargs.get("attention_mask"))
         ids = _prompt_ids(args, kwargs)
         if kwargs.get(cache_arg) is None and kwargs.get("past_key_values") is None and ids is not None:
             copies = kwargs.get("num_return_sequences") or generation.num_return_sequences or 1
