@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 from transformers.generation.streamers import BaseStreamer
 
 log = logging.getLogger("retro_compile.bench.e2e")
@@ -177,13 +178,16 @@ def run_one(args) -> dict:
     prompt = args.context - HEADROOM
     ids = torch.randint(1, SHAPES[args.shape]["vocab_size"], (args.batch, prompt),
                         generator=torch.Generator().manual_seed(1)).to(device)
+    warmup_ids = ids[:, -args.warmup_prompt:] if args.warmup_prompt else ids
     start = time.perf_counter()
-    timed_generate(model, ids, kwargs, args.warmup_tokens)  # compiles prefill and decode, records graphs
+    timed_generate(model, warmup_ids, kwargs, args.warmup_tokens)  # compiles prefill and decode, records graphs
     row["warmup_s"] = time.perf_counter() - start
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    graphs_compiled = counters["stats"]["unique_graphs"]
     with GraphCounter() as graphs:
         runs = [timed_generate(model, ids, kwargs, args.new_tokens) for _ in range(args.runs)]
+    row["compiles_in_timed_runs"] = counters["stats"]["unique_graphs"] - graphs_compiled
     if device == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         decode_steps = args.runs * (args.new_tokens - 1)
@@ -195,7 +199,9 @@ def run_one(args) -> dict:
                decode_interval_median_ms=1000 * statistics.median(intervals), runs=args.runs,
                new_tokens=args.new_tokens, prompt=prompt)
     row["tokens_per_s"] = args.batch * 1000.0 / row["decode_ms"]
-    row["compile_s"] = max(0.0, row["warmup_s"] - row["ttft_s"])
+    if not args.warmup_prompt:
+        row["compile_s"] = max(0.0, row["warmup_s"] - row["ttft_s"])
+    row["warmup_prompt"] = warmup_ids.shape[1]
     store = getattr(model, "retro_state", None)
     if store is not None:
         row["state_gib"] = store.nbytes / 2**30
@@ -248,7 +254,8 @@ def sweep(args) -> list[dict]:
             command = [sys.executable, "-m", "retro_compile.bench", "e2e", "--one", mode, "--batches", str(batch),
                        "--contexts", str(context), "--shape", args.shape, "--device", args.device,
                        "--budget", str(args.budget), "--new-tokens", str(args.new_tokens), "--runs", str(args.runs),
-                       "--warmup-tokens", str(args.warmup_tokens), "--row-out", str(result)]
+                       "--warmup-tokens", str(args.warmup_tokens), "--warmup-prompt", str(args.warmup_prompt),
+                       "--row-out", str(result)]
             if args.profile:
                 command.append("--profile")
             try:
@@ -291,6 +298,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=int, default=2048, help="sparse budget in tokens")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per timed request")
     p.add_argument("--warmup-tokens", type=int, default=8, help="tokens of the warm-up request (compiles)")
+    p.add_argument("--warmup-prompt", type=int, default=0,
+                   help="prompt tokens of the warm-up request (0: the full prompt); a short one saves a long prefill, "
+                        "and the timed requests report any recompilation it left them (compiles_in_timed_runs)")
     p.add_argument("--runs", type=int, default=2, help="timed requests per configuration (medians reported)")
     p.add_argument("--timeout", type=int, default=480, help="seconds allowed per configuration")
     p.add_argument("--profile", action="store_true", help="also split a decode step's device time by kernel kind")

@@ -171,3 +171,20 @@ def test_pages_straddling_prompt_end_are_refreshed():
     torch.testing.assert_close(state.kmax[:, :, 4], kmax[:, :, 4])
     torch.testing.assert_close(state.kmin[:, :, 4], kmin[:, :, 4])
     assert (state.kmax[:, :, :4] == 0).all(), "pages outside the written range were touched"
+
+
+@pytest.mark.parametrize("length", [100, 4096, 6144])  # one stage; two stages (a multiple of the chunk)
+def test_query_positions_is_the_last_allowed_key(length):
+    """Against a hand loop: the last True index of each row, -1 for a row that sees nothing,
+    whichever chunk that key falls in."""
+    g = torch.Generator().manual_seed(length)
+    allowed = torch.rand(3, 4, length, generator=g) < 0.001
+    allowed[0, 0] = False
+    allowed[0, 1, :] = False
+    allowed[0, 1, 0] = True  # only the first key
+    allowed[1, 2, length - 1] = True  # the very last key
+    expected = torch.tensor([[max((j for j in range(length) if row[j]), default=-1) for row in rows.tolist()]
+                             for rows in allowed])
+    assert torch.equal(ref.query_positions(allowed), expected)
+    compiled = torch.compile(ref.query_positions, dynamic=False)
+    assert torch.equal(compiled(allowed), expected)

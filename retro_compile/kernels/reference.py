@@ -81,11 +81,21 @@ def mask_to_allowed(
     return allowed, bias.masked_fill(~allowed, 0.0)
 
 
+POSITION_CHUNK = 2048  # keys per program in the first stage of :func:`query_positions`
+
+
 def query_positions(allowed: torch.Tensor) -> torch.Tensor:
-    """Cache position of each query row (B, n): the last key it may see (a query sees itself)."""
+    """Cache position of each query row (B, n): the last key it may see (a query sees itself).
+
+    A decode step has a handful of rows over a cache of up to 128K keys: reduced in one pass, a
+    compiled step gives each row one program that walks the whole cache. Two stages (the last key
+    of every chunk, then of the chunks) spread the first, long one over many programs.
+    """
     length = allowed.shape[-1]
-    index = torch.arange(length, device=allowed.device)
-    return torch.where(allowed, index, -1).amax(dim=-1)
+    seen = torch.where(allowed, torch.arange(length, device=allowed.device), -1)
+    if length > POSITION_CHUNK and length % POSITION_CHUNK == 0:
+        seen = seen.unflatten(-1, (-1, POSITION_CHUNK)).amax(dim=-1)
+    return seen.amax(dim=-1)
 
 
 def pages_to_tokens(per_page: torch.Tensor, page_size: int, length: int) -> torch.Tensor:
