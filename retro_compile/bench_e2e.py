@@ -37,6 +37,8 @@ import torch
 from torch._dynamo.utils import counters
 from transformers.generation.streamers import BaseStreamer
 
+from .config import RetroConfig
+
 log = logging.getLogger("retro_compile.bench.e2e")
 
 SHAPES = {
@@ -70,11 +72,16 @@ def build_model(shape: str, context: int, device: str):
     return model
 
 
-def prepare(model, mode: str, context: int, budget: int, batch: int):
-    """(model ready for generate, extra generate kwargs) for ``mode``."""
+def prepare(model, mode: str, context: int, budget: int, batch: int, prefill_tokens: int):
+    """(model ready for generate, extra generate kwargs) for ``mode``.
+
+    A prompt longer than ``prefill_tokens`` (summed over the batch) is prefilled in chunks of
+    ``prefill_tokens // batch`` positions on every side: transformers' ``prefill_chunk_size`` for
+    stock and dense, ``RetroConfig.prefill_tokens`` for this package's driver.
+    """
     from transformers.generation import CompileConfig
 
-    from . import RetroConfig, retro_compile
+    from . import retro_compile
     from .integrations import hf
 
     if mode in ("stock", "dense"):
@@ -85,12 +92,15 @@ def prepare(model, mode: str, context: int, budget: int, batch: int):
             model.set_attn_implementation("sdpa")
         cache = hf.static_cache(model, batch, context, model.device)
         model.generation_config.compile_config = CompileConfig(mode="reduce-overhead")
+        if batch * (context - HEADROOM) > prefill_tokens:
+            model.generation_config.prefill_chunk_size = prefill_tokens // batch
         return model, {hf.cache_argument(model): cache}
+    common = dict(max_context=context, prefill_tokens=prefill_tokens)
     config = {
-        "driver-dense": RetroConfig(mode="dense", max_context=context),
-        "quest": RetroConfig(mode="quest", budget=budget, max_context=context),
-        "retro-w2": RetroConfig(mode="retro", window=2, budget=budget, max_context=context),
-        "retro-w4": RetroConfig(mode="retro", window=4, budget=budget, max_context=context),
+        "driver-dense": RetroConfig(mode="dense", **common),
+        "quest": RetroConfig(mode="quest", budget=budget, **common),
+        "retro-w2": RetroConfig(mode="retro", window=2, budget=budget, **common),
+        "retro-w4": RetroConfig(mode="retro", window=4, budget=budget, **common),
     }[mode]
     return retro_compile(model, config), {}
 
@@ -174,11 +184,14 @@ def run_one(args) -> dict:
     device = args.device
     row = dict(mode=args.mode, batch=args.batch, context=args.context, budget=args.budget)
     model = build_model(args.shape, args.context, device)
-    model, kwargs = prepare(model, args.mode, args.context, args.budget, args.batch)
+    model, kwargs = prepare(model, args.mode, args.context, args.budget, args.batch, args.prefill_tokens)
     prompt = args.context - HEADROOM
     ids = torch.randint(1, SHAPES[args.shape]["vocab_size"], (args.batch, prompt),
                         generator=torch.Generator().manual_seed(1)).to(device)
-    warmup_ids = ids[:, -args.warmup_prompt:] if args.warmup_prompt else ids
+    warmup_prompt = args.warmup_prompt
+    if warmup_prompt and args.batch * prompt > args.prefill_tokens:
+        warmup_prompt += args.prefill_tokens // args.batch  # two chunks: the first, and one that follows it
+    warmup_ids = ids[:, -warmup_prompt:] if warmup_prompt else ids
     start = time.perf_counter()
     timed_generate(model, warmup_ids, kwargs, args.warmup_tokens)  # compiles prefill and decode, records graphs
     row["warmup_s"] = time.perf_counter() - start
@@ -253,7 +266,8 @@ def sweep(args) -> list[dict]:
             result = Path(tmp) / "row.json"
             command = [sys.executable, "-m", "retro_compile.bench", "e2e", "--one", mode, "--batches", str(batch),
                        "--contexts", str(context), "--shape", args.shape, "--device", args.device,
-                       "--budget", str(args.budget), "--new-tokens", str(args.new_tokens), "--runs", str(args.runs),
+                       "--budget", str(args.budget), "--prefill-tokens", str(args.prefill_tokens),
+                       "--new-tokens", str(args.new_tokens), "--runs", str(args.runs),
                        "--warmup-tokens", str(args.warmup_tokens), "--warmup-prompt", str(args.warmup_prompt),
                        "--row-out", str(result)]
             if args.profile:
@@ -296,6 +310,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama-8b")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--budget", type=int, default=2048, help="sparse budget in tokens")
+    p.add_argument("--prefill-tokens", type=int, default=RetroConfig.prefill_tokens,
+                   help="prompt tokens (summed over the batch) per prefill forward; longer prompts are chunked on every side")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per timed request")
     p.add_argument("--warmup-tokens", type=int, default=8, help="tokens of the warm-up request (compiles)")
     p.add_argument("--warmup-prompt", type=int, default=0,

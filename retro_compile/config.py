@@ -38,6 +38,10 @@ class RetroConfig:
             the query's own page is always kept).
         max_context: the longest context (prompt + generated tokens) that state and the static
             KV cache are sized for.
+        prefill_tokens: the most prompt tokens, summed over the batch, that one prefill forward
+            takes. A longer prompt is prefilled in chunks of ``prefill_tokens // batch`` positions
+            (each longer than the window), which bounds the prefill's activation memory: a
+            128K-token prompt at batch 4 on an 8B model needs about 40 GiB more in one piece.
     """
 
     mode: Mode = "retro"
@@ -48,6 +52,7 @@ class RetroConfig:
     sink_pages: int = 0
     local_pages: int = 1
     max_context: int = 8192
+    prefill_tokens: int = 131072
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -70,8 +75,9 @@ class RetroConfig:
                 raise ValueError(f"RetroConfig.{name}={value!r} must be an int >= 0")
         if self.local_pages < 1:
             raise ValueError(f"RetroConfig.local_pages={self.local_pages} must be >= 1 (the query's own page is always kept)")
-        if not _is_int(self.max_context) or self.max_context < 1:
-            raise ValueError(f"RetroConfig.max_context={self.max_context!r} must be an int >= 1")
+        for name in ("max_context", "prefill_tokens"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"RetroConfig.{name}={getattr(self, name)!r} must be an int >= 1")
         kept = (self.sink_pages + self.local_pages) * self.page_size
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
             raise TypeError(f"RetroConfig.budget={self.budget!r} must be an int (tokens) or a float in (0, 1] (fraction)")

@@ -10,13 +10,16 @@ from retro_compile.bench import main
 def test_e2e_benchmark_smoke_on_cpu(tmp_path):
     out = tmp_path / "e2e.json"
     main(["e2e", "--shape", "smoke", "--device", "cpu", "--batches", "2", "--contexts", "256", "--new-tokens", "6",
-          "--runs", "1", "--warmup-tokens", "2", "--warmup-prompt", "40", "--budget", "64", "--modes", "dense", "retro-w2", "--out", str(out)])
+          "--runs", "1", "--warmup-tokens", "2", "--warmup-prompt", "40", "--budget", "64",
+          "--prefill-tokens", "64", "--modes", "dense", "retro-w2", "--out", str(out)])
     rows = {r["mode"]: r for r in json.loads(out.read_text())["results"]}
     assert sorted(rows) == ["dense", "retro-w2"]
     for row in rows.values():
         assert "error" not in row, row.get("error")
         assert row["decode_ms"] > 0 and row["ttft_s"] > 0 and row["prompt"] == 256 - 128
         assert row["tokens_per_s"] == 2 * 1000.0 / row["decode_ms"]
-        assert row["warmup_prompt"] == 40 and row["compiles_in_timed_runs"] == 0  # a short warm-up compiles it all
+        # 2 x 128 prompt tokens > 64: prefilled in chunks of 32, so the warm-up takes two chunks (40 + 32)
+        # and compiles everything the timed requests run
+        assert row["warmup_prompt"] == 40 + 32 and row["compiles_in_timed_runs"] == 0
     assert rows["retro-w2"]["speedup_vs_dense"] == rows["dense"]["decode_ms"] / rows["retro-w2"]["decode_ms"]
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

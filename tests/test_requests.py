@@ -4,6 +4,7 @@ rule that a decode step never reads state its own prefill did not build."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -159,3 +160,48 @@ def test_decode_refuses_state_its_prefill_did_not_build():
         greedy(model, ids, mask, 4)
     driver.prefill_fn = compiled_prefill
     assert greedy(model, ids, mask, 4).shape == (1, 4)
+
+
+def test_prefill_chunks_cover_the_prompt_and_none_passes_for_a_decode_step():
+    from retro_compile.integrations.hf import prefill_chunks
+
+    assert prefill_chunks(10, 1, 4, 2) == [(0, 4), (4, 10)]  # a tail of 2 <= window joins the chunk before
+    assert prefill_chunks(11, 2, 8, 2) == [(0, 4), (4, 8), (8, 11)]
+    for batch, max_tokens, window in ((1, 7, 2), (2, 16, 4), (3, 5, 2), (1, 1000, 2)):
+        for n in range(window + 1, 60):  # a prompt of window tokens or fewer is refused before this
+            chunks = prefill_chunks(n, batch, max_tokens, window)
+            assert chunks[0][0] == 0 and chunks[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+            assert all(end - begin > window for begin, end in chunks)
+            assert all(end - begin <= max(window + 1, max_tokens // batch) + window for begin, end in chunks)
+
+
+@pytest.mark.parametrize("length,pad", [(70, (0, 5)), (66, ())], ids=["padded", "short-tail"])
+def test_chunked_prefill_gives_the_tokens_of_one_piece(length, pad):
+    """RetroConfig.prefill_tokens small enough for 3-5 chunks: full budget still gives the untouched
+    model's tokens, and a small budget the tokens of an unchunked prefill and of the hand-driven
+    reference (which never chunks)."""
+    model = tiny_model("llama", seed=6)
+    ids, mask = prompts(2, length, pad=pad, seed=7)
+    chunked = dict(prefill_tokens=2 * 16)  # 16 positions per chunk; 66 = 4 x 16 + a tail of 2 <= window
+    full = RetroConfig(mode="retro", window=2, budget=128, page_size=8, dense_layers=1, max_context=128)
+    expected = greedy(model, ids, mask, 12)
+    assert torch.equal(greedy(retro_compile(copy.deepcopy(model), dataclasses.replace(full, **chunked)), ids, mask, 12),
+                       expected)
+    small = RetroConfig(mode="retro", window=2, budget=16, page_size=8, dense_layers=1, max_context=128)
+    one_piece = greedy(retro_compile(copy.deepcopy(model), small), ids, mask, 12)
+    reference, _, _ = HandDriven(copy.deepcopy(model), small).generate(ids, mask, 12)
+    assert torch.equal(one_piece, reference)
+    compiled = retro_compile(copy.deepcopy(model), dataclasses.replace(small, **chunked))
+    chunks = []
+    step = compiled.retro_driver.prefill_fn
+    compiled.retro_driver.prefill_fn = lambda **kw: chunks.append(kw["input_ids"].shape[1]) or step(**kw)
+    assert torch.equal(greedy(compiled, ids, mask, 12), one_piece)
+    assert chunks == {70: [16, 16, 16, 16, 6], 66: [16, 16, 16, 18]}[length]
+
+
+def test_generate_prefill_chunk_size_is_refused_with_the_alternative():
+    model = retro_compile(tiny_model("llama"), CONFIG)
+    ids, mask = prompts(1, 40)
+    with pytest.raises(ValueError, match="prefill_chunk_size.*RetroConfig.prefill_tokens"):
+        greedy(model, ids, mask, 4, prefill_chunk_size=16)

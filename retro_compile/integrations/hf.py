@@ -18,6 +18,8 @@ Where the time goes in a decode step, and so how the driver is built:
   replay: no Dynamo guards, no per-step mask building, no kernel launches from Python.
 * The prefill never builds an L x L mask: a prompt without padding attends causally with no mask
   at all (keys cut to the prompt), and a padded one gets a (B, 1, n, n) mask over the prompt's keys.
+  A prompt longer than ``RetroConfig.prefill_tokens`` (summed over the batch) goes in chunks; a
+  later chunk's mask covers only the keys written so far, with one batch row when nothing is padded.
 """
 
 from __future__ import annotations
@@ -345,12 +347,22 @@ class DecodeWindowDriver:
         return self._decode(input_ids)
 
     def _prefill(self, input_ids, attention_mask, position_ids, cache, kwargs):
+        """Write the prompt into the cache and build the decode state, in chunks of at most
+        ``RetroConfig.prefill_tokens`` tokens (summed over the batch); returns the last chunk's output."""
         batch, n = input_ids.shape
         if cache is not self.cache:
             self.reset(self.request_mask)
             self.cache = cache
             self.length = int(cache.get_seq_length())
         self.check_request(self.length + n)
+        out = None
+        for begin, end in prefill_chunks(n, batch, self.config.prefill_tokens, self.window):
+            out = self._prefill_chunk(input_ids[:, begin:end], attention_mask,
+                                      None if position_ids is None else position_ids[..., begin:end], kwargs)
+        return out
+
+    def _prefill_chunk(self, input_ids, attention_mask, position_ids, kwargs):
+        batch, n = input_ids.shape
         start, device = self.length, input_ids.device
         buffers = self._buffers_for(batch, device)
         padding = self._padding_mask(attention_mask, batch, start + n, device)  # (B, start + n) bool or None
@@ -364,8 +376,7 @@ class DecodeWindowDriver:
         if position_ids is None:
             counted = buffers.valid[:, :start + n].long().cumsum(-1) - 1
             position_ids = counted[:, start:].clamp(min=0)
-        for t, dims in [(input_ids, (1,)), (position_ids, (1,))] + ([(mask, (2, 3) if start == 0 else (2,))]
-                                                                   if mask is not None else []):
+        for t, dims in [(input_ids, (1,)), (position_ids, (1,))] + ([(mask, (2, 3))] if mask is not None else []):
             for dim in dims:
                 torch._dynamo.mark_dynamic(t, dim)
         self.store.forget_built()  # a prefill that runs no rewritten graph must leave nothing to decode from
@@ -393,15 +404,20 @@ class DecodeWindowDriver:
 
     @staticmethod
     def _prompt_mask(valid: torch.Tensor, start: int, n: int) -> torch.Tensor:
-        """(B, 1, n, keys) bool for ``n`` rows at slots ``start..``: valid keys up to each row's slot.
+        """(B, 1, n, start + n) bool for ``n`` rows at slots ``start..``: valid keys up to each row's slot.
 
-        From position 0 the keys are the prompt's own (n x n); a later chunk sees the whole cache.
-        A padded row sees itself, so that its output stays finite (it is never attended to).
+        The keys stop at the chunk's last row (the attention cuts the cache to the mask's width);
+        without padding one mask serves every row of the batch (batch dimension 1), so a chunk of
+        a long prompt costs one (n, start + n) mask, not ``batch`` of them. A padded row sees
+        itself, so that its output stays finite (it is never attended to).
         """
-        keys = start + n if start == 0 else valid.shape[1]
-        rows = torch.arange(start, start + n, device=valid.device)[:, None]
+        keys = start + n
+        written = valid[:, :keys]
+        if bool(written.all()):
+            written = written[:1]
+        rows = torch.arange(start, keys, device=valid.device)[:, None]
         index = torch.arange(keys, device=valid.device)
-        return (valid[:, None, None, :keys] & (index <= rows)) | (index == rows)
+        return (written[:, None, None, :] & (index <= rows)) | (index == rows)
 
     def _decode(self, input_ids: torch.Tensor) -> Any:
         if self.length + 1 > self.config.max_context:
@@ -430,6 +446,17 @@ class DecodeWindowDriver:
         self.length += 1
         self.steps += 1
         return causal_lm_output(logits[:, None], self.cache)
+
+
+def prefill_chunks(n: int, batch: int, max_tokens: int, window: int) -> list[tuple[int, int]]:
+    """Split ``n`` prompt positions into [begin, end) chunks of at most ``max_tokens // batch``
+    positions, none of ``window`` positions or fewer (such a call would be a decode step): a short
+    tail joins the chunk before it."""
+    size = max(window + 1, max_tokens // batch)
+    bounds = list(range(0, n, size)) + [n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] <= window:
+        del bounds[-2]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def rewind(cache: Any, tokens: int) -> None:
@@ -484,6 +511,10 @@ def install(model: torch.nn.Module, config: RetroConfig, store: StateStore, pref
         if (kwargs.get("num_beams") or generation.num_beams or 1) > 1:
             raise ValueError("retro_compile: beam search (num_beams > 1) is not supported: it reorders the cache "
                              "between steps, which the decode state does not follow")
+        if kwargs.get("prefill_chunk_size") or getattr(generation, "prefill_chunk_size", None):
+            raise ValueError("retro_compile: generate(prefill_chunk_size=...) is not supported (a chunk of window "
+                             "tokens or fewer would pass for a decode step); set RetroConfig.prefill_tokens, "
+                             "the driver's own chunking, instead")
         driver.reset(kwargs.get("attention_mask"))
         ids = _prompt_ids(args, kwargs)
         if kwargs.get(cache_arg) is None and kwargs.get("past_key_values") is None and ids is not None:
