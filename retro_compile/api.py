@@ -44,9 +44,10 @@ def retro_compile(
 
     For a Hugging Face causal LM this returns the same model, ready for ``model.generate(...)``:
     its attention runs through SDPA with grouped KV heads, every generate() call runs on a static
-    cache of ``config.max_context`` positions that the model keeps per batch size, and forward calls
-    go through two graphs compiled with the ``retro`` backend (the prefill, with a dynamic prompt
-    length, and the decode step). Any other module is returned as ``torch.compile(model, backend=retro)``.
+    cache of ``config.max_context`` positions that the model keeps per batch size, and its forward
+    calls go through two graphs compiled with the ``retro`` backend (the prefill, with a dynamic
+    prompt length, and the decode step). Forward calls that are not decoding (``labels``, hidden
+    states, no static cache) run the model's own forward, uncompiled. Any other module is returned as ``torch.compile(model, backend=retro)``.
 
     Args:
         model: a Hugging Face causal LM, or any module that calls SDPA.

@@ -169,3 +169,32 @@ def test_many_models_in_one_process_all_stay_rewritten():
     assert not torch.allclose(first.logits[-1], dense.logits[-1]), "the budget is too large to tell sparse from dense"
     for a, b in zip(first.logits, last.logits):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_model_stays_a_model_for_losses_and_features(arch):
+    """Forward calls that are not decoding (a full sequence with labels, hidden states, no cache)
+    give the untouched model's loss, logits and hidden states, before and after generate(), and
+    leave generate()'s tokens as they were."""
+    model = tiny_model(arch, seed=5)
+    config = RetroConfig(mode="retro", budget=16, page_size=8, dense_layers=1, max_context=MAX_CONTEXT)
+    compiled = compiled_copy(model, config)
+    ids, mask = prompts(2, 30, pad=(0, 4), seed=6)
+    tokens = greedy(compiled_copy(model, config), ids, mask, 10)
+
+    def score(m):
+        with torch.no_grad():
+            return m(input_ids=ids, attention_mask=mask, labels=ids, output_hidden_states=True)
+
+    expected = score(model)
+    for when in ("before generate", "after generate"):
+        got = score(compiled)
+        torch.testing.assert_close(got.loss, expected.loss, msg=when)
+        torch.testing.assert_close(got.logits, expected.logits, msg=when)
+        assert len(got.hidden_states) == len(expected.hidden_states)
+        torch.testing.assert_close(got.hidden_states[-1], expected.hidden_states[-1], msg=when)
+        with torch.no_grad():  # positional ids, no mask, no cache
+            torch.testing.assert_close(compiled(ids).logits, model(ids).logits, msg=when)
+        assert torch.equal(greedy(compiled, ids, mask, 10), tokens)
+    with pytest.raises(NotImplementedError, match="output_hidden_states"):  # while decoding, still refused
+        greedy(compiled, ids, mask, 4, output_hidden_states=True, return_dict_in_generate=True)

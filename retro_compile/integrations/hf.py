@@ -269,10 +269,20 @@ class DecodeWindowDriver:
         self.step_fn = step
         self.cuda_graphs = cuda_graphs
         self.cache_arg = cache_argument(model)
+        self.generating = False  # inside the wrapped generate(): every forward call is the driver's
         self._caches: OrderedDict[int, Any] = OrderedDict()  # batch size -> the driver's own static cache
         self._buffers: dict[int, WindowBuffers] = {}
         self._recorded: dict[int, RecordedStep] = {}
         self.reset()
+
+    def serves(self, kwargs: dict[str, Any]) -> bool:
+        """Whether a forward call outside ``generate()`` is a step of hand-driven decoding (token ids
+        and a static cache, no labels, no extra outputs) that the driver runs. Any other call
+        (full sequences for a loss, ``output_hidden_states``, a dynamic cache or none) is the
+        model's own forward, uncompiled, with its usual outputs."""
+        cache = kwargs.get(self.cache_arg)
+        return (getattr(cache, "is_compileable", False) and kwargs.get("labels") is None
+                and not kwargs.get("output_hidden_states") and not kwargs.get("output_attentions"))
 
     def reset(self, request_mask: torch.Tensor | None = None) -> None:
         """Forget the current sequence: the next call must be a prefill. ``request_mask`` is the 2D
@@ -504,6 +514,13 @@ def install(model: torch.nn.Module, config: RetroConfig, store: StateStore, pref
 
     @functools.wraps(original_generate)
     def generate(*args: Any, **kwargs: Any) -> Any:
+        driver.generating = True
+        try:
+            return _generate(*args, **kwargs)
+        finally:
+            driver.generating = False
+
+    def _generate(*args: Any, **kwargs: Any) -> Any:
         request = requested_positions(model, args, kwargs)
         if request is not None:
             driver.check_request(*request)
@@ -524,7 +541,9 @@ def install(model: torch.nn.Module, config: RetroConfig, store: StateStore, pref
 
     @functools.wraps(original_forward)
     def forward(*args: Any, **kwargs: Any) -> Any:
-        return driver.forward(*args, **kwargs)
+        if driver.generating or driver.serves(kwargs):
+            return driver.forward(*args, **kwargs)
+        return original_forward(*args, **kwargs)  # the model's own computation: scoring, losses, features
 
     model.forward = forward
     model.generate = generate
