@@ -47,7 +47,8 @@ def retro_compile(
     cache of ``config.max_context`` positions that the model keeps per batch size, and its forward
     calls go through two graphs compiled with the ``retro`` backend (the prefill, with a dynamic
     prompt length, and the decode step). Forward calls that are not decoding (``labels``, hidden
-    states, no static cache) run the model's own forward, uncompiled. Any other module is returned as ``torch.compile(model, backend=retro)``.
+    states, no static cache) run the model's own forward, uncompiled. Any other module is returned
+    as ``torch.compile(model, backend=retro)``.
 
     Args:
         model: a Hugging Face causal LM, or any module that calls SDPA.
@@ -86,12 +87,10 @@ def retro_compile(
         return compiled
 
     hf.check_sdpa_support(model)
-    sliding = hf.sliding_window_layers(model.config)
-    if sliding:
-        raise ValueError(
-            f"retro_compile: layers {list(sliding)} of {type(model).__name__} use a sliding-window cache, which the "
-            "decode driver does not support yet; use a model without sliding-window layers"
-        )
+    sliding = hf.sliding_layers(model.config)
+    if sliding is not None:
+        for layer in sliding.layers:
+            store.model_dense[layer] = f"sliding-window attention (window {sliding.window})"
     options = dict(torch._inductor.list_mode_options(mode)) if mode else {}
     graphs_in_mode = options.pop("triton.cudagraphs", False)
     options.update(compile_kwargs.pop("options", None) or {})

@@ -67,6 +67,7 @@ class StateStore:
         self.built: dict[str, LayerState | None] = {}  # layer -> the state its last prefill call built
         self.built_version = 0  # bumped whenever ``built`` changes
         self.dense_reasons: dict[str, str] = {}  # layer name -> why its SDPA call was left as it is
+        self.model_dense: dict[int, str] = {}  # layer index -> why the model needs it dense (set by its integration)
 
     def prefilled(self, layer: str, shape: StateShape) -> bool:
         """Whether a compiled prefill graph builds this layer's state of this shape."""

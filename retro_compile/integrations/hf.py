@@ -131,14 +131,45 @@ def check_sdpa_support(model: torch.nn.Module) -> None:
         )
 
 
-def sliding_window_layers(hf_config: Any) -> tuple[int, ...]:
-    """Layers whose cache is a sliding window (a ring buffer)."""
-    types = getattr(hf_config, "layer_types", None)
+@dataclass(frozen=True)
+class SlidingLayers:
+    """A model's sliding-window attention layers, which stay dense SDPA.
+
+    The driver gives them full-length static cache layers (a ring buffer cannot be rewound to
+    overwrite the window's past rows) and masks of their own: a query at cache slot ``q`` sees the
+    slots ``q - window < k <= q`` that it may see at all, as transformers' sliding-window mask does.
+    ``by_type``: the forward takes ``{"full_attention": mask, "sliding_attention": mask}``
+    (models with ``layer_types``); otherwise every layer slides and takes one mask.
+    """
+
+    window: int
+    layers: tuple[int, ...]
+    by_type: bool
+
+    def masks(self, full: torch.Tensor | None, rows: torch.Tensor, keys: int) -> Any:
+        """The forward's ``attention_mask`` for query rows at cache slots ``rows`` (n,), given the
+        full-attention mask ``full`` ((B or 1, 1, n, keys) bool, or None: causal from slot 0)."""
+        index = torch.arange(keys, device=rows.device)
+        near = index > rows[:, None] - self.window
+        sliding = (near & (index <= rows[:, None]))[None, None] if full is None else full & near
+        return {"full_attention": full, "sliding_attention": sliding} if self.by_type else sliding
+
+
+def sliding_layers(hf_config: Any) -> SlidingLayers | None:
+    """The sliding-window layers of a transformers config (None if it has none)."""
+    text = hf_config.get_text_config(decoder=True) if hasattr(hf_config, "get_text_config") else hf_config
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None)
     if types:
-        return tuple(i for i, t in enumerate(types) if t != "full_attention")
-    if getattr(hf_config, "sliding_window", None) and getattr(hf_config, "use_sliding_window", True):
-        return tuple(range(hf_config.num_hidden_layers))
-    return ()
+        other = sorted(set(types) - {"full_attention", "sliding_attention"})
+        if other:
+            raise ValueError(f"retro_compile: layer types {other} are not supported (full_attention and "
+                             "sliding_attention are)")
+        layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+        return SlidingLayers(window, layers, by_type=True) if layers else None
+    if window and getattr(text, "use_sliding_window", True):
+        return SlidingLayers(window, tuple(range(text.num_hidden_layers)), by_type=False)
+    return None
 
 
 def cache_argument(model: torch.nn.Module) -> str:
@@ -151,19 +182,25 @@ def compiled_window_step(model: torch.nn.Module, compile: Callable[[Callable], C
     forward_kwargs: dict[str, Any] = {"use_cache": True}
     if "logits_to_keep" in inspect.signature(type(model).forward).parameters:
         forward_kwargs["logits_to_keep"] = 1  # the window's older rows need no logits
-    return compile(functools.partial(window_step, model.forward, forward_kwargs, cache_argument(model)))
+    return compile(functools.partial(window_step, model.forward, forward_kwargs, cache_argument(model),
+                                     sliding_layers(model.config)))
 
 
-def static_cache(model: torch.nn.Module, batch: int, length: int, device: torch.device) -> Any:
+def static_cache(model: torch.nn.Module, batch: int, length: int, device: torch.device,
+                 full_length: bool = False) -> Any:
     """A ``StaticCache`` of ``length`` positions for ``batch`` rows, allocated now.
 
     Allocated up front (not lazily inside a compiled prefill), its tensors keep fixed addresses for
-    CUDA graphs, and transformers marks them static for its own compiled decode.
+    CUDA graphs, and transformers marks them static for its own compiled decode. ``full_length``
+    gives sliding-window layers ``length`` positions too (see :class:`SlidingLayers`).
     """
     from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
 
     hf = model.config
     cache = StaticCache(config=hf, max_cache_len=length)
+    if full_length:
+        cache.layers = [layer if not layer.is_sliding else StaticLayer(max_cache_len=length) for layer in cache.layers]
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     cache.early_initialization(batch, getattr(hf, "num_key_value_heads", hf.num_attention_heads), head_dim,
                                model.dtype, device)
@@ -200,8 +237,9 @@ class WindowBuffers:
                    torch.zeros(batch, window - 1, **long), torch.zeros(batch, 1, **long))
 
 
-def window_step(forward: Callable, forward_kwargs: dict[str, Any], cache_arg: str, ids: torch.Tensor, cache: Any,
-                valid: torch.Tensor, next_pos: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
+def window_step(forward: Callable, forward_kwargs: dict[str, Any], cache_arg: str, sliding: SlidingLayers | None,
+                ids: torch.Tensor, cache: Any, valid: torch.Tensor, next_pos: torch.Tensor,
+                recent: torch.Tensor) -> torch.Tensor:
     """One decode step of the window, all on the device: returns the newest row's logits (B, V).
 
     The cache's write position (a device tensor in every layer) is the newest token's slot. The
@@ -219,6 +257,8 @@ def window_step(forward: Callable, forward_kwargs: dict[str, Any], cache_arg: st
     mask = valid[:, None, None, :] & (torch.arange(length, device=device) <= rows[:, None])  # (B, 1, w, L)
     positions = next_pos[:, None] + torch.arange(1 - w, 1, device=device)
     window_ids = torch.cat([recent, ids], dim=1)
+    if sliding is not None:
+        mask = sliding.masks(mask, rows, length)
     rewind(cache, w - 1)
     out = forward(input_ids=window_ids, attention_mask=mask, position_ids=positions, **forward_kwargs,
                   **{cache_arg: cache})
@@ -269,6 +309,7 @@ class DecodeWindowDriver:
         self.step_fn = step
         self.cuda_graphs = cuda_graphs
         self.cache_arg = cache_argument(model)
+        self.sliding = sliding_layers(model.config)
         self.generating = False  # inside the wrapped generate(): every forward call is the driver's
         self._caches: OrderedDict[int, Any] = OrderedDict()  # batch size -> the driver's own static cache
         self._buffers: dict[int, WindowBuffers] = {}
@@ -316,7 +357,7 @@ class DecodeWindowDriver:
         if cache is None:
             while len(self._caches) >= self.max_cached_batches:
                 self.release(next(iter(self._caches)))
-            cache = static_cache(self.model, batch, self.config.max_context, device)
+            cache = static_cache(self.model, batch, self.config.max_context, device, full_length=True)
         else:
             for layer in cache.layers:
                 layer.cumulative_length.zero_()
@@ -386,7 +427,11 @@ class DecodeWindowDriver:
         if position_ids is None:
             counted = buffers.valid[:, :start + n].long().cumsum(-1) - 1
             position_ids = counted[:, start:].clamp(min=0)
-        for t, dims in [(input_ids, (1,)), (position_ids, (1,))] + ([(mask, (2, 3))] if mask is not None else []):
+        masks = [mask]
+        if self.sliding is not None:
+            mask = self.sliding.masks(mask, torch.arange(start, start + n, device=device), start + n)
+            masks = list(mask.values()) if isinstance(mask, dict) else [mask]
+        for t, dims in [(input_ids, (1,)), (position_ids, (1,))] + [(m, (2, 3)) for m in masks if m is not None]:
             for dim in dims:
                 torch._dynamo.mark_dynamic(t, dim)
         self.store.forget_built()  # a prefill that runs no rewritten graph must leave nothing to decode from
@@ -399,13 +444,13 @@ class DecodeWindowDriver:
     def _padding_mask(self, attention_mask: Any, batch: int, length: int, device) -> torch.Tensor | None:
         """The request's 2D padding mask (B, length) as bool, or None where nothing is padded."""
         mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None
-        if mask is None and self.request_mask is not None:
-            mask = self.request_mask
+        if (mask is None or mask.dim() == 4) and self.request_mask is not None:
+            mask = self.request_mask  # generate()'s own 2D mask, rather than the 4D one it derived from it
         if mask is None:
             return None
-        if mask.dim() == 4:  # a prepared mask: its last row sees every valid key
-            mask = mask[:, 0, -1, :length]
-            mask = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        if mask.dim() == 4:  # a prepared mask: a valid key is one that some row sees (sliding windows included)
+            mask = mask[:, 0, :, :length]
+            mask = (mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2).any(dim=1)
         mask = mask.to(device=device, dtype=torch.bool)
         if mask.shape[0] != batch:  # generate() repeats each prompt for num_return_sequences
             mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)

@@ -36,12 +36,15 @@ def sparse_params(config: RetroConfig) -> SparseParams:
                         config.sink_pages, config.local_pages, config.window)
 
 
-def unsupported_reason(site: SdpaSite, config: RetroConfig) -> str | None:
-    """Why this call site must stay dense SDPA, or None if the op serves it."""
+def unsupported_reason(site: SdpaSite, config: RetroConfig, model_dense: dict[int, str] | None = None) -> str | None:
+    """Why this call site must stay dense SDPA, or None if the op serves it. ``model_dense``: layers
+    the model itself needs dense (layer index -> why), such as sliding-window layers."""
     if config.mode == "dense":
         return "mode='dense'"
     if config.is_dense_layer(site.layer_index):
         return f"layer {site.layer_index} is in dense_layers"
+    if model_dense and site.layer_index in model_dense:
+        return model_dense[site.layer_index]
     if isinstance(site.dropout_p, fx.Node) or site.dropout_p != 0.0:
         return f"dropout_p={site.dropout_p} (the op has no dropout)"
     if isinstance(site.scale, fx.Node) or isinstance(site.is_causal, fx.Node):
@@ -70,9 +73,10 @@ def unsupported_reason(site: SdpaSite, config: RetroConfig) -> str | None:
     return None
 
 
-def chosen_dense(site: SdpaSite, config: RetroConfig) -> bool:
-    """Whether the user asked for this site to stay dense (the mode, or ``dense_layers``)."""
-    return config.mode == "dense" or config.is_dense_layer(site.layer_index)
+def chosen_dense(site: SdpaSite, config: RetroConfig, model_dense: dict[int, str]) -> bool:
+    """Whether this site stays dense by choice (the mode, ``dense_layers``) or by the model's design
+    (``model_dense``), rather than for something the op cannot serve."""
+    return config.mode == "dense" or config.is_dense_layer(site.layer_index) or site.layer_index in model_dense
 
 
 def query_rows(site: SdpaSite) -> int | torch.SymInt | None:
@@ -135,7 +139,7 @@ def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore) -> 
     params = sparse_params(config)
     for site in find_sdpa_sites(graph):
         decode = is_decode_site(site, config)
-        reason = unsupported_reason(site, config)
+        reason = unsupported_reason(site, config, store.model_dense)
         state = None
         if not reason:
             q, k, v = (example_value(n) for n in (site.query, site.key, site.value))
@@ -147,7 +151,7 @@ def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore) -> 
             else:
                 state = store.get(site.layer_name, shape)
         if reason:
-            _note_dense(store, site.layer_name, reason, chosen_dense(site, config))
+            _note_dense(store, site.layer_name, reason, chosen_dense(site, config, store.model_dense))
             if not decode:
                 plan.builds[site.layer_name] = None
             elif query_rows(site) > 1 and site.is_causal is False:
