@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface, StaticCache
+from transformers.cache_utils import StaticLayer
 from transformers.masking_utils import sdpa_mask
 
 from retro_compile import RetroConfig
@@ -66,6 +67,11 @@ class HandDriven:
 
     def __init__(self, model, config: RetroConfig):
         self.model, self.config = model, config
+        # Sliding-window layers (dense here) keep every position, so that the window can be rewound,
+        # and see the keys of the last ``sliding_window`` slots.
+        types = getattr(model.config, "layer_types", None) or []
+        self.sliding = {i for i, t in enumerate(types) if t == "sliding_attention"}
+        self.sliding_window = getattr(model.config, "sliding_window", None)
         self.states = {}
         self.captured = {}  # layer index -> hidden states entering that layer on the last call
         AttentionInterface.register(self.NAME, self._attention)
@@ -81,7 +87,7 @@ class HandDriven:
 
     def _attention(self, module, q, k, v, mask, dropout=0.0, scaling=None, **kw):
         layer = module.layer_idx
-        if self.config.mode == "dense" or self.config.is_dense_layer(layer):
+        if self.config.mode == "dense" or self.config.is_dense_layer(layer) or layer in self.sliding:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
                                                  is_causal=mask is None and q.shape[2] > 1, enable_gqa=True)
         else:
@@ -96,6 +102,8 @@ class HandDriven:
         """Greedy decoding; returns (tokens (B, new_tokens), logits per step, cache)."""
         w, length = self.config.window, self.config.max_context
         cache = StaticCache(config=self.model.config, max_cache_len=length)
+        for i in self.sliding:
+            cache.layers[i] = StaticLayer(max_cache_len=length)
         cache_arg = cache_argument(self.model)
         n = ids.shape[1]
         pos_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -103,7 +111,8 @@ class HandDriven:
         j = torch.arange(length)
         mask = key_ok[:, None, None, :] & (j <= torch.arange(n)[:, None])
         mask = mask | (~mask.any(-1, keepdim=True) & (j == torch.arange(n)[:, None]))  # padded rows see themselves
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos_ids, **{cache_arg: cache})
+        out = self.model(input_ids=ids, attention_mask=self._masks(mask, torch.arange(n)), position_ids=pos_ids,
+                         **{cache_arg: cache})
         tokens, logits = [], []
         history = ids
         for step in range(new_tokens):
@@ -120,6 +129,13 @@ class HandDriven:
             pos_ids = torch.cat([pos_ids, last_pos], dim=1)
             if w > 1:
                 rewind(cache, w - 1)
-            out = self.model(input_ids=history[:, -w:], attention_mask=mask, position_ids=pos_ids[:, -w:],
-                             **{cache_arg: cache})
+            out = self.model(input_ids=history[:, -w:], attention_mask=self._masks(mask, rows),
+                             position_ids=pos_ids[:, -w:], **{cache_arg: cache})
         return torch.stack(tokens, dim=1), logits, cache
+
+    def _masks(self, mask, rows):
+        """The forward's masks: per layer type where the model has sliding-window layers."""
+        if not self.sliding:
+            return mask
+        near = torch.arange(mask.shape[-1]) > rows[:, None] - self.sliding_window
+        return {"full_attention": mask, "sliding_attention": mask & near}

@@ -310,6 +310,9 @@ class DecodeWindowDriver:
         self.cuda_graphs = cuda_graphs
         self.cache_arg = cache_argument(model)
         self.sliding = sliding_layers(model.config)
+        # Prefill masks may stop at the last written key only where this package's attention
+        # function runs (it cuts the cache to the mask); a model that calls SDPA itself needs them full width.
+        self.cuts_keys = getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME
         self.generating = False  # inside the wrapped generate(): every forward call is the driver's
         self._caches: OrderedDict[int, Any] = OrderedDict()  # batch size -> the driver's own static cache
         self._buffers: dict[int, WindowBuffers] = {}
@@ -420,18 +423,20 @@ class DecodeWindowDriver:
         if start == 0:
             buffers.valid.zero_()
         buffers.valid[:, start:start + n] = True if padding is None else padding[:, start:]
+        keys = start + n if self.cuts_keys else buffers.valid.shape[1]
         if start == 0 and padding is None:
             mask = None  # causal from position 0: SDPA's own flag, no mask
         else:
-            mask = self._prompt_mask(buffers.valid, start, n)
+            mask = self._prompt_mask(buffers.valid, start, n, keys)
         if position_ids is None:
             counted = buffers.valid[:, :start + n].long().cumsum(-1) - 1
             position_ids = counted[:, start:].clamp(min=0)
         masks = [mask]
         if self.sliding is not None:
-            mask = self.sliding.masks(mask, torch.arange(start, start + n, device=device), start + n)
+            mask = self.sliding.masks(mask, torch.arange(start, start + n, device=device), keys)
             masks = list(mask.values()) if isinstance(mask, dict) else [mask]
-        for t, dims in [(input_ids, (1,)), (position_ids, (1,))] + [(m, (2, 3)) for m in masks if m is not None]:
+        mask_dims = (2, 3) if self.cuts_keys else (2,)
+        for t, dims in [(input_ids, (1,)), (position_ids, (1,))] + [(m, mask_dims) for m in masks if m is not None]:
             for dim in dims:
                 torch._dynamo.mark_dynamic(t, dim)
         self.store.forget_built()  # a prefill that runs no rewritten graph must leave nothing to decode from
@@ -458,19 +463,19 @@ class DecodeWindowDriver:
         return None if bool(mask.all()) else mask
 
     @staticmethod
-    def _prompt_mask(valid: torch.Tensor, start: int, n: int) -> torch.Tensor:
-        """(B, 1, n, start + n) bool for ``n`` rows at slots ``start..``: valid keys up to each row's slot.
+    def _prompt_mask(valid: torch.Tensor, start: int, n: int, keys: int) -> torch.Tensor:
+        """(B, 1, n, keys) bool for ``n`` rows at slots ``start..``: valid keys up to each row's slot.
 
-        The keys stop at the chunk's last row (the attention cuts the cache to the mask's width);
-        without padding one mask serves every row of the batch (batch dimension 1), so a chunk of
-        a long prompt costs one (n, start + n) mask, not ``batch`` of them. A padded row sees
-        itself, so that its output stays finite (it is never attended to).
+        ``keys`` is ``start + n`` where the attention cuts the cache to the mask's width (this
+        package's attention function), else the whole cache. Without padding one mask serves every
+        row of the batch (batch dimension 1), so a chunk of a long prompt costs one (n, keys) mask,
+        not ``batch`` of them. A padded row sees itself, so that its output stays finite (it is
+        never attended to).
         """
-        keys = start + n
         written = valid[:, :keys]
-        if bool(written.all()):
+        if bool(valid[:, :start + n].all()):
             written = written[:1]
-        rows = torch.arange(start, keys, device=valid.device)[:, None]
+        rows = torch.arange(start, start + n, device=valid.device)[:, None]
         index = torch.arange(keys, device=valid.device)
         return (written[:, None, None, :] & (index <= rows)) | (index == rows)
 
