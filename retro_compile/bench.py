@@ -223,12 +223,13 @@ def profile_op(batch: int, context: int, window: int) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m retro_compile.bench")
-    sub = p.add_subparsers(dest="what", required=True)
+    p = argparse.ArgumentParser(prog="python -m retro_compile.bench",
+                                description="speed benchmarks; they need a CUDA GPU (e2e --shape smoke runs on the CPU)")
+    sub = p.add_subparsers(dest="what", required=True, help="op: the decode op alone; e2e: generate() end to end")
     op = sub.add_parser("op", help="one decode-attention step of the op (GPU)")
-    op.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    op.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
-    op.add_argument("--out", type=Path, default=Path("results/bench_op_h200.json"))
+    op.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes")
+    op.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072], help="cache lengths, in tokens")
+    op.add_argument("--out", type=Path, default=Path("results/bench_op_h200.json"), help="JSON path; the PNG goes beside it")
     op.add_argument("--profile", action="store_true", help="print the compiled step's top kernels instead (window 2)")
     from . import bench_e2e
 

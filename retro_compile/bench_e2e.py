@@ -303,12 +303,15 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
-    p.add_argument("--out", type=Path, default=Path("results/bench_e2e_h200.json"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-8b")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="batch sizes")
+    p.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072],
+                   help="static cache lengths; the prompt fills all but the last 128 positions")
+    p.add_argument("--out", type=Path, default=Path("results/bench_e2e_h200.json"), help="JSON path; the PNG goes beside it")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda (the default where there is one) or cpu (with --shape smoke)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-8b",
+                   help="llama-8b: the Llama-3.1-8B shape; smoke: a 3-layer toy for a CPU check")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="configurations (default: all)")
     p.add_argument("--budget", type=int, default=2048, help="sparse budget in tokens")
     p.add_argument("--prefill-tokens", type=int, default=RetroConfig.prefill_tokens,
                    help="prompt tokens (summed over the batch) per prefill forward; longer prompts are chunked on every side")

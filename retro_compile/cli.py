@@ -1,19 +1,37 @@
-"""``retro-compile`` command: ``retro-compile demo|eval|bench [options]``, the same as ``python -m retro_compile.demo``,
-``python -m retro_compile.eval`` and ``python -m retro_compile.bench``."""
+"""The ``retro-compile`` command: ``retro-compile {demo,eval,bench} [options]``.
+
+The same as ``python -m retro_compile.demo``, ``python -m retro_compile.eval`` and
+``python -m retro_compile.bench``; ``retro-compile COMMAND -h`` describes each command's flags.
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
+
+COMMANDS = {  # name -> (module with main(argv), one line for the help)
+    "demo": ("retro_compile.demo", "generate from a long real text with dense, quest and retro attention, side by side"),
+    "eval": ("retro_compile.eval.cli", "quality: long-decode perplexity, passkey retrieval, KV exposure"),
+    "bench": ("retro_compile.bench", "speed on a CUDA GPU: the decode op alone (op), generate() end to end (e2e)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: retro-compile {" + ",".join(COMMANDS) + "} [options]", "", "commands:"]
+    lines += [f"  {name:<6} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "retro-compile COMMAND -h lists the command's options."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"demo": "retro_compile.demo", "eval": "retro_compile.eval.cli", "bench": "retro_compile.bench"}
-    if not argv or argv[0] not in commands:
-        raise SystemExit(f"usage: retro-compile {{{'|'.join(commands)}}} [options]  (-h after a command for its options)")
-    import importlib
-
-    importlib.import_module(commands[argv[0]]).main(argv[1:])
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    if not argv or argv[0] not in COMMANDS:
+        given = f"unknown command {argv[0]!r}\n" if argv else ""
+        raise SystemExit(f"{given}{usage()}")
+    importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
 
 
 if __name__ == "__main__":

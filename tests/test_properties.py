@@ -15,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from retro_compile.kernels import decode  # needs triton (the test extra)
 from retro_compile.kernels import op
 from retro_compile.kernels import reference as ref
 
@@ -114,8 +115,6 @@ def test_past_row_after_its_last_correction_is_attention_over_the_union(case, bu
                 expected = naive_dense(problem.q[b, h, oldest], problem.k[b, hk], problem.v[b, hk], visible)
                 torch.testing.assert_close(out[b, h, 0].double(), expected, atol=1e-5, rtol=1e-5)
 
-
-decode = pytest.importorskip("retro_compile.kernels.decode", reason="triton is not installed")
 
 
 @settings(max_examples=8, **CHECKS)

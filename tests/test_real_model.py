@@ -86,3 +86,21 @@ def test_smollm2_batch_after_another_batch_size_is_row_exact():
     assert torch.equal(batch, fresh)
     assert compiled.retro_state.dense_reasons == {f"model.layers.{i}.self_attn": f"layer {i} is in dense_layers"
                                                   for i in range(2)}
+
+
+@pytest.mark.slow
+@needs_model
+def test_readme_usage_snippet_runs_as_pasted(capsys):
+    """The first Python block of the README's Usage section, run as it stands."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    usage = readme[readme.index("## Usage"):]
+    snippet = usage[usage.index("```python\n") + len("```python\n"):usage.index("```\n", usage.index("```python\n") + 1)]
+    exec(compile(snippet, "README.md (Usage)", "exec"), {})
+    import ast
+
+    printed = capsys.readouterr().out.strip().splitlines()
+    memory = ast.literal_eval(printed[-1])  # bytes of state per rewritten layer: SmolLM2's 30 but the 2 dense ones
+    assert sorted(memory) == sorted(f"model.layers.{i}.self_attn" for i in range(2, 30))
+    assert all(v > 0 for v in memory.values()) and "".join(printed[:-1]).strip()

@@ -37,9 +37,11 @@ DEPTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m retro_compile.eval", description=__doc__.splitlines()[0])
-    p.add_argument("task", choices=["ppl", "passkey", "exposure"])
+    p.add_argument("task", choices=["ppl", "passkey", "exposure"],
+                   help="ppl: long-decode perplexity; passkey: retrieval accuracy; exposure: pages seen per row")
     p.add_argument("--model", default=DEFAULT_MODEL, help="'smollm2' (default), a .gguf file, a folder or a model id")
-    p.add_argument("--modes", nargs="+", default=["dense", "quest", "retro"], choices=["dense", "quest", "retro"])
+    p.add_argument("--modes", nargs="+", default=["dense", "quest", "retro"], choices=["dense", "quest", "retro"],
+                   help="attention modes compared (default: all three)")
     p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256, 512], help="sparse budgets, in tokens")
     p.add_argument("--window", type=int, nargs="+", default=[2, 4], help="retro windows w")
     p.add_argument("--context", type=int, default=4096, help="ppl/exposure: tokens per passage (prefill + decoded)")
@@ -49,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--depths", type=float, nargs="+", default=list(DEPTHS), help="passkey: needle depths")
     p.add_argument("--seed", type=int, default=0, help="passkey: seed of the random keys")
     p.add_argument("--batch", type=int, default=3, help="passkey: prompts decoded together")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda (the default where there is one) or cpu")
     p.add_argument("--inductor", choices=["auto", "on", "off"], default="auto",
                    help="compile the decode graph with Inductor (auto: on CUDA only)")
     p.add_argument("--no-cuda-graphs", action="store_true",
