@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -13,22 +13,6 @@ from .integrations import hf
 from .state import StateStore
 
 log = logging.getLogger(__name__)
-
-
-def own_frame(fn: Callable) -> Callable:
-    """``fn`` behind a function with a code object of its own.
-
-    Dynamo keeps compiled graphs, and counts recompiles against ``recompile_limit``, per code
-    object. Compiling ``model.forward`` directly would share one count among every model of the
-    class in the process; past the limit Dynamo silently runs the model eagerly, with the SDPA
-    calls un-rewritten. A fresh code object per compiled callable keeps each model's count its own.
-    """
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return fn(*args, **kwargs)
-
-    call.__code__ = call.__code__.replace()  # a new code object, not the one shared by every `call`
-    return call
 
 
 def retro_compile(
@@ -77,33 +61,13 @@ def retro_compile(
             f"retro_compile: model was already compiled with {previous}; load a fresh model to use {config}"
         )
     store = StateStore()
-    on_cuda = any(p.is_cuda for p in model.parameters())
     if inductor is None:
-        inductor = on_cuda
+        inductor = any(p.is_cuda for p in model.parameters())
     if not hf.is_hf_causal_lm(model):
         compiled = torch.compile(model, backend=backend_for(config, store, inductor=inductor), mode=mode,
                                  **compile_kwargs)
         compiled.retro_config = config
         return compiled
 
-    hf.check_sdpa_support(model)
-    sliding = hf.sliding_layers(model.config)
-    if sliding is not None:
-        for layer in sliding.layers:
-            store.model_dense[layer] = f"sliding-window attention (window {sliding.window})"
-    options = dict(torch._inductor.list_mode_options(mode)) if mode else {}
-    graphs_in_mode = options.pop("triton.cudagraphs", False)
-    options.update(compile_kwargs.pop("options", None) or {})
-    if cuda_graphs is None:
-        cuda_graphs = graphs_in_mode or (mode is None and on_cuda)
-    hf.register_attention()
-    model.set_attn_implementation(hf.ATTENTION_NAME)
-    prefill = torch.compile(own_frame(model.forward), backend=backend_for(config, store, inductor=False), dynamic=False)
-    step = hf.compiled_window_step(model, lambda fn: torch.compile(
-        own_frame(fn), backend=backend_for(config, store, inductor=inductor), dynamic=False, options=options or None,
-        **compile_kwargs))
-    driver = hf.install(model, config, store, prefill, step, cuda_graphs=bool(cuda_graphs))
-    model.retro_config = config
-    model.retro_state = store
-    model.retro_driver = driver
-    return model
+    return hf.compile_causal_lm(model, config, store, inductor=inductor, cuda_graphs=cuda_graphs, mode=mode,
+                                **compile_kwargs)

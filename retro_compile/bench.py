@@ -106,8 +106,7 @@ def op_case(batch: int, context: int, window: int, seed: int = 0):
     v = torch.randn(batch, KV_HEADS, context, HEAD_DIM, **kw)
     q = torch.randn(batch, Q_HEADS, window + 1, HEAD_DIM, **kw)
     params = SparseParams(PAGE, BUDGET // PAGE, 0.0, 0, 1, window)
-    state = allocate(StateShape(batch, Q_HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM, math.ceil(context / PAGE), window,
-                                torch.bfloat16, torch.device("cuda")))
+    state = allocate(StateShape.of_call(q, k, v, math.ceil(context / PAGE), window))
     prefill_rows = torch.arange(context - 2 * window - 1, context - window, device="cuda")
     retro_attention(q, k, v, causal_mask(prefill_rows, batch, context), state, params)
     q, mask = q[:, :, 1:].contiguous(), causal_mask(torch.arange(context - window, context, device="cuda"), batch, context)

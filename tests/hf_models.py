@@ -92,8 +92,7 @@ class HandDriven:
                                                  is_causal=mask is None and q.shape[2] > 1, enable_gqa=True)
         else:
             if layer not in self.states:
-                self.states[layer] = allocate(StateShape(q.shape[0], q.shape[1], k.shape[1], q.shape[3], v.shape[3],
-                                                         self.config.num_pages, self.config.window, k.dtype, k.device))
+                self.states[layer] = allocate(StateShape.of_call(q, k, v, self.config.num_pages, self.config.window))
             out = retro_attention(q, k, v, mask, self.states[layer], sparse_params(self.config), scale=scaling)
         return out.transpose(1, 2), None
 

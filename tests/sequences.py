@@ -65,10 +65,8 @@ def dense_rows(problem: Problem, positions: list[int]) -> torch.Tensor:
 
 def run(problem: Problem, params: SparseParams, steps: int, num_pages: int | None = None):
     """Prefill the prompt, then ``steps`` decode steps. Yields (positions, output) per call."""
-    b, hq, length, d = problem.q.shape
-    num_pages = num_pages or -(-length // params.page_size)
-    state = allocate(StateShape(b, hq, problem.k.shape[1], d, d, num_pages, params.window,
-                                problem.k.dtype, problem.k.device))
+    num_pages = num_pages or -(-problem.q.shape[2] // params.page_size)
+    state = allocate(StateShape.of_call(problem.q, problem.k, problem.v, num_pages, params.window))
     positions = list(range(problem.prompt))
     out = retro_attention(problem.q[:, :, positions], problem.k, problem.v, mask_for(problem, positions), state, params)
     yield positions, out

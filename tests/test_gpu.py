@@ -99,8 +99,7 @@ def test_kernels_match_reference_bf16_realistic(batch, context, kv_heads, window
         outs = []
         for kernels in (True, False):
             monkeypatch.setattr(op, "use_kernels", lambda *a, _k=kernels: _k)
-            state = allocate(StateShape(batch, 32, kv_heads, 128, 128, context // 16, window, torch.bfloat16,
-                                        torch.device("cuda")))
+            state = allocate(StateShape.of_call(q, k, v, context // 16, window))
             retro_attention(q, k, v, prefill, state, params)
             outs.append((retro_attention(q[:, :, 1:], k, v, decode, state, params).float(), state))
         (got, s_got), (want, s_want) = outs

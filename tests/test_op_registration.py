@@ -15,9 +15,7 @@ PARAMS = SparseParams(8, 2, 0.0, 0, 1, 2)
 
 
 def fresh_state(problem, window=2):
-    b, hq, length, d = problem.q.shape
-    return allocate(StateShape(b, hq, problem.k.shape[1], d, d, -(-length // 8), window, problem.k.dtype,
-                               torch.device("cpu")))
+    return allocate(StateShape.of_call(problem.q, problem.k, problem.v, -(-problem.q.shape[2] // 8), window))
 
 
 def call_args(problem, positions, state, params=PARAMS):

@@ -599,3 +599,52 @@ def install(model: torch.nn.Module, config: RetroConfig, store: StateStore, pref
     model.generate = generate
     model.generation_config.disable_compile = True  # the driver compiles; generate must not again
     return driver
+
+
+def compile_causal_lm(model: torch.nn.Module, config: RetroConfig, store: StateStore, *, inductor: bool,
+                      cuda_graphs: bool | None, mode: str | None, **compile_kwargs: Any) -> torch.nn.Module:
+    """:func:`retro_compile.retro_compile` for a Hugging Face causal LM (see its docstring).
+
+    Switches the attention to grouped SDPA, marks sliding-window layers dense, compiles the prefill
+    (rewrite only, dynamic prompt length) and the decode step (rewrite + Inductor with ``mode``'s
+    options, minus its CUDA graphs: the driver records its own), and installs the driver.
+    """
+    from ..backend import backend_for
+
+    check_sdpa_support(model)
+    sliding = sliding_layers(model.config)
+    if sliding is not None:
+        for layer in sliding.layers:
+            store.model_dense[layer] = f"sliding-window attention (window {sliding.window})"
+    options = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    graphs_in_mode = options.pop("triton.cudagraphs", False)
+    options.update(compile_kwargs.pop("options", None) or {})
+    if cuda_graphs is None:
+        cuda_graphs = graphs_in_mode or (mode is None and any(p.is_cuda for p in model.parameters()))
+    register_attention()
+    model.set_attn_implementation(ATTENTION_NAME)
+    prefill = torch.compile(own_frame(model.forward), backend=backend_for(config, store, inductor=False), dynamic=False)
+    step = compiled_window_step(model, lambda fn: torch.compile(
+        own_frame(fn), backend=backend_for(config, store, inductor=inductor), dynamic=False, options=options or None,
+        **compile_kwargs))
+    driver = install(model, config, store, prefill, step, cuda_graphs=bool(cuda_graphs))
+    model.retro_config = config
+    model.retro_state = store
+    model.retro_driver = driver
+    return model
+
+
+def own_frame(fn: Callable) -> Callable:
+    """``fn`` behind a function with a code object of its own.
+
+    Dynamo keeps compiled graphs, and counts recompiles against ``recompile_limit``, per code
+    object. Compiling ``model.forward`` directly would share one count among every model of the
+    class in the process; past the limit Dynamo silently runs the model eagerly, with the SDPA
+    calls un-rewritten. A fresh code object per compiled callable keeps each model's count its own.
+    """
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    call.__code__ = call.__code__.replace()  # a new code object, not the one shared by every `call`
+    return call

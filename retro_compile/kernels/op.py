@@ -26,6 +26,45 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 STATE_ARGS = ("kmax", "kmin", "last", "out_cache", "lse_cache")
 
 
+def unservable(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor]
+) -> tuple[type[Exception], str] | None:
+    """The one rule for which SDPA calls the op serves: ``(exception type, why)`` for a call it
+    cannot serve, naming the argument, else None. :func:`check_inputs` raises it; the rewrite
+    (passes/rewrite.py) leaves such a call site as dense SDPA and logs why."""
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if t.dim() != 4:
+            return ValueError, f"{name} must have 4 dims (batch, heads, seq, head_dim), got shape {tuple(t.shape)}"
+        if t.dtype not in FLOAT_DTYPES:
+            return TypeError, f"{name} dtype {t.dtype} is not one of {FLOAT_DTYPES}"
+    if not (q.dtype == k.dtype == v.dtype):
+        return TypeError, f"query/key/value dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
+    if not (q.device == k.device == v.device):
+        return ValueError, f"query/key/value devices differ ({q.device}, {k.device}, {v.device})"
+    b, hq, n, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        return ValueError, f"batch sizes differ (query {b}, key {k.shape[0]}, value {v.shape[0]})"
+    if k.shape[1] != v.shape[1] or hq % k.shape[1]:
+        return ValueError, f"key heads ({k.shape[1]}) and value heads ({v.shape[1]}) must be equal and divide query heads ({hq})"
+    if k.shape[3] != d:
+        return ValueError, f"key head_dim {k.shape[3]} != query head_dim {d}"
+    if k.shape[2] != v.shape[2]:
+        return ValueError, f"key length {k.shape[2]} != value length {v.shape[2]}"
+    length = k.shape[2]
+    if n > length:
+        return ValueError, f"query has {n} rows but the cache holds only {length} positions"
+    if attn_mask is not None:
+        if attn_mask.device != q.device:
+            return ValueError, f"attn_mask is on {attn_mask.device}, query on {q.device}"
+        if attn_mask.dtype != torch.bool and attn_mask.dtype not in FLOAT_DTYPES:
+            return TypeError, f"attn_mask dtype {attn_mask.dtype} must be bool or a float dtype"
+        if attn_mask.dim() != 4 or attn_mask.shape[1] != 1 or attn_mask.shape[0] not in (1, b) \
+                or attn_mask.shape[2] not in (1, n) or attn_mask.shape[3] != length:
+            return ValueError, (f"attn_mask shape {tuple(attn_mask.shape)} must broadcast as (batch, 1, {n}, {length}) "
+                                "with one head (per-head masks are not supported)")
+    return None
+
+
 def check_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -35,40 +74,11 @@ def check_inputs(
     params: SparseParams,
 ) -> None:
     """Raise ValueError/TypeError naming the argument if the op cannot serve this call."""
-    for name, t in (("query", q), ("key", k), ("value", v)):
-        if t.dim() != 4:
-            raise ValueError(f"retro::attention: {name} must have 4 dims (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"retro::attention: {name} dtype {t.dtype} is not one of {FLOAT_DTYPES}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"retro::attention: query/key/value dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"retro::attention: query/key/value devices differ ({q.device}, {k.device}, {v.device})")
-    b, hq, n, d = q.shape
-    if k.shape[0] != b or v.shape[0] != b:
-        raise ValueError(f"retro::attention: batch sizes differ (query {b}, key {k.shape[0]}, value {v.shape[0]})")
-    if k.shape[1] != v.shape[1] or hq % k.shape[1]:
-        raise ValueError(
-            f"retro::attention: key heads ({k.shape[1]}) and value heads ({v.shape[1]}) must be equal and divide query heads ({hq})"
-        )
-    if k.shape[3] != d:
-        raise ValueError(f"retro::attention: key head_dim {k.shape[3]} != query head_dim {d}")
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"retro::attention: key length {k.shape[2]} != value length {v.shape[2]}")
-    length = k.shape[2]
-    if n > length:
-        raise ValueError(f"retro::attention: query has {n} rows but the cache holds only {length} positions")
-    if attn_mask is not None:
-        if attn_mask.device != q.device:
-            raise ValueError(f"retro::attention: attn_mask is on {attn_mask.device}, query on {q.device}")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"retro::attention: attn_mask dtype {attn_mask.dtype} must be bool or a float dtype")
-        if attn_mask.dim() != 4 or attn_mask.shape[1] != 1 or attn_mask.shape[0] not in (1, b) \
-                or attn_mask.shape[2] not in (1, n) or attn_mask.shape[3] != length:
-            raise ValueError(
-                f"retro::attention: attn_mask shape {tuple(attn_mask.shape)} must broadcast as (batch, 1, {n}, {length}) "
-                "with one head (per-head masks are not supported)"
-            )
+    problem = unservable(q, k, v, attn_mask)
+    if problem is not None:
+        error, why = problem
+        raise error(f"retro::attention: {why}")
+    b, hq, d, length = q.shape[0], q.shape[1], q.shape[3], k.shape[2]
     kmax, kmin, last, out_cache, lse_cache = state
     capacity = kmax.shape[2] * params.page_size
     if length > capacity:

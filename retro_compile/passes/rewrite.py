@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from ..config import RetroConfig
-from ..kernels.op import FLOAT_DTYPES, STATE_ARGS
+from ..kernels.op import STATE_ARGS, unservable
 from ..kernels.reference import LayerState, SparseParams
 from ..state import StateShape, StateStore
 from .sdpa import SdpaSite, example_value, find_sdpa_sites
@@ -52,24 +52,15 @@ def unsupported_reason(site: SdpaSite, config: RetroConfig, model_dense: dict[in
     q, k, v = (example_value(n) for n in (site.query, site.key, site.value))
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         return "query/key/value have no shape metadata"
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return f"query rank {q.dim()} (the op needs (batch, heads, seq, head_dim))"
-    if q.dtype not in FLOAT_DTYPES or not (q.dtype == k.dtype == v.dtype):
-        return f"dtype {q.dtype}/{k.dtype}/{v.dtype}"
-    if not all(isinstance(s, int) for s in (*q.shape[:2], q.shape[3], *k.shape[1:2], k.shape[3], v.shape[3])):
+    if q.dim() == 4 and k.dim() == 4 and not all(isinstance(s, int) for s in (*q.shape[:2], q.shape[3], k.shape[1], k.shape[3])):
         return "batch, head or head_dim sizes are dynamic (mark them static)"
-    if q.shape[1] != k.shape[1] and not site.enable_gqa:
+    if q.dim() == 4 and k.dim() == 4 and q.shape[1] != k.shape[1] and not site.enable_gqa:
         return "query and key heads differ without enable_gqa"
-    if q.shape[1] % k.shape[1]:
-        return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key heads"
     mask = example_value(site.attn_mask)
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            return f"attn_mask of type {type(mask).__name__}"
-        if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
-            return f"attn_mask dtype {mask.dtype}"
-        if mask.dim() != 4 or mask.shape[1] != 1:
-            return f"attn_mask shape {tuple(mask.shape)} (needs (batch, 1, rows, keys))"
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        return f"attn_mask of type {type(mask).__name__}"
+    problem = unservable(q, k, v, mask)  # the op's own rule: what it would refuse stays SDPA
+    return None if problem is None else problem[1]
     return None
 
 
@@ -143,9 +134,7 @@ def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore) -> 
         state = None
         if not reason:
             q, k, v = (example_value(n) for n in (site.query, site.key, site.value))
-            shape = StateShape(batch=q.shape[0], q_heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[3],
-                               value_dim=v.shape[3], num_pages=config.num_pages, window=config.window,
-                               dtype=k.dtype, device=k.device)
+            shape = StateShape.of_call(q, k, v, config.num_pages, config.window)
             if decode and not store.prefilled(site.layer_name, shape):
                 reason = "its prefill was not rewritten, so the decode step would have no state to read"
             else:
