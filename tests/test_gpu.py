@@ -128,3 +128,20 @@ def test_inductor_inlines_the_triton_kernels():
     for kernel in ("_summarize_pages_kernel", "_page_scores_kernel", "_top_pages_kernel", "_window_attention_kernel",
                    "_merge_window_kernel"):
         assert kernel in source, kernel
+
+
+@pytest.mark.parametrize("family", ["qwen2-sliding", "gemma3"])
+def test_sliding_window_family_with_cuda_graphs_matches_untouched(family):
+    """A sliding/global mix on CUDA with the driver's CUDA graph: full budget gives the untouched
+    model's tokens (batch 2, left padding), and a second request replays without recompiling."""
+    from .test_model_matrix import build
+
+    model = build(family).cuda()
+    ids, mask = prompts(2, 40, pad=(0, 5))
+    kw = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=24, do_sample=False, pad_token_id=0)
+    expected = model.generate(**kw)
+    config = RetroConfig(mode="retro", budget=128, page_size=16, dense_layers=1, max_context=128)
+    compiled = retro_compile(copy.deepcopy(model), config, mode="reduce-overhead")
+    assert torch.equal(compiled.generate(**kw), expected)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert torch.equal(compiled.generate(**kw), expected)
