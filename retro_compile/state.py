@@ -112,14 +112,6 @@ class StateStore:
     def layers(self) -> list[str]:
         return sorted({layer for layer, _ in self._states})
 
-    @classmethod
-    def of_call(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_pages: int, window: int) -> "StateShape":
-        """The state an SDPA call's layer needs: batch, heads and head dims from ``q``/``k``/``v``
-        ((B, H, n, D) each), ``num_pages`` pages of summaries, ``window - 1`` cached rows. The one
-        place a state's shape is worked out (the rewrite, the benchmark and the tests use it)."""
-        return cls(batch=q.shape[0], q_heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[3],
-                   value_dim=v.shape[3], num_pages=num_pages, window=window, dtype=k.dtype, device=k.device)
-
     @property
     def nbytes(self) -> int:
         """Bytes of decode state held for this model."""
