@@ -202,8 +202,9 @@ def static_cache(model: torch.nn.Module, batch: int, length: int, device: torch.
     if full_length:
         cache.layers = [layer if not layer.is_sliding else StaticLayer(max_cache_len=length) for layer in cache.layers]
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    cache.early_initialization(batch, getattr(hf, "num_key_value_heads", hf.num_attention_heads), head_dim,
-                               model.dtype, device)
+    # Tensor parallel (``from_pretrained(tp_plan=...)``): each rank caches its own share of the KV heads.
+    kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    cache.early_initialization(batch, kv_heads // (getattr(model, "tp_size", None) or 1), head_dim, model.dtype, device)
     return cache
 
 
