@@ -52,16 +52,16 @@ def unsupported_reason(site: SdpaSite, config: RetroConfig, model_dense: dict[in
     q, k, v = (example_value(n) for n in (site.query, site.key, site.value))
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         return "query/key/value have no shape metadata"
-    if q.dim() == 4 and k.dim() == 4 and not all(isinstance(s, int) for s in (*q.shape[:2], q.shape[3], k.shape[1], k.shape[3])):
-        return "batch, head or head_dim sizes are dynamic (mark them static)"
-    if q.dim() == 4 and k.dim() == 4 and q.shape[1] != k.shape[1] and not site.enable_gqa:
-        return "query and key heads differ without enable_gqa"
+    if q.dim() == k.dim() == 4:  # (a wrong rank is the op's rule's to name, below)
+        if not all(isinstance(s, int) for s in (*q.shape[:2], q.shape[3], k.shape[1], k.shape[3])):
+            return "batch, head or head_dim sizes are dynamic (mark them static)"
+        if q.shape[1] != k.shape[1] and not site.enable_gqa:
+            return "query and key heads differ without enable_gqa"
     mask = example_value(site.attn_mask)
     if mask is not None and not isinstance(mask, torch.Tensor):
         return f"attn_mask of type {type(mask).__name__}"
     problem = unservable(q, k, v, mask)  # the op's own rule: what it would refuse stays SDPA
     return None if problem is None else problem[1]
-    return None
 
 
 def chosen_dense(site: SdpaSite, config: RetroConfig, model_dense: dict[int, str]) -> bool:
