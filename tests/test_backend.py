@@ -6,7 +6,6 @@ import logging
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from retro_compile import RetroConfig
@@ -61,7 +60,7 @@ def test_unsupported_sites_stay_sdpa_with_reason():
     assert len(sites) == 1 and sites[0].dropout_p == 0.1
     from retro_compile.passes.rewrite import unsupported_reason
 
-    assert "dropout" in unsupported_reason(sites[0], RetroConfig(dense_layers=0))
+    assert "dropout" in unsupported_reason(sites[0])
 
 
 def test_export_graph_sites_are_found():

@@ -3,7 +3,6 @@ and Inductor custom passes a user has set (chained with the rewrite, never repla
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
@@ -13,7 +12,7 @@ import pytest
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from retro_compile import RetroConfig, StateStore, retro_backend, rewrite_exported_program, rewrite_sdpa
+from retro_compile import RetroConfig, StateStore, rewrite_exported_program, rewrite_sdpa
 from retro_compile.backend import backend_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -113,7 +112,7 @@ def test_user_inductor_pass_still_runs_and_the_rewrite_still_happens(dynamic, mo
     config = RetroConfig(mode="quest", budget=16, page_size=8, dense_layers=0, max_context=64)
     # torch.compile takes mode= or options=, not both: with a mode, the config is bound to the backend.
     retro_store = StateStore()
-    compiled = torch.compile(model, backend=functools.partial(retro_backend, config=config, store=retro_store),
+    compiled = torch.compile(model, backend=backend_for(config, retro_store),
                              mode="max-autotune-no-cudagraphs", fullgraph=True, dynamic=dynamic)
     got, _ = decode(compiled, compiled, prompt, 6)
     assert counting.graphs >= 2  # the prefill and the decode graph, after the rewrite

@@ -149,10 +149,17 @@ class SlidingLayers:
     def masks(self, full: torch.Tensor | None, rows: torch.Tensor, keys: int) -> Any:
         """The forward's ``attention_mask`` for query rows at cache slots ``rows`` (n,), given the
         full-attention mask ``full`` ((B or 1, 1, n, keys) bool, or None: causal from slot 0)."""
-        index = torch.arange(keys, device=rows.device)
-        near = index > rows[:, None] - self.window
-        sliding = (near & (index <= rows[:, None]))[None, None] if full is None else full & near
+        near = torch.arange(keys, device=rows.device) > rows[:, None] - self.window
+        sliding = (slot_mask(None, rows, keys) if full is None else full) & near
         return {"full_attention": full, "sliding_attention": sliding} if self.by_type else sliding
+
+
+def slot_mask(valid: torch.Tensor | None, rows: torch.Tensor, keys: int) -> torch.Tensor:
+    """(B or 1, 1, n, keys) bool: query rows at cache slots ``rows`` (n,) see the slots up to their
+    own that ``valid`` ((B or 1, >= keys) bool; None: every slot) marks. The one place the driver's
+    masks are built (prefill chunks, decode window, sliding layers)."""
+    causal = torch.arange(keys, device=rows.device) <= rows[:, None]
+    return causal[None, None] if valid is None else valid[:, None, None, :keys] & causal
 
 
 def sliding_layers(hf_config: Any) -> SlidingLayers | None:
@@ -177,13 +184,13 @@ def cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
-def compiled_window_step(model: torch.nn.Module, compile: Callable[[Callable], Callable]) -> Callable:
+def compiled_window_step(model: torch.nn.Module, sliding: SlidingLayers | None,
+                         compile: Callable[[Callable], Callable]) -> Callable:
     """:func:`window_step` bound to ``model``'s own forward, compiled by ``compile``."""
     forward_kwargs: dict[str, Any] = {"use_cache": True}
     if "logits_to_keep" in inspect.signature(type(model).forward).parameters:
         forward_kwargs["logits_to_keep"] = 1  # the window's older rows need no logits
-    return compile(functools.partial(window_step, model.forward, forward_kwargs, cache_argument(model),
-                                     sliding_layers(model.config)))
+    return compile(functools.partial(window_step, model.forward, forward_kwargs, cache_argument(model), sliding))
 
 
 def static_cache(model: torch.nn.Module, batch: int, length: int, device: torch.device,
@@ -255,7 +262,7 @@ def window_step(forward: Callable, forward_kwargs: dict[str, Any], cache_arg: st
     slot = cache.layers[0].cumulative_length
     valid.index_fill_(1, slot.reshape(1), True)
     rows = slot + torch.arange(1 - w, 1, device=device)  # (w,) cache slots of the window
-    mask = valid[:, None, None, :] & (torch.arange(length, device=device) <= rows[:, None])  # (B, 1, w, L)
+    mask = slot_mask(valid, rows, length)  # (B, 1, w, L)
     positions = next_pos[:, None] + torch.arange(1 - w, 1, device=device)
     window_ids = torch.cat([recent, ids], dim=1)
     if sliding is not None:
@@ -296,12 +303,13 @@ class DecodeWindowDriver:
         prefill: ``model.forward`` compiled for prompts (dynamic length).
         step: :func:`window_step` bound to the model, compiled for decode steps.
         cuda_graphs: record each batch size's decode step in a CUDA graph (CUDA only).
+        sliding: the model's sliding-window layers (:func:`sliding_layers`), or None.
     """
 
     max_cached_batches = 2  # static caches (and their CUDA graphs) kept for this many batch sizes
 
     def __init__(self, model: torch.nn.Module, config: RetroConfig, store: StateStore, prefill: Callable,
-                 step: Callable, cuda_graphs: bool) -> None:
+                 step: Callable, cuda_graphs: bool, sliding: SlidingLayers | None = None) -> None:
         self.model = model
         self.config = config
         self.store = store
@@ -310,7 +318,7 @@ class DecodeWindowDriver:
         self.step_fn = step
         self.cuda_graphs = cuda_graphs
         self.cache_arg = cache_argument(model)
-        self.sliding = sliding_layers(model.config)
+        self.sliding = sliding
         # Prefill masks may stop at the last written key only where this package's attention
         # function runs (it cuts the cache to the mask); a model that calls SDPA itself needs them full width.
         self.cuts_keys = getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME
@@ -473,12 +481,9 @@ class DecodeWindowDriver:
         not ``batch`` of them. A padded row sees itself, so that its output stays finite (it is
         never attended to).
         """
-        written = valid[:, :keys]
-        if bool(valid[:, :start + n].all()):
-            written = written[:1]
-        rows = torch.arange(start, start + n, device=valid.device)[:, None]
-        index = torch.arange(keys, device=valid.device)
-        return (written[:, None, None, :] & (index <= rows)) | (index == rows)
+        written = valid[:1] if bool(valid[:, :start + n].all()) else valid
+        rows = torch.arange(start, start + n, device=valid.device)
+        return slot_mask(written, rows, keys) | (torch.arange(keys, device=valid.device) == rows[:, None])
 
     def _decode(self, input_ids: torch.Tensor) -> Any:
         if self.length + 1 > self.config.max_context:
@@ -557,9 +562,9 @@ def _prompt_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 def install(model: torch.nn.Module, config: RetroConfig, store: StateStore, prefill: Callable, step: Callable,
-            cuda_graphs: bool) -> DecodeWindowDriver:
+            cuda_graphs: bool, sliding: SlidingLayers | None = None) -> DecodeWindowDriver:
     """Install the driver and a generate() that runs every request on the driver's static cache."""
-    driver = DecodeWindowDriver(model, config, store, prefill, step, cuda_graphs)
+    driver = DecodeWindowDriver(model, config, store, prefill, step, cuda_graphs, sliding)
     original_generate, original_forward = model.generate, model.forward
     cache_arg = driver.cache_arg
 
@@ -625,10 +630,10 @@ def compile_causal_lm(model: torch.nn.Module, config: RetroConfig, store: StateS
     register_attention()
     model.set_attn_implementation(ATTENTION_NAME)
     prefill = torch.compile(own_frame(model.forward), backend=backend_for(config, store, inductor=False), dynamic=False)
-    step = compiled_window_step(model, lambda fn: torch.compile(
+    step = compiled_window_step(model, sliding, lambda fn: torch.compile(
         own_frame(fn), backend=backend_for(config, store, inductor=inductor), dynamic=False, options=options or None,
         **compile_kwargs))
-    driver = install(model, config, store, prefill, step, cuda_graphs=bool(cuda_graphs))
+    driver = install(model, config, store, prefill, step, cuda_graphs=bool(cuda_graphs), sliding=sliding)
     model.retro_config = config
     model.retro_state = store
     model.retro_driver = driver

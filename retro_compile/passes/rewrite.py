@@ -36,15 +36,18 @@ def sparse_params(config: RetroConfig) -> SparseParams:
                         config.sink_pages, config.local_pages, config.window)
 
 
-def unsupported_reason(site: SdpaSite, config: RetroConfig, model_dense: dict[int, str] | None = None) -> str | None:
-    """Why this call site must stay dense SDPA, or None if the op serves it. ``model_dense``: layers
-    the model itself needs dense (layer index -> why), such as sliding-window layers."""
+def chosen_dense(site: SdpaSite, config: RetroConfig, model_dense: dict[int, str]) -> str | None:
+    """Why this site stays dense by choice (the mode, ``dense_layers``) or by the model's design
+    (``model_dense``: layer index -> why, such as sliding-window layers); None otherwise."""
     if config.mode == "dense":
         return "mode='dense'"
     if config.is_dense_layer(site.layer_index):
         return f"layer {site.layer_index} is in dense_layers"
-    if model_dense and site.layer_index in model_dense:
-        return model_dense[site.layer_index]
+    return model_dense.get(site.layer_index)
+
+
+def unsupported_reason(site: SdpaSite) -> str | None:
+    """Why the op cannot serve this call site (it stays dense SDPA), or None if it can."""
     if isinstance(site.dropout_p, fx.Node) or site.dropout_p != 0.0:
         return f"dropout_p={site.dropout_p} (the op has no dropout)"
     if isinstance(site.scale, fx.Node) or isinstance(site.is_causal, fx.Node):
@@ -62,12 +65,6 @@ def unsupported_reason(site: SdpaSite, config: RetroConfig, model_dense: dict[in
         return f"attn_mask of type {type(mask).__name__}"
     problem = unservable(q, k, v, mask)  # the op's own rule: what it would refuse stays SDPA
     return None if problem is None else problem[1]
-
-
-def chosen_dense(site: SdpaSite, config: RetroConfig, model_dense: dict[int, str]) -> bool:
-    """Whether this site stays dense by choice (the mode, ``dense_layers``) or by the model's design
-    (``model_dense``), rather than for something the op cannot serve."""
-    return config.mode == "dense" or config.is_dense_layer(site.layer_index) or site.layer_index in model_dense
 
 
 def query_rows(site: SdpaSite) -> int | torch.SymInt | None:
@@ -130,7 +127,8 @@ def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore) -> 
     params = sparse_params(config)
     for site in find_sdpa_sites(graph):
         decode = is_decode_site(site, config)
-        reason = unsupported_reason(site, config, store.model_dense)
+        chosen = chosen_dense(site, config, store.model_dense)
+        reason = chosen or unsupported_reason(site)
         state = None
         if not reason:
             q, k, v = (example_value(n) for n in (site.query, site.key, site.value))
@@ -140,7 +138,7 @@ def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore) -> 
             else:
                 state = store.get(site.layer_name, shape)
         if reason:
-            _note_dense(store, site.layer_name, reason, chosen_dense(site, config, store.model_dense))
+            _note_dense(store, site.layer_name, reason, chosen is not None)
             if not decode:
                 plan.builds[site.layer_name] = None
             elif query_rows(site) > 1 and site.is_causal is False:
