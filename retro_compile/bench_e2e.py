@@ -94,6 +94,7 @@ def prepare(model, mode: str, context: int, budget: int, batch: int, prefill_tok
         model.generation_config.compile_config = CompileConfig(mode="reduce-overhead")
         if batch * (context - HEADROOM) > prefill_tokens:
             model.generation_config.prefill_chunk_size = prefill_tokens // batch
+            prefill_eagerly(model)
         return model, {hf.cache_argument(model): cache}
     common = dict(max_context=context, prefill_tokens=prefill_tokens)
     config = {
@@ -103,6 +104,30 @@ def prepare(model, mode: str, context: int, budget: int, batch: int, prefill_tok
         "retro-w4": RetroConfig(mode="retro", window=4, budget=budget, **common),
     }[mode]
     return retro_compile(model, config), {}
+
+
+def prefill_eagerly(model) -> None:
+    """Run transformers' chunked prefill without its compiled forward, as its one-piece prefill runs.
+
+    transformers sends each prefill chunk through the compiled call, and with
+    ``mode="reduce-overhead"`` every chunk length records a CUDA graph of its own: at B=4/128K those
+    graphs' memory pools (52 GiB measured) do not fit beside the 64 GiB cache, and the dense baseline
+    could not run at all. The decode steps keep the compiled call.
+    """
+    from transformers import GenerationConfig
+
+    prefill = model._prefill
+
+    def run(*args, **kwargs):
+        config = next(a for a in (*args, *kwargs.values()) if isinstance(a, GenerationConfig))
+        saved = config.disable_compile
+        config.disable_compile = True
+        try:
+            return prefill(*args, **kwargs)
+        finally:
+            config.disable_compile = saved
+
+    model._prefill = run
 
 
 class TokenClock(BaseStreamer):
@@ -182,7 +207,8 @@ def kernel_breakdown(profiler, steps: int) -> dict[str, float]:
 def run_one(args) -> dict:
     """Build, warm up and time one configuration; returns its row."""
     device = args.device
-    row = dict(mode=args.mode, batch=args.batch, context=args.context, budget=args.budget)
+    row = dict(mode=args.mode, batch=args.batch, context=args.context, budget=args.budget,
+               prefill_tokens=args.prefill_tokens)
     model = build_model(args.shape, args.context, device)
     model, kwargs = prepare(model, args.mode, args.context, args.budget, args.batch, args.prefill_tokens)
     prompt = args.context - HEADROOM
