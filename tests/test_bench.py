@@ -23,3 +23,16 @@ def test_e2e_benchmark_smoke_on_cpu(tmp_path):
         assert row["warmup_prompt"] == 40 + 32 and row["compiles_in_timed_runs"] == 0
     assert rows["retro-w2"]["speedup_vs_dense"] == rows["dense"]["decode_ms"] / rows["retro-w2"]["decode_ms"]
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_e2e_benchmark_tensor_parallel_smoke_on_cpu(tmp_path):
+    """--tp 2: each configuration runs as two gloo processes over a checkpoint sharded by its tp_plan."""
+    out = tmp_path / "e2e_tp.json"
+    main(["e2e", "--shape", "smoke", "--device", "cpu", "--tp", "2", "--batches", "1", "--contexts", "256",
+          "--new-tokens", "4", "--runs", "1", "--warmup-tokens", "2", "--budget", "64", "--modes", "retro-w2",
+          "--timeout", "300", "--out", str(out)])
+    data = json.loads(out.read_text())
+    (row,) = data["results"]
+    assert "error" not in row, row.get("error")
+    assert row["tp"] == row["model_tp_size"] == data["meta"]["tp"] == 2 and row["decode_ms"] > 0
+    assert row["target_vs_dense"] is None  # the targets are for one GPU

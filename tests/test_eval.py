@@ -161,3 +161,16 @@ def test_plot_writes_a_png(tmp_path):
                                     results=rows)))
     png = plot(path)
     assert png == tmp_path / "ppl.png" and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_crosses_sink_settings_with_every_sparse_configuration():
+    from retro_compile.eval.cli import configurations, parse_args
+
+    args = parse_args(["ppl", "--budgets", "64", "128", "--window", "2", "4", "--sink-pages", "0", "1"])
+    runs = configurations(args)
+    assert runs[0] == ("dense", None, 1, 0) and len(runs) == len(set(runs))
+    expected = {(mode, budget, window, sink) for budget in (64, 128) for sink in (0, 1)
+                for mode, window in (("quest", 1), ("retro", 2), ("retro", 4))}
+    assert set(runs[1:]) == expected
+    with pytest.raises(SystemExit):
+        parse_args(["ppl", "--sink-pages", "-1"])

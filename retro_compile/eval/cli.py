@@ -39,11 +39,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m retro_compile.eval", description=__doc__.splitlines()[0])
     p.add_argument("task", choices=["ppl", "passkey", "exposure"],
                    help="ppl: long-decode perplexity; passkey: retrieval accuracy; exposure: pages seen per row")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="'smollm2' (default), a .gguf file, a folder or a model id")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="'smollm2' (default), 'qwen2.5-coder', a .gguf file, a folder or a model id")
     p.add_argument("--modes", nargs="+", default=["dense", "quest", "retro"], choices=["dense", "quest", "retro"],
                    help="attention modes compared (default: all three)")
     p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256, 512], help="sparse budgets, in tokens")
     p.add_argument("--window", type=int, nargs="+", default=[2, 4], help="retro windows w")
+    p.add_argument("--sink-pages", type=int, nargs="+", default=[0],
+                   help="RetroConfig.sink_pages values compared (0: Quest's and the paper's selection; "
+                        "1: the first page is always kept)")
     p.add_argument("--context", type=int, default=4096, help="ppl/exposure: tokens per passage (prefill + decoded)")
     p.add_argument("--prefill", type=int, default=512, help="ppl/exposure: tokens prefilled densely")
     p.add_argument("--passages", type=int, default=3, help=f"ppl/exposure: passages, one per book of {BOOKS}")
@@ -64,16 +67,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.modes = [m for m in args.modes if m != "dense"]  # dense selects nothing
     if any(b <= 0 for b in args.budgets) or any(w < 1 for w in args.window) or args.jobs < 1:
         p.error("--budgets must be positive, --window and --jobs at least 1")
+    if any(s < 0 for s in args.sink_pages):
+        p.error("--sink-pages must be at least 0")
     if args.task != "passkey" and not 0 < args.prefill < args.context:
         p.error(f"--prefill={args.prefill} must lie in (0, --context={args.context})")
     args.out = args.out or Path("results") / f"{args.task}.json"
     return args
 
 
-def configurations(args) -> list[tuple[str, int | None, int]]:
-    """(mode, budget, window): dense once, then every sparse mode per budget (retro per window)."""
-    runs = [("dense", None, 1)] if "dense" in args.modes else []
-    runs += [(mode, budget, w) for budget in args.budgets for mode in ("quest", "retro") if mode in args.modes
+Run = tuple[str, "int | None", int, int]  # (mode, budget, window, sink_pages)
+
+
+def configurations(args) -> list[Run]:
+    """(mode, budget, window, sink_pages): dense once, then every sparse mode per budget and sink
+    setting (retro per window)."""
+    runs: list[Run] = [("dense", None, 1, 0)] if "dense" in args.modes else []
+    runs += [(mode, budget, w, sink) for budget in args.budgets for sink in args.sink_pages
+             for mode in ("quest", "retro") if mode in args.modes
              for w in (args.window if mode == "retro" else [1])]
     return runs
 
@@ -118,17 +128,19 @@ def load(args) -> tuple:
     return _LOADED["value"]
 
 
-def evaluate(args, run: tuple[str, int | None, int]) -> dict:
+def evaluate(args, run: Run) -> dict:
     """One configuration, on a fresh copy of the model, through ``retro_compile``."""
-    mode, budget, window = run
+    mode, budget, window, sink_pages = run
     base, tokenizer, passages, max_context = load(args)
-    config = RetroConfig(mode=mode, window=window, budget=budget or max_context, max_context=max_context)
+    config = RetroConfig(mode=mode, window=window, budget=budget or max_context, max_context=max_context,
+                         sink_pages=sink_pages)
     inductor = None if args.inductor == "auto" else args.inductor == "on"
     model = retro_compile(copy.deepcopy(base), config, inductor=inductor,
                           cuda_graphs=False if args.no_cuda_graphs else None)
     start = time.perf_counter()
     row = run_passkey(model, args, tokenizer) if args.task == "passkey" else run_ppl(model, args, passages, window)
-    row = dict(mode=mode, budget=budget, window=window, **row, seconds=round(time.perf_counter() - start, 1))
+    row = dict(mode=mode, budget=budget, window=window, sink_pages=sink_pages, **row,
+               seconds=round(time.perf_counter() - start, 1))
     log.info("%s", {k: v for k, v in row.items() if not isinstance(v, (list, dict))})
     return row
 
@@ -148,7 +160,7 @@ def main(argv=None) -> None:
 
     def record(row: dict) -> None:
         results.append(row)
-        results.sort(key=lambda r: runs.index((r["mode"], r["budget"], r["window"])))
+        results.sort(key=lambda r: runs.index((r["mode"], r["budget"], r["window"], r["sink_pages"])))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(task=args.task, setup=setup, results=results), indent=2))
 

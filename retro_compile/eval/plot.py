@@ -14,7 +14,8 @@ METRICS = {"ppl": [("ppl", "perplexity"), ("exposure", "effective KV exposure")]
 
 
 def label(row: dict) -> str:
-    return f"retro w={row['window']}" if row["mode"] == "retro" else row["mode"]
+    name = f"retro w={row['window']}" if row["mode"] == "retro" else row["mode"]
+    return f"{name}, sink {row['sink_pages']}" if row.get("sink_pages") else name
 
 
 def pyplot():
