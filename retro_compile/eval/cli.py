@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-Run = tuple[str, "int | None", int, int]  # (mode, budget, window, sink_pages)
+Run = tuple[str, int | None, int, int]  # (mode, budget, window, sink_pages)
 
 
 def configurations(args) -> list[Run]:
