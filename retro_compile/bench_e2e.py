@@ -229,11 +229,13 @@ def kernel_breakdown(profiler, steps: int) -> dict[str, float]:
 
 def run_one(args) -> dict:
     """Build, warm up and time one configuration; returns its row."""
+    from .integrations import hf
+
     device = args.device
     row = dict(mode=args.mode, batch=args.batch, context=args.context, budget=args.budget,
                prefill_tokens=args.prefill_tokens, tp=args.tp)
     model = build_model(args.shape, args.context, device, args.tp)
-    row["model_tp_size"] = getattr(model, "tp_size", None) or 1  # what transformers sharded it over
+    row["model_tp_size"] = hf.tp_size(model)  # what transformers sharded it over
     model, kwargs = prepare(model, args.mode, args.context, args.budget, args.batch, args.prefill_tokens)
     prompt = args.context - HEADROOM
     ids = torch.randint(1, SHAPES[args.shape]["vocab_size"], (args.batch, prompt),
@@ -406,6 +408,8 @@ def run_sharded(args) -> None:
 
 
 def main(args) -> None:
+    if args.tp < 1:
+        raise SystemExit(f"--tp={args.tp} must be at least 1")
     if args.one:
         args.mode, args.batch, args.context = args.one, args.batches[0], args.contexts[0]
         if args.device == "cuda" and not torch.cuda.is_available():
@@ -415,8 +419,6 @@ def main(args) -> None:
         else:
             args.row_out.write_text(json.dumps(run_one(args)))
         return
-    if args.tp < 1:
-        raise SystemExit(f"--tp={args.tp} must be at least 1")
     if any(c <= HEADROOM for c in args.contexts):
         raise SystemExit(f"--contexts must exceed {HEADROOM} (the positions left for decoding)")
     sweep(args)

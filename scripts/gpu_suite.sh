@@ -38,19 +38,14 @@ case "${1:-}" in
       >"$OUT/gpu_tests.log" 2>&1 || status=1
     tail -n 5 "$OUT/gpu_tests.log"
     ;;
-  e2e)
+  e2e|tp)
+    [ "$1" = tp ] && run=(bench_e2e_tp2_h200 --tp 2) || run=(bench_e2e_h200)
     shift
-    python -m retro_compile.bench e2e --append --out results/bench_e2e_h200.json "$@" >"$OUT/e2e.log" 2>&1 || status=1
-    cp results/bench_e2e_h200.json results/bench_e2e_h200.png "$OUT/" 2>/dev/null
-    grep -v "end-to-end benchmark" "$OUT/e2e.log" | tail -n 12
-    ;;
-  tp)
-    shift
-    python -m retro_compile.bench e2e --tp 2 --append --out results/bench_e2e_tp2_h200.json "$@" >"$OUT/e2e_tp2.log" 2>&1 \
+    python -m retro_compile.bench e2e "${run[@]:1}" --append --out "results/${run[0]}.json" "$@" >"$OUT/${run[0]}.log" 2>&1 \
       || status=1
-    cp results/bench_e2e_tp2_h200.json results/bench_e2e_tp2_h200.png "$OUT/" 2>/dev/null
-    grep -v "end-to-end benchmark" "$OUT/e2e_tp2.log" | tail -n 12
+    cp "results/${run[0]}.json" "results/${run[0]}.png" "$OUT/" 2>/dev/null
+    grep -v "end-to-end benchmark" "$OUT/${run[0]}.log" | tail -n 12
     ;;
-  *) echo "usage: $0 speed|quality [MODEL]|tests|e2e [ARGS...]|tp [ARGS...]" >&2; exit 2 ;;
+  *) echo "usage: $0 speed|quality [MODEL [ARGS...]]|tests|e2e [ARGS...]|tp [ARGS...]" >&2; exit 2 ;;
 esac
 exit $status

@@ -193,6 +193,11 @@ def compiled_window_step(model: torch.nn.Module, sliding: SlidingLayers | None,
     return compile(functools.partial(window_step, model.forward, forward_kwargs, cache_argument(model), sliding))
 
 
+def tp_size(model: torch.nn.Module) -> int:
+    """Processes the model's heads are sharded over (``from_pretrained(tp_plan=...)``); 1 unsharded."""
+    return getattr(model, "tp_size", None) or 1
+
+
 def static_cache(model: torch.nn.Module, batch: int, length: int, device: torch.device,
                  full_length: bool = False) -> Any:
     """A ``StaticCache`` of ``length`` positions for ``batch`` rows, allocated now.
@@ -209,9 +214,8 @@ def static_cache(model: torch.nn.Module, batch: int, length: int, device: torch.
     if full_length:
         cache.layers = [layer if not layer.is_sliding else StaticLayer(max_cache_len=length) for layer in cache.layers]
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    # Tensor parallel (``from_pretrained(tp_plan=...)``): each rank caches its own share of the KV heads.
     kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-    cache.early_initialization(batch, kv_heads // (getattr(model, "tp_size", None) or 1), head_dim, model.dtype, device)
+    cache.early_initialization(batch, kv_heads // tp_size(model), head_dim, model.dtype, device)  # this rank's share
     return cache
 
 
@@ -309,7 +313,7 @@ class DecodeWindowDriver:
     max_cached_batches = 2  # static caches (and their CUDA graphs) kept for this many batch sizes
 
     def __init__(self, model: torch.nn.Module, config: RetroConfig, store: StateStore, prefill: Callable,
-                 step: Callable, cuda_graphs: bool, sliding: SlidingLayers | None = None) -> None:
+                 step: Callable, cuda_graphs: bool, sliding: SlidingLayers | None) -> None:
         self.model = model
         self.config = config
         self.store = store
@@ -562,7 +566,7 @@ def _prompt_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 def install(model: torch.nn.Module, config: RetroConfig, store: StateStore, prefill: Callable, step: Callable,
-            cuda_graphs: bool, sliding: SlidingLayers | None = None) -> DecodeWindowDriver:
+            cuda_graphs: bool, sliding: SlidingLayers | None) -> DecodeWindowDriver:
     """Install the driver and a generate() that runs every request on the driver's static cache."""
     driver = DecodeWindowDriver(model, config, store, prefill, step, cuda_graphs, sliding)
     original_generate, original_forward = model.generate, model.forward
