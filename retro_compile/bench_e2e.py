@@ -55,8 +55,8 @@ SHAPES = {
 MODES = ("stock", "dense", "driver-dense", "quest", "retro-w2", "retro-w4")
 HEADROOM = 128  # cache positions left after the prompt: new tokens, and replays of the recorded step
 KERNEL_KINDS = {  # substrings of kernel names, first match wins
-    "attention": ("flash", "fmha", "attention", "attn", "_page_scores", "_top_pages", "_summarize_pages",
-                  "_merge_window", "_window_attention"),
+    "attention": ("flash", "fmha", "attention", "attn", "_page_scores", "_page_candidates", "_top_pages",
+                  "_summarize_pages", "_merge_window", "_window_attention"),
     "matmul": ("gemm", "nvjet", "cutlass", "xmma", "matmul", "sm90_", "cublas"),
 }
 

@@ -126,10 +126,14 @@ def scores_for(scores, page_valid):
     return scores.masked_fill(~page_valid[:, None, :], float("-inf"))
 
 
-@pytest.mark.parametrize("num_pages,budget_pages,fraction,sink,local", [
-    (11, 4, 0.0, 0, 1), (11, 4, 0.0, 1, 2), (37, 8, 0.0, 0, 1), (37, 30, 0.5, 1, 1), (9, 9, 0.0, 0, 1), (300, 16, 0.0, 2, 1),
+@pytest.mark.parametrize("num_pages,budget_pages,fraction,sink,local,chunk_pages", [
+    (11, 4, 0.0, 0, 1, 0), (11, 4, 0.0, 1, 2, 0), (37, 8, 0.0, 0, 1, 0), (37, 30, 0.5, 1, 1, 0), (9, 9, 0.0, 0, 1, 0),
+    (300, 16, 0.0, 2, 1, 0),
+    # split over chunks: sinks and the query's page in several chunks, a ragged last chunk, a row
+    # with fewer valid pages than one chunk's share, a budget below the cap
+    (11, 4, 0.0, 1, 2, 4), (37, 8, 0.0, 0, 1, 8), (37, 8, 0.5, 2, 2, 16), (300, 16, 0.0, 2, 1, 64), (300, 16, 0.0, 0, 3, 16),
 ])
-def test_top_pages_kernel_selects_the_reference_page_set(num_pages, budget_pages, fraction, sink, local):
+def test_top_pages_kernel_selects_the_reference_page_set(num_pages, budget_pages, fraction, sink, local, chunk_pages):
     g = torch.Generator().manual_seed(num_pages)
     b, hkv, page = 3, 2, 16
     position = torch.tensor([num_pages * page - 1, num_pages * page // 2, 5 * page + 3]).to(DEVICE)
@@ -138,7 +142,7 @@ def test_top_pages_kernel_selects_the_reference_page_set(num_pages, budget_pages
     page_valid[1, 0] = False  # ... which is also a sink
     scores = scores_for(torch.randn(b, hkv, num_pages, generator=g).to(DEVICE), page_valid)
     params = ref.SparseParams(page, budget_pages, fraction, sink, local, 2)
-    got = decode.top_pages(scores, position, params)
+    got = decode.top_pages(scores, position, params, chunk_pages)
     want = ref.top_pages(scores, position, params)
     assert chosen_sets(*got) == chosen_sets(*want)
     k = got[0].shape[-1]
@@ -156,7 +160,8 @@ def test_top_pages_kernel_hand_case():
     assert chosen_sets(indices, chosen) == [[[0, 1, 2, 4]]]
 
 
-def test_top_pages_kernel_with_ties_takes_a_top_k():
+@pytest.mark.parametrize("chunk_pages", [0, 32])
+def test_top_pages_kernel_with_ties_takes_a_top_k(chunk_pages):
     """Scores with many equal values (and negatives, and -inf pages): the chosen set is a top-k
     whatever the tie-breaking: exactly ``budget`` pages, none scoring below a page left out."""
     g = torch.Generator().manual_seed(5)
@@ -165,7 +170,7 @@ def test_top_pages_kernel_with_ties_takes_a_top_k():
     page_valid = torch.arange(num_pages, device=DEVICE) <= (position // page)[:, None]
     scores = scores_for(torch.randint(-3, 4, (b, hkv, num_pages), generator=g).float().to(DEVICE), page_valid)
     params = ref.SparseParams(page, 24, 0.0, 1, 1, 1)
-    indices, chosen = decode.top_pages(scores, position, params)
+    indices, chosen = decode.top_pages(scores, position, params, chunk_pages)
     for i in range(b):
         for h in range(hkv):
             taken = set(indices[i, h][chosen[i, h]].tolist())
@@ -184,3 +189,17 @@ def test_top_pages_kernel_slots_when_the_best_pages_come_first():
     indices, chosen = decode.top_pages(scores, torch.tensor([4 * 16 + 15], device=DEVICE), params)
     assert chosen.tolist() == [[[True, True, False, False, False]]]
     assert sorted(indices[0, 0, :2].tolist()) == [0, 4] and indices[0, 0].tolist()[2:] == [1, 2, 3]
+
+
+def test_top_pages_split_selection_checks_its_chunk_size():
+    """A chunk size that is not a power of two, or smaller than the page cap, is refused by name;
+    a valid one selects what one stage and the reference select."""
+    scores = torch.randn(1, 2, 64, device=DEVICE)
+    params = ref.SparseParams(16, 8, 0.0, 0, 1, 1)
+    position = torch.tensor([64 * 16 - 1], device=DEVICE)
+    for bad in (12, 4):
+        with pytest.raises(ValueError, match="chunk_pages"):
+            decode.top_pages(scores, position, params, bad)
+    split = decode.top_pages(scores, position, params, 16)
+    whole = decode.top_pages(scores, position, params, 0)
+    assert chosen_sets(*split) == chosen_sets(*whole) == chosen_sets(*ref.top_pages(scores, position, params))

@@ -3,8 +3,8 @@
 * :func:`summarize_pages`: page key max/min, in place, for the pages a step wrote (or all, after a prefill).
 * :func:`page_scores`: Quest's page bound, reading each page summary once, GQA group max fused;
   pages with no valid position score -inf.
-* :func:`top_pages`: the page selection without a sort: one program per (batch row, KV head)
-  bisects for the budget-th largest score, then writes the chosen pages.
+* :func:`top_pages`: the page selection without a sort: a bisection for the budget-th largest
+  score, then the chosen pages; at small batch split over chunks of pages, then one pass per row.
 * :func:`attend_window`: split-KV sparse attention and the state update, in two kernels. The
   attention kernel runs one program per (batch row, KV head, split); each walks its share of the
   selected pages a tile of pages at a time, loading each page's K and V once for all ``G * n``
@@ -139,36 +139,36 @@ def page_scores(
 
 @triton.jit
 def _key_to_float(key):
-    """The float whose order-preserving key (see _top_pages_kernel) is ``key``."""
+    """The float whose order-preserving key (see _top_mask) is ``key``."""
     signed = (key - (1 << 31)).to(tl.int32)
     return (signed ^ ((signed >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _top_pages_kernel(
-    SCORES, POS, BUDGET, IDX, CHOSEN,
-    stride_sb, stride_sh,
-    kv_heads, num_pages, K, page_size, sink_pages, local_pages,
-    BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0)
-    b, h = row // kv_heads, row % kv_heads
-    pages = tl.arange(0, BLOCK)
+def _ranked_scores(SCORES, POS, b, h, pages, stride_sb, stride_sh, num_pages, page_size, sink_pages, local_pages):
+    """Scores as the selection ranks them: always-kept pages +inf (unless -inf: no valid position),
+    pages past ``num_pages`` NaN (padding, which no comparison counts)."""
     inside = pages < num_pages
     score = tl.load(SCORES + b * stride_sb + h * stride_sh + pages, mask=inside, other=float("-inf"))
     own = tl.load(POS + b) // page_size
-    budget = tl.load(BUDGET + b)
     keep = (pages < sink_pages) | ((pages <= own) & (pages > own - local_pages))
-    # Pages scored -inf stay -inf (never chosen); padding is NaN, which no comparison counts.
-    ranked = tl.where(inside, tl.where(keep & (score > float("-inf")), float("inf"), score), float("nan"))
-    # The threshold: the budget-th largest score, or any value with exactly `budget` scores at or
-    # above it. Bisection over the order-preserving integer key of a float (flip the magnitude
-    # bits of negatives, add 2**31), from -inf's key up to +inf's: at most 32 rounds of one
-    # comparison per score and one sum, stopping early once the count is exact (random-like
-    # scores get there in about half the rounds). Comparisons are on floats, the key converted back.
-    lo = tl.full((), 0x7FFFFF, tl.int64)  # key(-inf): every page counts
+    return tl.where(inside, tl.where(keep & (score > float("-inf")), float("inf"), score), float("nan"))
+
+
+@triton.jit
+def _top_mask(ranked, budget):
+    """Exactly ``min(budget, non-NaN count)`` entries of ``ranked``, none below one left out; ties
+    at the threshold go to the first in order.
+
+    The threshold is the budget-th largest value, or any value with exactly ``budget`` values at or
+    above it. Bisection over the order-preserving integer key of a float (flip the magnitude bits
+    of negatives, add 2**31), from -inf's key up to +inf's: at most 32 rounds of one comparison per
+    value and one sum, stopping early once the count is exact (random-like scores get there in
+    about half the rounds). Comparisons are on floats, the key converted back.
+    """
+    lo = tl.full((), 0x7FFFFF, tl.int64)  # key(-inf): every value counts
     hi = tl.full((), 0xFF800000, tl.int64)  # key(+inf)
-    count = tl.sum(inside.to(tl.int32), axis=0)
+    count = tl.sum((ranked == ranked).to(tl.int32), axis=0)
     while (lo < hi) & (count != budget):
         mid = lo + (hi - lo + 1) // 2
         at_least = tl.sum((ranked >= _key_to_float(mid)).to(tl.int32), axis=0)
@@ -179,25 +179,83 @@ def _top_pages_kernel(
     threshold = _key_to_float(lo)
     above = ranked > threshold
     ties = ranked == threshold
-    take = above | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= budget - tl.sum(above.to(tl.int32), axis=0)))
+    return above | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= budget - tl.sum(above.to(tl.int32), axis=0)))
+
+
+@triton.jit
+def _page_candidates_kernel(
+    SCORES, POS, CAND_SCORE, CAND_PAGE,
+    stride_sb, stride_sh,
+    kv_heads, num_pages, keep, page_size, sink_pages, local_pages,
+    CHUNK: tl.constexpr, KEEP_BLOCK: tl.constexpr,
+):
+    """First stage of a split selection: one program per (batch row, KV head, chunk of CHUNK pages)
+    keeps its chunk's ``keep`` best pages (ranked scores, in page order; NaN and page -1 fill the
+    rest of its slots). Any page of the row's top ``keep`` is among its chunk's top ``keep``."""
+    row, chunk = tl.program_id(0), tl.program_id(1)
+    b, h = row // kv_heads, row % kv_heads
+    pages = chunk * CHUNK + tl.arange(0, CHUNK)
+    ranked = _ranked_scores(SCORES, POS, b, h, pages, stride_sb, stride_sh, num_pages, page_size, sink_pages,
+                            local_pages)
+    take = _top_mask(ranked, keep)
+    slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    base = (row * tl.num_programs(1) + chunk) * keep
+    tl.store(CAND_SCORE + base + slot, ranked, mask=take)
+    tl.store(CAND_PAGE + base + slot, pages, mask=take)
+    empty = tl.arange(0, KEEP_BLOCK)
+    empty = tl.where((empty >= tl.sum(take.to(tl.int32), axis=0)) & (empty < keep), empty, -1)
+    tl.store(CAND_SCORE + base + empty, float("nan"), mask=empty >= 0)
+    tl.store(CAND_PAGE + base + empty, -1, mask=empty >= 0)
+
+
+@triton.jit
+def _top_pages_kernel(
+    SCORES, POS, BUDGET, CAND_SCORE, CAND_PAGE, IDX, CHOSEN,
+    stride_sb, stride_sh,
+    kv_heads, num_pages, num_candidates, K, page_size, sink_pages, local_pages,
+    BLOCK: tl.constexpr, FROM_CANDIDATES: tl.constexpr,
+):
+    """One program per (batch row, KV head): the row's ``budget`` best pages, from its scores or
+    (FROM_CANDIDATES) from the first stage's candidates, which are in page order too."""
+    row = tl.program_id(0)
+    b, h = row // kv_heads, row % kv_heads
+    at = tl.arange(0, BLOCK)
+    if FROM_CANDIDATES:
+        inside = at < num_candidates
+        ranked = tl.load(CAND_SCORE + row * num_candidates + at, mask=inside, other=float("nan"))
+        pages = tl.load(CAND_PAGE + row * num_candidates + at, mask=inside, other=-1)
+    else:
+        pages = at
+        ranked = _ranked_scores(SCORES, POS, b, h, pages, stride_sb, stride_sh, num_pages, page_size, sink_pages,
+                                local_pages)
+    budget = tl.load(BUDGET + b)
+    take = _top_mask(ranked, budget)
     # Taken pages fill slots 0..budget-1 in page order; the rest follow, so all K slots hold
-    # distinct pages (the reference's state update writes through every slot). Every page is
-    # taken or not, so the pages not taken up to page i number i + 1 - (taken up to i).
+    # distinct pages (the reference's state update writes through every slot). Every entry is
+    # taken or not, so the entries not taken up to entry i number i + 1 - (taken up to i). NaN
+    # entries (padding) come last, after at least K real pages.
     taken_so_far = tl.cumsum(take.to(tl.int32), axis=0)
-    slot = tl.where(take, taken_so_far - 1, budget + pages - taken_so_far)
-    out = inside & (slot < K)
+    slot = tl.where(take, taken_so_far - 1, budget + at - taken_so_far)
+    out = (ranked == ranked) & (slot < K)
     tl.store(IDX + row * K + slot, pages.to(tl.int64), mask=out)
     tl.store(CHOSEN + row * K + slot, take & (ranked > float("-inf")), mask=out)
 
 
 MAX_KERNEL_PAGES = 16384  # one program holds a row of page scores in registers
+SPLIT_BELOW_ROWS = 64  # fewer (batch row, KV head) pairs than this: the selection is split over chunks
 
 
 def top_pages(
-    scores: torch.Tensor, position: torch.Tensor, params: SparseParams
+    scores: torch.Tensor, position: torch.Tensor, params: SparseParams, chunk_pages: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same selection as ``reference.top_pages`` without a sort: one program per (batch row, KV head)
-    finds the budget-th largest score by bisection, then writes the chosen pages in page order.
+    """Same selection as ``reference.top_pages`` without a sort: per (batch row, KV head), a
+    bisection finds the budget-th largest score, then the chosen pages are written in page order.
+
+    One program per (batch row, KV head) leaves most of the GPU idle at small batch (8 programs
+    for 8192 pages each at B=1, 128K). There the selection runs in two stages: programs over
+    chunks of ``chunk_pages`` pages keep each chunk's best ``K`` (the page cap), and one program
+    per row picks from those candidates. ``chunk_pages`` None picks it (at least 4 K, and 0, one
+    stage, when there are enough rows or too few pages); 0 forces one stage.
 
     The page set equals the reference's (ties at the threshold aside, where either choice is a
     valid top-k); the slot order differs, which nothing downstream depends on.
@@ -206,16 +264,33 @@ def top_pages(
     if num_pages > MAX_KERNEL_PAGES:
         return reference.top_pages(scores, position, params)
     k = min(params.budget_pages, num_pages)
+    if chunk_pages is None:
+        chunk_pages = max(512, 4 * triton.next_power_of_2(k)) if b * hkv < SPLIT_BELOW_ROWS else 0
+    if chunk_pages and (chunk_pages & (chunk_pages - 1) or chunk_pages < k):
+        raise ValueError(f"kernels.decode.top_pages: chunk_pages={chunk_pages} must be 0 or a power of two >= {k}")
+    chunks = triton.cdiv(num_pages, chunk_pages) if chunk_pages else 1
     budget = reference.budget_pages_for(params, position).clamp(max=k).to(torch.int32)
-    scores = scores.contiguous()
+    scores, position = scores.contiguous(), position.contiguous()
     indices = torch.empty(b, hkv, k, dtype=torch.int64, device=scores.device)
     chosen = torch.empty(b, hkv, k, dtype=torch.bool, device=scores.device)
-    block = max(16, triton.next_power_of_2(num_pages))
+    rules = (params.page_size, params.sink_pages, params.local_pages)
+    if chunks > 1:
+        cand_score = torch.empty(b * hkv, chunks * k, dtype=torch.float32, device=scores.device)
+        cand_page = torch.empty(b * hkv, chunks * k, dtype=torch.int32, device=scores.device)
+        wrap_triton(_page_candidates_kernel)[(b * hkv, chunks)](
+            scores, position, cand_score, cand_page, scores.stride(0), scores.stride(1),
+            hkv, num_pages, k, *rules,
+            CHUNK=chunk_pages, KEEP_BLOCK=triton.next_power_of_2(k), num_warps=min(8, max(1, chunk_pages // 256)),
+        )
+        entries = chunks * k
+    else:
+        cand_score, cand_page, entries = scores, scores, num_pages  # unused by the one-stage kernel (read-only here)
+    block = max(16, triton.next_power_of_2(entries))
     wrap_triton(_top_pages_kernel)[(b * hkv,)](
-        scores, position.contiguous(), budget, indices, chosen,
+        scores, position, budget, cand_score, cand_page, indices, chosen,
         scores.stride(0), scores.stride(1),
-        hkv, num_pages, k, params.page_size, params.sink_pages, params.local_pages,
-        BLOCK=block, num_warps=min(16, max(1, block // 512)),
+        hkv, num_pages, entries, k, *rules,
+        BLOCK=block, FROM_CANDIDATES=chunks > 1, num_warps=min(16, max(1, block // 512)),
     )
     return indices, chosen
 

@@ -1,0 +1,70 @@
+"""Time the decode kernels' launch parameters one stage at a time (CUDA), to choose their defaults.
+
+    python scripts/tune_stages.py --out tune_stages.json
+
+For each (batch, context) of the op benchmark's target shapes: page scoring over (block_pages,
+num_warps), the selection over chunk_pages (0: one stage), and the attention + merge over
+pages_per_split (None: the default). Device time per call from a CUDA graph of 20 calls, as
+``python -m retro_compile.bench op`` times its stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from retro_compile.bench import graph_us, op_case
+from retro_compile.kernels import decode
+from retro_compile.kernels import reference as ref
+
+log = logging.getLogger("tune_stages")
+
+
+def tune(batch: int, context: int) -> dict:
+    state, params, (q, k, v, mask) = op_case(batch, context, 2)
+    allowed, _ = ref.mask_to_allowed(mask, False, q.shape[0], q.shape[2], k.shape[2], q.device)
+    position = ref.query_positions(allowed)
+    valid, q_row = allowed[:, -1], q[:, :, -1].contiguous()
+    scores = decode.page_scores(q_row, state.kmax, state.kmin, valid, params.page_size)
+    indices, chosen = decode.top_pages(scores, position[:, -1], params)
+    row: dict = dict(batch=batch, context=context)
+
+    def timed(key, fn):
+        try:
+            row[key] = round(graph_us(fn, (), compile=False), 2)
+        except Exception as error:  # a configuration that does not compile or fit is reported, not fatal
+            row[key] = f"{type(error).__name__}: {error}"[:200]
+        log.info("B=%d %dK %s: %s", batch, context // 1024, key, row[key])
+
+    for block, warps in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8), (256, 16)):
+        timed(f"scores_block{block}_warps{warps}", lambda: decode.page_scores(
+            q_row, state.kmax, state.kmin, valid, params.page_size, block_pages=block, num_warps=warps))
+    for chunk in (0, 256, 512, 1024, 2048):
+        timed(f"select_chunk{chunk}", lambda: decode.top_pages(scores, position[:, -1], params, chunk))
+    timed("select_default", lambda: decode.top_pages(scores, position[:, -1], params))
+    scale = q.shape[-1] ** -0.5
+    for split in (None, 1, 2, 4, 8, 16):
+        timed(f"attend_split{split}", lambda: decode.attend_window(
+            q, k, v, allowed, None, indices, chosen, state, position, scale, params.page_size, pages_per_split=split))
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=["1x32768", "1x131072", "8x131072"], help="BATCHxCONTEXT")
+    p.add_argument("--out", type=Path, default=Path("tune_stages.json"))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rows = []
+    for shape in args.shapes:
+        batch, context = map(int, shape.split("x"))
+        rows.append(tune(batch, context))
+        args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), results=rows), indent=2))
+
+
+if __name__ == "__main__":
+    main()
