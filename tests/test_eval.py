@@ -174,3 +174,11 @@ def test_sweep_crosses_sink_settings_with_every_sparse_configuration():
     assert set(runs[1:]) == expected
     with pytest.raises(SystemExit):
         parse_args(["ppl", "--sink-pages", "-1"])
+
+
+def test_parallel_configurations_share_the_cpu_threads():
+    """Each of --jobs N worker processes gets its share of this process's threads, not all of them."""
+    from retro_compile.eval import cli
+
+    with cli.worker_pool(2) as pool:
+        assert pool.submit(torch.get_num_threads).result() == max(1, torch.get_num_threads() // 2)

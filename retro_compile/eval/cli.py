@@ -145,6 +145,14 @@ def evaluate(args, run: Run) -> dict:
     return row
 
 
+def worker_pool(jobs: int) -> ProcessPoolExecutor:
+    """``jobs`` processes that share this process's CPU threads between them: the torch of each
+    would otherwise start one thread per core, ``jobs`` times as many threads as cores."""
+    threads = max(1, torch.get_num_threads() // jobs)
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=torch.set_num_threads, initargs=(threads,))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -168,8 +176,7 @@ def main(argv=None) -> None:
         for run in tqdm(runs, desc=args.task):
             record(evaluate(args, run))
     else:  # several configurations at once: a decode step of this small model leaves the device mostly idle
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        with worker_pool(args.jobs) as pool:
             futures = [pool.submit(evaluate, args, run) for run in runs]
             for future in tqdm(as_completed(futures), total=len(futures), desc=args.task):
                 record(future.result())
