@@ -25,7 +25,10 @@ import argparse
 import json
 import logging
 import math
+import shlex
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -113,6 +116,22 @@ def op_case(batch: int, context: int, window: int, seed: int = 0):
     return state, params, (q, k, v, mask)
 
 
+def stage_inputs(state, params, inputs) -> SimpleNamespace:
+    """What each heavy stage of a decode step takes, computed once by the stages before it."""
+    from .kernels import decode
+    from .kernels import reference as ref
+
+    q, k, v, mask = inputs
+    allowed, _ = ref.mask_to_allowed(mask, False, q.shape[0], q.shape[2], k.shape[2], q.device)
+    position = ref.query_positions(allowed)
+    valid, q_row = allowed[:, -1], q[:, :, -1].contiguous()
+    scores = decode.page_scores(q_row, state.kmax, state.kmin, valid, params.page_size)
+    indices, chosen = decode.top_pages(scores, position[:, -1], params)
+    return SimpleNamespace(q=q, k=k, v=v, allowed=allowed, position=position, valid=valid, q_row=q_row,
+                           first_page=position[:, 0] // params.page_size, scores=scores, indices=indices,
+                           chosen=chosen, scale=q.shape[-1] ** -0.5)
+
+
 def stage_times(state, params, inputs) -> dict[str, float]:
     """Each heavy stage alone (kernel stages as they are, no Inductor): where a step's time goes."""
     from .kernels import decode
@@ -121,22 +140,16 @@ def stage_times(state, params, inputs) -> dict[str, float]:
     def graphed_us(fn) -> float:
         return graph_us(fn, (), compile=False)
 
-    q, k, v, mask = inputs
-    allowed, _ = ref.mask_to_allowed(mask, False, q.shape[0], q.shape[2], k.shape[2], q.device)
-    position = ref.query_positions(allowed)
-    valid, q_row, first_page = allowed[:, -1], q[:, :, -1].contiguous(), position[:, 0] // params.page_size
-    scores = decode.page_scores(q_row, state.kmax, state.kmin, valid, params.page_size)
-    indices, chosen = decode.top_pages(scores, position[:, -1], params)
-    scale = q.shape[-1] ** -0.5
+    x = stage_inputs(state, params, inputs)
+    page = params.page_size
     return {
-        "stage_summarize_us": graphed_us(lambda: decode.summarize_pages(state.kmax, state.kmin, k, valid, first_page,
-                                                                        2, params.page_size)),
-        "stage_scores_us": graphed_us(lambda: decode.page_scores(q_row, state.kmax, state.kmin, valid,
-                                                                 params.page_size)),
-        "stage_select_us": graphed_us(lambda: decode.top_pages(scores, position[:, -1], params)),
-        "stage_select_torch_topk_us": graphed_us(lambda: ref.top_pages(scores, position[:, -1], params)),
-        "stage_attend_us": graphed_us(lambda: decode.attend_window(q, k, v, allowed, None, indices, chosen, state,
-                                                                   position, scale, params.page_size)),
+        "stage_summarize_us": graphed_us(lambda: decode.summarize_pages(state.kmax, state.kmin, x.k, x.valid,
+                                                                        x.first_page, 2, page)),
+        "stage_scores_us": graphed_us(lambda: decode.page_scores(x.q_row, state.kmax, state.kmin, x.valid, page)),
+        "stage_select_us": graphed_us(lambda: decode.top_pages(x.scores, x.position[:, -1], params)),
+        "stage_select_torch_topk_us": graphed_us(lambda: ref.top_pages(x.scores, x.position[:, -1], params)),
+        "stage_attend_us": graphed_us(lambda: decode.attend_window(x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen,
+                                                                   state, x.position, x.scale, page)),
     }
 
 
@@ -163,7 +176,7 @@ def flex_case(q, k, v, seed: int = 0):
     return (lambda q, k, v: flex_attention(q, k, v, block_mask=mask, enable_gqa=True)), (q, k, v)
 
 
-def _measure(row: dict, key: str, timed: Callable[[], float]) -> None:
+def measure(row: dict, key: str, timed: Callable[[], float]) -> None:
     """``row[key] = timed()``; a failure is logged and recorded as ``row[key + "_error"]`` instead."""
     try:
         row[key] = timed()
@@ -184,11 +197,11 @@ def bench_op(batches, contexts, out: Path) -> list[dict]:
         row = dict(batch=batch, context=context, target_us=TARGETS_US.get((batch, context)))
         _, _, (q, k, v, mask) = op_case(batch, context, 1)
         dense = lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        _measure(row, "dense_us", lambda: graph_us(dense, (q, k, v, mask), compile=False))
-        _measure(row, "flex_us", lambda: graph_us(*flex_case(q, k, v)))  # its decode path varies across torch versions
+        measure(row, "dense_us", lambda: graph_us(dense, (q, k, v, mask), compile=False))
+        measure(row, "flex_us", lambda: graph_us(*flex_case(q, k, v)))  # its decode path varies across torch versions
         for name, window in (("quest", 1), ("retro_w2", 2), ("retro_w4", 4)):
             state, params, inputs = op_case(batch, context, window)
-            _measure(row, f"{name}_us", lambda: graph_us(_op_step(state, params), inputs))
+            measure(row, f"{name}_us", lambda: graph_us(_op_step(state, params), inputs))
         row.update(stage_times(state, params, inputs))
         pages = math.ceil(context / PAGE)
         bytes_read = batch * (2 * pages * KV_HEADS * HEAD_DIM * 2 + 2 * min(BUDGET, context) * KV_HEADS * HEAD_DIM * 2)
@@ -235,6 +248,7 @@ def main(argv=None) -> None:
     bench_e2e.add_arguments(sub.add_parser(
         "e2e", help="generate() end to end on a Llama-3.1-8B-shaped model (GPU; --shape smoke on CPU)"))
     args = p.parse_args(argv)
+    args.invocation = "python -m retro_compile.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.what == "e2e":
         bench_e2e.main(args)

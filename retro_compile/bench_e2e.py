@@ -312,12 +312,10 @@ def sweep(args) -> list[dict]:
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if args.append and out.exists() else {}
     rows = previous.get("results", [])
-    invocation = "python -m retro_compile.bench " + " ".join(sys.argv[1:])
     meta = {**previous.get("meta", {}),  # an appended sweep keeps the notes on the rows it keeps
             **dict(shape=args.shape, device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                    torch=torch.__version__, budget=args.budget, new_tokens=args.new_tokens, runs=args.runs, tp=args.tp)}
-    meta.pop("command", None)
-    meta["invocations"] = [*meta.get("invocations", []), invocation]
+    meta["invocations"] = [*meta.get("invocations", []), args.invocation]
     import transformers
 
     meta["transformers"] = transformers.__version__

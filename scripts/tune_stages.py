@@ -17,39 +17,31 @@ from pathlib import Path
 
 import torch
 
-from retro_compile.bench import graph_us, op_case
+from retro_compile.bench import graph_us, measure, op_case, stage_inputs
 from retro_compile.kernels import decode
-from retro_compile.kernels import reference as ref
 
 log = logging.getLogger("tune_stages")
 
 
 def tune(batch: int, context: int) -> dict:
-    state, params, (q, k, v, mask) = op_case(batch, context, 2)
-    allowed, _ = ref.mask_to_allowed(mask, False, q.shape[0], q.shape[2], k.shape[2], q.device)
-    position = ref.query_positions(allowed)
-    valid, q_row = allowed[:, -1], q[:, :, -1].contiguous()
-    scores = decode.page_scores(q_row, state.kmax, state.kmin, valid, params.page_size)
-    indices, chosen = decode.top_pages(scores, position[:, -1], params)
+    state, params, inputs = op_case(batch, context, 2)
+    x = stage_inputs(state, params, inputs)
+    page = params.page_size
     row: dict = dict(batch=batch, context=context)
 
-    def timed(key, fn):
-        try:
-            row[key] = round(graph_us(fn, (), compile=False), 2)
-        except Exception as error:  # a configuration that does not compile or fit is reported, not fatal
-            row[key] = f"{type(error).__name__}: {error}"[:200]
-        log.info("B=%d %dK %s: %s", batch, context // 1024, key, row[key])
+    def timed(key, fn):  # a choice that does not compile or fit is recorded as key_error, not fatal
+        measure(row, key, lambda: round(graph_us(fn, (), compile=False), 2))
+        log.info("B=%d %dK %s: %s", batch, context // 1024, key, row.get(key))
 
     for block, warps in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8), (256, 16)):
         timed(f"scores_block{block}_warps{warps}", lambda: decode.page_scores(
-            q_row, state.kmax, state.kmin, valid, params.page_size, block_pages=block, num_warps=warps))
+            x.q_row, state.kmax, state.kmin, x.valid, page, block_pages=block, num_warps=warps))
     for chunk in (0, 256, 512, 1024, 2048):
-        timed(f"select_chunk{chunk}", lambda: decode.top_pages(scores, position[:, -1], params, chunk))
-    timed("select_default", lambda: decode.top_pages(scores, position[:, -1], params))
-    scale = q.shape[-1] ** -0.5
+        timed(f"select_chunk{chunk}", lambda: decode.top_pages(x.scores, x.position[:, -1], params, chunk))
+    timed("select_default", lambda: decode.top_pages(x.scores, x.position[:, -1], params))
     for split in (None, 1, 2, 4, 8, 16):
         timed(f"attend_split{split}", lambda: decode.attend_window(
-            q, k, v, allowed, None, indices, chosen, state, position, scale, params.page_size, pages_per_split=split))
+            x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen, state, x.position, x.scale, page, pages_per_split=split))
     return row
 
 

@@ -9,10 +9,13 @@ from retro_compile.bench import main
 
 def test_e2e_benchmark_smoke_on_cpu(tmp_path):
     out = tmp_path / "e2e.json"
-    main(["e2e", "--shape", "smoke", "--device", "cpu", "--batches", "2", "--contexts", "256", "--new-tokens", "6",
-          "--runs", "1", "--warmup-tokens", "2", "--warmup-prompt", "40", "--budget", "64",
-          "--prefill-tokens", "64", "--modes", "dense", "retro-w2", "--out", str(out)])
-    rows = {r["mode"]: r for r in json.loads(out.read_text())["results"]}
+    argv = ["e2e", "--shape", "smoke", "--device", "cpu", "--batches", "2", "--contexts", "256", "--new-tokens", "6",
+            "--runs", "1", "--warmup-tokens", "2", "--warmup-prompt", "40", "--budget", "64",
+            "--prefill-tokens", "64", "--modes", "dense", "retro-w2", "--out", str(out)]
+    main(argv)
+    result = json.loads(out.read_text())
+    assert result["meta"]["invocations"] == ["python -m retro_compile.bench " + " ".join(argv)]  # the command given
+    rows = {r["mode"]: r for r in result["results"]}
     assert sorted(rows) == ["dense", "retro-w2"]
     for row in rows.values():
         assert "error" not in row, row.get("error")
