@@ -27,10 +27,12 @@ checkpoint and loaded with transformers' ``tp_plan="auto"``, as a user loads a s
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import hashlib
 import json
 import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -78,6 +80,7 @@ def build_model(shape: str, context: int, device: str, tp: int = 1):
         digest = hashlib.sha1(json.dumps(SHAPES[shape], sort_keys=True).encode()).hexdigest()[:8]  # a changed shape saves anew
         checkpoint = Path(tempfile.gettempdir()) / f"retro-compile-bench-{shape}-{digest}-{str(dtype).split('.')[-1]}"
         if dist.get_rank() == 0 and not checkpoint.exists():
+            log.info("saving the random weights once, for every rank to load sharded: %s", checkpoint)
             partial = checkpoint.with_name(checkpoint.name + ".partial")
             with torch.device(device):
                 LlamaForCausalLM._from_config(config, dtype=dtype).save_pretrained(partial)
@@ -85,6 +88,7 @@ def build_model(shape: str, context: int, device: str, tp: int = 1):
             if device == "cuda":
                 torch.cuda.empty_cache()
         dist.barrier()
+        log.info("rank %d: loading its shard (tp_plan='auto')", dist.get_rank())
         model = LlamaForCausalLM.from_pretrained(checkpoint, tp_plan="auto", dtype=dtype,
                                                  max_position_embeddings=context).eval()
     else:
@@ -232,9 +236,14 @@ def run_one(args) -> dict:
     from .integrations import hf
 
     device = args.device
+    began = time.perf_counter()
+    phase = lambda name: log.info("[%s B=%d %d, %.0f s] %s", args.mode, args.batch, args.context,  # noqa: E731
+                                  time.perf_counter() - began, name)
     row = dict(mode=args.mode, batch=args.batch, context=args.context, budget=args.budget,
                prefill_tokens=args.prefill_tokens, tp=args.tp)
+    phase("building the model")
     model = build_model(args.shape, args.context, device, args.tp)
+    phase("preparing it")
     row["model_tp_size"] = hf.tp_size(model)  # what transformers sharded it over
     model, kwargs = prepare(model, args.mode, args.context, args.budget, args.batch, args.prefill_tokens)
     prompt = args.context - HEADROOM
@@ -244,8 +253,10 @@ def run_one(args) -> dict:
     if warmup_prompt and args.batch * prompt > args.prefill_tokens:
         warmup_prompt += args.prefill_tokens // args.batch  # two chunks: the first, and one that follows it
     warmup_ids = ids[:, -warmup_prompt:] if warmup_prompt else ids
+    phase(f"warm-up request ({warmup_ids.shape[1]} prompt tokens; compiles)")
     start = time.perf_counter()
     timed_generate(model, warmup_ids, kwargs, args.warmup_tokens)  # compiles prefill and decode, records graphs
+    phase(f"{args.runs} timed request(s)")
     row["warmup_s"] = time.perf_counter() - start
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -270,6 +281,7 @@ def run_one(args) -> dict:
     store = getattr(model, "retro_state", None)
     if store is not None:
         row["state_gib"] = store.nbytes / 2**30
+    phase("timed")
     if args.profile and device == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
@@ -330,19 +342,26 @@ def sweep(args) -> list[dict]:
                        "--budget", str(args.budget), "--prefill-tokens", str(args.prefill_tokens),
                        "--new-tokens", str(args.new_tokens), "--runs", str(args.runs),
                        "--warmup-tokens", str(args.warmup_tokens), "--warmup-prompt", str(args.warmup_prompt),
-                       "--row-out", str(result)]
+                       "--timeout", str(args.timeout), "--row-out", str(result)]
             if args.profile:
                 command.append("--profile")
+            # A session of its own, so that a timeout ends the launcher's workers too, not the launcher alone.
+            child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
             try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
-                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
-                if done.returncode == 0 and result.exists():
-                    row = json.loads(result.read_text())
-                else:
-                    tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
-                    row = dict(mode=mode, batch=batch, context=context, error=" | ".join(tail)[-500:])
-            except subprocess.TimeoutExpired:
-                row = dict(mode=mode, batch=batch, context=context, error=f"timed out after {args.timeout} s")
+                said, _ = child.communicate(timeout=args.timeout)
+                error = None if child.returncode == 0 and result.exists() else ""
+            except subprocess.TimeoutExpired:  # what it said shows the phase it reached
+                os.killpg(child.pid, signal.SIGKILL)
+                said, _ = child.communicate()
+                error = f"timed out after {args.timeout} s: "
+            sys.stderr.write(said)  # the configuration's own log, into the sweep's
+            if error is None:
+                row = json.loads(result.read_text())
+            else:  # the last phase it reached, then its last words
+                lines = said.strip().splitlines()
+                reached = [line for line in lines if line.startswith(f"[{mode} ")][-1:]
+                row = dict(mode=mode, batch=batch, context=context, error=error + " | ".join(reached + lines[-3:])[-500:])
         row.setdefault("tp", args.tp)
         rows = [r for r in rows if (r["mode"], *shape_of(r)) != (mode, batch, context, args.tp)] + [row]
         summarize(rows)
@@ -405,8 +424,18 @@ def run_sharded(args) -> None:
         row = run_one(args)
         if dist.get_rank() == 0:
             args.row_out.write_text(json.dumps(row))
-    finally:
+        dist.barrier()
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    if args.device == "cuda":
+        # On two H200s (torch 2.11), destroy_process_group() hung for minutes after every configuration,
+        # the dense baseline's (transformers' own compiled decode step) included: recorded CUDA graphs
+        # still hold the NCCL communicators. Every rank is past the barrier and the row is written:
+        # leave without tearing down.
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(0)
+    dist.destroy_process_group()
 
 
 def main(args) -> None:
@@ -414,6 +443,7 @@ def main(args) -> None:
         raise SystemExit(f"--tp={args.tp} must be at least 1")
     if args.one:
         args.mode, args.batch, args.context = args.one, args.batches[0], args.contexts[0]
+        faulthandler.dump_traceback_later(0.95 * args.timeout, exit=True)  # about to be stopped: say where, in every thread
         if args.device == "cuda" and not torch.cuda.is_available():
             raise SystemExit("the end-to-end benchmark on --device cuda needs a CUDA device")
         if args.tp > 1:

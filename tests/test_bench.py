@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 from retro_compile.bench import main
 
@@ -39,3 +41,25 @@ def test_e2e_benchmark_tensor_parallel_smoke_on_cpu(tmp_path):
     assert "error" not in row, row.get("error")
     assert row["tp"] == row["model_tp_size"] == data["meta"]["tp"] == 2 and row["decode_ms"] > 0
     assert row["target_vs_dense"] is None  # the targets are for one GPU
+
+
+def test_a_configuration_out_of_time_is_stopped_with_all_its_processes(tmp_path):
+    """A configuration out of time leaves an error row, no figure, and none of its processes behind
+    (its launcher's workers would hold the GPUs the next configuration needs)."""
+    out = tmp_path / "e2e_timeout.json"
+    main(["e2e", "--shape", "smoke", "--device", "cpu", "--tp", "2", "--batches", "1", "--contexts", "256",
+          "--modes", "quest", "--timeout", "6", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["error"].startswith("timed out after 6 s") and "decode_ms" not in row
+    time.sleep(1.0)
+    assert not [cmd for cmd in command_lines() if b"retro_compile.bench" in cmd and b"--one" in cmd]
+
+
+def command_lines() -> list[bytes]:
+    lines = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            lines.append(path.read_bytes())
+        except OSError:  # ended meanwhile
+            pass
+    return lines
