@@ -3,7 +3,7 @@
     python scripts/tune_stages.py --out tune_stages.json
 
 For each (batch, context) of the op benchmark's target shapes: page scoring over (block_pages,
-num_warps), the selection over chunk_pages (0: one stage), and the attention + merge over
+num_warps), the selection over chunk_pages (0: one stage) and search_ways, and the attention + merge over
 pages_per_split (None: the default). Device time per call from a CUDA graph of 20 calls, as
 ``python -m retro_compile.bench op`` times its stages.
 """
@@ -37,7 +37,9 @@ def tune(batch: int, context: int) -> dict:
         timed(f"scores_block{block}_warps{warps}", lambda: decode.page_scores(
             x.q_row, state.kmax, state.kmin, x.valid, page, block_pages=block, num_warps=warps))
     for chunk in (0, 256, 512, 1024, 2048):
-        timed(f"select_chunk{chunk}", lambda: decode.top_pages(x.scores, x.position[:, -1], params, chunk))
+        for ways in (2, 4, 8, 16):
+            timed(f"select_chunk{chunk}_ways{ways}",
+                  lambda: decode.top_pages(x.scores, x.position[:, -1], params, chunk, ways))
     timed("select_default", lambda: decode.top_pages(x.scores, x.position[:, -1], params))
     for split in (None, 1, 2, 4, 8, 16):
         timed(f"attend_split{split}", lambda: decode.attend_window(

@@ -133,7 +133,9 @@ def scores_for(scores, page_valid):
     # with fewer valid pages than one chunk's share, a budget below the cap
     (11, 4, 0.0, 1, 2, 4), (37, 8, 0.0, 0, 1, 8), (37, 8, 0.5, 2, 2, 16), (300, 16, 0.0, 2, 1, 64), (300, 16, 0.0, 0, 3, 16),
 ])
-def test_top_pages_kernel_selects_the_reference_page_set(num_pages, budget_pages, fraction, sink, local, chunk_pages):
+@pytest.mark.parametrize("search_ways", [2, 16])
+def test_top_pages_kernel_selects_the_reference_page_set(num_pages, budget_pages, fraction, sink, local, chunk_pages,
+                                                         search_ways):
     g = torch.Generator().manual_seed(num_pages)
     b, hkv, page = 3, 2, 16
     position = torch.tensor([num_pages * page - 1, num_pages * page // 2, 5 * page + 3]).to(DEVICE)
@@ -142,7 +144,7 @@ def test_top_pages_kernel_selects_the_reference_page_set(num_pages, budget_pages
     page_valid[1, 0] = False  # ... which is also a sink
     scores = scores_for(torch.randn(b, hkv, num_pages, generator=g).to(DEVICE), page_valid)
     params = ref.SparseParams(page, budget_pages, fraction, sink, local, 2)
-    got = decode.top_pages(scores, position, params, chunk_pages)
+    got = decode.top_pages(scores, position, params, chunk_pages, search_ways)
     want = ref.top_pages(scores, position, params)
     assert chosen_sets(*got) == chosen_sets(*want)
     k = got[0].shape[-1]
@@ -160,8 +162,8 @@ def test_top_pages_kernel_hand_case():
     assert chosen_sets(indices, chosen) == [[[0, 1, 2, 4]]]
 
 
-@pytest.mark.parametrize("chunk_pages", [0, 32])
-def test_top_pages_kernel_with_ties_takes_a_top_k(chunk_pages):
+@pytest.mark.parametrize("chunk_pages,search_ways", [(0, 2), (32, 2), (0, 4), (32, 8)])
+def test_top_pages_kernel_with_ties_takes_a_top_k(chunk_pages, search_ways):
     """Scores with many equal values (and negatives, and -inf pages): the chosen set is a top-k
     whatever the tie-breaking: exactly ``budget`` pages, none scoring below a page left out."""
     g = torch.Generator().manual_seed(5)
@@ -170,7 +172,7 @@ def test_top_pages_kernel_with_ties_takes_a_top_k(chunk_pages):
     page_valid = torch.arange(num_pages, device=DEVICE) <= (position // page)[:, None]
     scores = scores_for(torch.randint(-3, 4, (b, hkv, num_pages), generator=g).float().to(DEVICE), page_valid)
     params = ref.SparseParams(page, 24, 0.0, 1, 1, 1)
-    indices, chosen = decode.top_pages(scores, position, params, chunk_pages)
+    indices, chosen = decode.top_pages(scores, position, params, chunk_pages, search_ways)
     for i in range(b):
         for h in range(hkv):
             taken = set(indices[i, h][chosen[i, h]].tolist())
@@ -179,6 +181,31 @@ def test_top_pages_kernel_with_ties_takes_a_top_k(chunk_pages):
             free = [ranked[p] for p in taken - {0, int(position[i]) // page}]
             left = [ranked[p] for p in range(num_pages) if p not in taken]
             assert min(free) >= max(left)
+
+
+@pytest.mark.parametrize("search_ways", [2, 4, 16])
+def test_top_pages_kernel_on_adjacent_floats(search_ways):
+    """Scores on a few adjacent floats (consecutive bit patterns, positive and negative), each
+    taken by many pages: the threshold search must land on an exact key with ties on it, where a
+    range bound off by one key takes too many pages or too few."""
+    g = torch.Generator().manual_seed(search_ways)
+    b, hkv, num_pages, page = 2, 2, 96, 16
+    bits = torch.cat([torch.arange(6) + 0x3F800000, torch.arange(6) + 0xBF800000 - (1 << 32)]).to(torch.int32)
+    scores = torch.stack([bits.repeat(8)[torch.randperm(num_pages, generator=g)] for _ in range(b * hkv)])
+    scores = scores.view(torch.float32).reshape(b, hkv, num_pages).to(DEVICE)
+    position = torch.full((b,), num_pages * page - 1, device=DEVICE)
+    own = num_pages - 1  # the query's page, always kept
+    for budget in (5, 17, 48, 49, 80):
+        params = ref.SparseParams(page, budget, 0.0, 0, 1, 1)
+        for chunk_pages in {0, 128 if budget <= 32 else 0}:
+            indices, chosen = decode.top_pages(scores, position, params, chunk_pages, search_ways)
+            for i in range(b):
+                for h in range(hkv):
+                    taken = set(indices[i, h][chosen[i, h]].tolist())
+                    ranked = scores[i, h].tolist()
+                    left = [ranked[p] for p in range(num_pages) if p not in taken]
+                    assert len(taken) == budget and own in taken, (budget, chunk_pages)
+                    assert min(ranked[p] for p in taken - {own}) >= max(left), (budget, chunk_pages)
 
 
 def test_top_pages_kernel_slots_when_the_best_pages_come_first():
@@ -192,7 +219,8 @@ def test_top_pages_kernel_slots_when_the_best_pages_come_first():
 
 
 def test_top_pages_split_selection_checks_its_chunk_size():
-    """A chunk size that is not a power of two, or smaller than the page cap, is refused by name;
+    """A chunk size that is not a power of two, or smaller than the page cap, and a search width
+    other than 2, 4, 8 or 16 are refused by name;
     a valid one selects what one stage and the reference select."""
     scores = torch.randn(1, 2, 64, device=DEVICE)
     params = ref.SparseParams(16, 8, 0.0, 0, 1, 1)
@@ -200,6 +228,9 @@ def test_top_pages_split_selection_checks_its_chunk_size():
     for bad in (12, 4):
         with pytest.raises(ValueError, match="chunk_pages"):
             decode.top_pages(scores, position, params, bad)
+    for bad in (1, 3, 32):
+        with pytest.raises(ValueError, match="search_ways"):
+            decode.top_pages(scores, position, params, 0, bad)
     split = decode.top_pages(scores, position, params, 16)
     whole = decode.top_pages(scores, position, params, 0)
     assert chosen_sets(*split) == chosen_sets(*whole) == chosen_sets(*ref.top_pages(scores, position, params))

@@ -156,26 +156,33 @@ def _ranked_scores(SCORES, POS, b, h, pages, stride_sb, stride_sh, num_pages, pa
 
 
 @triton.jit
-def _top_mask(ranked, budget):
+def _top_mask(ranked, budget, WAYS: tl.constexpr):
     """Exactly ``min(budget, non-NaN count)`` entries of ``ranked``, none below one left out; ties
     at the threshold go to the first in order.
 
     The threshold is the budget-th largest value, or any value with exactly ``budget`` values at or
-    above it. Bisection over the order-preserving integer key of a float (flip the magnitude bits
-    of negatives, add 2**31), from -inf's key up to +inf's: at most 32 rounds of one comparison per
-    value and one sum, stopping early once the count is exact (random-like scores get there in
-    about half the rounds). Comparisons are on floats, the key converted back.
+    above it. A search over the order-preserving integer key of a float (flip the magnitude bits
+    of negatives, add 2**31), from -inf's key up to +inf's: each round counts the values at or above
+    ``WAYS - 1`` evenly spaced keys of the range at once (one comparison per value and key, the
+    counts independent of each other) and keeps the sub-range where the count crosses ``budget``,
+    stopping early once a count is exact. WAYS=2 is a bisection: up to 32 rounds, about half that
+    for random-like scores; WAYS=16 needs at most 8, each with more (but independent) work.
+    Comparisons are on floats, the key converted back.
     """
     lo = tl.full((), 0x7FFFFF, tl.int64)  # key(-inf): every value counts
     hi = tl.full((), 0xFF800000, tl.int64)  # key(+inf)
     count = tl.sum((ranked == ranked).to(tl.int32), axis=0)
     while (lo < hi) & (count != budget):
-        mid = lo + (hi - lo + 1) // 2
-        at_least = tl.sum((ranked >= _key_to_float(mid)).to(tl.int32), axis=0)
-        enough = at_least >= budget
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
-        count = tl.where(enough, at_least, count)
+        span = hi - lo + 1
+        new_lo, new_hi, new_count = lo, hi, count
+        for j in tl.static_range(1, WAYS):  # keys ascending; "enough" holds for a prefix of them
+            key = lo + span * j // WAYS
+            at_least = tl.sum((ranked >= _key_to_float(key)).to(tl.int32), axis=0)
+            enough = at_least >= budget
+            new_lo = tl.where(enough, key, new_lo)  # the last key with enough values at or above it
+            new_count = tl.where(enough, at_least, new_count)
+            new_hi = tl.where(enough, new_hi, tl.minimum(new_hi, key - 1))  # below the first without
+        lo, hi, count = new_lo, new_hi, new_count
     threshold = _key_to_float(lo)
     above = ranked > threshold
     ties = ranked == threshold
@@ -187,7 +194,7 @@ def _page_candidates_kernel(
     SCORES, POS, CAND_SCORE, CAND_PAGE,
     stride_sb, stride_sh,
     kv_heads, num_pages, keep, page_size, sink_pages, local_pages,
-    CHUNK: tl.constexpr, KEEP_BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, KEEP_BLOCK: tl.constexpr, WAYS: tl.constexpr,
 ):
     """First stage of a split selection: one program per (batch row, KV head, chunk of CHUNK pages)
     keeps its chunk's ``keep`` best pages (ranked scores, in page order; NaN and page -1 fill the
@@ -197,7 +204,7 @@ def _page_candidates_kernel(
     pages = chunk * CHUNK + tl.arange(0, CHUNK)
     ranked = _ranked_scores(SCORES, POS, b, h, pages, stride_sb, stride_sh, num_pages, page_size, sink_pages,
                             local_pages)
-    take = _top_mask(ranked, keep)
+    take = _top_mask(ranked, keep, WAYS)
     slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
     base = (row * tl.num_programs(1) + chunk) * keep
     tl.store(CAND_SCORE + base + slot, ranked, mask=take)
@@ -213,7 +220,7 @@ def _top_pages_kernel(
     SCORES, POS, BUDGET, CAND_SCORE, CAND_PAGE, IDX, CHOSEN,
     stride_sb, stride_sh,
     kv_heads, num_pages, num_candidates, K, page_size, sink_pages, local_pages,
-    BLOCK: tl.constexpr, FROM_CANDIDATES: tl.constexpr,
+    BLOCK: tl.constexpr, FROM_CANDIDATES: tl.constexpr, WAYS: tl.constexpr,
 ):
     """One program per (batch row, KV head): the row's ``budget`` best pages, from its scores or
     (FROM_CANDIDATES) from the first stage's candidates, which are in page order too."""
@@ -229,7 +236,7 @@ def _top_pages_kernel(
         ranked = _ranked_scores(SCORES, POS, b, h, pages, stride_sb, stride_sh, num_pages, page_size, sink_pages,
                                 local_pages)
     budget = tl.load(BUDGET + b)
-    take = _top_mask(ranked, budget)
+    take = _top_mask(ranked, budget, WAYS)
     # Taken pages fill slots 0..budget-1 in page order; the rest follow, so all K slots hold
     # distinct pages (the reference's state update writes through every slot). Every entry is
     # taken or not, so the entries not taken up to entry i number i + 1 - (taken up to i). NaN
@@ -246,7 +253,8 @@ SPLIT_BELOW_ROWS = 64  # fewer (batch row, KV head) pairs than this: the selecti
 
 
 def top_pages(
-    scores: torch.Tensor, position: torch.Tensor, params: SparseParams, chunk_pages: int | None = None
+    scores: torch.Tensor, position: torch.Tensor, params: SparseParams, chunk_pages: int | None = None,
+    search_ways: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same selection as ``reference.top_pages`` without a sort: per (batch row, KV head), a
     bisection finds the budget-th largest score, then the chosen pages are written in page order.
@@ -256,6 +264,8 @@ def top_pages(
     chunks of ``chunk_pages`` pages keep each chunk's best ``K`` (the page cap), and one program
     per row picks from those candidates. ``chunk_pages`` None picks it (at least 4 K, and 0, one
     stage, when there are enough rows or fewer than 8 chunks); 0 forces one stage.
+    ``search_ways`` keys are tried per round of the threshold search (2: a bisection; see
+    ``_top_mask``); any power of two up to 16 selects the same pages.
 
     The page set equals the reference's (ties at the threshold aside, where either choice is a
     valid top-k); the slot order differs, which nothing downstream depends on.
@@ -270,6 +280,8 @@ def top_pages(
             chunk_pages = 0  # measured on an H200: at 2048 pages a row the second launch costs more than it saves
     if chunk_pages and (chunk_pages & (chunk_pages - 1) or chunk_pages < k):
         raise ValueError(f"kernels.decode.top_pages: chunk_pages={chunk_pages} must be 0 or a power of two >= {k}")
+    if search_ways not in (2, 4, 8, 16):
+        raise ValueError(f"kernels.decode.top_pages: search_ways={search_ways} must be 2, 4, 8 or 16")
     chunks = triton.cdiv(num_pages, chunk_pages) if chunk_pages else 1
     budget = reference.budget_pages_for(params, position).clamp(max=k).to(torch.int32)
     scores, position = scores.contiguous(), position.contiguous()
@@ -282,7 +294,7 @@ def top_pages(
         wrap_triton(_page_candidates_kernel)[(b * hkv, chunks)](
             scores, position, cand_score, cand_page, scores.stride(0), scores.stride(1),
             hkv, num_pages, k, *rules,
-            CHUNK=chunk_pages, KEEP_BLOCK=triton.next_power_of_2(k), num_warps=min(8, max(1, chunk_pages // 256)),
+            CHUNK=chunk_pages, KEEP_BLOCK=triton.next_power_of_2(k), WAYS=search_ways, num_warps=min(8, max(1, chunk_pages // 256)),
         )
         entries = chunks * k
     else:
@@ -292,7 +304,7 @@ def top_pages(
         scores, position, budget, cand_score, cand_page, indices, chosen,
         scores.stride(0), scores.stride(1),
         hkv, num_pages, entries, k, *rules,
-        BLOCK=block, FROM_CANDIDATES=chunks > 1, num_warps=min(16, max(1, block // 512)),
+        BLOCK=block, FROM_CANDIDATES=chunks > 1, WAYS=search_ways, num_warps=min(16, max(1, block // 512)),
     )
     return indices, chosen
 
