@@ -3,6 +3,7 @@
 #   bash scripts/gpu_suite.sh speed            # GPU tests, the op benchmark, the step's kernel profile
 #   bash scripts/gpu_suite.sh quality [MODEL [ARGS...]]  # perplexity + exposure and passkey, side by side
 #   bash scripts/gpu_suite.sh tests            # the GPU tests alone
+#   bash scripts/gpu_suite.sh tune             # each stage's launch parameters timed (scripts/tune_stages.py)
 #   bash scripts/gpu_suite.sh e2e [ARGS...]    # python -m retro_compile.bench e2e ARGS, rows added to
 #                                              # results/bench_e2e_h200.json (a sweep can span several runs)
 #   bash scripts/gpu_suite.sh tp [ARGS...]     # the same over 2 GPUs (--tp 2), rows in results/bench_e2e_tp2_h200.json
@@ -38,6 +39,11 @@ case "${1:-}" in
       >"$OUT/gpu_tests.log" 2>&1 || status=1
     tail -n 5 "$OUT/gpu_tests.log"
     ;;
+  tune)
+    timeout "${TUNE_TIMEOUT:-300}" python scripts/tune_stages.py --out "$OUT/tune_stages_h200.json" >"$OUT/tune.log" 2>&1 \
+      || status=1
+    tail -n 3 "$OUT/tune.log"
+    ;;
   e2e|tp)
     [ "$1" = tp ] && run=(bench_e2e_tp2_h200 --tp 2) || run=(bench_e2e_h200)
     shift
@@ -46,6 +52,6 @@ case "${1:-}" in
     cp "results/${run[0]}.json" "results/${run[0]}.png" "$OUT/" 2>/dev/null
     grep -v "end-to-end benchmark" "$OUT/${run[0]}.log" | tail -n 12
     ;;
-  *) echo "usage: $0 speed|quality [MODEL [ARGS...]]|tests|e2e [ARGS...]|tp [ARGS...]" >&2; exit 2 ;;
+  *) echo "usage: $0 speed|quality [MODEL [ARGS...]]|tests|tune|e2e [ARGS...]|tp [ARGS...]" >&2; exit 2 ;;
 esac
 exit $status

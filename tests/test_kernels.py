@@ -16,8 +16,10 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("q_heads,kv_heads", [(4, 2), (3, 1)])
-def test_page_scores_kernel(dtype, q_heads, kv_heads):
-    """Scores, and -inf for pages with no valid position (a padded page, pages past the query)."""
+@pytest.mark.parametrize("block_pages,blocks_per_program,stages", [(32, 1, 1), (4, 2, 2), (2, 4, 3)])
+def test_page_scores_kernel(dtype, q_heads, kv_heads, block_pages, blocks_per_program, stages):
+    """Scores, and -inf for pages with no valid position (a padded page, pages past the query);
+    with several blocks a program, its last blocks ragged or wholly past the pages."""
     g = torch.Generator().manual_seed(0)
     page, num_pages = 16, 11
     q = torch.randn(2, q_heads, 16, generator=g).to(dtype).to(DEVICE)
@@ -26,10 +28,19 @@ def test_page_scores_kernel(dtype, q_heads, kv_heads):
     valid = torch.arange(num_pages * page - 5) <= torch.tensor([[170], [100]])
     valid[1, 16:32] = False
     valid = valid.to(DEVICE)
-    got = decode.page_scores(q, kmax, kmin, valid, page)
+    got = decode.page_scores(q, kmax, kmin, valid, page, block_pages, blocks_per_program=blocks_per_program,
+                             stages=stages)
     torch.testing.assert_close(got, ref.page_scores(q, kmax, kmin, valid, page), atol=TOL[dtype], rtol=TOL[dtype])
     assert (got[1, :, 1] == float("-inf")).all() and (got[1, :, 7:] == float("-inf")).all()
     assert (got[0] > float("-inf")).all()
+
+
+def test_page_scores_checks_its_tiling():
+    q, kmax = torch.zeros(1, 2, 16, device=DEVICE), torch.zeros(1, 2, 4, 16, device=DEVICE)
+    valid = torch.ones(1, 64, dtype=torch.bool, device=DEVICE)
+    for bad in (dict(blocks_per_program=0), dict(stages=0)):
+        with pytest.raises(ValueError, match="blocks_per_program=.* and stages=.* must be at least 1"):
+            decode.page_scores(q, kmax, kmax, valid, 16, **bad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -85,24 +85,26 @@ def _page_scores_kernel(
     stride_vb,
     stride_ob, stride_oh,
     num_pages, length,
-    G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCKS: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    b, hkv, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    pages = block * BLOCK_P + tl.arange(0, BLOCK_P)
+    b, hkv = tl.program_id(0), tl.program_id(1)
     dims = tl.arange(0, D)
-    ok = pages < num_pages
-    offs = b * stride_sb + hkv * stride_sh + pages[:, None] * stride_sp + dims[None, :]
-    kmax = tl.load(KMAX + offs, mask=ok[:, None], other=0.0).to(tl.float32)
-    kmin = tl.load(KMIN + offs, mask=ok[:, None], other=0.0).to(tl.float32)
-    best = tl.full((BLOCK_P,), float("-inf"), tl.float32)
-    for g in tl.static_range(G):
-        q = tl.load(Q + b * stride_qb + (hkv * G + g) * stride_qh + dims).to(tl.float32)
-        bound = tl.sum(tl.maximum(q[None, :] * kmax, q[None, :] * kmin), axis=1)
-        best = tl.maximum(best, bound)
-    keys = pages[:, None] * P + tl.arange(0, P)[None, :]
-    valid = tl.load(VALID + b * stride_vb + keys, mask=keys < length, other=0) != 0
-    any_valid = tl.max(valid.to(tl.int32), axis=1) > 0
-    tl.store(OUT + b * stride_ob + hkv * stride_oh + pages, tl.where(any_valid, best, float("-inf")), mask=ok)
+    for i in tl.range(0, BLOCKS, num_stages=STAGES):  # BLOCKS > 1: the next block's loads overlap this one's math
+        pages = (tl.program_id(2) * BLOCKS + i) * BLOCK_P + tl.arange(0, BLOCK_P)
+        ok = pages < num_pages
+        offs = b * stride_sb + hkv * stride_sh + pages[:, None] * stride_sp + dims[None, :]
+        kmax = tl.load(KMAX + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+        kmin = tl.load(KMIN + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+        best = tl.full((BLOCK_P,), float("-inf"), tl.float32)
+        for g in tl.static_range(G):
+            q = tl.load(Q + b * stride_qb + (hkv * G + g) * stride_qh + dims).to(tl.float32)
+            bound = tl.sum(tl.maximum(q[None, :] * kmax, q[None, :] * kmin), axis=1)
+            best = tl.maximum(best, bound)
+        keys = pages[:, None] * P + tl.arange(0, P)[None, :]
+        valid = tl.load(VALID + b * stride_vb + keys, mask=keys < length, other=0) != 0
+        any_valid = tl.max(valid.to(tl.int32), axis=1) > 0
+        tl.store(OUT + b * stride_ob + hkv * stride_oh + pages, tl.where(any_valid, best, float("-inf")), mask=ok)
 
 
 def page_scores(
@@ -113,26 +115,33 @@ def page_scores(
     page_size: int,
     block_pages: int = 32,
     num_warps: int = 4,
+    blocks_per_program: int = 1,
+    stages: int = 1,
 ) -> torch.Tensor:
     """Same as ``reference.page_scores``: q_row (B, Hq, D) -> (B, Hkv, NP) fp32.
 
-    One program scores ``block_pages`` pages of one (batch row, KV head) for the whole query group,
-    and reads their bytes of ``valid`` to mark the pages with no valid position.
+    One program scores ``blocks_per_program`` blocks of ``block_pages`` pages of one (batch row,
+    KV head) for the whole query group, and reads their bytes of ``valid`` to mark the pages with
+    no valid position. With more than one block, ``stages`` > 1 pipelines the blocks' loads.
     """
     b, hq, d = q_row.shape
     hkv, num_pages = kmax.shape[1], kmax.shape[2]
+    if blocks_per_program < 1 or stages < 1:
+        raise ValueError(f"kernels.decode.page_scores: blocks_per_program={blocks_per_program} and "
+                         f"stages={stages} must be at least 1")
     q_row, kmax, kmin = q_row.contiguous(), kmax.contiguous(), kmin.contiguous()
     valid = valid if valid.stride(-1) == 1 else valid.contiguous()
     out = torch.empty(b, hkv, num_pages, dtype=torch.float32, device=q_row.device)
     block = min(block_pages, triton.next_power_of_2(num_pages))
-    grid = (b, hkv, triton.cdiv(num_pages, block))
+    grid = (b, hkv, triton.cdiv(num_pages, block * blocks_per_program))
     wrap_triton(_page_scores_kernel)[grid](
         q_row, kmax, kmin, valid, out,
         q_row.stride(0), q_row.stride(1),
         kmax.stride(0), kmax.stride(1), kmax.stride(2),
         valid.stride(0),
         out.stride(0), out.stride(1),
-        num_pages, valid.shape[-1], G=hq // hkv, D=d, P=page_size, BLOCK_P=block, num_warps=num_warps,
+        num_pages, valid.shape[-1], G=hq // hkv, D=d, P=page_size, BLOCK_P=block, BLOCKS=blocks_per_program,
+        STAGES=stages, num_warps=num_warps,
     )
     return out
 
