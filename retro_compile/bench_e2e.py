@@ -350,18 +350,18 @@ def sweep(args) -> list[dict]:
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
             try:
                 said, _ = child.communicate(timeout=args.timeout)
-                error = None if child.returncode == 0 and result.exists() else ""
+                error = None if child.returncode == 0 and result.exists() else f"exit status {child.returncode}"
             except subprocess.TimeoutExpired:  # what it said shows the phase it reached
                 os.killpg(child.pid, signal.SIGKILL)
                 said, _ = child.communicate()
-                error = f"timed out after {args.timeout} s: "
+                error = f"timed out after {args.timeout} s"
             sys.stderr.write(said)  # the configuration's own log, into the sweep's
             if error is None:
                 row = json.loads(result.read_text())
             else:  # the last phase it reached, then its last words
                 lines = said.strip().splitlines()
-                reached = [line for line in lines if line.startswith(f"[{mode} ")][-1:]
-                row = dict(mode=mode, batch=batch, context=context, error=error + " | ".join(reached + lines[-3:])[-500:])
+                detail = " | ".join([line for line in lines if line.startswith(f"[{mode} ")][-1:] + lines[-3:])
+                row = dict(mode=mode, batch=batch, context=context, error=f"{error}: {detail[-500:]}")
         row.setdefault("tp", args.tp)
         rows = [r for r in rows if (r["mode"], *shape_of(r)) != (mode, batch, context, args.tp)] + [row]
         summarize(rows)
