@@ -245,3 +245,27 @@ def test_top_pages_split_selection_checks_its_chunk_size():
     split = decode.top_pages(scores, position, params, 16)
     whole = decode.top_pages(scores, position, params, 0)
     assert chosen_sets(*split) == chosen_sets(*whole) == chosen_sets(*ref.top_pages(scores, position, params))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("q_heads,kv_heads,n,length,pages_per_split", [
+    (4, 2, 2, 100, None), (4, 2, 4, 100, 2), (3, 1, 3, 64, 1), (2, 2, 2, 37, None), (8, 2, 2, 300, 3),
+])
+def test_dense_window_kernel_matches_sdpa(dtype, q_heads, kv_heads, n, length, pages_per_split):
+    """Every window row over every key it may see, against SDPA one row at a time: causal rows
+    ending at the cache's last positions, a left-padded batch row, a cache that is not a whole
+    number of pages, splits of one page to all of them."""
+    g = torch.Generator().manual_seed(length + n)
+    b, d = 2, 16
+    q = torch.randn(b, q_heads, n, d, generator=g).to(dtype).to(DEVICE)
+    k, v = (torch.randn(b, kv_heads, length, d, generator=g).to(dtype).to(DEVICE) for _ in range(2))
+    keys, rows = torch.arange(length), torch.arange(length - n, length)
+    allowed = (keys[None, :] <= rows[:, None]).expand(b, n, length).clone()
+    allowed[1, :, :7] = False  # left padding of the second batch row
+    allowed = allowed.to(DEVICE)
+    got = decode.dense_window(q, k, v, allowed, 0.25, pages_per_split=pages_per_split)
+    want = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, i:i + 1].float(), k.float(), v.float(), attn_mask=allowed[:, None, i:i + 1], scale=0.25,
+        enable_gqa=True) for i in range(n)], dim=2)
+    assert got.dtype == dtype and got.shape == (b, q_heads, n, d)
+    torch.testing.assert_close(got.float(), want, atol=TOL[dtype], rtol=TOL[dtype])

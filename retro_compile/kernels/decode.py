@@ -339,7 +339,7 @@ def _window_attention_kernel(
     stride_eb, stride_eh, stride_es,
     length, num_selected, pages_per_split, scale,
     G: tl.constexpr, N: tl.constexpr, ROWS: tl.constexpr, P: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    TILE: tl.constexpr, PRECISION: tl.constexpr,
+    TILE: tl.constexpr, PRECISION: tl.constexpr, DENSE: tl.constexpr,
 ):
     b, hkv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = tl.arange(0, ROWS)  # row r = (query head g = r // N, window row i = r % N)
@@ -348,8 +348,9 @@ def _window_attention_kernel(
     dims, vdims = tl.arange(0, D), tl.arange(0, DV)
     q = tl.load(Q + b * stride_qb + (hkv * G + head)[:, None] * stride_qh + win[:, None] * stride_qn + dims[None, :],
                 mask=live[:, None], other=0.0)
-    position = tl.load(POS + b * N + win, mask=live, other=0)
-    newest = win == N - 1
+    if not DENSE:
+        position = tl.load(POS + b * N + win, mask=live, other=0)
+        newest = win == N - 1
 
     m = tl.full((ROWS,), float("-inf"), tl.float32)
     l = tl.zeros((ROWS,), tl.float32)
@@ -358,7 +359,10 @@ def _window_attention_kernel(
     end = tl.minimum(first + pages_per_split, num_selected)
     within = tl.arange(0, P)
     for j in range(first, end, TILE):  # TILE pages per iteration
-        page = _selected_pages(INDICES, CHOSEN, b * stride_pb + hkv * stride_ph, j + tl.arange(0, TILE), end)
+        if DENSE:  # every page of the cache, no selection
+            page = tl.where(j + tl.arange(0, TILE) < end, j + tl.arange(0, TILE), -1)
+        else:
+            page = _selected_pages(INDICES, CHOSEN, b * stride_pb + hkv * stride_ph, j + tl.arange(0, TILE), end)
         # Key offsets as (page, offset in page), so loads of the byte mask below see runs of P
         # contiguous bytes (as one flat vector they looked like single bytes: too small for the
         # asynchronous copies Triton pipelines loads into).
@@ -370,9 +374,11 @@ def _window_attention_kernel(
                     mask=inside[:, None], other=0.0)
         v = tl.load(V + b * stride_vb + hkv * stride_vh + keys[:, None] * stride_vl + vdims[None, :],
                     mask=inside[:, None], other=0.0)
-        seen_at = tl.load(LAST + b * stride_lb + hkv * stride_lh + page, mask=page >= 0, other=0)  # (TILE,)
-        # past rows see only pages they never saw
-        row_ok = live[:, None] & (newest[:, None] | (seen_at[None, :] < position[:, None]))  # (ROWS, TILE)
+        if DENSE:
+            row_ok = live[:, None] & (page >= 0)[None, :]  # (ROWS, TILE)
+        else:  # past rows see only pages they never saw
+            seen_at = tl.load(LAST + b * stride_lb + hkv * stride_lh + page, mask=page >= 0, other=0)  # (TILE,)
+            row_ok = live[:, None] & (newest[:, None] | (seen_at[None, :] < position[:, None]))  # (ROWS, TILE)
         allowed = tl.load(ALLOWED + b * stride_ab + win[:, None, None] * stride_an + page_keys[None, :, :],
                           mask=row_ok[:, :, None] & page_inside[None, :, :], other=0)  # (ROWS, TILE, P)
         allowed = tl.reshape(allowed, (ROWS, TILE * P))
@@ -389,14 +395,15 @@ def _window_attention_kernel(
     tl.store(OUT + out_offs, acc / tl.where(l > 0, l, 1.0)[:, None], mask=live[:, None])
     lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
     tl.store(LSE + b * stride_eb + hkv * stride_eh + split * stride_es + rows, lse, mask=live)
-    # Stamp this split's pages as loaded by the newest row. Pages are distinct within a (batch row,
-    # KV head), so no other program reads these entries; the barrier keeps every warp's reads of
-    # `last` above before the stores.
-    tl.debug_barrier()
-    newest_position = tl.load(POS + b * N + N - 1).to(tl.int32)
-    for j in range(first, end, TILE):
-        page = _selected_pages(INDICES, CHOSEN, b * stride_pb + hkv * stride_ph, j + tl.arange(0, TILE), end)
-        tl.store(LAST + b * stride_lb + hkv * stride_lh + page, newest_position, mask=page >= 0)
+    if not DENSE:
+        # Stamp this split's pages as loaded by the newest row. Pages are distinct within a (batch
+        # row, KV head), so no other program reads these entries; the barrier keeps every warp's
+        # reads of `last` above before the stores.
+        tl.debug_barrier()
+        newest_position = tl.load(POS + b * N + N - 1).to(tl.int32)
+        for j in range(first, end, TILE):
+            page = _selected_pages(INDICES, CHOSEN, b * stride_pb + hkv * stride_ph, j + tl.arange(0, TILE), end)
+            tl.store(LAST + b * stride_lb + hkv * stride_lh + page, newest_position, mask=page >= 0)
 
 
 @triton.jit
@@ -435,7 +442,7 @@ def _merge_window_kernel(
         acc = acc * alpha[:, None] + tl.sum(weight[:, :, None] * o, axis=0)
         m = m_new
     # 2. Past rows merge with their cached outputs (row i <- cache row CACHE - (N - 1) + i).
-    past = live & (win < N - 1)
+    past = live & (win < N - 1) & (CACHE > 0)  # no cache (dense rows): nothing to merge with
     cache_row = CACHE - (N - 1) + win
     cache_base = OUT_CACHE + b * stride_cb + hq * stride_ch
     lse_base = LSE_CACHE + b * stride_lb + hq * stride_lh
@@ -486,37 +493,74 @@ def attend_window(
         raise ValueError("kernels.decode.attend_window: additive mask biases are served by the reference")
     if page_size < 16:
         raise ValueError(f"kernels.decode.attend_window: page_size={page_size} must be >= 16 (tl.dot tiles)")
-    out_cache, lse_cache = state.out_cache, state.lse_cache
-    if any(t.stride(-1) != 1 for t in (state.last, out_cache, lse_cache)):
+    if any(t.stride(-1) != 1 for t in (state.last, state.out_cache, state.lse_cache)):
         raise ValueError("kernels.decode.attend_window: last, out_cache and lse_cache are written in place "
                          "and must have unit last stride")
+    selection = (indices.contiguous(), chosen.contiguous(), state.last, position.contiguous())
+    return _attend(q, k, v, allowed, selection, state.out_cache, state.lse_cache, scale, page_size,
+                   indices.shape[-1], pages_per_split, tile_pages, num_warps)
+
+
+DENSE_PAGE = 16  # keys per page when dense_window walks the whole cache
+
+
+def dense_window(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    scale: float,
+    pages_per_split: int | None = None,
+    tile_pages: int = 4,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """Exact attention of a decode window's n rows over every key each may see: q (B, Hq, n, D),
+    k and v (B, Hkv, L, D), ``allowed`` (B, n, L) bool -> (B, Hq, n, Dv) in ``q``'s dtype.
+
+    A dense layer's window (``dense_layers``) asks this at every step. SDPA with several rows and
+    a mask over a long cache runs a prefill kernel with little parallelism, and one row at a time
+    it reads the cache once per row; here the split attention kernel reads each key and value
+    once for all ``G * n`` rows of a KV head's group (G query heads), as it does for selected
+    pages, and the merge folds the splits (no selection, no state, no output cache).
+    """
+    no_cache = torch.empty(q.shape[0], q.shape[1], 0, v.shape[3], dtype=torch.float32, device=q.device)
+    return _attend(q, k, v, allowed, None, no_cache, no_cache[..., 0], scale, DENSE_PAGE,
+                   triton.cdiv(k.shape[2], DENSE_PAGE), pages_per_split, tile_pages, num_warps)
+
+
+def _attend(q, k, v, allowed, selection, out_cache, lse_cache, scale, page_size, num_pages, pages_per_split,
+            tile_pages, num_warps) -> torch.Tensor:
+    """The split attention and merge launches of :func:`attend_window` (``selection``: indices,
+    chosen, last, position) and :func:`dense_window` (``selection`` None: every one of
+    ``num_pages`` pages, no output cache)."""
     q, k, v, allowed = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, allowed))
-    indices, chosen, position = indices.contiguous(), chosen.contiguous(), position.contiguous()
     b, hq, n, d = q.shape
     hkv, length, dv = k.shape[1], k.shape[2], v.shape[3]
-    group, num_selected = hq // hkv, indices.shape[-1]
+    group = hq // hkv
+    dense = selection is None
+    indices, chosen, last, position = (allowed,) * 4 if dense else selection  # dense: never read
     if pages_per_split is None:  # about 512 programs over (batch, KV heads, splits), each at least 8 pages:
         # at B=1 fewer, longer splits were faster (H200: 8 pages 9.9 us, 2 pages 12.9), and leave the merge less
-        pages_per_split = max(8, triton.cdiv(num_selected * b * hkv, 512))
-    splits = triton.cdiv(num_selected, pages_per_split)
+        pages_per_split = max(8, triton.cdiv(num_pages * b * hkv, 512))
+    splits = triton.cdiv(num_pages, pages_per_split)
     tile = min(tile_pages, triton.next_power_of_2(pages_per_split))
     rows = max(16, triton.next_power_of_2(group * n))
     part_out = torch.empty(b, hkv, splits, group * n, dv, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, hkv, splits, group * n, dtype=torch.float32, device=q.device)
     wrap_triton(_window_attention_kernel)[(b, hkv, splits)](
-        q, k, v, allowed, indices, chosen, state.last, position, part_out, part_lse,
+        q, k, v, allowed, indices, chosen, last, position, part_out, part_lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         allowed.stride(0), allowed.stride(1),
-        indices.stride(0), indices.stride(1),  # chosen: the same shape, contiguous too
-        state.last.stride(0), state.last.stride(1),
+        0 if dense else indices.stride(0), 0 if dense else indices.stride(1),  # chosen: the same shape, contiguous too
+        0 if dense else last.stride(0), 0 if dense else last.stride(1),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(3),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
-        length, num_selected, pages_per_split, scale,
+        length, num_pages, pages_per_split, scale,
         G=group, N=n, ROWS=rows, P=page_size, D=d, DV=dv, TILE=tile,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 exact; 16-bit inputs ignore it
-        num_warps=num_warps,
+        DENSE=dense, num_warps=num_warps,
     )
     cache = out_cache.shape[2]
     out = torch.empty(b, hq, n, dv, dtype=q.dtype, device=q.device)
