@@ -102,7 +102,7 @@ def test_decode_site_without_a_rewritten_prefill_stays_dense_with_a_warning(capl
 
 def test_dense_decode_sites_with_several_rows_attend_row_by_row():
     """A dense layer's window rows go through SDPA one row at a time: the same result as one call."""
-    from retro_compile.passes.rewrite import sdpa_row_by_row
+    from retro_compile.kernels.reference import sdpa_row_by_row
 
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(2, 8, 3, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g)
@@ -112,4 +112,39 @@ def test_dense_decode_sites_with_several_rows_attend_row_by_row():
     for other in (mask[:, :, :1], mask[0, 0], None):  # a mask shared by the rows, a 2D mask, none
         torch.testing.assert_close(sdpa_row_by_row(q, k, v, other, enable_gqa=True),
                                    torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=other,
+                                                                                    enable_gqa=True))
+
+
+def test_dense_decode_window_sites_become_one_dense_window_call():
+    """A decode site left dense with two rows becomes ``retro::dense_window`` (one pass over the
+    cache on CUDA): the graph gives the SDPA it replaced, and the op equals SDPA for every mask
+    form SDPA takes (per row, shared by the rows, 2-D, none)."""
+    from retro_compile.passes.rewrite import rewrite_sdpa
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    torch.manual_seed(0)
+    model = Decoder(layers=2, max_len=64).eval()
+    with torch.no_grad():
+        torch.compile(model, backend=capture)(torch.randint(0, 97, (1, 2)), torch.arange(30, 32))
+    (gm, inputs), = graphs
+    with torch.no_grad():
+        expected = gm(*inputs)
+    config = RetroConfig(mode="retro", budget=32, page_size=16, dense_layers=2, max_context=64)
+    rewrite_sdpa(gm, config, StateStore())
+    calls = [n for n in gm.graph.nodes if n.target is torch.ops.retro.dense_window.default]
+    assert len(calls) == 2 and not find_sdpa_sites(gm.graph)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*inputs), expected)
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, 8, 3, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g)
+    mask = torch.rand(2, 1, 3, 40, generator=g) > 0.3
+    for m in (mask, mask[:, :, :1], mask[0, 0], None):
+        torch.testing.assert_close(torch.ops.retro.dense_window(q, k, v, m, 0.3, True),
+                                   torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.3,
                                                                                     enable_gqa=True))

@@ -108,6 +108,27 @@ def test_kernels_match_reference_bf16_realistic(batch, context, kv_heads, window
         torch.testing.assert_close(s_got.out_cache, s_want.out_cache, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("batch,kv_heads,rows", [(1, 8, 2), (4, 8, 2), (2, 4, 4)])
+def test_dense_window_kernel_matches_sdpa_row_by_row_bf16(batch, kv_heads, rows):
+    """A dense layer's window on the GPU in bf16: 32 query heads, head dim 128, 32K keys, causal
+    rows at the end of the cache, the last batch row left-padded; the kernel path is taken."""
+    from retro_compile.kernels.op import dense_window_kernel_applies
+    from retro_compile.kernels.reference import sdpa_row_by_row
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    kw = dict(device="cuda", dtype=torch.bfloat16, generator=g)
+    length = 32768
+    q = torch.randn(batch, 32, rows, 128, **kw)
+    k, v = (torch.randn(batch, kv_heads, length, 128, **kw) for _ in range(2))
+    keys, ends = torch.arange(length, device="cuda"), torch.arange(length - rows, length, device="cuda")
+    mask = (keys[None, :] <= ends[:, None]).expand(batch, 1, rows, length).clone()
+    mask[-1, :, :, :1000] = False
+    assert dense_window_kernel_applies(q, k, v, mask, True)
+    got = torch.ops.retro.dense_window(q, k, v, mask, None, True)
+    want = sdpa_row_by_row(q.float(), k.float(), v.float(), mask, enable_gqa=True)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
 def test_inductor_inlines_the_triton_kernels():
     """Under torch.compile the op's body is traced: its Triton kernels appear in Inductor's code."""
     from torch._inductor.utils import run_and_get_code

@@ -164,3 +164,37 @@ def retro_attention(
 ) -> torch.Tensor:
     """Call ``retro::attention`` with named state and parameters."""
     return torch.ops.retro.attention(q, k, v, attn_mask, *state, is_causal, scale, *params)
+
+
+def dense_window_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                                enable_gqa: bool) -> bool:
+    """Whether ``retro::dense_window`` runs its kernel: 4-D CUDA tensors of a float dtype, whole
+    query groups (or equal heads without ``enable_gqa``) of at most 128 rows a KV head, power-of-two
+    head dims of at least 16, and a boolean (or no) mask shared by the heads."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return False
+    heads, kv_heads, rows = q.shape[1], k.shape[1], q.shape[2]
+    shared_mask = attn_mask is None or (attn_mask.dtype == torch.bool and (attn_mask.dim() <= 2 or attn_mask.shape[-3] == 1))
+    return (q.is_cuda and q.dtype in FLOAT_DTYPES and shared_mask and heads % kv_heads == 0
+            and (enable_gqa or heads == kv_heads) and heads // kv_heads * rows <= 128
+            and all(d >= 16 and d & (d - 1) == 0 for d in (q.shape[3], v.shape[3])) and _triton_available())
+
+
+@torch.library.triton_op("retro::dense_window", mutates_args=())
+def dense_window(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    scale: Optional[float],
+    enable_gqa: bool,
+) -> torch.Tensor:
+    """SDPA (no dropout, not ``is_causal``) for a dense layer's decode window of a few rows: on CUDA
+    one pass of kernels/decode.py's ``dense_window`` over the cache for every row, elsewhere
+    ``reference.sdpa_row_by_row``."""
+    if dense_window_kernel_applies(q, k, v, attn_mask, enable_gqa):
+        from . import decode
+
+        allowed, _ = reference.mask_to_allowed(attn_mask, False, q.shape[0], q.shape[2], k.shape[2], q.device)
+        return decode.dense_window(q, k, v, allowed, reference.default_scale(q, scale))
+    return reference.sdpa_row_by_row(q, k, v, attn_mask, scale=scale, enable_gqa=enable_gqa)

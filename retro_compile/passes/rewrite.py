@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from ..config import RetroConfig
 from ..kernels.op import STATE_ARGS, unservable
-from ..kernels.reference import LayerState, SparseParams
+from ..kernels.reference import LayerState, SparseParams, sdpa_row_by_row
 from ..state import StateShape, StateStore
 from .sdpa import SdpaSite, example_value, find_sdpa_sites
 
@@ -79,24 +79,19 @@ def is_decode_site(site: SdpaSite, config: RetroConfig) -> bool:
     return isinstance(rows, int) and rows <= config.window
 
 
-def sdpa_row_by_row(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                    dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-                    enable_gqa: bool = False) -> torch.Tensor:
-    """SDPA for a decode window's few rows, one row at a time; the same result (not for
-    ``is_causal``, whose mask depends on the number of rows).
-
-    A dense layer's decode step with ``w > 1`` rows and a mask over a long cache is otherwise sent
-    to a prefill kernel: on an H200 (torch 2.11) cuDNN's took 2.6 ms per layer for 2 rows over 128K
-    keys, where the one-row decode kernel takes 0.12 ms. Each row reads the cache once more.
-    """
-    per_row_mask = attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] > 1
-    outs = []
-    for row in range(query.shape[-2]):
-        mask = attn_mask[..., row:row + 1, :] if per_row_mask else attn_mask
-        outs.append(torch.nn.functional.scaled_dot_product_attention(
-            query[..., row:row + 1, :], key, value, attn_mask=mask, dropout_p=dropout_p, scale=scale,
-            enable_gqa=enable_gqa))
-    return torch.cat(outs, dim=-2)
+def attend_dense_window(graph: fx.Graph, site: SdpaSite) -> None:
+    """A dense decode site with several rows (a dense layer's window) becomes ``retro::dense_window``:
+    one pass over the cache for all rows where its kernel applies, SDPA row by row elsewhere. With
+    dropout or a scale or GQA flag computed at run time it goes row by row directly."""
+    if any(isinstance(x, fx.Node) for x in (site.dropout_p, site.scale, site.enable_gqa)) or site.dropout_p != 0.0:
+        site.node.target = sdpa_row_by_row
+        return
+    with graph.inserting_before(site.node):
+        new = graph.call_function(torch.ops.retro.dense_window.default,
+                                  (site.query, site.key, site.value, site.attn_mask, site.scale, bool(site.enable_gqa)))
+    new.meta = dict(site.node.meta)
+    site.node.replace_all_uses_with(new)
+    graph.erase_node(site.node)
 
 
 def _note_dense(store: StateStore, layer: str, reason: str, chosen: bool) -> None:
@@ -142,7 +137,7 @@ def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore) -> 
             if not decode:
                 plan.builds[site.layer_name] = None
             elif query_rows(site) > 1 and site.is_causal is False:
-                site.node.target = sdpa_row_by_row
+                attend_dense_window(graph, site)
             continue
         if decode:
             plan.reads[site.layer_name] = state
