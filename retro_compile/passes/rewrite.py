@@ -82,8 +82,11 @@ def is_decode_site(site: SdpaSite, config: RetroConfig) -> bool:
 def attend_dense_window(graph: fx.Graph, site: SdpaSite) -> None:
     """A dense decode site with several rows (a dense layer's window) becomes ``retro::dense_window``:
     one pass over the cache for all rows where its kernel applies, SDPA row by row elsewhere. With
-    dropout or a scale or GQA flag computed at run time it goes row by row directly."""
-    if any(isinstance(x, fx.Node) for x in (site.dropout_p, site.scale, site.enable_gqa)) or site.dropout_p != 0.0:
+    dropout, a scale or GQA flag computed at run time, or dynamic sizes it goes row by row directly."""
+    tensors = [example_value(n) for n in (site.query, site.key, site.value)]
+    static = all(isinstance(t, torch.Tensor) and all(isinstance(s, int) for s in t.shape) for t in tensors)
+    if (not static or any(isinstance(x, fx.Node) for x in (site.dropout_p, site.scale, site.enable_gqa))
+            or site.dropout_p != 0.0):
         site.node.target = sdpa_row_by_row
         return
     with graph.inserting_before(site.node):
