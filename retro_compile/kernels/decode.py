@@ -3,7 +3,7 @@
 * :func:`summarize_pages`: page key max/min, in place, for the pages a step wrote (or all, after a prefill).
 * :func:`page_scores`: Quest's page bound, reading each page summary once, GQA group max fused;
   pages with no valid position score -inf.
-* :func:`top_pages`: the page selection without a sort: a bisection for the budget-th largest
+* :func:`top_pages`: the page selection without a sort: a search for the budget-th largest
   score, then the chosen pages; at small batch split over chunks of pages, then one pass per row.
 * :func:`attend_window`: split-KV sparse attention and the state update, in two kernels. The
   attention kernel runs one program per (batch row, KV head, split); each walks its share of the
@@ -12,9 +12,12 @@
   past rows the unseen-page test ``last[page] < position``; then it stamps its pages in ``last``.
   The merge kernel, one program per (batch row, query head), folds the splits by log-sum-exp,
   merges past rows with the output cache, moves the cache on and writes the output.
+* :func:`dense_window`: the same two kernels over every page, with no selection and no state: a
+  dense layer's window rows, each key and value read once for all of a KV head's rows (its
+  reference is ``reference.sdpa_row_by_row``).
 
-They are drop-in replacements for the ``reference`` functions of the same names (same arguments,
-same results; :func:`kernel_stages` bundles them), so ``reference.decode_step`` and
+The first four are drop-in replacements for the ``reference`` functions of the same names (same
+arguments, same results; :func:`kernel_stages` bundles them), so ``reference.decode_step`` and
 ``reference.prefill`` run either. What remains of a step (query positions, the budget, the page
 list) is a few small PyTorch ops that Inductor fuses.
 """
@@ -266,7 +269,7 @@ def top_pages(
     search_ways: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same selection as ``reference.top_pages`` without a sort: per (batch row, KV head), a
-    bisection finds the budget-th largest score, then the chosen pages are written in page order.
+    search finds the budget-th largest score, then the chosen pages are written in page order.
 
     One program per (batch row, KV head) leaves most of the GPU idle at small batch (8 programs
     for 8192 pages each at B=1, 128K). There the selection runs in two stages: programs over
