@@ -148,3 +148,27 @@ def test_dense_decode_window_sites_become_one_dense_window_call():
         torch.testing.assert_close(torch.ops.retro.dense_window(q, k, v, m, 0.3, True),
                                    torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.3,
                                                                                     enable_gqa=True))
+
+
+def test_dense_window_takes_its_kernel_only_where_it_applies():
+    """The CUDA decision of ``retro::dense_window``, on fake CUDA tensors: a shared boolean (or no)
+    mask, whole query groups of at most 128 rows a KV head, power-of-two head dims; anything else
+    goes to SDPA row by row."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from retro_compile.kernels.op import dense_window_kernel_applies as applies
+
+    with FakeTensorMode():
+        def t(*shape, dtype=torch.bfloat16, device="cuda"):
+            return torch.empty(*shape, dtype=dtype, device=device)
+
+        q, k = t(2, 32, 2, 128), t(2, 8, 1024, 128)
+        assert applies(q, k, k, t(2, 1, 2, 1024, dtype=torch.bool), True)
+        assert applies(q, k, k, None, True) and applies(q, k, k, t(2, 1024, dtype=torch.bool), True)
+        assert not applies(q, k, k, t(2, 32, 2, 1024, dtype=torch.bool), True)  # a mask per head
+        assert not applies(q, k, k, t(2, 1, 2, 1024), True)  # an additive mask
+        assert not applies(q, k, k, None, False)  # 32 query heads over 8 without enable_gqa: SDPA's error
+        assert not applies(t(2, 32, 40, 128), k, k, None, True)  # 4 x 40 rows a KV head
+        assert not applies(t(2, 32, 2, 96), t(2, 8, 1024, 96), t(2, 8, 1024, 96), None, True)
+        assert not applies(t(2, 32, 2, 128, device="cpu"), t(2, 8, 1024, 128, device="cpu"),
+                           t(2, 8, 1024, 128, device="cpu"), None, True)
