@@ -185,13 +185,18 @@ def test_top_pages_kernel_with_ties_takes_a_top_k(chunk_pages, search_ways):
     params = ref.SparseParams(page, 24, 0.0, 1, 1, 1)
     indices, chosen = decode.top_pages(scores, position, params, chunk_pages, search_ways)
     for i in range(b):
-        for h in range(hkv):
-            taken = set(indices[i, h][chosen[i, h]].tolist())
-            assert len(taken) == 24 and {0, int(position[i]) // page} <= taken
-            ranked = scores[i, h].tolist()
-            free = [ranked[p] for p in taken - {0, int(position[i]) // page}]
-            left = [ranked[p] for p in range(num_pages) if p not in taken]
-            assert min(free) >= max(left)
+        assert_a_top_k(indices[i], chosen[i], scores[i], 24, kept={0, int(position[i]) // page})
+
+
+def assert_a_top_k(indices, chosen, scores, budget, kept):
+    """Per KV head: exactly ``budget`` pages chosen, the always-kept ones among them, and no
+    other chosen page scoring below a page left out (whatever the tie-breaking)."""
+    for h in range(indices.shape[0]):
+        taken = set(indices[h][chosen[h]].tolist())
+        ranked = scores[h].tolist()
+        left = [ranked[p] for p in range(len(ranked)) if p not in taken]
+        assert len(taken) == budget and kept <= taken, (h, sorted(taken))
+        assert min(ranked[p] for p in taken - kept) >= max(left), h
 
 
 @pytest.mark.parametrize("search_ways", [2, 4, 16])
@@ -211,12 +216,7 @@ def test_top_pages_kernel_on_adjacent_floats(search_ways):
         for chunk_pages in {0, 128 if budget <= 32 else 0}:
             indices, chosen = decode.top_pages(scores, position, params, chunk_pages, search_ways)
             for i in range(b):
-                for h in range(hkv):
-                    taken = set(indices[i, h][chosen[i, h]].tolist())
-                    ranked = scores[i, h].tolist()
-                    left = [ranked[p] for p in range(num_pages) if p not in taken]
-                    assert len(taken) == budget and own in taken, (budget, chunk_pages)
-                    assert min(ranked[p] for p in taken - {own}) >= max(left), (budget, chunk_pages)
+                assert_a_top_k(indices[i], chosen[i], scores[i], budget, kept={own})
 
 
 def test_top_pages_kernel_slots_when_the_best_pages_come_first():

@@ -362,10 +362,11 @@ def _window_attention_kernel(
     end = tl.minimum(first + pages_per_split, num_selected)
     within = tl.arange(0, P)
     for j in range(first, end, TILE):  # TILE pages per iteration
+        slot = j + tl.arange(0, TILE)
         if DENSE:  # every page of the cache, no selection
-            page = tl.where(j + tl.arange(0, TILE) < end, j + tl.arange(0, TILE), -1)
+            page = tl.where(slot < end, slot, -1)
         else:
-            page = _selected_pages(INDICES, CHOSEN, b * stride_pb + hkv * stride_ph, j + tl.arange(0, TILE), end)
+            page = _selected_pages(INDICES, CHOSEN, b * stride_pb + hkv * stride_ph, slot, end)
         # Key offsets as (page, offset in page), so loads of the byte mask below see runs of P
         # contiguous bytes (as one flat vector they looked like single bytes: too small for the
         # asynchronous copies Triton pipelines loads into).
@@ -541,7 +542,7 @@ def _attend(q, k, v, allowed, selection, out_cache, lse_cache, scale, page_size,
     hkv, length, dv = k.shape[1], k.shape[2], v.shape[3]
     group = hq // hkv
     dense = selection is None
-    indices, chosen, last, position = (allowed,) * 4 if dense else selection  # dense: never read
+    indices, chosen, last, position = (allowed,) * 4 if dense else selection  # dense: never read, any strides do
     if pages_per_split is None:  # about 512 programs over (batch, KV heads, splits), each at least 8 pages:
         # at B=1 fewer, longer splits were faster (H200: 8 pages 9.9 us, 2 pages 12.9), and leave the merge less
         pages_per_split = max(8, triton.cdiv(num_pages * b * hkv, 512))
@@ -556,8 +557,8 @@ def _attend(q, k, v, allowed, selection, out_cache, lse_cache, scale, page_size,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         allowed.stride(0), allowed.stride(1),
-        0 if dense else indices.stride(0), 0 if dense else indices.stride(1),  # chosen: the same shape, contiguous too
-        0 if dense else last.stride(0), 0 if dense else last.stride(1),
+        indices.stride(0), indices.stride(1),  # chosen: the same shape, contiguous too
+        last.stride(0), last.stride(1),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(3),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
         length, num_pages, pages_per_split, scale,

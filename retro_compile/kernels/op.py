@@ -105,9 +105,14 @@ def check_inputs(
 def use_kernels(q: torch.Tensor, attn_mask: Optional[torch.Tensor], params: SparseParams) -> bool:
     """Whether a step runs the Triton kernels: CUDA tensors, a boolean (or no) mask, power-of-two
     pages of at least 16 positions and power-of-two head dims; everything else takes the reference."""
-    head_dim, page = q.shape[-1], params.page_size
-    return (q.is_cuda and (attn_mask is None or attn_mask.dtype == torch.bool) and page >= 16 and page & (page - 1) == 0
-            and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and _triton_available())
+    return _triton_serves(q, attn_mask, (q.shape[-1], params.page_size))
+
+
+def _triton_serves(q: torch.Tensor, attn_mask: Optional[torch.Tensor], tile_sizes: tuple[int, ...]) -> bool:
+    """What every kernel of kernels/decode.py needs: CUDA tensors, a boolean (or no) mask, Triton,
+    and sizes that are ``tl.dot`` tiles (powers of two, at least 16)."""
+    return (q.is_cuda and (attn_mask is None or attn_mask.dtype == torch.bool)
+            and all(n >= 16 and n & (n - 1) == 0 for n in tile_sizes) and _triton_available())
 
 
 @functools.cache
@@ -174,10 +179,9 @@ def dense_window_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return False
     heads, kv_heads, rows = q.shape[1], k.shape[1], q.shape[2]
-    shared_mask = attn_mask is None or (attn_mask.dtype == torch.bool and (attn_mask.dim() <= 2 or attn_mask.shape[-3] == 1))
-    return (q.is_cuda and q.dtype in FLOAT_DTYPES and shared_mask and heads % kv_heads == 0
-            and (enable_gqa or heads == kv_heads) and heads // kv_heads * rows <= 128
-            and all(d >= 16 and d & (d - 1) == 0 for d in (q.shape[3], v.shape[3])) and _triton_available())
+    shared_mask = attn_mask is None or attn_mask.dim() <= 2 or attn_mask.shape[-3] == 1
+    return (q.dtype in FLOAT_DTYPES and shared_mask and heads % kv_heads == 0 and (enable_gqa or heads == kv_heads)
+            and heads // kv_heads * rows <= 128 and _triton_serves(q, attn_mask, (q.shape[3], v.shape[3])))
 
 
 @torch.library.triton_op("retro::dense_window", mutates_args=())
