@@ -3,8 +3,7 @@
     python scripts/tune_stages.py --out tune_stages.json
 
 For each (batch, context) of the op benchmark's target shapes: page scoring over (block_pages,
-num_warps, blocks_per_program, stages), the selection over chunk_pages (0: one stage) and
-search_ways, and the attention + merge over pages_per_split (None: the default). Device time per call from a CUDA graph of 20 calls, as
+num_warps), the selection over chunk_pages (0: one stage), and the attention + merge over pages_per_split (None: the default). Device time per call from a CUDA graph of 20 calls, as
 ``python -m retro_compile.bench op`` times its stages.
 """
 
@@ -36,14 +35,8 @@ def tune(batch: int, context: int) -> dict:
     for block, warps in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8), (256, 16)):
         timed(f"scores_block{block}_warps{warps}", lambda: decode.page_scores(
             x.q_row, state.kmax, state.kmin, x.valid, page, block_pages=block, num_warps=warps))
-    for block, warps, blocks, stages in ((32, 4, 4, 2), (32, 4, 4, 3), (32, 4, 8, 3), (16, 4, 8, 3), (64, 8, 4, 2)):
-        timed(f"scores_block{block}_warps{warps}_x{blocks}_stages{stages}", lambda: decode.page_scores(
-            x.q_row, state.kmax, state.kmin, x.valid, page, block_pages=block, num_warps=warps,
-            blocks_per_program=blocks, stages=stages))
     for chunk in (0, 256, 512, 1024, 2048):
-        for ways in (2, 4, 8, 16):
-            timed(f"select_chunk{chunk}_ways{ways}",
-                  lambda: decode.top_pages(x.scores, x.position[:, -1], params, chunk, ways))
+        timed(f"select_chunk{chunk}", lambda: decode.top_pages(x.scores, x.position[:, -1], params, chunk))
     timed("select_default", lambda: decode.top_pages(x.scores, x.position[:, -1], params))
     for split in (None, 1, 2, 4, 8, 16):
         timed(f"attend_split{split}", lambda: decode.attend_window(

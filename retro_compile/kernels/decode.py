@@ -3,7 +3,7 @@
 * :func:`summarize_pages`: page key max/min, in place, for the pages a step wrote (or all, after a prefill).
 * :func:`page_scores`: Quest's page bound, reading each page summary once, GQA group max fused;
   pages with no valid position score -inf.
-* :func:`top_pages`: the page selection without a sort: a search for the budget-th largest
+* :func:`top_pages`: the page selection without a sort: a bisection for the budget-th largest
   score, then the chosen pages; at small batch split over chunks of pages, then one pass per row.
 * :func:`attend_window`: split-KV sparse attention and the state update, in two kernels. The
   attention kernel runs one program per (batch row, KV head, split); each walks its share of the
@@ -88,26 +88,24 @@ def _page_scores_kernel(
     stride_vb,
     stride_ob, stride_oh,
     num_pages, length,
-    G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCKS: tl.constexpr,
-    STAGES: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    b, hkv = tl.program_id(0), tl.program_id(1)
+    b, hkv, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pages = block * BLOCK_P + tl.arange(0, BLOCK_P)
     dims = tl.arange(0, D)
-    for i in tl.range(0, BLOCKS, num_stages=STAGES):  # BLOCKS > 1: the next block's loads overlap this one's math
-        pages = (tl.program_id(2) * BLOCKS + i) * BLOCK_P + tl.arange(0, BLOCK_P)
-        ok = pages < num_pages
-        offs = b * stride_sb + hkv * stride_sh + pages[:, None] * stride_sp + dims[None, :]
-        kmax = tl.load(KMAX + offs, mask=ok[:, None], other=0.0).to(tl.float32)
-        kmin = tl.load(KMIN + offs, mask=ok[:, None], other=0.0).to(tl.float32)
-        best = tl.full((BLOCK_P,), float("-inf"), tl.float32)
-        for g in tl.static_range(G):
-            q = tl.load(Q + b * stride_qb + (hkv * G + g) * stride_qh + dims).to(tl.float32)
-            bound = tl.sum(tl.maximum(q[None, :] * kmax, q[None, :] * kmin), axis=1)
-            best = tl.maximum(best, bound)
-        keys = pages[:, None] * P + tl.arange(0, P)[None, :]
-        valid = tl.load(VALID + b * stride_vb + keys, mask=keys < length, other=0) != 0
-        any_valid = tl.max(valid.to(tl.int32), axis=1) > 0
-        tl.store(OUT + b * stride_ob + hkv * stride_oh + pages, tl.where(any_valid, best, float("-inf")), mask=ok)
+    ok = pages < num_pages
+    offs = b * stride_sb + hkv * stride_sh + pages[:, None] * stride_sp + dims[None, :]
+    kmax = tl.load(KMAX + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    kmin = tl.load(KMIN + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    best = tl.full((BLOCK_P,), float("-inf"), tl.float32)
+    for g in tl.static_range(G):
+        q = tl.load(Q + b * stride_qb + (hkv * G + g) * stride_qh + dims).to(tl.float32)
+        bound = tl.sum(tl.maximum(q[None, :] * kmax, q[None, :] * kmin), axis=1)
+        best = tl.maximum(best, bound)
+    keys = pages[:, None] * P + tl.arange(0, P)[None, :]
+    valid = tl.load(VALID + b * stride_vb + keys, mask=keys < length, other=0) != 0
+    any_valid = tl.max(valid.to(tl.int32), axis=1) > 0
+    tl.store(OUT + b * stride_ob + hkv * stride_oh + pages, tl.where(any_valid, best, float("-inf")), mask=ok)
 
 
 def page_scores(
@@ -118,33 +116,26 @@ def page_scores(
     page_size: int,
     block_pages: int = 32,
     num_warps: int = 4,
-    blocks_per_program: int = 1,
-    stages: int = 1,
 ) -> torch.Tensor:
     """Same as ``reference.page_scores``: q_row (B, Hq, D) -> (B, Hkv, NP) fp32.
 
-    One program scores ``blocks_per_program`` blocks of ``block_pages`` pages of one (batch row,
-    KV head) for the whole query group, and reads their bytes of ``valid`` to mark the pages with
-    no valid position. With more than one block, ``stages`` > 1 pipelines the blocks' loads.
+    One program scores ``block_pages`` pages of one (batch row, KV head) for the whole query group,
+    and reads their bytes of ``valid`` to mark the pages with no valid position.
     """
     b, hq, d = q_row.shape
     hkv, num_pages = kmax.shape[1], kmax.shape[2]
-    if blocks_per_program < 1 or stages < 1:
-        raise ValueError(f"kernels.decode.page_scores: blocks_per_program={blocks_per_program} and "
-                         f"stages={stages} must be at least 1")
     q_row, kmax, kmin = q_row.contiguous(), kmax.contiguous(), kmin.contiguous()
     valid = valid if valid.stride(-1) == 1 else valid.contiguous()
     out = torch.empty(b, hkv, num_pages, dtype=torch.float32, device=q_row.device)
     block = min(block_pages, triton.next_power_of_2(num_pages))
-    grid = (b, hkv, triton.cdiv(num_pages, block * blocks_per_program))
+    grid = (b, hkv, triton.cdiv(num_pages, block))
     wrap_triton(_page_scores_kernel)[grid](
         q_row, kmax, kmin, valid, out,
         q_row.stride(0), q_row.stride(1),
         kmax.stride(0), kmax.stride(1), kmax.stride(2),
         valid.stride(0),
         out.stride(0), out.stride(1),
-        num_pages, valid.shape[-1], G=hq // hkv, D=d, P=page_size, BLOCK_P=block, BLOCKS=blocks_per_program,
-        STAGES=stages, num_warps=num_warps,
+        num_pages, valid.shape[-1], G=hq // hkv, D=d, P=page_size, BLOCK_P=block, num_warps=num_warps,
     )
     return out
 
@@ -168,33 +159,26 @@ def _ranked_scores(SCORES, POS, b, h, pages, stride_sb, stride_sh, num_pages, pa
 
 
 @triton.jit
-def _top_mask(ranked, budget, WAYS: tl.constexpr):
+def _top_mask(ranked, budget):
     """Exactly ``min(budget, non-NaN count)`` entries of ``ranked``, none below one left out; ties
     at the threshold go to the first in order.
 
     The threshold is the budget-th largest value, or any value with exactly ``budget`` values at or
-    above it. A search over the order-preserving integer key of a float (flip the magnitude bits
-    of negatives, add 2**31), from -inf's key up to +inf's: each round counts the values at or above
-    ``WAYS - 1`` evenly spaced keys of the range at once (one comparison per value and key, the
-    counts independent of each other) and keeps the sub-range where the count crosses ``budget``,
-    stopping early once a count is exact. WAYS=2 is a bisection: up to 32 rounds, about half that
-    for random-like scores; WAYS=16 needs at most 8, each with more (but independent) work.
-    Comparisons are on floats, the key converted back.
+    above it. Bisection over the order-preserving integer key of a float (flip the magnitude bits
+    of negatives, add 2**31), from -inf's key up to +inf's: at most 32 rounds of one comparison per
+    value and one sum, stopping early once the count is exact (random-like scores get there in
+    about half the rounds). Comparisons are on floats, the key converted back.
     """
     lo = tl.full((), 0x7FFFFF, tl.int64)  # key(-inf): every value counts
     hi = tl.full((), 0xFF800000, tl.int64)  # key(+inf)
     count = tl.sum((ranked == ranked).to(tl.int32), axis=0)
     while (lo < hi) & (count != budget):
-        span = hi - lo + 1
-        new_lo, new_hi, new_count = lo, hi, count
-        for j in tl.static_range(1, WAYS):  # keys ascending; "enough" holds for a prefix of them
-            key = lo + span * j // WAYS
-            at_least = tl.sum((ranked >= _key_to_float(key)).to(tl.int32), axis=0)
-            enough = at_least >= budget
-            new_lo = tl.where(enough, key, new_lo)  # the last key with enough values at or above it
-            new_count = tl.where(enough, at_least, new_count)
-            new_hi = tl.where(enough, new_hi, tl.minimum(new_hi, key - 1))  # below the first without
-        lo, hi, count = new_lo, new_hi, new_count
+        mid = lo + (hi - lo + 1) // 2
+        at_least = tl.sum((ranked >= _key_to_float(mid)).to(tl.int32), axis=0)
+        enough = at_least >= budget
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+        count = tl.where(enough, at_least, count)
     threshold = _key_to_float(lo)
     above = ranked > threshold
     ties = ranked == threshold
@@ -206,7 +190,7 @@ def _page_candidates_kernel(
     SCORES, POS, CAND_SCORE, CAND_PAGE,
     stride_sb, stride_sh,
     kv_heads, num_pages, keep, page_size, sink_pages, local_pages,
-    CHUNK: tl.constexpr, KEEP_BLOCK: tl.constexpr, WAYS: tl.constexpr,
+    CHUNK: tl.constexpr, KEEP_BLOCK: tl.constexpr,
 ):
     """First stage of a split selection: one program per (batch row, KV head, chunk of CHUNK pages)
     keeps its chunk's ``keep`` best pages (ranked scores, in page order; NaN and page -1 fill the
@@ -216,7 +200,7 @@ def _page_candidates_kernel(
     pages = chunk * CHUNK + tl.arange(0, CHUNK)
     ranked = _ranked_scores(SCORES, POS, b, h, pages, stride_sb, stride_sh, num_pages, page_size, sink_pages,
                             local_pages)
-    take = _top_mask(ranked, keep, WAYS)
+    take = _top_mask(ranked, keep)
     slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
     base = (row * tl.num_programs(1) + chunk) * keep
     tl.store(CAND_SCORE + base + slot, ranked, mask=take)
@@ -232,7 +216,7 @@ def _top_pages_kernel(
     SCORES, POS, BUDGET, CAND_SCORE, CAND_PAGE, IDX, CHOSEN,
     stride_sb, stride_sh,
     kv_heads, num_pages, num_candidates, K, page_size, sink_pages, local_pages,
-    BLOCK: tl.constexpr, FROM_CANDIDATES: tl.constexpr, WAYS: tl.constexpr,
+    BLOCK: tl.constexpr, FROM_CANDIDATES: tl.constexpr,
 ):
     """One program per (batch row, KV head): the row's ``budget`` best pages, from its scores or
     (FROM_CANDIDATES) from the first stage's candidates, which are in page order too."""
@@ -248,7 +232,7 @@ def _top_pages_kernel(
         ranked = _ranked_scores(SCORES, POS, b, h, pages, stride_sb, stride_sh, num_pages, page_size, sink_pages,
                                 local_pages)
     budget = tl.load(BUDGET + b)
-    take = _top_mask(ranked, budget, WAYS)
+    take = _top_mask(ranked, budget)
     # Taken pages fill slots 0..budget-1 in page order; the rest follow, so all K slots hold
     # distinct pages (the reference's state update writes through every slot). Every entry is
     # taken or not, so the entries not taken up to entry i number i + 1 - (taken up to i). NaN
@@ -265,19 +249,16 @@ SPLIT_BELOW_ROWS = 64  # fewer (batch row, KV head) pairs than this: the selecti
 
 
 def top_pages(
-    scores: torch.Tensor, position: torch.Tensor, params: SparseParams, chunk_pages: int | None = None,
-    search_ways: int = 2,
+    scores: torch.Tensor, position: torch.Tensor, params: SparseParams, chunk_pages: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same selection as ``reference.top_pages`` without a sort: per (batch row, KV head), a
-    search finds the budget-th largest score, then the chosen pages are written in page order.
+    bisection finds the budget-th largest score, then the chosen pages are written in page order.
 
     One program per (batch row, KV head) leaves most of the GPU idle at small batch (8 programs
     for 8192 pages each at B=1, 128K). There the selection runs in two stages: programs over
     chunks of ``chunk_pages`` pages keep each chunk's best ``K`` (the page cap), and one program
     per row picks from those candidates. ``chunk_pages`` None picks it (at least 4 K, and 0, one
     stage, when there are enough rows or fewer than 8 chunks); 0 forces one stage.
-    ``search_ways`` keys are tried per round of the threshold search (2: a bisection; see
-    ``_top_mask``); any power of two up to 16 selects the same pages.
 
     The page set equals the reference's (ties at the threshold aside, where either choice is a
     valid top-k); the slot order differs, which nothing downstream depends on.
@@ -292,8 +273,6 @@ def top_pages(
             chunk_pages = 0  # measured on an H200: at 2048 pages a row the second launch costs more than it saves
     if chunk_pages and (chunk_pages & (chunk_pages - 1) or chunk_pages < k):
         raise ValueError(f"kernels.decode.top_pages: chunk_pages={chunk_pages} must be 0 or a power of two >= {k}")
-    if search_ways not in (2, 4, 8, 16):
-        raise ValueError(f"kernels.decode.top_pages: search_ways={search_ways} must be 2, 4, 8 or 16")
     chunks = triton.cdiv(num_pages, chunk_pages) if chunk_pages else 1
     budget = reference.budget_pages_for(params, position).clamp(max=k).to(torch.int32)
     scores, position = scores.contiguous(), position.contiguous()
@@ -306,7 +285,7 @@ def top_pages(
         wrap_triton(_page_candidates_kernel)[(b * hkv, chunks)](
             scores, position, cand_score, cand_page, scores.stride(0), scores.stride(1),
             hkv, num_pages, k, *rules,
-            CHUNK=chunk_pages, KEEP_BLOCK=triton.next_power_of_2(k), WAYS=search_ways, num_warps=min(8, max(1, chunk_pages // 256)),
+            CHUNK=chunk_pages, KEEP_BLOCK=triton.next_power_of_2(k), num_warps=min(8, max(1, chunk_pages // 256)),
         )
         entries = chunks * k
     else:
@@ -316,7 +295,7 @@ def top_pages(
         scores, position, budget, cand_score, cand_page, indices, chosen,
         scores.stride(0), scores.stride(1),
         hkv, num_pages, entries, k, *rules,
-        BLOCK=block, FROM_CANDIDATES=chunks > 1, WAYS=search_ways, num_warps=min(16, max(1, block // 512)),
+        BLOCK=block, FROM_CANDIDATES=chunks > 1, num_warps=min(16, max(1, block // 512)),
     )
     return indices, chosen
 
