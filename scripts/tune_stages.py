@@ -3,8 +3,9 @@
     python scripts/tune_stages.py --out tune_stages.json
 
 For each (batch, context) of the op benchmark's target shapes: page scoring over (block_pages,
-num_warps), the selection over chunk_pages (0: one stage), and the attention + merge over pages_per_split (None: the default). Device time per call from a CUDA graph of 20 calls, as
-``python -m retro_compile.bench op`` times its stages.
+num_warps), elementwise and as matrix products; the selection over chunk_pages (0: one stage);
+the attention + merge over pages_per_split (None: the default). Device time per call from a CUDA
+graph of 20 calls, as ``python -m retro_compile.bench op`` times its stages.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def tune(batch: int, context: int) -> dict:
     for block, warps in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8), (256, 16)):
         timed(f"scores_block{block}_warps{warps}", lambda: decode.page_scores(
             x.q_row, state.kmax, state.kmin, x.valid, page, block_pages=block, num_warps=warps))
+    for block, warps in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)):
+        timed(f"scores_products_block{block}_warps{warps}", lambda: decode.page_scores(
+            x.q_row, state.kmax, state.kmin, x.valid, page, block_pages=block, num_warps=warps, as_products=True))
     for chunk in (0, 256, 512, 1024, 2048):
         timed(f"select_chunk{chunk}", lambda: decode.top_pages(x.scores, x.position[:, -1], params, chunk))
     timed("select_default", lambda: decode.top_pages(x.scores, x.position[:, -1], params))

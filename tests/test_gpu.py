@@ -11,6 +11,7 @@ from retro_compile import RetroConfig, retro_compile
 
 from .hf_models import prompts, tiny_model
 from .sequences import Problem, dense_rows, make_problem, run
+from .test_kernels import chosen_sets
 from .test_op import params
 
 pytestmark = pytest.mark.gpu
@@ -106,6 +107,28 @@ def test_kernels_match_reference_bf16_realistic(batch, context, kv_heads, window
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
         assert torch.equal(s_got.last, s_want.last)
         torch.testing.assert_close(s_got.out_cache, s_want.out_cache, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("batch,context", [(1, 131072), (8, 32768)])
+def test_page_scores_as_products_match_the_reference_bf16(batch, context):
+    """Page bounds as two matrix products on tensor cores, over summaries a prefill built (bf16,
+    32 query / 8 KV heads, head dim 128): the reference's scores within bf16 rounding, the same
+    pages at -inf, and the same top pages as the elementwise kernel's scores give."""
+    from retro_compile.bench import op_case, stage_inputs
+    from retro_compile.kernels import decode
+    from retro_compile.kernels import reference as ref
+
+    state, params, inputs = op_case(batch, context, 2)
+    x = stage_inputs(state, params, inputs)
+    got = decode.page_scores(x.q_row, state.kmax, state.kmin, x.valid, params.page_size, as_products=True)
+    want = ref.page_scores(x.q_row, state.kmax, state.kmin, x.valid, params.page_size)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    assert torch.equal(got == float("-inf"), want == float("-inf"))
+    elementwise = decode.page_scores(x.q_row, state.kmax, state.kmin, x.valid, params.page_size)
+    products, plain = (sum(chosen_sets(*decode.top_pages(scores, x.position[:, -1], params)), [])
+                       for scores in (got, elementwise))
+    overlap = sum(len(set(a) & set(b)) for a, b in zip(products, plain))
+    assert overlap >= 0.99 * batch * 8 * params.budget_pages  # near-ties may order differently
 
 
 @pytest.mark.parametrize("batch,kv_heads,rows", [(1, 8, 2), (4, 8, 2), (2, 4, 4)])

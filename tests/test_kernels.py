@@ -16,22 +16,24 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("q_heads,kv_heads", [(4, 2), (3, 1)])
-@pytest.mark.parametrize("block_pages", [32, 4])
-def test_page_scores_kernel(dtype, q_heads, kv_heads, block_pages):
+@pytest.mark.parametrize("num_pages,block_pages,as_products", [(11, 32, False), (11, 4, False), (11, 32, True),
+                                                              (37, 32, True)])
+def test_page_scores_kernel(dtype, q_heads, kv_heads, num_pages, block_pages, as_products):
     """Scores, and -inf for pages with no valid position (a padded page, pages past the query);
-    with small blocks, a ragged last block."""
+    with small blocks, a ragged last block; as matrix products, over a padded group of heads, in
+    one block or two (the second ragged)."""
     g = torch.Generator().manual_seed(0)
-    page, num_pages = 16, 11
+    page = 16
     q = torch.randn(2, q_heads, 16, generator=g).to(dtype).to(DEVICE)
     kmax = torch.randn(2, kv_heads, num_pages, 16, generator=g).to(dtype).to(DEVICE)
     kmin = kmax - torch.rand(2, kv_heads, num_pages, 16, generator=g).to(dtype).to(DEVICE)
     valid = torch.arange(num_pages * page - 5) <= torch.tensor([[170], [100]])
     valid[1, 16:32] = False
     valid = valid.to(DEVICE)
-    got = decode.page_scores(q, kmax, kmin, valid, page, block_pages)
+    got = decode.page_scores(q, kmax, kmin, valid, page, block_pages, as_products=as_products)
     torch.testing.assert_close(got, ref.page_scores(q, kmax, kmin, valid, page), atol=TOL[dtype], rtol=TOL[dtype])
     assert (got[1, :, 1] == float("-inf")).all() and (got[1, :, 7:] == float("-inf")).all()
-    assert (got[0] > float("-inf")).all()
+    assert (got[0, :, :11] > float("-inf")).all() and (got[0, :, 11:] == float("-inf")).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -139,6 +141,7 @@ def test_top_pages_kernel_selects_the_reference_page_set(num_pages, budget_pages
     g = torch.Generator().manual_seed(num_pages)
     b, hkv, page = 3, 2, 16
     position = torch.tensor([num_pages * page - 1, num_pages * page // 2, 5 * page + 3]).to(DEVICE)
+    position = torch.stack([position - 1, position], dim=1)[:, -1]  # the newest row's column of (B, n), as the op passes it
     page_valid = (torch.arange(num_pages, device=DEVICE) <= (position // page)[:, None])
     page_valid[1, 1] = False  # an all-padding page
     page_valid[1, 0] = False  # ... which is also a sink

@@ -89,19 +89,34 @@ def _page_scores_kernel(
     stride_ob, stride_oh,
     num_pages, length,
     G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr,
+    DOT: tl.constexpr, HEADS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b, hkv, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pages = block * BLOCK_P + tl.arange(0, BLOCK_P)
     dims = tl.arange(0, D)
     ok = pages < num_pages
     offs = b * stride_sb + hkv * stride_sh + pages[:, None] * stride_sp + dims[None, :]
-    kmax = tl.load(KMAX + offs, mask=ok[:, None], other=0.0).to(tl.float32)
-    kmin = tl.load(KMIN + offs, mask=ok[:, None], other=0.0).to(tl.float32)
-    best = tl.full((BLOCK_P,), float("-inf"), tl.float32)
-    for g in tl.static_range(G):
-        q = tl.load(Q + b * stride_qb + (hkv * G + g) * stride_qh + dims).to(tl.float32)
-        bound = tl.sum(tl.maximum(q[None, :] * kmax, q[None, :] * kmin), axis=1)
-        best = tl.maximum(best, bound)
+    if DOT:
+        # Since kmax >= kmin, max(q * kmax, q * kmin) summed over dims is
+        # max(q, 0) . kmax + min(q, 0) . kmin: two matrix products over the group's HEADS (>= G,
+        # the rest zero and left out of the max), on tensor cores instead of 3 ops per element and head.
+        kmax = tl.load(KMAX + offs, mask=ok[:, None], other=0.0)
+        kmin = tl.load(KMIN + offs, mask=ok[:, None], other=0.0)
+        heads = tl.arange(0, HEADS)
+        q = tl.load(Q + b * stride_qb + (hkv * G + heads)[:, None] * stride_qh + dims[None, :],
+                    mask=(heads < G)[:, None], other=0.0)
+        q_up, q_down = tl.maximum(q, 0.0).to(kmax.dtype), tl.minimum(q, 0.0).to(kmax.dtype)
+        bound = (tl.dot(kmax, tl.trans(q_up), input_precision=PRECISION)
+                 + tl.dot(kmin, tl.trans(q_down), input_precision=PRECISION))  # (BLOCK_P, HEADS) fp32
+        best = tl.max(tl.where((heads < G)[None, :], bound, float("-inf")), axis=1)
+    else:
+        kmax = tl.load(KMAX + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+        kmin = tl.load(KMIN + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+        best = tl.full((BLOCK_P,), float("-inf"), tl.float32)
+        for g in tl.static_range(G):
+            q = tl.load(Q + b * stride_qb + (hkv * G + g) * stride_qh + dims).to(tl.float32)
+            bound = tl.sum(tl.maximum(q[None, :] * kmax, q[None, :] * kmin), axis=1)
+            best = tl.maximum(best, bound)
     keys = pages[:, None] * P + tl.arange(0, P)[None, :]
     valid = tl.load(VALID + b * stride_vb + keys, mask=keys < length, other=0) != 0
     any_valid = tl.max(valid.to(tl.int32), axis=1) > 0
@@ -116,18 +131,25 @@ def page_scores(
     page_size: int,
     block_pages: int = 32,
     num_warps: int = 4,
+    as_products: bool = False,
 ) -> torch.Tensor:
     """Same as ``reference.page_scores``: q_row (B, Hq, D) -> (B, Hkv, NP) fp32.
 
     One program scores ``block_pages`` pages of one (batch row, KV head) for the whole query group,
-    and reads their bytes of ``valid`` to mark the pages with no valid position.
+    and reads their bytes of ``valid`` to mark the pages with no valid position. ``as_products``
+    computes each bound as two matrix products (``max(q, 0) . kmax + min(q, 0) . kmin``, the same
+    sum in another order) where the shapes allow a ``tl.dot`` (blocks of at least 16 pages, one
+    dtype); otherwise, and by default, elementwise in fp32.
     """
     b, hq, d = q_row.shape
     hkv, num_pages = kmax.shape[1], kmax.shape[2]
-    q_row, kmax, kmin = q_row.contiguous(), kmax.contiguous(), kmin.contiguous()
-    valid = valid if valid.stride(-1) == 1 else valid.contiguous()
+    kmax, kmin = kmax.contiguous(), kmin.contiguous()
+    # The newest row of a (B, Hq, n, D) query is a strided view: read in place, not copied first.
+    q_row, valid = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_row, valid))
     out = torch.empty(b, hkv, num_pages, dtype=torch.float32, device=q_row.device)
     block = min(block_pages, triton.next_power_of_2(num_pages))
+    group = hq // hkv
+    dot = as_products and block >= 16 and q_row.dtype == kmax.dtype == kmin.dtype
     grid = (b, hkv, triton.cdiv(num_pages, block))
     wrap_triton(_page_scores_kernel)[grid](
         q_row, kmax, kmin, valid, out,
@@ -135,7 +157,10 @@ def page_scores(
         kmax.stride(0), kmax.stride(1), kmax.stride(2),
         valid.stride(0),
         out.stride(0), out.stride(1),
-        num_pages, valid.shape[-1], G=hq // hkv, D=d, P=page_size, BLOCK_P=block, num_warps=num_warps,
+        num_pages, valid.shape[-1], G=group, D=d, P=page_size, BLOCK_P=block,
+        DOT=dot, HEADS=max(16, triton.next_power_of_2(group)),
+        PRECISION="ieee" if kmax.dtype == torch.float32 else "tf32",  # fp32 exact; 16-bit inputs ignore it
+        num_warps=num_warps,
     )
     return out
 
@@ -148,12 +173,13 @@ def _key_to_float(key):
 
 
 @triton.jit
-def _ranked_scores(SCORES, POS, b, h, pages, stride_sb, stride_sh, num_pages, page_size, sink_pages, local_pages):
+def _ranked_scores(SCORES, POS, b, h, pages, stride_sb, stride_sh, stride_pos, num_pages, page_size, sink_pages,
+                   local_pages):
     """Scores as the selection ranks them: always-kept pages +inf (unless -inf: no valid position),
     pages past ``num_pages`` NaN (padding, which no comparison counts)."""
     inside = pages < num_pages
     score = tl.load(SCORES + b * stride_sb + h * stride_sh + pages, mask=inside, other=float("-inf"))
-    own = tl.load(POS + b) // page_size
+    own = tl.load(POS + b * stride_pos) // page_size
     keep = (pages < sink_pages) | ((pages <= own) & (pages > own - local_pages))
     return tl.where(inside, tl.where(keep & (score > float("-inf")), float("inf"), score), float("nan"))
 
@@ -188,7 +214,7 @@ def _top_mask(ranked, budget):
 @triton.jit
 def _page_candidates_kernel(
     SCORES, POS, CAND_SCORE, CAND_PAGE,
-    stride_sb, stride_sh,
+    stride_sb, stride_sh, stride_pos,
     kv_heads, num_pages, keep, page_size, sink_pages, local_pages,
     CHUNK: tl.constexpr, KEEP_BLOCK: tl.constexpr,
 ):
@@ -198,8 +224,8 @@ def _page_candidates_kernel(
     row, chunk = tl.program_id(0), tl.program_id(1)
     b, h = row // kv_heads, row % kv_heads
     pages = chunk * CHUNK + tl.arange(0, CHUNK)
-    ranked = _ranked_scores(SCORES, POS, b, h, pages, stride_sb, stride_sh, num_pages, page_size, sink_pages,
-                            local_pages)
+    ranked = _ranked_scores(SCORES, POS, b, h, pages, stride_sb, stride_sh, stride_pos, num_pages, page_size,
+                            sink_pages, local_pages)
     take = _top_mask(ranked, keep)
     slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
     base = (row * tl.num_programs(1) + chunk) * keep
@@ -214,7 +240,7 @@ def _page_candidates_kernel(
 @triton.jit
 def _top_pages_kernel(
     SCORES, POS, BUDGET, CAND_SCORE, CAND_PAGE, IDX, CHOSEN,
-    stride_sb, stride_sh,
+    stride_sb, stride_sh, stride_pos,
     kv_heads, num_pages, num_candidates, K, page_size, sink_pages, local_pages,
     BLOCK: tl.constexpr, FROM_CANDIDATES: tl.constexpr,
 ):
@@ -229,8 +255,8 @@ def _top_pages_kernel(
         pages = tl.load(CAND_PAGE + row * num_candidates + at, mask=inside, other=-1)
     else:
         pages = at
-        ranked = _ranked_scores(SCORES, POS, b, h, pages, stride_sb, stride_sh, num_pages, page_size, sink_pages,
-                                local_pages)
+        ranked = _ranked_scores(SCORES, POS, b, h, pages, stride_sb, stride_sh, stride_pos, num_pages, page_size,
+                                sink_pages, local_pages)
     budget = tl.load(BUDGET + b)
     take = _top_mask(ranked, budget)
     # Taken pages fill slots 0..budget-1 in page order; the rest follow, so all K slots hold
@@ -275,7 +301,7 @@ def top_pages(
         raise ValueError(f"kernels.decode.top_pages: chunk_pages={chunk_pages} must be 0 or a power of two >= {k}")
     chunks = triton.cdiv(num_pages, chunk_pages) if chunk_pages else 1
     budget = reference.budget_pages_for(params, position).clamp(max=k).to(torch.int32)
-    scores, position = scores.contiguous(), position.contiguous()
+    scores = scores.contiguous()  # position, the newest row's column of (B, n), is read through its stride
     indices = torch.empty(b, hkv, k, dtype=torch.int64, device=scores.device)
     chosen = torch.empty(b, hkv, k, dtype=torch.bool, device=scores.device)
     rules = (params.page_size, params.sink_pages, params.local_pages)
@@ -283,7 +309,7 @@ def top_pages(
         cand_score = torch.empty(b * hkv, chunks * k, dtype=torch.float32, device=scores.device)
         cand_page = torch.empty(b * hkv, chunks * k, dtype=torch.int32, device=scores.device)
         wrap_triton(_page_candidates_kernel)[(b * hkv, chunks)](
-            scores, position, cand_score, cand_page, scores.stride(0), scores.stride(1),
+            scores, position, cand_score, cand_page, scores.stride(0), scores.stride(1), position.stride(0),
             hkv, num_pages, k, *rules,
             CHUNK=chunk_pages, KEEP_BLOCK=triton.next_power_of_2(k), num_warps=min(8, max(1, chunk_pages // 256)),
         )
@@ -293,7 +319,7 @@ def top_pages(
     block = max(16, triton.next_power_of_2(entries))
     wrap_triton(_top_pages_kernel)[(b * hkv,)](
         scores, position, budget, cand_score, cand_page, indices, chosen,
-        scores.stride(0), scores.stride(1),
+        scores.stride(0), scores.stride(1), position.stride(0),
         hkv, num_pages, entries, k, *rules,
         BLOCK=block, FROM_CANDIDATES=chunks > 1, num_warps=min(16, max(1, block // 512)),
     )
