@@ -141,7 +141,7 @@ def test_top_pages_kernel_selects_the_reference_page_set(num_pages, budget_pages
     g = torch.Generator().manual_seed(num_pages)
     b, hkv, page = 3, 2, 16
     position = torch.tensor([num_pages * page - 1, num_pages * page // 2, 5 * page + 3]).to(DEVICE)
-    position = torch.stack([position - 1, position], dim=1)[:, -1]  # the newest row's column of (B, n), as the op passes it
+    position = torch.stack([position - 1, position], dim=1)[:, -1]  # a strided column of (B, n), as the op passes
     page_valid = (torch.arange(num_pages, device=DEVICE) <= (position // page)[:, None])
     page_valid[1, 1] = False  # an all-padding page
     page_valid[1, 0] = False  # ... which is also a sink
