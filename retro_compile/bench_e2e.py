@@ -69,7 +69,7 @@ KERNEL_KINDS = {  # substrings of kernel names, first match wins
 def build_model(shape: str, context: int, device: str, tp: int = 1):
     """The random model; with ``tp > 1`` (inside a process group) sharded over the group by
     transformers' ``tp_plan="auto"`` from a checkpoint that rank 0 saves once."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import DistributedConfig, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=context, tie_word_embeddings=False)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -89,8 +89,8 @@ def build_model(shape: str, context: int, device: str, tp: int = 1):
                 torch.cuda.empty_cache()
         dist.barrier()
         log.info("rank %d: loading its shard (tp_plan='auto')", dist.get_rank())
-        model = LlamaForCausalLM.from_pretrained(checkpoint, tp_plan="auto", dtype=dtype,
-                                                 max_position_embeddings=context).eval()
+        model = LlamaForCausalLM.from_pretrained(checkpoint, distributed_config=DistributedConfig(tp_plan="auto"),
+                                                 dtype=dtype, max_position_embeddings=context).eval()
     else:
         with torch.device(device):
             model = LlamaForCausalLM._from_config(config, dtype=dtype).eval()

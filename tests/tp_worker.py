@@ -13,13 +13,14 @@ import sys
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DistributedConfig
 
 from retro_compile import RetroConfig, retro_compile
 
 
 def load(model_dir: str) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto", dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, distributed_config=DistributedConfig(tp_plan="auto"),
+                                                 dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
     return model
 

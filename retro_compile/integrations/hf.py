@@ -194,7 +194,8 @@ def compiled_window_step(model: torch.nn.Module, sliding: SlidingLayers | None,
 
 
 def tp_size(model: torch.nn.Module) -> int:
-    """Processes the model's heads are sharded over (``from_pretrained(tp_plan=...)``); 1 unsharded."""
+    """Processes the model's heads are sharded over (transformers' tensor parallelism,
+    ``from_pretrained(distributed_config=DistributedConfig(tp_plan=...))``); 1 unsharded."""
     return getattr(model, "tp_size", None) or 1
 
 
