@@ -95,6 +95,35 @@ def test_retro_overwrites_past_kv_with_corrected_values():
     torch.testing.assert_close(after.layers[0].keys[:, :, 68], before.layers[0].keys[:, :, 68])
 
 
+def test_decode_steps_build_no_attention_mask_on_the_host():
+    """generate() builds attention masks for each request's prefill only: the decode steps build
+    theirs on the device, and the one transformers would build (after reading the cache position
+    back from the device) would go unused. Over requests of two batch sizes the tokens stay the
+    untouched model's."""
+    from transformers import AttentionMaskInterface
+
+    from retro_compile.integrations import hf
+
+    model = tiny_model("llama")
+    config = RetroConfig(mode="retro", budget=MAX_CONTEXT, page_size=8, dense_layers=1, max_context=MAX_CONTEXT)
+    compiled = compiled_copy(model, config)
+    built = []
+
+    def recording_mask(*args, **kwargs):
+        built.append((kwargs["batch_size"], kwargs["q_length"]))
+        return hf.retro_sdpa_mask(*args, **kwargs)
+
+    AttentionMaskInterface.register(hf.ATTENTION_NAME, recording_mask)
+    try:
+        for batch, prompt in ((2, 40), (1, 33)):
+            ids, mask = prompts(batch, prompt, pad=(0, 5)[:batch])
+            assert torch.equal(greedy(compiled, ids, mask, 10), greedy(model, ids, mask, 10))
+    finally:
+        AttentionMaskInterface.register(hf.ATTENTION_NAME, hf.retro_sdpa_mask)
+    assert {batch for batch, _ in built} == {2, 1}  # each request's prefill built its masks...
+    assert all(rows > 1 for _, rows in built), built  # ...and no decode step did
+
+
 def test_sampling_streamer_and_new_request_resets_state():
     from transformers.generation.streamers import BaseStreamer
 

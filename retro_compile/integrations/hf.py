@@ -606,8 +606,24 @@ def install(model: torch.nn.Module, config: RetroConfig, store: StateStore, pref
             return driver.forward(*args, **kwargs)
         return original_forward(*args, **kwargs)  # the model's own computation: scoring, losses, features
 
+    from transformers import masking_utils
+
+    original_masks = getattr(model, "create_masks_for_generate", masking_utils.create_masks_for_generate)
+
+    def create_masks_for_generate(*args: Any, **kwargs: Any) -> Any:
+        """generate()'s 4D attention masks, except for the driver's decode steps: those build their
+        masks on the device (:func:`window_step`) and would leave this one unused, after it read the
+        cache position back from the device (a synchronisation) and built a (B, 1, 1, L) mask."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        embeds = kwargs.get("inputs_embeds")
+        if driver.generating and cache is not None and cache is driver.cache and embeds is not None \
+                and embeds.shape[1] == 1:
+            return None
+        return original_masks(*args, **kwargs)
+
     model.forward = forward
     model.generate = generate
+    model.create_masks_for_generate = create_masks_for_generate  # generate() looks it up on the model
     model.generation_config.disable_compile = True  # the driver compiles; generate must not again
     return driver
 
