@@ -6,7 +6,8 @@ On a GPU a decode step is one CUDA graph replay, so what the host does between r
 (transformers' generate loop and the driver) adds to every token. This times that part alone on
 the CPU: a tiny random Llama is compiled by ``retro_compile``, then its decode step is replaced by
 one that returns fixed logits. It times requests with the driver's ``create_masks_for_generate``
-(no host-side mask for decode steps) and without it (transformers' own), alternately.
+(no host-side mask for decode steps) and without it (transformers' own), alternately, then counts
+the aten ops and device reads each issues per token.
 """
 
 from __future__ import annotations
@@ -66,6 +67,18 @@ def main() -> None:
     for variant, times in per_token.items():
         log.info("%s masks: %.3f ms per token (median of %d; %s)", variant, statistics.median(times), args.runs,
                  ", ".join(f"{t:.3f}" for t in times))
+    # What the host issues per token: on CUDA every aten op that computes is a launch, and every
+    # _local_scalar_dense (a tensor read as a Python number) waits for the device.
+    for variant in per_token:
+        if variant == "driver":
+            model.create_masks_for_generate = driver_masks
+        else:
+            del model.create_masks_for_generate
+        with torch.profiler.profile() as prof:
+            model.generate(**request, max_new_tokens=args.tokens + 1)
+        ops = [e.name for e in prof.events() if e.name.startswith("aten::")]
+        log.info("%s masks: %.1f aten ops and %.2f device reads per token", variant, len(ops) / args.tokens,
+                 ops.count("aten::_local_scalar_dense") / args.tokens)
 
 
 if __name__ == "__main__":
