@@ -569,6 +569,8 @@ def _prompt_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
 def install(model: torch.nn.Module, config: RetroConfig, store: StateStore, prefill: Callable, step: Callable,
             cuda_graphs: bool, sliding: SlidingLayers | None) -> DecodeWindowDriver:
     """Install the driver and a generate() that runs every request on the driver's static cache."""
+    from transformers import masking_utils
+
     driver = DecodeWindowDriver(model, config, store, prefill, step, cuda_graphs, sliding)
     original_generate, original_forward = model.generate, model.forward
     cache_arg = driver.cache_arg
@@ -605,8 +607,6 @@ def install(model: torch.nn.Module, config: RetroConfig, store: StateStore, pref
         if driver.generating or driver.serves(kwargs):
             return driver.forward(*args, **kwargs)
         return original_forward(*args, **kwargs)  # the model's own computation: scoring, losses, features
-
-    from transformers import masking_utils
 
     original_masks = getattr(model, "create_masks_for_generate", masking_utils.create_masks_for_generate)
 
