@@ -54,13 +54,17 @@ def main() -> None:
 
     hf.DecodeWindowDriver._decode = stub_step
     driver_masks = model.create_masks_for_generate
+
+    def use_masks(variant: str) -> None:
+        if variant == "driver":
+            model.create_masks_for_generate = driver_masks
+        elif "create_masks_for_generate" in vars(model):
+            del model.create_masks_for_generate  # transformers' own, from the class or its module
+
     per_token: dict[str, list[float]] = {"driver": [], "transformers": []}
     for _ in range(args.runs):
         for variant in per_token:
-            if variant == "driver":
-                model.create_masks_for_generate = driver_masks
-            else:
-                del model.create_masks_for_generate  # transformers' own, from the class or its module
+            use_masks(variant)
             start = time.perf_counter()
             model.generate(**request, max_new_tokens=args.tokens + 1)
             per_token[variant].append((time.perf_counter() - start) / args.tokens * 1e3)
@@ -70,10 +74,7 @@ def main() -> None:
     # What the host issues per token: on CUDA every aten op that computes is a launch, and every
     # _local_scalar_dense (a tensor read as a Python number) waits for the device.
     for variant in per_token:
-        if variant == "driver":
-            model.create_masks_for_generate = driver_masks
-        else:
-            del model.create_masks_for_generate
+        use_masks(variant)
         with torch.profiler.profile() as prof:
             model.generate(**request, max_new_tokens=args.tokens + 1)
         ops = [e.name for e in prof.events() if e.name.startswith("aten::")]

@@ -87,18 +87,20 @@ def retro_sdpa_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     """
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
+    causal_rows = (
+        not args and kwargs.get("q_length", 1) > 1 and kwargs.get("allow_is_causal_skip", True)
+        and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
+        and kwargs.get("local_size") is None and kwargs.get("kv_offset", 0) == 0
+    )
+    if not causal_rows:  # one row (a decode step) among them: never read q_offset, a device tensor
+        return sdpa_mask(*args, **kwargs)
     padding = kwargs.get("attention_mask")
     q_offset = kwargs.get("q_offset", 0)
     if _traced(q_offset):
         from_start = padding is None  # the driver's prefill (see above)
     else:
         from_start = int(q_offset) == 0 and (padding is None or (not _traced(padding) and bool(padding.all())))
-    plainly_causal = (
-        not args and from_start and kwargs.get("q_length", 1) > 1 and kwargs.get("allow_is_causal_skip", True)
-        and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
-        and kwargs.get("local_size") is None and kwargs.get("kv_offset", 0) == 0
-    )
-    return None if plainly_causal else sdpa_mask(*args, **kwargs)
+    return None if from_start else sdpa_mask(*args, **kwargs)
 
 
 def _traced(x: Any) -> bool:
@@ -410,9 +412,14 @@ class DecodeWindowDriver:
         for flag in ("output_attentions", "output_hidden_states"):
             if kwargs.get(flag):
                 raise NotImplementedError(f"retro_compile: {flag}=True is not supported while decoding")
-        if cache is not self.cache or input_ids.shape[1] > 1:
+        if not self.decodes(cache, input_ids.shape[1]):
             return self._prefill(input_ids, attention_mask, position_ids, cache, kwargs)
         return self._decode(input_ids)
+
+    def decodes(self, cache: Any, rows: int) -> bool:
+        """Whether a forward call of ``rows`` new tokens on ``cache`` is a decode step (one token on
+        the cache of the request in progress); any other call is a prefill."""
+        return cache is not None and cache is self.cache and rows == 1
 
     def _prefill(self, input_ids, attention_mask, position_ids, cache, kwargs):
         """Write the prompt into the cache and build the decode state, in chunks of at most
@@ -612,12 +619,11 @@ def install(model: torch.nn.Module, config: RetroConfig, store: StateStore, pref
 
     def create_masks_for_generate(*args: Any, **kwargs: Any) -> Any:
         """generate()'s 4D attention masks, except for the driver's decode steps: those build their
-        masks on the device (:func:`window_step`) and would leave this one unused, after it read the
-        cache position back from the device (a synchronisation) and built a (B, 1, 1, L) mask."""
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        embeds = kwargs.get("inputs_embeds")
-        if driver.generating and cache is not None and cache is driver.cache and embeds is not None \
-                and embeds.shape[1] == 1:
+        masks on the device (:func:`window_step`) and would leave a (B, 1, 1, L) one unused, built
+        with a few device ops per token (and, in transformers' ``sdpa_mask``, a look at the padding
+        mask on the host)."""
+        cache, embeds = kwargs.get("cache", kwargs.get("past_key_values")), kwargs.get("inputs_embeds")
+        if driver.generating and embeds is not None and driver.decodes(cache, embeds.shape[1]):
             return None
         return original_masks(*args, **kwargs)
 

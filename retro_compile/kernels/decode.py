@@ -33,6 +33,12 @@ from . import reference
 from .reference import SparseParams
 
 
+def _unit_last_stride(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors as the kernels index them (any strides but the last, which must be 1): a view
+    that already has it is passed as it is, not copied."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+
+
 @triton.jit
 def _summarize_pages_kernel(
     K, VALID, FIRST, KMAX, KMIN,
@@ -70,8 +76,7 @@ def summarize_pages(
     b, hkv, length, d = k.shape
     if kmax.stride(-1) != 1 or kmin.stride(-1) != 1 or kmax.stride() != kmin.stride():
         raise ValueError("kernels.decode.summarize_pages: kmax and kmin must share a layout with unit last stride")
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    valid = valid if valid.stride(-1) == 1 else valid.contiguous()
+    k, valid = _unit_last_stride(k, valid)
     wrap_triton(_summarize_pages_kernel)[(b, hkv, count)](
         k, valid, first_page.contiguous(), kmax, kmin,
         k.stride(0), k.stride(1), k.stride(2), valid.stride(0),
@@ -144,8 +149,7 @@ def page_scores(
     b, hq, d = q_row.shape
     hkv, num_pages = kmax.shape[1], kmax.shape[2]
     kmax, kmin = kmax.contiguous(), kmin.contiguous()
-    # The newest row of a (B, Hq, n, D) query is a strided view: read in place, not copied first.
-    q_row, valid = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_row, valid))
+    q_row, valid = _unit_last_stride(q_row, valid)  # q_row: a strided view of the query's newest row
     out = torch.empty(b, hkv, num_pages, dtype=torch.float32, device=q_row.device)
     block = min(block_pages, triton.next_power_of_2(num_pages))
     group = hq // hkv
@@ -542,7 +546,7 @@ def _attend(q, k, v, allowed, selection, out_cache, lse_cache, scale, page_size,
     """The split attention and merge launches of :func:`attend_window` (``selection``: indices,
     chosen, last, position) and :func:`dense_window` (``selection`` None: every one of
     ``num_pages`` pages, no output cache)."""
-    q, k, v, allowed = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, allowed))
+    q, k, v, allowed = _unit_last_stride(q, k, v, allowed)
     b, hq, n, d = q.shape
     hkv, length, dv = k.shape[1], k.shape[2], v.shape[3]
     group = hq // hkv
