@@ -123,12 +123,12 @@ def stage_inputs(state, params, inputs) -> SimpleNamespace:
 
     q, k, v, mask = inputs
     allowed, _ = ref.mask_to_allowed(mask, False, q.shape[0], q.shape[2], k.shape[2], q.device)
-    position = ref.query_positions(allowed)
+    position = decode.query_positions(allowed)
     valid, q_row = allowed[:, -1], q[:, :, -1].contiguous()
     scores = decode.page_scores(q_row, state.kmax, state.kmin, valid, params.page_size)
     indices, chosen = decode.top_pages(scores, position[:, -1], params)
     return SimpleNamespace(q=q, k=k, v=v, allowed=allowed, position=position, valid=valid, q_row=q_row,
-                           first_page=position[:, 0] // params.page_size, scores=scores, indices=indices,
+                           first_position=position[:, 0], scores=scores, indices=indices,
                            chosen=chosen, scale=q.shape[-1] ** -0.5)
 
 
@@ -143,8 +143,9 @@ def stage_times(state, params, inputs) -> dict[str, float]:
     x = stage_inputs(state, params, inputs)
     page = params.page_size
     return {
+        "stage_positions_us": graphed_us(lambda: decode.query_positions(x.allowed)),
         "stage_summarize_us": graphed_us(lambda: decode.summarize_pages(state.kmax, state.kmin, x.k, x.valid,
-                                                                        x.first_page, 2, page)),
+                                                                        x.first_position, 2, page)),
         "stage_scores_us": graphed_us(lambda: decode.page_scores(x.q_row, state.kmax, state.kmin, x.valid, page)),
         "stage_select_us": graphed_us(lambda: decode.top_pages(x.scores, x.position[:, -1], params)),
         "stage_select_torch_topk_us": graphed_us(lambda: ref.top_pages(x.scores, x.position[:, -1], params)),

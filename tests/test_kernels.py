@@ -36,6 +36,23 @@ def test_page_scores_kernel(dtype, q_heads, kv_heads, num_pages, block_pages, as
     assert (got[0, :, :11] > float("-inf")).all() and (got[0, :, 11:] == float("-inf")).all()
 
 
+@pytest.mark.parametrize("length,block", [(100, 4096), (1000, 64), (1000, 256)])
+def test_query_positions_kernel_is_the_last_allowed_key(length, block):
+    """Against a hand loop: the last True index of each row, -1 for a row that sees nothing; the
+    key in any block, the last block ragged; the rows a strided view of a (B, 1, n, L) mask."""
+    g = torch.Generator().manual_seed(length)
+    mask = torch.rand(3, 1, 4, length, generator=g) < 0.002
+    mask[0, 0, 0] = False
+    mask[0, 0, 1, :] = False
+    mask[0, 0, 1, 0] = True  # only the first key
+    mask[1, 0, 2, length - 1] = True  # the very last key
+    mask[2, 0, 3, min(block, length) - 1] = True  # the last key of the first block
+    allowed = mask[:, 0, 1:]  # the op's last rows of the mask
+    expected = torch.tensor([[max((j for j in range(length) if row[j]), default=-1) for row in rows.tolist()]
+                             for rows in allowed])
+    assert torch.equal(decode.query_positions(allowed.to(DEVICE), block=block).cpu(), expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("first,count", [([0, 0], 5), ([2, 3], 2), ([4, 1], 3)])
 def test_summarize_pages_kernel(dtype, first, count):
@@ -49,9 +66,11 @@ def test_summarize_pages_kernel(dtype, first, count):
     valid[1, 16:32] = False
     sentinel = torch.full((b, kv_heads, num_pages, d), 7.0, dtype=dtype)
     want = [sentinel.clone(), sentinel.clone()]
-    ref.summarize_pages(*want, k, valid, torch.tensor(first), count, page)
+    position = torch.tensor(first) * page + torch.tensor([3, page - 1])  # somewhere in each first page
+    ref.summarize_pages(*want, k, valid, position, count, page)
     got = [sentinel.clone().to(DEVICE), sentinel.clone().to(DEVICE)]
-    decode.summarize_pages(*got, k.to(DEVICE), valid.to(DEVICE), torch.tensor(first, device=DEVICE), count, page)
+    position = torch.stack([position, position + 1], dim=1).to(DEVICE)[:, 0]  # a strided column, as the op passes
+    decode.summarize_pages(*got, k.to(DEVICE), valid.to(DEVICE), position, count, page)
     for a, e in zip(got, want):
         torch.testing.assert_close(a.cpu(), e, atol=0, rtol=0)  # max and min are exact in any dtype
     full = ref.build_summaries(k, valid, page)
@@ -209,6 +228,39 @@ def test_top_pages_kernel_on_adjacent_floats(seed):
             indices, chosen = decode.top_pages(scores, position, params, chunk_pages)
             for i in range(b):
                 assert_a_top_k(indices[i], chosen[i], scores[i], budget, kept={own})
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # "wide": the guess's overflow
+@pytest.mark.parametrize("case", ["wide", "tiny", "equal", "kept_over_budget", "skewed"])
+@pytest.mark.parametrize("chunk_pages", [0, 32])
+def test_top_pages_kernel_on_extreme_score_ranges(case, chunk_pages):
+    """The threshold search brackets the finite scores and guesses inside them by interpolation:
+    scores spanning the whole float range (where the interpolation overflows), denormals around
+    zero, one repeated finite value, more always-kept pages than the budget, and a heavy tail
+    (where a linear guess lands far off). The chosen set is still a top-k of the budget."""
+    g = torch.Generator().manual_seed(7)
+    b, hkv, num_pages, page, budget = 2, 2, 160, 16, 24
+    base = torch.randn(b, hkv, num_pages, generator=g)
+    scores = {
+        "wide": base.sign() * torch.finfo(torch.float32).max * base.abs().clamp(max=1),
+        "tiny": base * 1e-42,  # denormals, both signs, and zeros
+        "equal": torch.full_like(base, 2.5),
+        "kept_over_budget": base,
+        "skewed": base.exp() ** 8,
+    }[case]
+    position = torch.tensor([num_pages * page - 1, 100 * page + 3], device=DEVICE)
+    page_valid = torch.arange(num_pages, device=DEVICE) <= (position // page)[:, None]
+    scores = scores_for(scores.to(DEVICE), page_valid)
+    sink = 30 if case == "kept_over_budget" else 1
+    params = ref.SparseParams(page, budget, 0.0, sink, 1, 1)
+    indices, chosen = decode.top_pages(scores, position, params, chunk_pages)
+    for i in range(b):
+        if case == "kept_over_budget":  # 31 always-kept pages for 24 slots: only kept pages are chosen
+            assert all(p < sink or p == int(position[i]) // page
+                       for h in range(hkv) for p in indices[i, h][chosen[i, h]].tolist())
+            assert chosen[i].sum(-1).tolist() == [budget] * hkv
+        else:
+            assert_a_top_k(indices[i], chosen[i], scores[i], budget, kept={0, int(position[i]) // page})
 
 
 def test_top_pages_kernel_slots_when_the_best_pages_come_first():

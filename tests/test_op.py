@@ -167,7 +167,7 @@ def test_pages_straddling_prompt_end_are_refreshed():
     state = allocate(StateShape(2, 4, 2, 16, 16, 12, 2, torch.float32, torch.device("cpu")))
     valid = problem.valid & (torch.arange(problem.length) <= 39)
     kmax, kmin = ref.build_summaries(problem.k, valid, 8)
-    ref.summarize_pages(state.kmax, state.kmin, problem.k, valid, torch.tensor([38, 38]) // 8, 2, 8)
+    ref.summarize_pages(state.kmax, state.kmin, problem.k, valid, torch.tensor([38, 38]), 2, 8)
     torch.testing.assert_close(state.kmax[:, :, 4], kmax[:, :, 4])
     torch.testing.assert_close(state.kmin[:, :, 4], kmin[:, :, 4])
     assert (state.kmax[:, :, :4] == 0).all(), "pages outside the written range were touched"

@@ -138,16 +138,19 @@ def summarize_pages(
     kmin: torch.Tensor,
     k: torch.Tensor,
     valid: torch.Tensor,
-    first_page: torch.Tensor,
+    first_position: torch.Tensor,
     count: int,
     page_size: int,
 ) -> None:
-    """Recompute, in place, the summaries of pages ``first_page[b] .. first_page[b] + count - 1``
-    (clamped to the last page) from those pages' keys alone, never the whole cache.
+    """Recompute, in place, the summaries of ``count`` pages from the one holding
+    ``first_position[b]`` on (clamped to the last page), from those pages' keys alone, never the
+    whole cache.
 
-    A decode step refreshes the pages its rows were written to; a prefill builds every page.
+    A decode step refreshes the pages its rows were written to (from its first row's position);
+    a prefill builds every page (from position 0).
     """
     _, heads, length, dim = k.shape
+    first_page = first_position // page_size
     pages = (first_page[:, None] + torch.arange(count, device=k.device)).clamp(max=kmax.shape[2] - 1)
     positions = (pages[:, :, None] * page_size + torch.arange(page_size, device=k.device)).flatten(1)  # (B, m*P)
     inside = positions < length
@@ -262,6 +265,7 @@ def merge(
 class Stages(NamedTuple):
     """The heavy stages of a step. kernels/decode.py has Triton versions with the same contracts."""
 
+    query_positions: Callable[..., torch.Tensor]
     summarize_pages: Callable[..., None]
     page_scores: Callable[..., torch.Tensor]
     top_pages: Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -270,7 +274,7 @@ class Stages(NamedTuple):
 
 def reference_stages() -> Stages:
     """This module's stage functions, looked up at call time (so tests can patch one)."""
-    return Stages(summarize_pages, page_scores, top_pages, attend_window)
+    return Stages(query_positions, summarize_pages, page_scores, top_pages, attend_window)
 
 
 def sdpa_row_by_row(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -428,12 +432,12 @@ def decode_step(
     batch, _, n, _ = q.shape
     length, page_size = k.shape[2], params.page_size
     allowed, bias = mask_to_allowed(attn_mask, is_causal, batch, n, length, q.device)
-    position = query_positions(allowed)  # (B, n)
+    position = stages.query_positions(allowed)  # (B, n)
     newest = position[:, -1]
     valid = allowed[:, -1]  # every key the newest row may see: written, not padding, <= newest
 
     touched = (n - 1) // page_size + 2  # pages a run of n positions can straddle
-    stages.summarize_pages(state.kmax, state.kmin, k, valid, position[:, 0] // page_size, touched, page_size)
+    stages.summarize_pages(state.kmax, state.kmin, k, valid, position[:, 0], touched, page_size)
     scores = stages.page_scores(q[:, :, -1], state.kmax, state.kmin, valid, page_size)
     indices, chosen = stages.top_pages(scores, newest, params)
     return stages.attend_window(q, k, v, allowed, bias, indices, chosen, state, position,
