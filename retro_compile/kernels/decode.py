@@ -225,7 +225,7 @@ def _float_to_key(x):
     return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + (1 << 31)
 
 
-INTERPOLATED_ROUNDS: tl.constexpr = 8  # the threshold search's first rounds guess by interpolation, then it bisects
+INTERPOLATED_ROUNDS = tl.constexpr(8)  # the threshold search's first rounds guess by interpolation, then it bisects
 
 
 @triton.jit
