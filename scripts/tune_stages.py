@@ -2,8 +2,7 @@
 
     python scripts/tune_stages.py --out tune_stages.json
 
-For each (batch, context) of the op benchmark's target shapes: the query positions (compiled
-PyTorch, and the kernel over its block of keys and warps); page scoring over (block_pages,
+For each (batch, context) of the op benchmark's target shapes: page scoring over (block_pages,
 num_warps), elementwise and as matrix products; the selection over chunk_pages (0: one stage);
 the attention + merge over pages_per_split (None: the default). Device time per call from a CUDA
 graph of 20 calls, as ``python -m retro_compile.bench op`` times its stages.
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from retro_compile.bench import graph_us, measure, op_case, stage_inputs
-from retro_compile.kernels import decode, reference
+from retro_compile.kernels import decode
 
 log = logging.getLogger("tune_stages")
 
@@ -34,12 +33,9 @@ def tune(batch: int, context: int) -> dict:
         measure(row, key, lambda: round(graph_us(fn, (), compile=False), 2))
         log.info("B=%d %dK %s: %s", batch, context // 1024, key, row.get(key))
 
-    measure(row, "positions_inductor", lambda: round(graph_us(reference.query_positions, (x.allowed,)), 2))
-    for block, warps in ((1024, 4), (2048, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)):
-        timed(f"positions_block{block}_warps{warps}", lambda: decode.query_positions(x.allowed, block, warps))
     for block, warps in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8), (256, 16)):
         timed(f"scores_block{block}_warps{warps}", lambda: decode.page_scores(
-            x.q_row, state.kmax, state.kmin, x.valid, page, block_pages=block, num_warps=warps))
+            x.q_row, state.kmax, state.kmin, x.valid, page, block_pages=block, num_warps=warps, as_products=False))
     for block, warps in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)):
         timed(f"scores_products_block{block}_warps{warps}", lambda: decode.page_scores(
             x.q_row, state.kmax, state.kmin, x.valid, page, block_pages=block, num_warps=warps, as_products=True))

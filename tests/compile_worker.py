@@ -44,7 +44,6 @@ def record_launches() -> list[tuple]:
         state = ref.LayerState(torch.zeros(b, hkv, pages, d, dtype=dtype), torch.zeros(b, hkv, pages, d, dtype=dtype),
                                torch.zeros(b, hkv, pages, dtype=torch.int32), torch.zeros(b, hq, n - 1, d),
                                torch.zeros(b, hq, n - 1))
-        decode.query_positions(allowed)
         decode.summarize_pages(state.kmax, state.kmin, k, allowed[:, -1], position[:, 0], 2, page)
         for as_products in (False, True):
             decode.page_scores(q[:, :, -1], state.kmax, state.kmin, allowed[:, -1], page, as_products=as_products)

@@ -41,23 +41,6 @@ def test_page_scores_kernel(dtype, q_heads, kv_heads, num_pages, block_pages, as
     assert (got[0, :, :11] > float("-inf")).all() and (got[0, :, 11:] == float("-inf")).all()
 
 
-@pytest.mark.parametrize("length,block", [(100, 4096), (1000, 64), (1000, 256)])
-def test_query_positions_kernel_is_the_last_allowed_key(length, block):
-    """Against a hand loop: the last True index of each row, -1 for a row that sees nothing; the
-    key in any block, the last block ragged; the rows a strided view of a (B, 1, n, L) mask."""
-    g = torch.Generator().manual_seed(length)
-    mask = torch.rand(3, 1, 4, length, generator=g) < 0.002
-    mask[0, 0, 0] = False
-    mask[0, 0, 1, :] = False
-    mask[0, 0, 1, 0] = True  # only the first key
-    mask[1, 0, 2, length - 1] = True  # the very last key
-    mask[2, 0, 3, min(block, length) - 1] = True  # the last key of the first block
-    allowed = mask[:, 0, 1:]  # the op's last rows of the mask
-    expected = torch.tensor([[max((j for j in range(length) if row[j]), default=-1) for row in rows.tolist()]
-                             for rows in allowed])
-    assert torch.equal(decode.query_positions(allowed.to(DEVICE), block=block).cpu(), expected)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("first,count", [([0, 0], 5), ([2, 3], 2), ([4, 1], 3)])
 def test_summarize_pages_kernel(dtype, first, count):

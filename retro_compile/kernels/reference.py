@@ -265,7 +265,6 @@ def merge(
 class Stages(NamedTuple):
     """The heavy stages of a step. kernels/decode.py has Triton versions with the same contracts."""
 
-    query_positions: Callable[..., torch.Tensor]
     summarize_pages: Callable[..., None]
     page_scores: Callable[..., torch.Tensor]
     top_pages: Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -274,7 +273,7 @@ class Stages(NamedTuple):
 
 def reference_stages() -> Stages:
     """This module's stage functions, looked up at call time (so tests can patch one)."""
-    return Stages(query_positions, summarize_pages, page_scores, top_pages, attend_window)
+    return Stages(summarize_pages, page_scores, top_pages, attend_window)
 
 
 def sdpa_row_by_row(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -432,7 +431,7 @@ def decode_step(
     batch, _, n, _ = q.shape
     length, page_size = k.shape[2], params.page_size
     allowed, bias = mask_to_allowed(attn_mask, is_causal, batch, n, length, q.device)
-    position = stages.query_positions(allowed)  # (B, n)
+    position = query_positions(allowed)  # (B, n)
     newest = position[:, -1]
     valid = allowed[:, -1]  # every key the newest row may see: written, not padding, <= newest
 
