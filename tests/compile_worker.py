@@ -1,12 +1,17 @@
-"""Compile every launch of kernels/decode.py for an H100/H200 (sm_90) with Triton's own compiler, no GPU needed.
+"""Check every launch of kernels/decode.py as a GPU build would see it, on a machine without one.
 
     python tests/compile_worker.py   # run by tests/test_kernels.py::test_kernels_compile_for_sm90
 
-The interpreter (TRITON_INTERPRET=1) runs a kernel as Python, and accepts code that Triton's
-compiler rejects (a global that is not a ``tl.constexpr``, a type its front end cannot unify).
-Here the wrappers run on small CPU tensors with their launches recorded instead of run; each
-recorded launch, with the same argument types, constexprs and warps, is then compiled down to a
-cubin. It must run without TRITON_INTERPRET, which makes ``@triton.jit`` build interpreted functions.
+1. Triton's own compiler takes each launch down to an sm_90 (H100/H200) cubin. The interpreter
+   (TRITON_INTERPRET=1) runs a kernel as Python and accepts code the compiler rejects (a global
+   that is not a ``tl.constexpr``, a type its front end cannot unify).
+2. Inductor's analysis of which tensors a kernel writes finds exactly the kernel's outputs
+   (:data:`WRITES`). Inductor copies any input it believes written before the launch, so a
+   helper that made an input look written costs a copy kernel in every compiled step.
+
+The wrappers run on small CPU tensors with their launches recorded instead of run; each recorded
+launch keeps its argument types, constexprs and warps. It must run without TRITON_INTERPRET,
+which makes ``@triton.jit`` build interpreted functions.
 """
 
 from __future__ import annotations
@@ -16,6 +21,19 @@ import sys
 
 import torch
 
+WRITES = {  # what each kernel is meant to write
+    "_summarize_pages_kernel": {"KMAX", "KMIN"},
+    "_page_scores_kernel": {"OUT"},
+    "_page_candidates_kernel": {"CAND_SCORE", "CAND_PAGE"},
+    "_top_pages_kernel": {"IDX", "CHOSEN"},
+    "_window_attention_kernel": {"LAST", "OUT", "LSE"},
+    "_merge_window_kernel": {"OUT_CACHE", "LSE_CACHE", "OUT"},
+}
+DENSE_WRITES = {  # dense_window's launches: no pages to stamp in `last`, no output cache to move on
+    "_window_attention_kernel": {"OUT", "LSE"},
+    "_merge_window_kernel": {"OUT"},
+}
+TARGET = ("cuda", 90, 32)  # backend, compute capability, warp size: an H100/H200
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32",
          torch.bool: "i1"}
 
@@ -57,6 +75,23 @@ def record_launches() -> list[tuple]:
     return launches
 
 
+def written_tensors(kernel, arguments: dict) -> set[str]:
+    """The arguments Inductor's analysis (the one behind ``wrap_triton``) finds the kernel writes."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    class Target:  # what the analysis asks of the active driver, on a machine with none
+        def get_current_target(self):
+            return GPUTarget(*TARGET)
+
+    triton.runtime.driver.set_active(Target())
+    analyze = getattr(triton_kernel_wrap, "identify_accessed_tensors", None)
+    if analyze is None:  # before torch 2.12: a list of the written names
+        return set(triton_kernel_wrap.identify_mutated_tensors(kernel, dict(arguments), {}))
+    return {dep.name for dep in analyze(kernel, dict(arguments), {}).read_writes.writes}
+
+
 def compile_launch(kernel, arguments: dict, options: dict) -> None:
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
@@ -73,7 +108,7 @@ def compile_launch(kernel, arguments: dict, options: dict) -> None:
             signature[param.name] = "fp32"
         else:
             signature[param.name] = "i64" if abs(int(value)) >= 2**31 else "i32"
-    triton_compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
+    triton_compile(ASTSource(kernel, signature, constexprs), target=GPUTarget(*TARGET), options=options)
 
 
 def main() -> int:
@@ -82,12 +117,17 @@ def main() -> int:
     failures = 0
     launches = record_launches()
     for kernel, arguments, options in launches:
-        try:
+        try:  # every failing launch is reported, not only the first
             compile_launch(kernel, arguments, options)
-        except Exception as error:  # every failing launch is reported, not only the first
+            dense = arguments.get("DENSE") or arguments.get("CACHE") == 0
+            expected = (DENSE_WRITES if dense else WRITES)[kernel.__name__]
+            written = written_tensors(kernel, arguments)
+            if written != expected:
+                raise AssertionError(f"Inductor finds it writes {sorted(written)}, not {sorted(expected)}")
+        except Exception as error:
             failures += 1
             print(f"{kernel.__name__}: {type(error).__name__}: {error}", file=sys.stderr)
-    print(f"{len(launches) - failures} of {len(launches)} launches compiled for sm_90")
+    print(f"{len(launches) - failures} of {len(launches)} launches compiled for sm_90 and write what they should")
     return 1 if failures else 0
 
 

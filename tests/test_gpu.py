@@ -82,9 +82,16 @@ def test_generate_small_budget_runs_on_cuda():
 @pytest.mark.parametrize("window", [1, 2, 4])
 def test_kernels_match_reference_bf16_realistic(batch, context, kv_heads, window, monkeypatch):
     """The op with the Triton stages against the op with the reference stages, on the GPU in bf16:
-    32 query heads (GQA 4 and 8), head dim 128, page 16, budgets below and above the context."""
+    32 query heads (GQA 4 and 8), head dim 128, page 16, budgets below and above the context.
+
+    Both score pages with the kernel: its sums run in another order than the reference's, so a
+    near-tie at the budget's edge may pick another page, and the selection, ``last`` and the
+    outputs would differ where neither is wrong. The scores themselves are checked against the
+    reference by ``test_page_scores_as_products_match_the_reference_bf16``."""
     from retro_compile.bench import causal_mask
+    from retro_compile.kernels import decode as kernels
     from retro_compile.kernels import op
+    from retro_compile.kernels import reference
     from retro_compile.kernels.op import retro_attention
     from retro_compile.kernels.reference import SparseParams
     from retro_compile.state import StateShape, allocate
@@ -95,11 +102,12 @@ def test_kernels_match_reference_bf16_realistic(batch, context, kv_heads, window
     q = torch.randn(batch, 32, window + 1, 128, **kw)
     prefill = causal_mask(torch.arange(context - 2 * window - 1, context - window, device="cuda"), batch, context)
     decode = causal_mask(torch.arange(context - window, context, device="cuda"), batch, context)
+    monkeypatch.setattr(reference, "page_scores", kernels.page_scores)  # the reference stages look it up per call
     for budget in (2048, 2 * context):
         params = SparseParams(16, min(budget, context) // 16, 0.0, 0, 1, window)
         outs = []
-        for kernels in (True, False):
-            monkeypatch.setattr(op, "use_kernels", lambda *a, _k=kernels: _k)
+        for use_kernels in (True, False):
+            monkeypatch.setattr(op, "use_kernels", lambda *a, _k=use_kernels: _k)
             state = allocate(StateShape.of_call(q, k, v, context // 16, window))
             retro_attention(q, k, v, prefill, state, params)
             outs.append((retro_attention(q[:, :, 1:], k, v, decode, state, params).float(), state))

@@ -184,16 +184,19 @@ def _key_to_float(key):
     return (signed ^ ((signed >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
 
 
+# The kernels' @triton.jit helpers take values, never pointers: Inductor's analysis of which
+# tensors a kernel writes counts a pointer passed to a helper as written, and then copies it
+# before the launch (two small copy kernels a step, measured on an H200).
+
+
 @triton.jit
-def _ranked_scores(SCORES, POS, b, h, pages, stride_sb, stride_sh, stride_pos, num_pages, page_size, sink_pages,
-                   local_pages):
-    """Scores as the selection ranks them: always-kept pages +inf (unless -inf: no valid position),
-    pages past ``num_pages`` NaN (padding, which no comparison counts)."""
-    inside = pages < num_pages
-    score = tl.load(SCORES + b * stride_sb + h * stride_sh + pages, mask=inside, other=float("-inf"))
-    own = tl.load(POS + b * stride_pos) // page_size
+def _ranked_scores(score, pages, num_pages, position, page_size, sink_pages, local_pages):
+    """Scores (loaded with -inf past ``num_pages``) as the selection ranks them: always-kept pages
+    +inf (unless -inf: no valid position), pages past ``num_pages`` NaN (padding, which no
+    comparison counts). ``position`` is the query's."""
+    own = position // page_size
     keep = (pages < sink_pages) | ((pages <= own) & (pages > own - local_pages))
-    return tl.where(inside, tl.where(keep & (score > float("-inf")), float("inf"), score), float("nan"))
+    return tl.where(pages < num_pages, tl.where(keep & (score > float("-inf")), float("inf"), score), float("nan"))
 
 
 @triton.jit
@@ -268,8 +271,8 @@ def _page_candidates_kernel(
     row, chunk = tl.program_id(0), tl.program_id(1)
     b, h = row // kv_heads, row % kv_heads
     pages = chunk * CHUNK + tl.arange(0, CHUNK)
-    ranked = _ranked_scores(SCORES, POS, b, h, pages, stride_sb, stride_sh, stride_pos, num_pages, page_size,
-                            sink_pages, local_pages)
+    score = tl.load(SCORES + b * stride_sb + h * stride_sh + pages, mask=pages < num_pages, other=float("-inf"))
+    ranked = _ranked_scores(score, pages, num_pages, tl.load(POS + b * stride_pos), page_size, sink_pages, local_pages)
     take = _top_mask(ranked, keep)
     slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
     base = (row * tl.num_programs(1) + chunk) * keep
@@ -300,8 +303,9 @@ def _top_pages_kernel(
         pages = tl.load(CAND_PAGE + row * num_candidates + at, mask=inside, other=-1)
     else:
         pages = at
-        ranked = _ranked_scores(SCORES, POS, b, h, pages, stride_sb, stride_sh, stride_pos, num_pages, page_size,
-                                sink_pages, local_pages)
+        score = tl.load(SCORES + b * stride_sb + h * stride_sh + pages, mask=pages < num_pages, other=float("-inf"))
+        ranked = _ranked_scores(score, pages, num_pages, tl.load(POS + b * stride_pos), page_size, sink_pages,
+                                local_pages)
     budget = K if FIXED_BUDGET else tl.load(BUDGET + b)
     take = _top_mask(ranked, budget)
     # Taken pages fill slots 0..budget-1 in page order; the rest follow, so all K slots hold
@@ -376,11 +380,10 @@ def top_pages(
 
 
 @triton.jit
-def _selected_pages(INDICES, CHOSEN, offset, slot, end):
-    """The pages in slots ``slot`` of a (batch row, KV head)'s list; -1 for unchosen slots and past ``end``."""
-    index = tl.load(INDICES + offset + slot, mask=slot < end, other=-1)
-    chosen = tl.load(CHOSEN + offset + slot, mask=slot < end, other=0) != 0
-    return tl.where(chosen, index, -1).to(tl.int32)
+def _selected_pages(index, chosen):
+    """The pages of a (batch row, KV head)'s list slots: -1 for unchosen ones (and slots loaded past
+    the list's end with index -1 or chosen 0)."""
+    return tl.where(chosen != 0, index, -1).to(tl.int32)
 
 
 @triton.jit
@@ -413,6 +416,7 @@ def _window_attention_kernel(
     l = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((ROWS, DV), tl.float32)
     first = split * pages_per_split
+    selection = b * stride_pb + hkv * stride_ph  # this (batch row, KV head)'s list of selected pages
     end = tl.minimum(first + pages_per_split, num_selected)
     within = tl.arange(0, P)
     for j in range(first, end, TILE):  # TILE pages per iteration
@@ -420,7 +424,8 @@ def _window_attention_kernel(
         if DENSE:  # every page of the cache, no selection
             page = tl.where(slot < end, slot, -1)
         else:
-            page = _selected_pages(INDICES, CHOSEN, b * stride_pb + hkv * stride_ph, slot, end)
+            page = _selected_pages(tl.load(INDICES + selection + slot, mask=slot < end, other=-1),
+                                   tl.load(CHOSEN + selection + slot, mask=slot < end, other=0))
         # Key offsets as (page, offset in page), so loads of the byte mask below see runs of P
         # contiguous bytes (as one flat vector they looked like single bytes: too small for the
         # asynchronous copies Triton pipelines loads into).
@@ -460,7 +465,9 @@ def _window_attention_kernel(
         tl.debug_barrier()
         newest_position = tl.load(POS + b * N + N - 1).to(tl.int32)
         for j in range(first, end, TILE):
-            page = _selected_pages(INDICES, CHOSEN, b * stride_pb + hkv * stride_ph, j + tl.arange(0, TILE), end)
+            slot = j + tl.arange(0, TILE)
+            page = _selected_pages(tl.load(INDICES + selection + slot, mask=slot < end, other=-1),
+                                   tl.load(CHOSEN + selection + slot, mask=slot < end, other=0))
             tl.store(LAST + b * stride_lb + hkv * stride_lh + page, newest_position, mask=page >= 0)
 
 
