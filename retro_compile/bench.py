@@ -147,6 +147,8 @@ def stage_times(state, params, inputs) -> dict[str, float]:
         "stage_summarize_us": graphed_us(lambda: decode.summarize_pages(state.kmax, state.kmin, x.k, x.valid,
                                                                         x.first_position, 2, page)),
         "stage_scores_us": graphed_us(lambda: decode.page_scores(x.q_row, state.kmax, state.kmin, x.valid, page)),
+        "stage_scores_refresh_us": graphed_us(lambda: decode.page_scores(  # a step's: the summary refresh fused
+            x.q_row, state.kmax, state.kmin, x.valid, page, refresh=ref.PageRefresh(x.k, x.first_position, 2))),
         "stage_select_us": graphed_us(lambda: decode.top_pages(x.scores, x.position[:, -1], params)),
         "stage_select_torch_topk_us": graphed_us(lambda: ref.top_pages(x.scores, x.position[:, -1], params)),
         "stage_attend_us": graphed_us(lambda: decode.attend_window(x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen,

@@ -3,7 +3,8 @@
     python scripts/tune_stages.py --out tune_stages.json
 
 For each (batch, context) of the op benchmark's target shapes: page scoring over (block_pages,
-num_warps), elementwise and as matrix products; the selection over chunk_pages (0: one stage);
+num_warps), elementwise and as matrix products, and a step's summary refresh as its own launch
+or inside scoring; the selection over chunk_pages (0: one stage);
 the attention + merge over pages_per_split (None: the default). Device time per call from a CUDA
 graph of 20 calls, as ``python -m retro_compile.bench op`` times its stages.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from retro_compile.bench import graph_us, measure, op_case, stage_inputs
-from retro_compile.kernels import decode
+from retro_compile.kernels import decode, reference
 
 log = logging.getLogger("tune_stages")
 
@@ -39,6 +40,11 @@ def tune(batch: int, context: int) -> dict:
     for block, warps in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)):
         timed(f"scores_products_block{block}_warps{warps}", lambda: decode.page_scores(
             x.q_row, state.kmax, state.kmin, x.valid, page, block_pages=block, num_warps=warps, as_products=True))
+    timed("summarize_then_scores", lambda: (
+        decode.summarize_pages(state.kmax, state.kmin, x.k, x.valid, x.first_position, 2, page),
+        decode.page_scores(x.q_row, state.kmax, state.kmin, x.valid, page)))
+    timed("scores_with_refresh", lambda: decode.page_scores(
+        x.q_row, state.kmax, state.kmin, x.valid, page, refresh=reference.PageRefresh(x.k, x.first_position, 2)))
     for chunk in (0, 256, 512, 1024, 2048):
         timed(f"select_chunk{chunk}", lambda: decode.top_pages(x.scores, x.position[:, -1], params, chunk))
     timed("select_default", lambda: decode.top_pages(x.scores, x.position[:, -1], params))

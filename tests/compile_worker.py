@@ -23,16 +23,24 @@ import torch
 
 WRITES = {  # what each kernel is meant to write
     "_summarize_pages_kernel": {"KMAX", "KMIN"},
-    "_page_scores_kernel": {"OUT"},
+    "_page_scores_kernel": {"OUT", "KMAX", "KMIN"},  # the summaries only with REFRESH pages
     "_page_candidates_kernel": {"CAND_SCORE", "CAND_PAGE"},
     "_top_pages_kernel": {"IDX", "CHOSEN"},
-    "_window_attention_kernel": {"LAST", "OUT", "LSE"},
-    "_merge_window_kernel": {"OUT_CACHE", "LSE_CACHE", "OUT"},
+    "_window_attention_kernel": {"LAST", "OUT", "LSE"},  # `last` only for selected pages (not DENSE)
+    "_merge_window_kernel": {"OUT_CACHE", "LSE_CACHE", "OUT"},  # the output cache only if it has rows
 }
-DENSE_WRITES = {  # dense_window's launches: no pages to stamp in `last`, no output cache to move on
-    "_window_attention_kernel": {"OUT", "LSE"},
-    "_merge_window_kernel": {"OUT"},
-}
+
+
+def expected_writes(kernel_name: str, arguments: dict) -> set[str]:
+    """:data:`WRITES`, less what this launch's constexprs leave out."""
+    writes = set(WRITES[kernel_name])
+    if arguments.get("REFRESH") == 0:
+        writes -= {"KMAX", "KMIN"}
+    if arguments.get("DENSE"):
+        writes -= {"LAST"}
+    if arguments.get("CACHE") == 0:
+        writes -= {"OUT_CACHE", "LSE_CACHE"}
+    return writes
 TARGET = ("cuda", 90, 32)  # backend, compute capability, warp size: an H100/H200
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32",
          torch.bool: "i1"}
@@ -64,7 +72,9 @@ def record_launches() -> list[tuple]:
                                torch.zeros(b, hq, n - 1))
         decode.summarize_pages(state.kmax, state.kmin, k, allowed[:, -1], position[:, 0], 2, page)
         for as_products in (False, True):
-            decode.page_scores(q[:, :, -1], state.kmax, state.kmin, allowed[:, -1], page, as_products=as_products)
+            for refresh in (None, ref.PageRefresh(k, position[:, 0], 2)):
+                decode.page_scores(q[:, :, -1], state.kmax, state.kmin, allowed[:, -1], page, as_products=as_products,
+                                   refresh=refresh)
         scores = torch.zeros(b, hkv, pages)
         for fraction, chunk in ((0.0, 0), (0.0, 1024), (0.5, 0)):
             params = ref.SparseParams(page, 128, fraction, 1, 1, n)
@@ -119,8 +129,7 @@ def main() -> int:
     for kernel, arguments, options in launches:
         try:  # every failing launch is reported, not only the first
             compile_launch(kernel, arguments, options)
-            dense = arguments.get("DENSE") or arguments.get("CACHE") == 0
-            expected = (DENSE_WRITES if dense else WRITES)[kernel.__name__]
+            expected = expected_writes(kernel.__name__, arguments)
             written = written_tensors(kernel, arguments)
             if written != expected:
                 raise AssertionError(f"Inductor finds it writes {sorted(written)}, not {sorted(expected)}")

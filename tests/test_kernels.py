@@ -42,6 +42,39 @@ def test_page_scores_kernel(dtype, q_heads, kv_heads, num_pages, block_pages, as
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("as_products", [False, True])
+@pytest.mark.parametrize("first,count", [([3, 1], 2), ([4, 4], 2), ([0, 2], 3)])
+def test_page_scores_kernel_refreshes_the_written_pages(dtype, as_products, first, count):
+    """Scoring with a refresh: the named pages' summaries are rebuilt in place from the keys (a
+    pair that straddles two blocks of 4 pages, one clamped at the last page, a range holding an
+    all-padding page) and scored from the new rows; every other page is left as it was. Against
+    the reference's refresh then score, on the same stale tables."""
+    g = torch.Generator().manual_seed(sum(first) + count)
+    b, hq, hkv, length, d, page = 2, 4, 2, 75, 16, 16
+    num_pages = -(-length // page)  # 5, the last one ragged
+    k = torch.randn(b, hkv, length, d, generator=g).to(dtype)
+    valid = torch.rand(b, length, generator=g) > 0.2
+    valid[1, 16:32] = False  # page 1 of row 1: all padding
+    q = torch.randn(b, hq, d, generator=g).to(dtype)
+    stale = [(torch.randn(b, hkv, num_pages, d, generator=g) + shift).to(dtype) for shift in (1, -1)]
+    position = torch.tensor(first) * page + 2
+    want_tables = [t.clone() for t in stale]
+    want = ref.page_scores(q, *want_tables, valid, page, refresh=ref.PageRefresh(k, position, count))
+    got_tables = [t.clone().to(DEVICE) for t in stale]
+    refresh = ref.PageRefresh(k.to(DEVICE), position.to(DEVICE), count)
+    got = decode.page_scores(q.to(DEVICE), *got_tables, valid.to(DEVICE), page, block_pages=4, as_products=as_products,
+                             refresh=refresh)
+    for table, expected in zip(got_tables, want_tables):
+        torch.testing.assert_close(table.cpu(), expected, atol=0, rtol=0)  # max and min are exact in any dtype
+    torch.testing.assert_close(got.cpu(), want, atol=TOL[dtype], rtol=TOL[dtype])
+    touched = [{min(first[row] + t, num_pages - 1) for t in range(count)} for row in range(b)]
+    for row in range(b):
+        for p in range(num_pages):
+            if p not in touched[row]:
+                assert torch.equal(got_tables[0][row, :, p].cpu(), stale[0][row, :, p]), (row, p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("first,count", [([0, 0], 5), ([2, 3], 2), ([4, 1], 3)])
 def test_summarize_pages_kernel(dtype, first, count):
     """In-place page summaries: a ragged last page, padding, an all-padding page, ranges that run

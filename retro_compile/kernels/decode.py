@@ -1,8 +1,9 @@
 """Triton kernels for the heavy stages of a decode step (docs/algorithm.md, section 7).
 
-* :func:`summarize_pages`: page key max/min, in place, for the pages a step wrote (or all, after a prefill).
+* :func:`summarize_pages`: page key max/min, in place, for every page after a prefill (or any range).
 * :func:`page_scores`: Quest's page bound, reading each page summary once, GQA group max fused;
-  pages with no valid position score -inf.
+  pages with no valid position score -inf. A decode step's written pages are summarized anew
+  inside it, by the programs that score them, so the refresh needs no launch of its own.
 * :func:`top_pages`: the page selection without a sort: a search for the budget-th largest
   score, then the chosen pages; at small batch split over chunks of pages, then one pass per row.
 * :func:`attend_window`: split-KV sparse attention and the state update, in two kernels. The
@@ -41,6 +42,22 @@ def _unit_last_stride(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
 
 
+def _check_summary_layout(kmax: torch.Tensor, kmin: torch.Tensor, caller: str) -> None:
+    """Summaries written in place are indexed with kmax's strides for both tables."""
+    if kmax.stride(-1) != 1 or kmin.stride(-1) != 1 or kmax.stride() != kmin.stride():
+        raise ValueError(f"kernels.decode.{caller}: kmax and kmin must share a layout with unit last stride")
+
+
+@triton.jit
+def _page_summary(x, ok):
+    """Max and min rows (fp32) of a page's keys ``x`` (P, D) over its valid rows ``ok`` (P,); a
+    page with no valid key summarizes to zeros."""
+    written = tl.max(ok.to(tl.int32), axis=0) > 0
+    kmax = tl.where(written, tl.max(tl.where(ok[:, None], x, float("-inf")), axis=0), 0.0)
+    kmin = tl.where(written, tl.min(tl.where(ok[:, None], x, float("inf")), axis=0), 0.0)
+    return kmax, kmin
+
+
 @triton.jit
 def _summarize_pages_kernel(
     K, VALID, FIRST, KMAX, KMIN,
@@ -56,9 +73,7 @@ def _summarize_pages_kernel(
     ok = (keys < length) & (tl.load(VALID + b * stride_vb + keys, mask=keys < length, other=0) != 0)
     x = tl.load(K + b * stride_kb + h * stride_kh + keys[:, None] * stride_kl + dims[None, :],
                 mask=ok[:, None], other=0.0).to(tl.float32)
-    written = tl.max(ok.to(tl.int32), axis=0) > 0  # a page with no valid key summarizes to zeros
-    kmax = tl.where(written, tl.max(tl.where(ok[:, None], x, float("-inf")), axis=0), 0.0)
-    kmin = tl.where(written, tl.min(tl.where(ok[:, None], x, float("inf")), axis=0), 0.0)
+    kmax, kmin = _page_summary(x, ok)
     offs = b * stride_sb + h * stride_sh + page * stride_sp + dims
     tl.store(KMAX + offs, kmax.to(KMAX.dtype.element_ty))
     tl.store(KMIN + offs, kmin.to(KMIN.dtype.element_ty))
@@ -77,8 +92,7 @@ def summarize_pages(
     page's keys once and writes its max and min rows in place. ``first_position`` (B,) may be a
     strided view (the first row's column of the positions), read as it is."""
     b, hkv, length, d = k.shape
-    if kmax.stride(-1) != 1 or kmin.stride(-1) != 1 or kmax.stride() != kmin.stride():
-        raise ValueError("kernels.decode.summarize_pages: kmax and kmin must share a layout with unit last stride")
+    _check_summary_layout(kmax, kmin, "summarize_pages")
     k, valid = _unit_last_stride(k, valid)
     wrap_triton(_summarize_pages_kernel)[(b, hkv, count)](
         k, valid, first_position, kmax, kmin,
@@ -90,26 +104,46 @@ def summarize_pages(
 
 @triton.jit
 def _page_scores_kernel(
-    Q, KMAX, KMIN, VALID, OUT,
+    Q, KMAX, KMIN, VALID, OUT, K, FIRST,
     stride_qb, stride_qh,
     stride_sb, stride_sh, stride_sp,
     stride_vb,
     stride_ob, stride_oh,
+    stride_kb, stride_kh, stride_kl, stride_first,
     num_pages, length,
     G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr,
-    DOT: tl.constexpr, HEADS: tl.constexpr, PRECISION: tl.constexpr,
+    DOT: tl.constexpr, HEADS: tl.constexpr, PRECISION: tl.constexpr, REFRESH: tl.constexpr,
 ):
     b, hkv, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pages = block * BLOCK_P + tl.arange(0, BLOCK_P)
     dims = tl.arange(0, D)
     ok = pages < num_pages
     offs = b * stride_sb + hkv * stride_sh + pages[:, None] * stride_sp + dims[None, :]
+    kmax = tl.load(KMAX + offs, mask=ok[:, None], other=0.0)
+    kmin = tl.load(KMIN + offs, mask=ok[:, None], other=0.0)
+    # The REFRESH pages from the one holding FIRST[b] (a step's written pages) are summarized
+    # anew by the program whose block holds them, stored, and scored from the new rows.
+    for t in tl.static_range(REFRESH):
+        page = tl.minimum(tl.load(FIRST + b * stride_first) // P + t, num_pages - 1)
+        keys = page * P + tl.arange(0, P)
+        mine = (keys >= block * BLOCK_P * P) & (keys < (block + 1) * BLOCK_P * P)  # (P,): all or none
+        inside = mine & (keys < length)
+        written = inside & (tl.load(VALID + b * stride_vb + keys, mask=inside, other=0) != 0)
+        x = tl.load(K + b * stride_kb + hkv * stride_kh + keys[:, None] * stride_kl + dims[None, :],
+                    mask=written[:, None], other=0.0).to(tl.float32)
+        page_max, page_min = _page_summary(x, written)
+        page_max, page_min = page_max.to(kmax.dtype), page_min.to(kmin.dtype)
+        row_page = page + tl.zeros((D,), tl.int64)  # masks are vectors (the interpreter takes no scalar ones)
+        row_mine = (row_page >= block * BLOCK_P) & (row_page < (block + 1) * BLOCK_P)
+        row = b * stride_sb + hkv * stride_sh + page * stride_sp + dims
+        tl.store(KMAX + row, page_max, mask=row_mine)
+        tl.store(KMIN + row, page_min, mask=row_mine)
+        kmax = tl.where((pages == page)[:, None], page_max[None, :], kmax)
+        kmin = tl.where((pages == page)[:, None], page_min[None, :], kmin)
     if DOT:
         # Since kmax >= kmin, max(q * kmax, q * kmin) summed over dims is
         # max(q, 0) . kmax + min(q, 0) . kmin: two matrix products over the group's HEADS (>= G,
         # the rest zero and left out of the max), on tensor cores instead of 3 ops per element and head.
-        kmax = tl.load(KMAX + offs, mask=ok[:, None], other=0.0)
-        kmin = tl.load(KMIN + offs, mask=ok[:, None], other=0.0)
         heads = tl.arange(0, HEADS)
         q = tl.load(Q + b * stride_qb + (hkv * G + heads)[:, None] * stride_qh + dims[None, :],
                     mask=(heads < G)[:, None], other=0.0)
@@ -118,8 +152,7 @@ def _page_scores_kernel(
                  + tl.dot(kmin, tl.trans(q_down), input_precision=PRECISION))  # (BLOCK_P, HEADS) fp32
         best = tl.max(tl.where((heads < G)[None, :], bound, float("-inf")), axis=1)
     else:
-        kmax = tl.load(KMAX + offs, mask=ok[:, None], other=0.0).to(tl.float32)
-        kmin = tl.load(KMIN + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+        kmax, kmin = kmax.to(tl.float32), kmin.to(tl.float32)
         best = tl.full((BLOCK_P,), float("-inf"), tl.float32)
         for g in tl.static_range(G):
             q = tl.load(Q + b * stride_qb + (hkv * G + g) * stride_qh + dims).to(tl.float32)
@@ -140,11 +173,14 @@ def page_scores(
     block_pages: int | None = None,
     num_warps: int = 4,
     as_products: bool = True,
+    refresh: reference.PageRefresh | None = None,
 ) -> torch.Tensor:
     """Same as ``reference.page_scores``: q_row (B, Hq, D) -> (B, Hkv, NP) fp32.
 
     One program scores ``block_pages`` pages of one (batch row, KV head) for the whole query group,
-    and reads their bytes of ``valid`` to mark the pages with no valid position. ``as_products``
+    and reads their bytes of ``valid`` to mark the pages with no valid position. The pages of
+    ``refresh`` are summarized anew (in place) by the program whose block holds them, which then
+    scores them from the new rows: a step's refresh needs no launch of its own. ``as_products``
     computes each bound as two matrix products (``max(q, 0) . kmax + min(q, 0) . kmin``, the same
     sum in another order) where the shapes allow a ``tl.dot`` (blocks of at least 16 pages, one
     dtype); otherwise elementwise in fp32. On an H200 (bf16, 32 query / 8 KV heads) the products
@@ -156,7 +192,12 @@ def page_scores(
     hkv, num_pages = kmax.shape[1], kmax.shape[2]
     if block_pages is None:
         block_pages = 64 if b * num_pages <= 8192 else 32
-    kmax, kmin = kmax.contiguous(), kmin.contiguous()
+    if refresh is None:
+        kmax, kmin = kmax.contiguous(), kmin.contiguous()
+        k, first_position, count = kmax, kmax[:, 0, 0, 0], 0  # never read
+    else:
+        _check_summary_layout(kmax, kmin, "page_scores")  # written in place
+        (k,), first_position, count = _unit_last_stride(refresh.k), refresh.first_position, refresh.count
     q_row, valid = _unit_last_stride(q_row, valid)  # q_row: a strided view of the query's newest row
     out = torch.empty(b, hkv, num_pages, dtype=torch.float32, device=q_row.device)
     block = min(block_pages, triton.next_power_of_2(num_pages))
@@ -164,15 +205,16 @@ def page_scores(
     dot = as_products and block >= 16 and q_row.dtype == kmax.dtype == kmin.dtype
     grid = (b, hkv, triton.cdiv(num_pages, block))
     wrap_triton(_page_scores_kernel)[grid](
-        q_row, kmax, kmin, valid, out,
+        q_row, kmax, kmin, valid, out, k, first_position,
         q_row.stride(0), q_row.stride(1),
         kmax.stride(0), kmax.stride(1), kmax.stride(2),
         valid.stride(0),
         out.stride(0), out.stride(1),
+        k.stride(0), k.stride(1), k.stride(2), first_position.stride(0),
         num_pages, valid.shape[-1], G=group, D=d, P=page_size, BLOCK_P=block,
         DOT=dot, HEADS=max(16, triton.next_power_of_2(group)),
         PRECISION="ieee" if kmax.dtype == torch.float32 else "tf32",  # fp32 exact; 16-bit inputs ignore it
-        num_warps=num_warps,
+        REFRESH=count, num_warps=num_warps,
     )
     return out
 

@@ -5,7 +5,8 @@ Every stage is its own function, in the order a decode step runs them:
 1. :func:`mask_to_allowed` / :func:`query_positions`: what each query row may see, and where it is.
 2. :func:`build_summaries` / :func:`summarize_pages`: per-page key max/min over valid positions.
 3. :func:`page_scores`: Quest's upper bound ``sum_d max(q_d kmax_d, q_d kmin_d)``, GQA group max
-   (``-inf`` for pages the query has no valid position in).
+   (``-inf`` for pages the query has no valid position in), after refreshing the summaries of
+   the pages a decode step wrote (:class:`PageRefresh`).
 4. :func:`top_pages`: always-kept pages plus the top-scoring rest, up to the budget.
 5. :func:`attend`: exact attention over a key mask, returning output and log-sum-exp.
 6. :func:`merge`: the exact LSE merge of two partial attentions over disjoint keys.
@@ -175,14 +176,28 @@ def put_pages(table: torch.Tensor, pages: torch.Tensor, values: torch.Tensor) ->
 # --------------------------------------------------------------------------------------------
 # 3-4. Scoring and selection (Quest)
 # --------------------------------------------------------------------------------------------
+class PageRefresh(NamedTuple):
+    """Pages whose summaries a step refreshes before it scores them (see :func:`summarize_pages`):
+    ``count`` pages from the one holding ``first_position[b]``, from the keys ``k``."""
+
+    k: torch.Tensor  # (B, Hkv, L, D)
+    first_position: torch.Tensor  # (B,)
+    count: int
+
+
 def page_scores(
-    q_row: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor, valid: torch.Tensor, page_size: int
+    q_row: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor, valid: torch.Tensor, page_size: int,
+    refresh: PageRefresh | None = None,
 ) -> torch.Tensor:
     """Upper bound of ``q . k`` over each page, maxed over each KV head's query group; ``-inf`` for
     a page with no position in ``valid`` (B, L) (beyond the query, or all padding).
 
-    q_row (B, Hq, D); kmax/kmin (B, Hkv, NP, D) -> (B, Hkv, NP) fp32.
+    q_row (B, Hq, D); kmax/kmin (B, Hkv, NP, D) -> (B, Hkv, NP) fp32. With ``refresh``, the
+    summaries of the pages it names are first recomputed in place (a decode step's written pages),
+    so that the kernel can do both in one pass.
     """
+    if refresh is not None:
+        summarize_pages(kmax, kmin, refresh.k, valid, refresh.first_position, refresh.count, page_size)
     b, hq, d = q_row.shape
     hkv = kmax.shape[1]
     q = q_row.float().view(b, hkv, hq // hkv, 1, d)
@@ -436,8 +451,8 @@ def decode_step(
     valid = allowed[:, -1]  # every key the newest row may see: written, not padding, <= newest
 
     touched = (n - 1) // page_size + 2  # pages a run of n positions can straddle
-    stages.summarize_pages(state.kmax, state.kmin, k, valid, position[:, 0], touched, page_size)
-    scores = stages.page_scores(q[:, :, -1], state.kmax, state.kmin, valid, page_size)
+    written = PageRefresh(k, position[:, 0], touched)
+    scores = stages.page_scores(q[:, :, -1], state.kmax, state.kmin, valid, page_size, refresh=written)
     indices, chosen = stages.top_pages(scores, newest, params)
     return stages.attend_window(q, k, v, allowed, bias, indices, chosen, state, position,
                                 default_scale(q, scale), page_size)
