@@ -122,24 +122,28 @@ def _page_scores_kernel(
     kmax = tl.load(KMAX + offs, mask=ok[:, None], other=0.0)
     kmin = tl.load(KMIN + offs, mask=ok[:, None], other=0.0)
     # The REFRESH pages from the one holding FIRST[b] (a step's written pages) are summarized
-    # anew by the program whose block holds them, stored, and scored from the new rows.
-    for t in tl.static_range(REFRESH):
-        page = tl.minimum(tl.load(FIRST + b * stride_first) // P + t, num_pages - 1)
-        keys = page * P + tl.arange(0, P)
-        mine = (keys >= block * BLOCK_P * P) & (keys < (block + 1) * BLOCK_P * P)  # (P,): all or none
-        inside = mine & (keys < length)
-        written = inside & (tl.load(VALID + b * stride_vb + keys, mask=inside, other=0) != 0)
-        x = tl.load(K + b * stride_kb + hkv * stride_kh + keys[:, None] * stride_kl + dims[None, :],
-                    mask=written[:, None], other=0.0).to(tl.float32)
-        page_max, page_min = _page_summary(x, written)
-        page_max, page_min = page_max.to(kmax.dtype), page_min.to(kmin.dtype)
-        row_page = page + tl.zeros((D,), tl.int64)  # masks are vectors (the interpreter takes no scalar ones)
-        row_mine = (row_page >= block * BLOCK_P) & (row_page < (block + 1) * BLOCK_P)
-        row = b * stride_sb + hkv * stride_sh + page * stride_sp + dims
-        tl.store(KMAX + row, page_max, mask=row_mine)
-        tl.store(KMIN + row, page_min, mask=row_mine)
-        kmax = tl.where((pages == page)[:, None], page_max[None, :], kmax)
-        kmin = tl.where((pages == page)[:, None], page_min[None, :], kmin)
+    # anew by the program whose block holds them, stored, and scored from the new rows; the
+    # other programs skip this.
+    if REFRESH > 0:
+        first = tl.load(FIRST + b * stride_first) // P
+        if (first < (block + 1) * BLOCK_P) & (first + REFRESH - 1 >= block * BLOCK_P):
+            for t in tl.static_range(REFRESH):
+                page = tl.minimum(first + t, num_pages - 1)
+                keys = page * P + tl.arange(0, P)
+                mine = (keys >= block * BLOCK_P * P) & (keys < (block + 1) * BLOCK_P * P)  # (P,): all or none
+                inside = mine & (keys < length)
+                written = inside & (tl.load(VALID + b * stride_vb + keys, mask=inside, other=0) != 0)
+                x = tl.load(K + b * stride_kb + hkv * stride_kh + keys[:, None] * stride_kl + dims[None, :],
+                            mask=written[:, None], other=0.0).to(tl.float32)
+                page_max, page_min = _page_summary(x, written)
+                page_max, page_min = page_max.to(kmax.dtype), page_min.to(kmin.dtype)
+                row_page = page + tl.zeros((D,), tl.int64)  # masks are vectors (the interpreter takes no scalar ones)
+                row_mine = (row_page >= block * BLOCK_P) & (row_page < (block + 1) * BLOCK_P)
+                row = b * stride_sb + hkv * stride_sh + page * stride_sp + dims
+                tl.store(KMAX + row, page_max, mask=row_mine)
+                tl.store(KMIN + row, page_min, mask=row_mine)
+                kmax = tl.where((pages == page)[:, None], page_max[None, :], kmax)
+                kmin = tl.where((pages == page)[:, None], page_min[None, :], kmin)
     if DOT:
         # Since kmax >= kmin, max(q * kmax, q * kmin) summed over dims is
         # max(q, 0) . kmax + min(q, 0) . kmin: two matrix products over the group's HEADS (>= G,
