@@ -123,25 +123,21 @@ def _page_scores_kernel(
     kmin = tl.load(KMIN + offs, mask=ok[:, None], other=0.0)
     # The REFRESH pages from the one holding FIRST[b] (a step's written pages) are summarized
     # anew by the program whose block holds them, stored, and scored from the new rows; the
-    # other programs skip this.
+    # other programs skip them.
     if REFRESH > 0:
         first = tl.load(FIRST + b * stride_first) // P
-        if (first < (block + 1) * BLOCK_P) & (first + REFRESH - 1 >= block * BLOCK_P):
-            for t in tl.static_range(REFRESH):
-                page = tl.minimum(first + t, num_pages - 1)
+        for t in tl.static_range(REFRESH):
+            page = tl.minimum(first + t, num_pages - 1)
+            if (page >= block * BLOCK_P) & (page < (block + 1) * BLOCK_P):
                 keys = page * P + tl.arange(0, P)
-                mine = (keys >= block * BLOCK_P * P) & (keys < (block + 1) * BLOCK_P * P)  # (P,): all or none
-                inside = mine & (keys < length)
-                written = inside & (tl.load(VALID + b * stride_vb + keys, mask=inside, other=0) != 0)
+                written = (keys < length) & (tl.load(VALID + b * stride_vb + keys, mask=keys < length, other=0) != 0)
                 x = tl.load(K + b * stride_kb + hkv * stride_kh + keys[:, None] * stride_kl + dims[None, :],
                             mask=written[:, None], other=0.0).to(tl.float32)
                 page_max, page_min = _page_summary(x, written)
                 page_max, page_min = page_max.to(kmax.dtype), page_min.to(kmin.dtype)
-                row_page = page + tl.zeros((D,), tl.int64)  # masks are vectors (the interpreter takes no scalar ones)
-                row_mine = (row_page >= block * BLOCK_P) & (row_page < (block + 1) * BLOCK_P)
                 row = b * stride_sb + hkv * stride_sh + page * stride_sp + dims
-                tl.store(KMAX + row, page_max, mask=row_mine)
-                tl.store(KMIN + row, page_min, mask=row_mine)
+                tl.store(KMAX + row, page_max)
+                tl.store(KMIN + row, page_min)
                 kmax = tl.where((pages == page)[:, None], page_max[None, :], kmax)
                 kmin = tl.where((pages == page)[:, None], page_min[None, :], kmin)
     if DOT:
@@ -272,10 +268,10 @@ def _top_mask(ranked, budget):
     rounds, where bisection from -inf to +inf took 21-25; on an H200 the selection took 30% less
     time. Each round is one comparison per value and one sum; comparisons are on floats.
     """
-    finite = (ranked > float("-inf")) & (ranked < float("inf"))
+    above_neg_inf, at_pos_inf = ranked > float("-inf"), ranked == float("inf")
+    finite = above_neg_inf & ~at_pos_inf
     # three counts in one sum, 21 bits each: non-NaN values, values above -inf, values at +inf
-    packed = (ranked == ranked).to(tl.int64) + ((ranked > float("-inf")).to(tl.int64) << 21) \
-        + ((ranked == float("inf")).to(tl.int64) << 42)
+    packed = (ranked == ranked).to(tl.int64) + (above_neg_inf.to(tl.int64) << 21) + (at_pos_inf.to(tl.int64) << 42)
     counts = tl.sum(packed, axis=0)
     every, up, at_inf = counts & 0x1FFFFF, (counts >> 21) & 0x1FFFFF, counts >> 42
     search = (every > budget) & (up >= budget) & (at_inf < budget)
