@@ -85,17 +85,23 @@ def record_launches() -> list[tuple]:
     return launches
 
 
-def written_tensors(kernel, arguments: dict) -> set[str]:
-    """The arguments Inductor's analysis (the one behind ``wrap_triton``) finds the kernel writes."""
+def activate_target() -> None:
+    """Make TARGET the active driver's target: Inductor's analysis asks the driver for it, and a
+    machine without a GPU has none."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from torch._higher_order_ops import triton_kernel_wrap
 
-    class Target:  # what the analysis asks of the active driver, on a machine with none
+    class Target:
         def get_current_target(self):
             return GPUTarget(*TARGET)
 
     triton.runtime.driver.set_active(Target())
+
+
+def written_tensors(kernel, arguments: dict) -> set[str]:
+    """The arguments Inductor's analysis (the one behind ``wrap_triton``) finds the kernel writes."""
+    from torch._higher_order_ops import triton_kernel_wrap
+
     analyze = getattr(triton_kernel_wrap, "identify_accessed_tensors", None)
     if analyze is None:  # before torch 2.12: a list of the written names
         return set(triton_kernel_wrap.identify_mutated_tensors(kernel, dict(arguments), {}))
@@ -125,6 +131,7 @@ def main() -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("compile_worker: unset TRITON_INTERPRET (it makes @triton.jit build interpreted functions)")
     failures = 0
+    activate_target()
     launches = record_launches()
     for kernel, arguments, options in launches:
         try:  # every failing launch is reported, not only the first
