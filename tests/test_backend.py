@@ -172,3 +172,40 @@ def test_dense_window_takes_its_kernel_only_where_it_applies():
         assert not applies(t(2, 32, 2, 96), t(2, 8, 1024, 96), t(2, 8, 1024, 96), None, True)
         assert not applies(t(2, 32, 2, 128, device="cpu"), t(2, 8, 1024, 128, device="cpu"),
                            t(2, 8, 1024, 128, device="cpu"), None, True)
+
+
+def test_decode_sites_sharing_a_mask_share_one_positions_node():
+    """The decode graph finds its query positions once: one ``mask_positions`` node from the shared
+    mask feeds every layer's ``retro::attention`` (without it, each layer reduces the mask itself),
+    and the rewritten step gives what the graph gave before at full budget (dense attention)."""
+    from retro_compile.kernels.reference import mask_positions
+    from retro_compile.passes.rewrite import rewrite_sdpa
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    torch.manual_seed(0)
+    model = Decoder(layers=4, max_len=64).eval()
+    compiled = torch.compile(model, backend=capture, dynamic=False)  # the step's rows static, as a decode site's
+    with torch.no_grad():
+        prompt = torch.randint(0, 97, (1, 30))
+        compiled(prompt, torch.arange(30))  # prefill
+        compiled(torch.cat([prompt[:, -1:], torch.randint(0, 97, (1, 1))], 1), torch.arange(29, 31))  # a window of 2
+    (prefill, prefill_inputs), (step, step_inputs) = graphs
+    with torch.no_grad():
+        expected = step(*step_inputs)
+    config = RetroConfig(mode="retro", budget=64, page_size=16, dense_layers=1, max_context=64)
+    store = StateStore()
+    rewrite_sdpa(prefill, config, store)
+    plan = rewrite_sdpa(step, config, store)
+    assert sorted(plan.reads) == ["layers.1.attn", "layers.2.attn", "layers.3.attn"]
+    shared = [n for n in step.graph.nodes if n.target is mask_positions]
+    calls = [n for n in step.graph.nodes if n.target is torch.ops.retro.attention.default]
+    assert len(shared) == 1 and len(calls) == 3
+    assert all(call.args[-1] is shared[0] for call in calls)
+    with torch.no_grad():
+        prefill(*prefill_inputs)  # builds the state the step reads
+        torch.testing.assert_close(step(*step_inputs), expected)

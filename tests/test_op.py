@@ -188,3 +188,51 @@ def test_query_positions_is_the_last_allowed_key(length):
     assert torch.equal(ref.query_positions(allowed), expected)
     compiled = torch.compile(ref.query_positions, dynamic=False)
     assert torch.equal(compiled(allowed), expected)
+
+
+def test_shared_positions_give_the_steps_own_result():
+    """A decode step handed its rows' positions (``reference.mask_positions``, which the rewrite
+    computes once per graph for all layers) gives exactly the step that finds them itself, output
+    and state, over a padded batch and a window of 2; and those positions are the rows' own."""
+    from retro_compile.kernels.op import retro_attention
+    from retro_compile.state import StateShape, allocate
+
+    from .sequences import mask_for
+
+    problem = make_problem(pad=(0, 5))
+    p = params(window=2, budget_pages=3, page_size=8)
+    states = [allocate(StateShape.of_call(problem.q, problem.k, problem.v, 12, 2)) for _ in range(2)]
+    prompt = list(range(problem.prompt))
+    for state in states:
+        retro_attention(problem.q[:, :, prompt], problem.k, problem.v, mask_for(problem, prompt), state, p)
+    for t in range(problem.prompt, problem.prompt + 6):
+        rows = [t - 1, t]
+        mask = mask_for(problem, rows)
+        positions = ref.mask_positions(mask, 2, 2)
+        assert torch.equal(positions, torch.tensor([rows, rows]))
+        q = problem.q[:, :, rows]
+        own = retro_attention(q, problem.k, problem.v, mask, states[0], p)
+        shared = retro_attention(q, problem.k, problem.v, mask, states[1], p, positions=positions)
+        assert torch.equal(own, shared)
+    for mine, theirs in zip(*states):
+        assert torch.equal(mine, theirs)
+
+
+def test_bad_positions_are_refused_by_name():
+    from retro_compile.kernels.op import retro_attention
+    from retro_compile.state import StateShape, allocate
+
+    from .sequences import mask_for
+
+    problem = make_problem()
+    p = params(window=2, page_size=8)
+    state = allocate(StateShape.of_call(problem.q, problem.k, problem.v, 12, 2))
+    rows = [50, 51]
+    q, mask = problem.q[:, :, rows], mask_for(problem, rows)
+    for bad in (torch.tensor([rows]), torch.tensor([rows, rows], dtype=torch.int32)):
+        with pytest.raises(ValueError, match="positions must be int64 of shape"):
+            retro_attention(q, problem.k, problem.v, mask, state, p, positions=bad)
+    prompt = list(range(10))
+    with pytest.raises(ValueError, match="positions are for decode steps"):
+        retro_attention(problem.q[:, :, prompt], problem.k, problem.v, mask_for(problem, prompt), state, p,
+                        positions=torch.zeros(2, 10, dtype=torch.long))

@@ -22,13 +22,16 @@ def call_args(problem, positions, state, params=PARAMS):
     return (problem.q[:, :, positions], problem.k, problem.v, mask_for(problem, positions), *state, False, None, *params)
 
 
-@pytest.mark.parametrize("phase", ["prefill", "decode"])
+@pytest.mark.parametrize("phase", ["prefill", "decode", "decode with positions"])
 def test_opcheck(phase):
     problem = make_problem()
     state = fresh_state(problem)
     torch.ops.retro.attention(*call_args(problem, list(range(40)), state))
     positions = list(range(40)) if phase == "prefill" else [40, 41]
-    torch.library.opcheck(torch.ops.retro.attention.default, call_args(problem, positions, state))
+    args = call_args(problem, positions, state)
+    if phase == "decode with positions":  # as the rewrite passes them: one tensor shared by the layers
+        args = (*args, torch.tensor([positions] * problem.q.shape[0]))
+    torch.library.opcheck(torch.ops.retro.attention.default, args)
 
 
 def test_compiled_matches_eager_without_graph_break_or_recompile():

@@ -72,6 +72,7 @@ def check_inputs(
     attn_mask: Optional[torch.Tensor],
     state: LayerState,
     params: SparseParams,
+    positions: Optional[torch.Tensor] = None,
 ) -> None:
     """Raise ValueError/TypeError naming the argument if the op cannot serve this call."""
     problem = unservable(q, k, v, attn_mask)
@@ -100,6 +101,14 @@ def check_inputs(
             raise ValueError(f"retro::attention: state {name} is on {t.device}, query on {q.device}")
     if kmax.dtype != k.dtype or kmin.dtype != k.dtype:
         raise TypeError(f"retro::attention: summaries dtype {kmax.dtype} must equal the key dtype {k.dtype}")
+    if positions is not None:
+        n = q.shape[2]
+        if n > params.window:
+            raise ValueError(f"retro::attention: positions are for decode steps (at most window={params.window} "
+                             f"query rows), got {n} rows")
+        if tuple(positions.shape) != (b, n) or positions.dtype != torch.int64 or positions.device != q.device:
+            raise ValueError(f"retro::attention: positions must be int64 of shape {(b, n)} on {q.device}, got "
+                             f"{positions.dtype} {tuple(positions.shape)} on {positions.device}")
 
 
 def use_kernels(q: torch.Tensor, attn_mask: Optional[torch.Tensor], params: SparseParams) -> bool:
@@ -143,18 +152,25 @@ def attention(
     sink_pages: int,
     local_pages: int,
     window: int,
+    positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Sparse + retrospective attention with SDPA's output: (B, Hq, n, Dv), contiguous."""
+    """Sparse + retrospective attention with SDPA's output: (B, Hq, n, Dv), contiguous.
+
+    ``positions`` (decode steps only): the query rows' cache positions, exactly
+    ``reference.mask_positions(attn_mask, B, n)``. The rewrite computes them once per graph for
+    all layers sharing a mask; without them each call reduces its mask itself.
+    """
     state = LayerState(kmax, kmin, last, out_cache, lse_cache)
     params = SparseParams(page_size, budget_pages, budget_fraction, sink_pages, local_pages, window)
-    check_inputs(q, k, v, attn_mask, state, params)
+    check_inputs(q, k, v, attn_mask, state, params, positions)
     stages = None
     if use_kernels(q, attn_mask, params):
         from . import decode
 
         stages = decode.kernel_stages()
-    step = reference.prefill if q.shape[2] > window else reference.decode_step
-    return step(q, k, v, attn_mask, is_causal, scale, state, params, stages)
+    if q.shape[2] > window:
+        return reference.prefill(q, k, v, attn_mask, is_causal, scale, state, params, stages)
+    return reference.decode_step(q, k, v, attn_mask, is_causal, scale, state, params, stages, positions)
 
 
 def retro_attention(
@@ -166,9 +182,10 @@ def retro_attention(
     params: SparseParams,
     is_causal: bool = False,
     scale: Optional[float] = None,
+    positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Call ``retro::attention`` with named state and parameters."""
-    return torch.ops.retro.attention(q, k, v, attn_mask, *state, is_causal, scale, *params)
+    return torch.ops.retro.attention(q, k, v, attn_mask, *state, is_causal, scale, *params, positions)
 
 
 def dense_window_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],

@@ -99,6 +99,15 @@ def query_positions(allowed: torch.Tensor) -> torch.Tensor:
     return seen.amax(dim=-1)
 
 
+def mask_positions(attn_mask: torch.Tensor, batch: int, n: int) -> torch.Tensor:
+    """:func:`query_positions` (B, n) of ``batch`` rows of ``n`` queries under the SDPA mask
+    ``attn_mask``, as :func:`decode_step` finds them. Every layer of a decoder reads the same mask,
+    so the rewrite computes this once per graph and hands it to each layer's decode step
+    (``positions``), instead of each layer reducing the whole mask again."""
+    allowed, _ = mask_to_allowed(attn_mask, False, batch, n, attn_mask.shape[-1], attn_mask.device)
+    return query_positions(allowed)
+
+
 def pages_to_tokens(per_page: torch.Tensor, page_size: int, length: int) -> torch.Tensor:
     """Expand a (..., NP) per-page tensor to (..., L) per-position."""
     return per_page.repeat_interleave(page_size, dim=-1)[..., :length]
@@ -435,18 +444,20 @@ def decode_step(
     state: LayerState,
     params: SparseParams,
     stages: Stages | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step over the window of ``n <= w`` consecutive rows (docs/algorithm.md, section 4).
 
     The newest row attends to its selected pages; each past row attends to the selected pages it
     has not seen yet and merges that into its cached output. Then the state moves one step on.
-    ``stages`` defaults to this module's (:func:`reference_stages`).
+    ``stages`` defaults to this module's (:func:`reference_stages`). ``positions`` (B, n) are the
+    rows' :func:`query_positions` if the caller has them already (:func:`mask_positions`).
     """
     stages = stages or reference_stages()
     batch, _, n, _ = q.shape
     length, page_size = k.shape[2], params.page_size
     allowed, bias = mask_to_allowed(attn_mask, is_causal, batch, n, length, q.device)
-    position = query_positions(allowed)  # (B, n)
+    position = query_positions(allowed) if positions is None else positions  # (B, n)
     newest = position[:, -1]
     valid = allowed[:, -1]  # every key the newest row may see: written, not padding, <= newest
 

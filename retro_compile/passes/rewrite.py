@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from ..config import RetroConfig
 from ..kernels.op import STATE_ARGS, unservable
-from ..kernels.reference import LayerState, SparseParams, sdpa_row_by_row
+from ..kernels.reference import LayerState, SparseParams, mask_positions, sdpa_row_by_row
 from ..state import StateShape, StateStore
 from .sdpa import SdpaSite, example_value, find_sdpa_sites
 
@@ -123,6 +123,7 @@ def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore) -> 
     graph = gm.graph
     plan = Rewrite()
     params = sparse_params(config)
+    shared_positions: dict[tuple, fx.Node] = {}
     for site in find_sdpa_sites(graph):
         decode = is_decode_site(site, config)
         chosen = chosen_dense(site, config, store.model_dense)
@@ -155,10 +156,11 @@ def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore) -> 
                 node = graph.get_attr(attr)
                 node.meta["example_value"] = tensor
                 state_nodes.append(node)
+            positions = _positions_node(graph, site, shared_positions) if decode else None
             new = graph.call_function(
                 torch.ops.retro.attention.default,
                 (site.query, site.key, site.value, site.attn_mask, *state_nodes,
-                 bool(site.is_causal), site.scale, *params),
+                 bool(site.is_causal), site.scale, *params, positions),
             )
         new.meta = dict(site.node.meta)
         site.node.replace_all_uses_with(new)
@@ -168,6 +170,20 @@ def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore) -> 
     if plan.layers:
         log.debug("retro-compile: %d SDPA sites -> retro::attention: %s", len(plan.layers), plan.layers)
     return plan
+
+
+def _positions_node(graph: fx.Graph, site: SdpaSite, shared: dict[tuple, fx.Node]) -> fx.Node | None:
+    """The decode site's query positions, one node per (mask, batch, rows) for the whole graph:
+    every layer's step would otherwise reduce the same mask again (a reduction over the cache per
+    layer, which Inductor does not merge across op calls). None without a mask node; the op
+    then finds the positions itself. Called with the graph's insertion point before the site."""
+    if not isinstance(site.attn_mask, fx.Node):
+        return None
+    q = example_value(site.query)
+    key = (site.attn_mask, q.shape[0], q.shape[2])
+    if key not in shared:
+        shared[key] = graph.call_function(mask_positions, key)
+    return shared[key]
 
 
 def _register_state(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> None:
