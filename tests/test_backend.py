@@ -16,6 +16,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from hand_written_decoder import Decoder, greedy  # noqa: E402
 
 
+def captured_graphs(model: torch.nn.Module, *calls: tuple) -> list[tuple[torch.fx.GraphModule, list]]:
+    """The (graph, example inputs) Dynamo hands a backend for each new graph of ``calls`` (static shapes)."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    compiled = torch.compile(model, backend=capture, dynamic=False)
+    with torch.no_grad():
+        for args in calls:
+            compiled(*args)
+    return graphs
+
+
 def test_backend_rewrites_sdpa_fullgraph_without_recompiles():
     torch.manual_seed(0)
     model = Decoder(layers=3, max_len=128).eval()
@@ -80,19 +95,12 @@ def test_decode_site_without_a_rewritten_prefill_stays_dense_with_a_warning(capl
     WARNING): rewritten, it would read zeros or another request's state."""
     from retro_compile.passes.rewrite import rewrite_sdpa
 
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    model = Decoder(layers=2, max_len=64).eval()
-    with torch.no_grad():
-        torch.compile(model, backend=capture)(torch.randint(0, 97, (1, 2)), torch.arange(30, 32))  # 2 rows: decode
+    (step, _), = captured_graphs(Decoder(layers=2, max_len=64).eval(),
+                                 (torch.randint(0, 97, (1, 2)), torch.arange(30, 32)))  # 2 rows: decode
     config = RetroConfig(mode="retro", budget=32, page_size=16, dense_layers=1, max_context=64)
     store = StateStore()
     with caplog.at_level(logging.INFO, logger="retro_compile"):
-        plan = rewrite_sdpa(graphs[0], config, store)
+        plan = rewrite_sdpa(step, config, store)
     assert plan.reads == {} and plan.builds == {} and store.layers() == []
     assert "its prefill was not rewritten" in store.dense_reasons["layers.1.attn"]
     warned = [r for r in caplog.records if r.levelname == "WARNING"]
@@ -121,17 +129,9 @@ def test_dense_decode_window_sites_become_one_dense_window_call():
     form SDPA takes (per row, shared by the rows, 2-D, none)."""
     from retro_compile.passes.rewrite import rewrite_sdpa
 
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append((gm, example_inputs))
-        return gm.forward
-
     torch.manual_seed(0)
-    model = Decoder(layers=2, max_len=64).eval()
-    with torch.no_grad():
-        torch.compile(model, backend=capture)(torch.randint(0, 97, (1, 2)), torch.arange(30, 32))
-    (gm, inputs), = graphs
+    (gm, inputs), = captured_graphs(Decoder(layers=2, max_len=64).eval(),
+                                    (torch.randint(0, 97, (1, 2)), torch.arange(30, 32)))
     with torch.no_grad():
         expected = gm(*inputs)
     config = RetroConfig(mode="retro", budget=32, page_size=16, dense_layers=2, max_context=64)
@@ -181,20 +181,11 @@ def test_decode_sites_sharing_a_mask_share_one_positions_node():
     from retro_compile.kernels.reference import mask_positions
     from retro_compile.passes.rewrite import rewrite_sdpa
 
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append((gm, example_inputs))
-        return gm.forward
-
     torch.manual_seed(0)
-    model = Decoder(layers=4, max_len=64).eval()
-    compiled = torch.compile(model, backend=capture, dynamic=False)  # the step's rows static, as a decode site's
-    with torch.no_grad():
-        prompt = torch.randint(0, 97, (1, 30))
-        compiled(prompt, torch.arange(30))  # prefill
-        compiled(torch.cat([prompt[:, -1:], torch.randint(0, 97, (1, 1))], 1), torch.arange(29, 31))  # a window of 2
-    (prefill, prefill_inputs), (step, step_inputs) = graphs
+    prompt = torch.randint(0, 97, (1, 30))
+    window = torch.cat([prompt[:, -1:], torch.randint(0, 97, (1, 1))], 1)  # the prompt's last token and a new one
+    (prefill, prefill_inputs), (step, step_inputs) = captured_graphs(
+        Decoder(layers=4, max_len=64).eval(), (prompt, torch.arange(30)), (window, torch.arange(29, 31)))
     with torch.no_grad():
         expected = step(*step_inputs)
     config = RetroConfig(mode="retro", budget=64, page_size=16, dense_layers=1, max_context=64)

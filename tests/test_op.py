@@ -219,6 +219,7 @@ def test_shared_positions_give_the_steps_own_result():
 
 
 def test_bad_positions_are_refused_by_name():
+    """Positions of the wrong shape or dtype, or handed to a prefill, raise before anything runs."""
     from retro_compile.kernels.op import retro_attention
     from retro_compile.state import StateShape, allocate
 
