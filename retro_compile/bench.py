@@ -245,7 +245,9 @@ def main(argv=None) -> None:
     op.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes")
     op.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072], help="cache lengths, in tokens")
     op.add_argument("--out", type=Path, default=Path("results/bench_op_h200.json"), help="JSON path; the PNG goes beside it")
-    op.add_argument("--profile", action="store_true", help="print the compiled step's top kernels instead (window 2)")
+    op.add_argument("--profile", action="store_true", help="print the compiled step's top kernels instead")
+    op.add_argument("--windows", type=int, nargs="+", default=[2],
+                    help="with --profile: the windows to profile (1 is quest, 2 and 4 retro)")
     from . import bench_e2e
 
     bench_e2e.add_arguments(sub.add_parser(
@@ -261,7 +263,9 @@ def main(argv=None) -> None:
     if args.profile:
         for batch in args.batches:
             for context in args.contexts:
-                log.info("B=%d, context %d, retro w=2:\n%s", batch, context, profile_op(batch, context, 2))
+                for window in args.windows:
+                    name = "quest" if window == 1 else f"retro w={window}"
+                    log.info("B=%d, context %d, %s:\n%s", batch, context, name, profile_op(batch, context, window))
         return
     bench_op(args.batches, args.contexts, args.out)
 
