@@ -42,6 +42,7 @@ from .state import StateShape, allocate
 log = logging.getLogger("retro_compile.bench")
 Q_HEADS, KV_HEADS, HEAD_DIM, PAGE, BUDGET = 32, 8, 128, 16, 2048
 TARGETS_US = {(1, 32768): 15.0, (1, 131072): 20.0, (8, 131072): 100.0}  # the speed targets, per (B, context)
+OP_MODES = {"quest": 1, "retro_w2": 2, "retro_w4": 4}  # the op's columns, by window
 
 
 def _median_us(fn) -> float:
@@ -202,7 +203,7 @@ def bench_op(batches, contexts, out: Path) -> list[dict]:
         dense = lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         measure(row, "dense_us", lambda: graph_us(dense, (q, k, v, mask), compile=False))
         measure(row, "flex_us", lambda: graph_us(*flex_case(q, k, v)))  # its decode path varies across torch versions
-        for name, window in (("quest", 1), ("retro_w2", 2), ("retro_w4", 4)):
+        for name, window in OP_MODES.items():
             state, params, inputs = op_case(batch, context, window)
             measure(row, f"{name}_us", lambda: graph_us(_op_step(state, params), inputs))
         row.update(stage_times(state, params, inputs))
@@ -246,8 +247,8 @@ def main(argv=None) -> None:
     op.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072], help="cache lengths, in tokens")
     op.add_argument("--out", type=Path, default=Path("results/bench_op_h200.json"), help="JSON path; the PNG goes beside it")
     op.add_argument("--profile", action="store_true", help="print the compiled step's top kernels instead")
-    op.add_argument("--windows", type=int, nargs="+", default=[2],
-                    help="with --profile: the windows to profile (1 is quest, 2 and 4 retro)")
+    op.add_argument("--modes", nargs="+", default=["retro_w2"], choices=list(OP_MODES),
+                    help="with --profile: the modes to profile")
     from . import bench_e2e
 
     bench_e2e.add_arguments(sub.add_parser(
@@ -263,9 +264,9 @@ def main(argv=None) -> None:
     if args.profile:
         for batch in args.batches:
             for context in args.contexts:
-                for window in args.windows:
-                    name = "quest" if window == 1 else f"retro w={window}"
-                    log.info("B=%d, context %d, %s:\n%s", batch, context, name, profile_op(batch, context, window))
+                for mode in args.modes:
+                    table = profile_op(batch, context, OP_MODES[mode])
+                    log.info("B=%d, context %d, %s:\n%s", batch, context, mode, table)
         return
     bench_op(args.batches, args.contexts, args.out)
 

@@ -48,14 +48,20 @@ def _check_summary_layout(kmax: torch.Tensor, kmin: torch.Tensor, caller: str) -
         raise ValueError(f"kernels.decode.{caller}: kmax and kmin must share a layout with unit last stride")
 
 
+# The kernels' @triton.jit helpers take values, never pointers: Inductor's analysis of which
+# tensors a kernel writes counts a pointer passed to a helper as written, and then copies it
+# before the launch (two small copy kernels a step, measured on an H200; for the keys of a
+# summary it would be the whole cache). So kernels that read the same rows spell out the loads.
+
+
 @triton.jit
 def _page_summary(x, ok):
-    """Max and min rows (fp32) of a page's keys ``x`` (P, D) over its valid rows ``ok`` (P,); a
-    page with no valid key summarizes to zeros."""
+    """Max and min rows (fp32) of a page's keys ``x`` (P, D) over its valid rows ``ok`` (P,), and
+    whether it has any; a page with no valid key summarizes to zeros."""
     written = tl.max(ok.to(tl.int32), axis=0) > 0
     kmax = tl.where(written, tl.max(tl.where(ok[:, None], x, float("-inf")), axis=0), 0.0)
     kmin = tl.where(written, tl.min(tl.where(ok[:, None], x, float("inf")), axis=0), 0.0)
-    return kmax, kmin
+    return kmax, kmin, written
 
 
 @triton.jit
@@ -73,7 +79,7 @@ def _summarize_pages_kernel(
     ok = (keys < length) & (tl.load(VALID + b * stride_vb + keys, mask=keys < length, other=0) != 0)
     x = tl.load(K + b * stride_kb + h * stride_kh + keys[:, None] * stride_kl + dims[None, :],
                 mask=ok[:, None], other=0.0).to(tl.float32)
-    kmax, kmin = _page_summary(x, ok)
+    kmax, kmin, _ = _page_summary(x, ok)
     offs = b * stride_sb + h * stride_sh + page * stride_sp + dims
     tl.store(KMAX + offs, kmax.to(KMAX.dtype.element_ty))
     tl.store(KMIN + offs, kmin.to(KMIN.dtype.element_ty))
@@ -124,14 +130,14 @@ def _page_scores_kernel(
     first = -1
     if REFRESH > 0:  # a kernel without the refresh holds none of its code, nor its stores
         first = tl.load(FIRST + b * stride_first) // P
-        if program < REFRESH:
+        if program < REFRESH:  # the page and loads of _summarize_pages_kernel (see the note on helpers)
             page = tl.minimum(first + program, num_pages - 1)
             page_keys = page * P + tl.arange(0, P)
             written = (page_keys < length) & (tl.load(VALID + b * stride_vb + page_keys, mask=page_keys < length,
                                                       other=0) != 0)
             x = tl.load(K + b * stride_kb + hkv * stride_kh + page_keys[:, None] * stride_kl + dims[None, :],
                         mask=written[:, None], other=0.0).to(tl.float32)
-            page_max, page_min = _page_summary(x, written)
+            page_max, page_min, page_valid = _page_summary(x, written)
             page_max, page_min = page_max.to(KMAX.dtype.element_ty), page_min.to(KMIN.dtype.element_ty)
             row = b * stride_sb + hkv * stride_sh + page * stride_sp + dims
             tl.store(KMAX + row, page_max)
@@ -142,7 +148,6 @@ def _page_scores_kernel(
             page_bound = tl.sum(tl.maximum(q_group * page_max.to(tl.float32)[None, :],
                                            q_group * page_min.to(tl.float32)[None, :]), axis=1)
             page_best = tl.max(tl.where(group < G, page_bound, float("-inf")), axis=0)
-            page_valid = tl.max(written.to(tl.int32), axis=0) > 0
             tl.store(OUT + b * stride_ob + hkv * stride_oh + page, tl.where(page_valid, page_best, float("-inf")))
             return
     pages = (program - REFRESH) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -235,11 +240,6 @@ def _key_to_float(key):
     """The float whose order-preserving key (see _top_mask) is ``key``."""
     signed = (key - (1 << 31)).to(tl.int32)
     return (signed ^ ((signed >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-
-
-# The kernels' @triton.jit helpers take values, never pointers: Inductor's analysis of which
-# tensors a kernel writes counts a pointer passed to a helper as written, and then copies it
-# before the launch (two small copy kernels a step, measured on an H200).
 
 
 @triton.jit
