@@ -259,25 +259,50 @@ def _float_to_key(x):
     return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + (1 << 31)
 
 
-INTERPOLATED_ROUNDS = tl.constexpr(8)  # the threshold search's first rounds guess by interpolation, then it bisects
+FLOAT_WAYS = tl.constexpr(12)  # the selection's search counts 16 thresholds a round: 12 evenly spaced floats
+KEY_WAYS = tl.constexpr(4)  # and 4 evenly spaced integer keys (see _top_mask)
+
+
+@triton.jit
+def _search_threshold(lo, hi, WAY: tl.constexpr):
+    """The key of the search's threshold ``WAY`` (0-15) in (lo, hi]: ways below FLOAT_WAYS evenly
+    spaced floats between the values of ``lo`` and ``hi``, the rest evenly spaced keys."""
+    if WAY < FLOAT_WAYS:
+        low, high = _key_to_float(lo), _key_to_float(hi)
+        f = (WAY + 1) / (FLOAT_WAYS + 1)
+        mid = _float_to_key(low * (1.0 - f) + high * f)  # no overflow, unlike low + f * (high - low)
+    else:
+        mid = lo + ((hi - lo + 1) * (WAY - FLOAT_WAYS + 1)) // (KEY_WAYS + 1)
+    return tl.minimum(tl.maximum(mid, lo + 1), hi)
+
+
+@triton.jit
+def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3
 
 
 @triton.jit
 def _top_mask(ranked, budget):
-    """Exactly ``min(budget, non-NaN count)`` entries of ``ranked``, none below one left out; ties
-    at the threshold go to the first in order.
+    """Exactly ``min(budget, non-NaN count)`` entries of ``ranked`` (at most 16384), none below one
+    left out; ties at the threshold go to the first in order.
 
     The threshold is the budget-th largest value, or any value with exactly ``budget`` values at or
     above it. It is -inf when fewer than ``budget`` values are above -inf, +inf when at least
     ``budget`` are +inf (always-kept pages), and otherwise lies between the smallest and largest
     finite values: a search over their order-preserving integer keys (see :func:`_float_to_key`)
-    keeps ``lo`` (``count_lo >= budget`` values at or above it) and ``hi`` (``count_hi < budget``
-    values above it) and stops once a count is exact or ``lo == hi``. Its first rounds guess where
-    the budget-th value lies by linear interpolation of the counts, kept inside the middle 60% of
-    the range; later rounds bisect, so it ends within 8 + 32 rounds whatever the values.
-    In a simulation on Quest bounds of random Gaussian keys (8192 pages, budget 128) it took 7-10
-    rounds, where bisection from -inf to +inf took 21-25; on an H200 the selection took 30% less
-    time. Each round is one comparison per value and one sum; comparisons are on floats.
+    keeps ``lo`` (``count_lo >= budget`` values at or above it) and ``hi`` (fewer than ``budget``
+    values above it) and stops once ``count_lo`` is exact or ``lo == hi``.
+
+    Each round counts the values at or above 16 thresholds (:func:`_search_threshold`) in one
+    reduction, since a round's time is mostly the trip through the block's reduction: per entry,
+    four int64 words each hold four 0/1 counts in 16-bit lanes. (A (values, 16) comparison summed
+    over its first axis held the whole matrix in registers, 255 a thread, and spilled.) The float
+    thresholds close in on the budget-th value in a few rounds when values are spread; the key
+    thresholds shrink the key range 5-fold a round whatever the values (a far outlier, many ties),
+    so the search ends within 14 rounds. In a simulation (512 to 8192 values, budget 128) it took
+    3-3.5 rounds on average on Gaussian, exponential and log-normal values, 5-6 with one far
+    outlier and 6-7 with many ties, where the earlier search (one interpolated guess a round) took
+    7-17.
     """
     above_neg_inf, at_pos_inf = ranked > float("-inf"), ranked == float("inf")
     finite = above_neg_inf & ~at_pos_inf
@@ -289,23 +314,42 @@ def _top_mask(ranked, budget):
     no_search = tl.where(at_inf >= budget, tl.full((), 0xFF800000, tl.int64), 0x7FFFFF)  # key(+inf) or key(-inf)
     lo = tl.where(search, _float_to_key(tl.min(tl.where(finite, ranked, float("inf")), axis=0)), no_search)
     hi = tl.where(search, _float_to_key(tl.max(tl.where(finite, ranked, float("-inf")), axis=0)), no_search)
-    count_lo, count_hi = up, at_inf
-    rounds = 0
+    count_lo = up
     while (lo < hi) & (count_lo != budget):
-        span = hi - lo
-        mid = lo + (span + 1) // 2
-        if rounds < INTERPOLATED_ROUNDS:
-            low, high = _key_to_float(lo), _key_to_float(hi)
-            guess = low + (high - low) * ((count_lo - budget) / (count_lo - count_hi)).to(tl.float32)
-            margin = span // 5
-            mid = tl.minimum(tl.maximum(_float_to_key(guess), lo + 1 + margin), hi - margin)
-        at_least = tl.sum((ranked >= _key_to_float(mid)).to(tl.int32), axis=0)
-        enough = at_least >= budget
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
-        count_lo = tl.where(enough, at_least, count_lo)
-        count_hi = tl.where(enough, count_hi, at_least)
-        rounds += 1
+        w0 = tl.zeros(ranked.shape, tl.int64)
+        w1 = tl.zeros(ranked.shape, tl.int64)
+        w2 = tl.zeros(ranked.shape, tl.int64)
+        w3 = tl.zeros(ranked.shape, tl.int64)
+        for way in tl.static_range(16):
+            lane = (ranked >= _key_to_float(_search_threshold(lo, hi, way))).to(tl.int64) << (16 * (way % 4))
+            if way // 4 == 0:
+                w0 += lane
+            elif way // 4 == 1:
+                w1 += lane
+            elif way // 4 == 2:
+                w2 += lane
+            else:
+                w3 += lane
+        c0, c1, c2, c3 = tl.reduce((w0, w1, w2, w3), 0, _add4)
+        # Counts fall as thresholds rise: the highest threshold with enough values is the new lo,
+        # the lowest without is the new hi + 1.
+        new_lo, new_count_lo, new_hi = lo, count_lo, hi
+        for way in tl.static_range(16):
+            mid = _search_threshold(lo, hi, way)
+            if way // 4 == 0:
+                word = c0
+            elif way // 4 == 1:
+                word = c1
+            elif way // 4 == 2:
+                word = c2
+            else:
+                word = c3
+            at_least = (word >> (16 * (way % 4))) & 0xFFFF
+            raised = (at_least >= budget) & (mid > new_lo)
+            new_lo = tl.where(raised, mid, new_lo)
+            new_count_lo = tl.where(raised, at_least, new_count_lo)
+            new_hi = tl.where((at_least < budget) & (mid <= new_hi), mid - 1, new_hi)
+        lo, count_lo, hi = new_lo, new_count_lo, new_hi
     threshold = _key_to_float(lo)
     above = ranked > threshold
     ties = ranked == threshold
@@ -378,7 +422,8 @@ SPLIT_BELOW_ROWS = 64  # fewer (batch row, KV head) pairs than this: the selecti
 
 
 def top_pages(
-    scores: torch.Tensor, position: torch.Tensor, params: SparseParams, chunk_pages: int | None = None
+    scores: torch.Tensor, position: torch.Tensor, params: SparseParams, chunk_pages: int | None = None,
+    num_warps: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same selection as ``reference.top_pages`` without a sort: per (batch row, KV head), a
     search (see :func:`_top_mask`) finds the budget-th largest score, then the chosen pages are
@@ -388,7 +433,8 @@ def top_pages(
     for 8192 pages each at B=1, 128K). There the selection runs in two stages: programs over
     chunks of ``chunk_pages`` pages keep each chunk's best ``K`` (the page cap), and one program
     per row picks from those candidates. ``chunk_pages`` None picks it (at least 4 K, and 0, one
-    stage, when there are enough rows or fewer than 8 chunks); 0 forces one stage.
+    stage, when there are enough rows or fewer than 8 chunks); 0 forces one stage. ``num_warps``:
+    (first stage, second stage) warps, None picks them from the block sizes.
 
     The page set equals the reference's (ties at the threshold aside, where either choice is a
     valid top-k); the slot order differs, which nothing downstream depends on.
@@ -411,24 +457,25 @@ def top_pages(
     indices = torch.empty(b, hkv, k, dtype=torch.int64, device=scores.device)
     chosen = torch.empty(b, hkv, k, dtype=torch.bool, device=scores.device)
     rules = (params.page_size, params.sink_pages, params.local_pages)
+    entries = chunks * k if chunks > 1 else num_pages  # the second stage's values: candidates, or the scores
+    block = max(16, triton.next_power_of_2(entries))
+    first_warps, second_warps = num_warps or (min(8, max(1, chunk_pages // 256)), min(16, max(1, block // 512)))
     if chunks > 1:
         cand_score = torch.empty(b * hkv, chunks * k, dtype=torch.float32, device=scores.device)
         cand_page = torch.empty(b * hkv, chunks * k, dtype=torch.int32, device=scores.device)
         wrap_triton(_page_candidates_kernel)[(b * hkv, chunks)](
             scores, position, cand_score, cand_page, scores.stride(0), scores.stride(1), position.stride(0),
             hkv, num_pages, k, *rules,
-            CHUNK=chunk_pages, KEEP_BLOCK=triton.next_power_of_2(k), num_warps=min(8, max(1, chunk_pages // 256)),
+            CHUNK=chunk_pages, KEEP_BLOCK=triton.next_power_of_2(k), num_warps=first_warps,
         )
-        entries = chunks * k
     else:
-        cand_score, cand_page, entries = scores, scores, num_pages  # unused by the one-stage kernel (read-only here)
-    block = max(16, triton.next_power_of_2(entries))
+        cand_score, cand_page = scores, scores  # unused by the one-stage kernel (read-only here)
     wrap_triton(_top_pages_kernel)[(b * hkv,)](
         scores, position, indices if budget is None else budget,  # FIXED_BUDGET never reads it
         cand_score, cand_page, indices, chosen,
         scores.stride(0), scores.stride(1), position.stride(0),
         hkv, num_pages, entries, k, *rules,
-        BLOCK=block, FROM_CANDIDATES=chunks > 1, FIXED_BUDGET=budget is None, num_warps=min(16, max(1, block // 512)),
+        BLOCK=block, FROM_CANDIDATES=chunks > 1, FIXED_BUDGET=budget is None, num_warps=second_warps,
     )
     return indices, chosen
 
