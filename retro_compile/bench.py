@@ -7,10 +7,13 @@ for B in {1, 8} and contexts {8K, 32K, 128K}. Side by side in one run:
 * ``dense``: ``F.scaled_dot_product_attention`` over the whole cache (enable_gqa, boolean mask);
 * ``flex``: FlexAttention over a fixed block mask of the same number of keys (:func:`flex_case`),
   compiled by Inductor;
-* ``quest``, ``retro w=2``, ``retro w=4``: the whole ``retro::attention`` decode step (summary
-  refresh, scoring, top-k, attention, merge, state update) compiled the way a ``retro_compile``'d
-  decode graph runs it: Inductor traces the op's body and fuses the small ops around its Triton
-  kernels;
+* ``quest``, ``retro w=2``, ``retro w=4``: the whole ``retro::attention`` decode step (query
+  positions, summary refresh, scoring, top-k, attention, merge, state update) compiled by
+  Inductor, which traces the op's body and fuses the small ops around its Triton kernels;
+* ``quest layer``, ``retro w=2 layer``, ...: the same step as one layer of a ``retro_compile``'d
+  decode graph runs it: the graph reduces the mask to the query positions once and hands them
+  to every layer (``positions``), so a layer's step is the rest (``stage_positions_us`` is the
+  once-a-graph part);
 * ``bound``: bytes a sparse step must read (summaries + selected K/V) over the measured memory
   bandwidth (a large device-to-device copy's bytes read + written per second).
 
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .kernels.op import retro_attention
-from .kernels.reference import SparseParams
+from .kernels.reference import SparseParams, mask_positions
 from .state import StateShape, allocate
 
 log = logging.getLogger("retro_compile.bench")
@@ -85,8 +88,14 @@ def graph_us(fn, inputs, compile: bool = True) -> float:
 
 
 def _op_step(state, params):
-    """The decode step as a ``retro_compile``'d graph runs it (inputs q, k, v, mask)."""
+    """The decode step on its own (inputs q, k, v, mask), query positions included."""
     return lambda q, k, v, mask: retro_attention(q, k, v, mask, state, params)
+
+
+def _layer_step(state, params):
+    """The decode step as each layer of a ``retro_compile``'d graph runs it (inputs q, k, v, mask,
+    positions): the graph computes the query positions once for all its layers."""
+    return lambda q, k, v, mask, positions: retro_attention(q, k, v, mask, state, params, positions=positions)
 
 
 def copy_bandwidth() -> float:
@@ -206,6 +215,8 @@ def bench_op(batches, contexts, out: Path) -> list[dict]:
         for name, window in OP_MODES.items():
             state, params, inputs = op_case(batch, context, window)
             measure(row, f"{name}_us", lambda: graph_us(_op_step(state, params), inputs))
+            positions = mask_positions(inputs[3], batch, window)
+            measure(row, f"{name}_layer_us", lambda: graph_us(_layer_step(state, params), (*inputs, positions)))
         row.update(stage_times(state, params, inputs))
         pages = math.ceil(context / PAGE)
         bytes_read = batch * (2 * pages * KV_HEADS * HEAD_DIM * 2 + 2 * min(BUDGET, context) * KV_HEADS * HEAD_DIM * 2)
