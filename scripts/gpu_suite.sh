@@ -3,7 +3,7 @@
 #   bash scripts/gpu_suite.sh speed            # GPU tests, the op benchmark, the step's kernel profile
 #   bash scripts/gpu_suite.sh quality [MODEL [ARGS...]]  # perplexity + exposure and passkey, side by side
 #   bash scripts/gpu_suite.sh tests            # the GPU tests alone
-#   bash scripts/gpu_suite.sh tune             # each stage's launch parameters timed (scripts/tune_stages.py)
+#   bash scripts/gpu_suite.sh tune [ARGS...]   # each stage's launch parameters timed (scripts/tune_stages.py ARGS)
 #   bash scripts/gpu_suite.sh e2e [ARGS...]    # python -m retro_compile.bench e2e ARGS, rows added to a copy of
 #                                              # results/bench_e2e_h200.json in $OUT (a sweep can span several runs)
 #   bash scripts/gpu_suite.sh tp [ARGS...]     # the same over 2 GPUs (--tp 2), rows in results/bench_e2e_tp2_h200.json
@@ -40,7 +40,8 @@ case "${1:-}" in
     tail -n 5 "$OUT/gpu_tests.log"
     ;;
   tune)
-    timeout "${TUNE_TIMEOUT:-300}" python scripts/tune_stages.py --out "$OUT/tune_stages_h200.json" >"$OUT/tune.log" 2>&1 \
+    timeout "${TUNE_TIMEOUT:-300}" python scripts/tune_stages.py --out "$OUT/tune_stages_h200.json" "${@:2}" \
+      >"$OUT/tune.log" 2>&1 \
       || status=1
     tail -n 3 "$OUT/tune.log"
     ;;

@@ -2,11 +2,12 @@
 
     python scripts/tune_stages.py --out tune_stages.json
 
-For each (batch, context) of the op benchmark's target shapes: page scoring over (block_pages,
-num_warps), elementwise and as matrix products, and a step's summary refresh as its own launch
-or inside scoring; the selection over chunk_pages (0: one stage);
-the attention + merge over pages_per_split (None: the default). Device time per call from a CUDA
-graph of 20 calls, as ``python -m retro_compile.bench op`` times its stages.
+For each (batch, context) of the op benchmark's target shapes, the stages named by ``--stages``:
+page scoring over (block_pages, num_warps), elementwise and as matrix products (scores); a step's
+summary refresh as its own launch or inside scoring (refresh); the selection over chunk_pages (0:
+one stage) and each stage's warps (select); the attention + merge over pages_per_split (None: the
+default), tile_pages and warps (attend). Device time per call from a CUDA graph of 20 calls, as
+``python -m retro_compile.bench op`` times its stages.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from retro_compile.kernels import decode, reference
 log = logging.getLogger("tune_stages")
 
 
-def tune(batch: int, context: int) -> dict:
+STAGES = ("scores", "refresh", "select", "attend")
+
+
+def tune(batch: int, context: int, stages=STAGES) -> dict:
     state, params, inputs = op_case(batch, context, 2)
     x = stage_inputs(state, params, inputs)
     page = params.page_size
@@ -34,36 +38,50 @@ def tune(batch: int, context: int) -> dict:
         measure(row, key, lambda: round(graph_us(fn, (), compile=False), 2))
         log.info("B=%d %dK %s: %s", batch, context // 1024, key, row.get(key))
 
-    for block, warps in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8), (256, 16)):
-        timed(f"scores_block{block}_warps{warps}", lambda: decode.page_scores(
-            x.q_row, state.kmax, state.kmin, x.valid, page, block_pages=block, num_warps=warps, as_products=False))
-    for block, warps in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)):
-        timed(f"scores_products_block{block}_warps{warps}", lambda: decode.page_scores(
-            x.q_row, state.kmax, state.kmin, x.valid, page, block_pages=block, num_warps=warps, as_products=True))
-    timed("summarize_then_scores", lambda: (
-        decode.summarize_pages(state.kmax, state.kmin, x.k, x.valid, x.first_position, 2, page),
-        decode.page_scores(x.q_row, state.kmax, state.kmin, x.valid, page)))
-    timed("scores_with_refresh", lambda: decode.page_scores(
-        x.q_row, state.kmax, state.kmin, x.valid, page, refresh=reference.PageRefresh(x.k, x.first_position, 2)))
-    for chunk in (0, 256, 512, 1024, 2048):
-        timed(f"select_chunk{chunk}", lambda: decode.top_pages(x.scores, x.position[:, -1], params, chunk))
-    timed("select_default", lambda: decode.top_pages(x.scores, x.position[:, -1], params))
-    for split in (None, 1, 2, 4, 8, 16):
-        timed(f"attend_split{split}", lambda: decode.attend_window(
-            x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen, state, x.position, x.scale, page, pages_per_split=split))
+    if "scores" in stages:
+        for block, warps in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8), (256, 16)):
+            timed(f"scores_block{block}_warps{warps}", lambda: decode.page_scores(
+                x.q_row, state.kmax, state.kmin, x.valid, page, block_pages=block, num_warps=warps, as_products=False))
+        for block, warps in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)):
+            timed(f"scores_products_block{block}_warps{warps}", lambda: decode.page_scores(
+                x.q_row, state.kmax, state.kmin, x.valid, page, block_pages=block, num_warps=warps, as_products=True))
+    if "refresh" in stages:
+        timed("summarize_then_scores", lambda: (
+            decode.summarize_pages(state.kmax, state.kmin, x.k, x.valid, x.first_position, 2, page),
+            decode.page_scores(x.q_row, state.kmax, state.kmin, x.valid, page)))
+        timed("scores_with_refresh", lambda: decode.page_scores(
+            x.q_row, state.kmax, state.kmin, x.valid, page, refresh=reference.PageRefresh(x.k, x.first_position, 2)))
+    if "select" in stages:
+        for chunk in (0, 256, 512, 1024, 2048):
+            timed(f"select_chunk{chunk}", lambda: decode.top_pages(x.scores, x.position[:, -1], params, chunk))
+        for chunk, warps in ((512, (2, 8)), (512, (4, 8)), (512, (4, 16)), (1024, (4, 8)), (1024, (8, 16)),
+                             (0, (1, 8)), (0, (1, 32))):
+            timed(f"select_chunk{chunk}_warps{warps[0]}_{warps[1]}", lambda: decode.top_pages(
+                x.scores, x.position[:, -1], params, chunk, num_warps=warps))
+        timed("select_default", lambda: decode.top_pages(x.scores, x.position[:, -1], params))
+    if "attend" in stages:
+        for split in (None, 1, 2, 4, 8, 16):
+            timed(f"attend_split{split}", lambda: decode.attend_window(
+                x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen, state, x.position, x.scale, page,
+                pages_per_split=split))
+        for split, tile, warps in ((8, 8, 4), (8, 8, 8), (16, 8, 4), (16, 16, 8), (4, 4, 8)):
+            timed(f"attend_split{split}_tile{tile}_warps{warps}", lambda: decode.attend_window(
+                x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen, state, x.position, x.scale, page,
+                pages_per_split=split, tile_pages=tile, num_warps=warps))
     return row
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["1x32768", "1x131072", "8x131072"], help="BATCHxCONTEXT")
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="the stages to time")
     p.add_argument("--out", type=Path, default=Path("tune_stages.json"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = []
     for shape in args.shapes:
         batch, context = map(int, shape.split("x"))
-        rows.append(tune(batch, context))
+        rows.append(tune(batch, context, args.stages))
         args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), results=rows), indent=2))
 
 
