@@ -54,8 +54,8 @@ def tune(batch: int, context: int, stages=STAGES) -> dict:
     if "select" in stages:
         for chunk in (0, 256, 512, 1024, 2048):
             timed(f"select_chunk{chunk}", lambda: decode.top_pages(x.scores, x.position[:, -1], params, chunk))
-        for chunk, warps in ((512, (2, 8)), (512, (4, 8)), (512, (4, 16)), (1024, (4, 8)), (1024, (8, 16)),
-                             (0, (1, 8)), (0, (1, 32))):
+        for chunk, warps in ((512, (1, 1)), (512, (1, 2)), (512, (2, 2)), (512, (1, 4)), (512, (2, 8)),
+                             (1024, (2, 2)), (1024, (4, 4)), (0, (1, 1)), (0, (1, 2)), (0, (1, 4)), (0, (1, 8))):
             timed(f"select_chunk{chunk}_warps{warps[0]}_{warps[1]}", lambda: decode.top_pages(
                 x.scores, x.position[:, -1], params, chunk, num_warps=warps))
         timed("select_default", lambda: decode.top_pages(x.scores, x.position[:, -1], params))
