@@ -6,7 +6,8 @@ For each (batch, context) of the op benchmark's target shapes, the stages named 
 page scoring over (block_pages, num_warps), elementwise and as matrix products (scores); a step's
 summary refresh as its own launch or inside scoring (refresh); the selection over chunk_pages (0:
 one stage) and each stage's warps (select); the attention + merge over pages_per_split (None: the
-default), tile_pages and warps (attend). Device time per call from a CUDA graph of 20 calls, as
+default), tile_pages and warps (attend); a dense layer's window over the whole cache
+(``dense_window``) over the same, beside SDPA for the newest row alone (dense). Device time per call from a CUDA graph of 20 calls, as
 ``python -m retro_compile.bench op`` times its stages.
 """
 
@@ -18,6 +19,7 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from retro_compile.bench import graph_us, measure, op_case, stage_inputs
 from retro_compile.kernels import decode, reference
@@ -25,7 +27,7 @@ from retro_compile.kernels import decode, reference
 log = logging.getLogger("tune_stages")
 
 
-STAGES = ("scores", "refresh", "select", "attend")
+STAGES = ("scores", "refresh", "select", "attend", "dense")
 
 
 def tune(batch: int, context: int, stages=STAGES) -> dict:
@@ -68,6 +70,13 @@ def tune(batch: int, context: int, stages=STAGES) -> dict:
             timed(f"attend_split{split}_tile{tile}_warps{warps}", lambda: decode.attend_window(
                 x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen, state, x.position, x.scale, page,
                 pages_per_split=split, tile_pages=tile, num_warps=warps))
+    if "dense" in stages:
+        row["dense_sdpa_newest_row"] = round(graph_us(lambda: F.scaled_dot_product_attention(
+            x.q[:, :, -1:], x.k, x.v, enable_gqa=True), (), compile=False), 2)
+        for split, tile, warps in ((None, 4, 4), (64, 4, 4), (256, 4, 4), (None, 8, 4), (None, 8, 8), (64, 8, 4),
+                                   (256, 8, 8), (None, 4, 8)):
+            timed(f"dense_split{split}_tile{tile}_warps{warps}", lambda: decode.dense_window(
+                x.q, x.k, x.v, x.allowed, x.scale, pages_per_split=split, tile_pages=tile, num_warps=warps))
     return row
 
 

@@ -82,7 +82,7 @@ def mask_to_allowed(
     return allowed, bias.masked_fill(~allowed, 0.0)
 
 
-POSITION_CHUNK = 2048  # keys per program in the first stage of :func:`query_positions`
+POSITION_CHUNK = 1024  # keys per program in the first stage of :func:`query_positions`
 
 
 def query_positions(allowed: torch.Tensor) -> torch.Tensor:
@@ -90,11 +90,15 @@ def query_positions(allowed: torch.Tensor) -> torch.Tensor:
 
     A decode step has a handful of rows over a cache of up to 128K keys: reduced in one pass, a
     compiled step gives each row one program that walks the whole cache. Two stages (the last key
-    of every chunk, then of the chunks) spread the first, long one over many programs.
+    of every chunk, then of the chunks) spread the first, long one over many programs. The second
+    reduces at least 8 chunks: Inductor unrolls a reduction of fewer (its
+    ``unroll_reductions_threshold``) into an expression each consumer recomputes, and a step's
+    kernels take several views of the positions (on an H200 at 8K keys, 4 chunks of 2048 cost a
+    retro step three extra 1 us kernels).
     """
     length = allowed.shape[-1]
     seen = torch.where(allowed, torch.arange(length, device=allowed.device), -1)
-    if length > POSITION_CHUNK and length % POSITION_CHUNK == 0:
+    if length >= 8 * POSITION_CHUNK and length % POSITION_CHUNK == 0:
         seen = seen.unflatten(-1, (-1, POSITION_CHUNK)).amax(dim=-1)
     return seen.amax(dim=-1)
 
