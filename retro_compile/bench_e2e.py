@@ -225,9 +225,11 @@ def kernel_breakdown(profiler, steps: int) -> dict[str, float]:
         name = event.key.lower()
         kind = next((k for k, marks in KERNEL_KINDS.items() if any(m in name for m in marks)), "other")
         totals[kind] += device_us
-        kernels.append((device_us / 1000.0 / steps, event.key[:80]))
+        kernels.append((device_us / 1000.0 / steps, event.key[:80], event.count / steps))
     row = {f"step_{kind}_ms": total / 1000.0 / steps for kind, total in totals.items()}
-    row["step_top_kernels_ms"] = [[name, round(ms, 4)] for ms, name in sorted(kernels, reverse=True)[:10]]
+    # [name, ms per step, launches per step] of the 30 costliest kernels
+    row["step_top_kernels_ms"] = [[name, round(ms, 4), round(calls, 2)]
+                                  for ms, name, calls in sorted(kernels, reverse=True)[:30]]
     return row
 
 
