@@ -168,13 +168,13 @@ def test_inductor_inlines_the_triton_kernels():
     from retro_compile.bench import op_case
     from retro_compile.kernels.op import retro_attention
 
-    state, params, inputs = op_case(1, 65536, 2)  # 4096 pages: the selection runs in two stages
+    state, params, inputs = op_case(1, 131072, 2)  # 8192 pages: the selection runs in two stages
 
     def step(q, k, v, mask):
         return retro_attention(q, k, v, mask, state, params)
 
     expected = step(*inputs)
-    state, params, inputs = op_case(1, 65536, 2)
+    state, params, inputs = op_case(1, 131072, 2)
     got, code = run_and_get_code(torch.compile(step, fullgraph=True), *inputs)
     torch.testing.assert_close(got, expected)
     source = "\n".join(code)
