@@ -311,11 +311,12 @@ def test_top_pages_split_selection_checks_its_chunk_size():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("q_heads,kv_heads,n,length,pages_per_split", [
     (4, 2, 2, 100, None), (4, 2, 4, 100, 2), (3, 1, 3, 64, 1), (2, 2, 2, 37, None), (8, 2, 2, 300, 3),
+    (4, 2, 2, 1100, 40),  # splits of 32 pages or more: 8-page tiles
 ])
 def test_dense_window_kernel_matches_sdpa(dtype, q_heads, kv_heads, n, length, pages_per_split):
     """Every window row over every key it may see, against SDPA one row at a time: causal rows
     ending at the cache's last positions, a left-padded batch row, a cache that is not a whole
-    number of pages, splits of one page to all of them."""
+    number of pages, splits of one page to all of them, tiles of 4 and 8 pages."""
     g = torch.Generator().manual_seed(length + n)
     b, d = 2, 16
     q = torch.randn(b, q_heads, n, d, generator=g).to(dtype).to(DEVICE)
