@@ -7,8 +7,8 @@ page scoring over (block_pages, num_warps), elementwise and as matrix products (
 summary refresh as its own launch or inside scoring (refresh); the selection over chunk_pages (0:
 one stage) and each stage's warps (select); the attention + merge over pages_per_split (None: the
 default), tile_pages and warps (attend); a dense layer's window over the whole cache
-(``dense_window``) over the same, beside SDPA for the newest row alone (dense). Device time per call from a CUDA graph of 20 calls, as
-``python -m retro_compile.bench op`` times its stages.
+(``dense_window``) over the same, beside SDPA for the newest row alone (dense). Device time per
+call from a CUDA graph of 20 calls, as ``python -m retro_compile.bench op`` times its stages.
 """
 
 from __future__ import annotations
