@@ -173,7 +173,7 @@ def test_pages_straddling_prompt_end_are_refreshed():
     assert (state.kmax[:, :, :4] == 0).all(), "pages outside the written range were touched"
 
 
-@pytest.mark.parametrize("length", [100, 4096, 6144])  # one stage; two stages (a multiple of the chunk)
+@pytest.mark.parametrize("length", [100, 6144, 8192, 9216])  # one stage; two (8 chunks or more of 1024)
 def test_query_positions_is_the_last_allowed_key(length):
     """Against a hand loop: the last True index of each row, -1 for a row that sees nothing,
     whichever chunk that key falls in."""
