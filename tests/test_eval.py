@@ -182,3 +182,42 @@ def test_parallel_configurations_share_the_cpu_threads():
 
     with cli.worker_pool(2) as pool:
         assert pool.submit(torch.get_num_threads).result() == max(1, torch.get_num_threads() // 2)
+
+
+def test_summary_precision_rounds_outward_to_e4m3():
+    """``scripts/summary_precision.py`` stores a summary's max row rounded up and its min row
+    rounded down to float8 e4m3 values, so a page's score stays an upper bound. Against torch's
+    own e4m3 conversion (round to nearest): the result is that value or its neighbour on the
+    outward side, and brackets the input; beyond e4m3's range it is +-inf."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "summary_precision.py"
+    spec = importlib.util.spec_from_file_location("summary_precision", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rounding = module.OutwardRounding()
+    grid = rounding.grid
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(2000, generator=g) * 10.0 ** torch.randint(-4, 3, (2000,), generator=g),
+                   grid, torch.tensor([0.0, -0.0, 448.0, -448.0, 449.0, -1000.0])])
+    nearest = x.clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    at = torch.searchsorted(grid, nearest)
+    up, down = rounding._round(x, up=True), rounding._round(x, up=False)
+    inside = x.abs() <= 448
+    assert torch.equal(up[inside], torch.where(nearest >= x, nearest, grid[(at + 1).clamp(max=len(grid) - 1)])[inside])
+    assert torch.equal(down[inside], torch.where(nearest <= x, nearest, grid[(at - 1).clamp(min=0)])[inside])
+    assert (up >= x).all() and (down <= x).all()
+    assert torch.equal(up[~inside], torch.tensor([float("inf"), -448.0]))
+    assert torch.equal(down[~inside], torch.tensor([448.0, float("-inf")]))
+    assert rounding.clamped == 4  # 449 and -1000, in each direction
+    # inside the context, the reference's summaries come out rounded outward; after it, as they were
+    k = torch.randn(1, 2, 32, 8, generator=g)
+    valid = torch.ones(1, 32, dtype=torch.bool)
+    kmax, kmin = reference.build_summaries(k, valid, 8)
+    with module.OutwardRounding() as outward:
+        rounded_max, rounded_min = reference.build_summaries(k, valid, 8)
+    assert torch.equal(rounded_max, outward._round(kmax, up=True)) and (rounded_max >= kmax).all()
+    assert torch.equal(rounded_min, outward._round(kmin, up=False)) and (rounded_min <= kmin).all()
+    assert not torch.equal(rounded_max, kmax) and not torch.equal(rounded_min, kmin)
+    assert all(torch.equal(a, b) for a, b in zip(reference.build_summaries(k, valid, 8), (kmax, kmin)))
