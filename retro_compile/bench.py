@@ -88,14 +88,10 @@ def graph_us(fn, inputs, compile: bool = True) -> float:
 
 
 def _op_step(state, params):
-    """The decode step on its own (inputs q, k, v, mask), query positions included."""
-    return lambda q, k, v, mask: retro_attention(q, k, v, mask, state, params)
-
-
-def _layer_step(state, params):
-    """The decode step as each layer of a ``retro_compile``'d graph runs it (inputs q, k, v, mask,
-    positions): the graph computes the query positions once for all its layers."""
-    return lambda q, k, v, mask, positions: retro_attention(q, k, v, mask, state, params, positions=positions)
+    """The decode step (inputs q, k, v, mask[, positions]). Without ``positions`` it reduces the
+    mask to them itself; with them it runs as each layer of a ``retro_compile``'d graph does, the
+    graph having computed them once for all its layers."""
+    return lambda q, k, v, mask, positions=None: retro_attention(q, k, v, mask, state, params, positions=positions)
 
 
 def copy_bandwidth() -> float:
@@ -216,7 +212,7 @@ def bench_op(batches, contexts, out: Path) -> list[dict]:
             state, params, inputs = op_case(batch, context, window)
             measure(row, f"{name}_us", lambda: graph_us(_op_step(state, params), inputs))
             positions = mask_positions(inputs[3], batch, window)
-            measure(row, f"{name}_layer_us", lambda: graph_us(_layer_step(state, params), (*inputs, positions)))
+            measure(row, f"{name}_layer_us", lambda: graph_us(_op_step(state, params), (*inputs, positions)))
         row.update(stage_times(state, params, inputs))
         pages = math.ceil(context / PAGE)
         bytes_read = batch * (2 * pages * KV_HEADS * HEAD_DIM * 2 + 2 * min(BUDGET, context) * KV_HEADS * HEAD_DIM * 2)

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from retro_compile.kernels import reference as ref
+from retro_compile.kernels.op import retro_attention
 from retro_compile.kernels.reference import SparseParams
+from retro_compile.state import StateShape, allocate
 
 from .oracles import naive_dense, naive_quest_pages, page_positions
-from .sequences import dense_rows, make_problem, run
+from .sequences import dense_rows, make_problem, mask_for, run
 
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
@@ -163,7 +165,6 @@ def test_pages_straddling_prompt_end_are_refreshed():
     p = params(window=2, budget_pages=2)
     runs = list(run(problem, p, steps=3))
     assert len(runs) == 4  # prefill + 3 steps ran; now rebuild the state by hand and compare
-    from retro_compile.state import StateShape, allocate
     state = allocate(StateShape(2, 4, 2, 16, 16, 12, 2, torch.float32, torch.device("cpu")))
     valid = problem.valid & (torch.arange(problem.length) <= 39)
     kmax, kmin = ref.build_summaries(problem.k, valid, 8)
@@ -194,11 +195,6 @@ def test_shared_positions_give_the_steps_own_result():
     """A decode step handed its rows' positions (``reference.mask_positions``, which the rewrite
     computes once per graph for all layers) gives exactly the step that finds them itself, output
     and state, over a padded batch and a window of 2; and those positions are the rows' own."""
-    from retro_compile.kernels.op import retro_attention
-    from retro_compile.state import StateShape, allocate
-
-    from .sequences import mask_for
-
     problem = make_problem(pad=(0, 5))
     p = params(window=2, budget_pages=3, page_size=8)
     states = [allocate(StateShape.of_call(problem.q, problem.k, problem.v, 12, 2)) for _ in range(2)]
@@ -220,11 +216,6 @@ def test_shared_positions_give_the_steps_own_result():
 
 def test_bad_positions_are_refused_by_name():
     """Positions of the wrong shape or dtype, or handed to a prefill, raise before anything runs."""
-    from retro_compile.kernels.op import retro_attention
-    from retro_compile.state import StateShape, allocate
-
-    from .sequences import mask_for
-
     problem = make_problem()
     p = params(window=2, page_size=8)
     state = allocate(StateShape.of_call(problem.q, problem.k, problem.v, 12, 2))

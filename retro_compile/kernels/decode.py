@@ -611,7 +611,7 @@ def attend_window(
     scale: float,
     page_size: int,
     pages_per_split: int | None = None,
-    tile_pages: int = 4,
+    tile_pages: int = 4,  # H200: 8-page tiles gained nothing (B=1/128K) or lost (B=8/128K: 31.8 us against 28.5)
     num_warps: int = 4,
 ) -> torch.Tensor:
     """Same as ``reference.attend_window``, in two launches: the attention kernel (which also stamps
@@ -624,8 +624,9 @@ def attend_window(
         raise ValueError("kernels.decode.attend_window: last, out_cache and lse_cache are written in place "
                          "and must have unit last stride")
     selection = (indices.contiguous(), chosen.contiguous(), state.last, position.contiguous())
-    return _attend(q, k, v, allowed, selection, state.out_cache, state.lse_cache, scale, page_size,
-                   indices.shape[-1], pages_per_split, tile_pages, num_warps)
+    num_pages = indices.shape[-1]
+    return _attend(q, k, v, allowed, selection, state.out_cache, state.lse_cache, scale, page_size, num_pages,
+                   pages_per_split or _split_pages(num_pages, q.shape[0], k.shape[1]), tile_pages, num_warps)
 
 
 DENSE_PAGE = 16  # keys per page when dense_window walks the whole cache
@@ -649,32 +650,38 @@ def dense_window(
     it reads the cache once per row; here the split attention kernel reads each key and value
     once for all ``G * n`` rows of a KV head's group (G query heads), as it does for selected
     pages, and the merge folds the splits (no selection, no state, no output cache).
-    ``tile_pages`` None: 8 pages a tile for splits of at least 32 pages, else 4.
+    ``tile_pages`` None: 8 pages a tile for splits of at least 32 pages, else 4. Alone on an H200
+    (two window rows, 128K keys), 8-page tiles took 937 us against 1209 with 4 at B=8 and 139
+    against 158 at B=1 (64K: 81 against 88); at 8K keys (8-page splits) 23 against 19.
     """
+    num_pages = triton.cdiv(k.shape[2], DENSE_PAGE)
+    pages_per_split = pages_per_split or _split_pages(num_pages, q.shape[0], k.shape[1])
+    if tile_pages is None:
+        tile_pages = 8 if pages_per_split >= 32 else 4
     no_cache = torch.empty(q.shape[0], q.shape[1], 0, v.shape[3], dtype=torch.float32, device=q.device)
-    return _attend(q, k, v, allowed, None, no_cache, no_cache[..., 0], scale, DENSE_PAGE,
-                   triton.cdiv(k.shape[2], DENSE_PAGE), pages_per_split, tile_pages, num_warps)
+    return _attend(q, k, v, allowed, None, no_cache, no_cache[..., 0], scale, DENSE_PAGE, num_pages,
+                   pages_per_split, tile_pages, num_warps)
+
+
+def _split_pages(num_pages: int, batch: int, kv_heads: int) -> int:
+    """Default pages per split: about 512 programs over (batch, KV heads, splits), each at least 8
+    pages. At B=1 fewer, longer splits were faster (H200: 8 pages 9.9 us, 2 pages 12.9), and leave
+    the merge less to fold."""
+    return max(8, triton.cdiv(num_pages * batch * kv_heads, 512))
 
 
 def _attend(q, k, v, allowed, selection, out_cache, lse_cache, scale, page_size, num_pages, pages_per_split,
             tile_pages, num_warps) -> torch.Tensor:
     """The split attention and merge launches of :func:`attend_window` (``selection``: indices,
     chosen, last, position) and :func:`dense_window` (``selection`` None: every one of
-    ``num_pages`` pages, no output cache)."""
+    ``num_pages`` pages, no output cache), splits and tiles as their callers chose them."""
     q, k, v, allowed = _unit_last_stride(q, k, v, allowed)
     b, hq, n, d = q.shape
     hkv, length, dv = k.shape[1], k.shape[2], v.shape[3]
     group = hq // hkv
     dense = selection is None
     indices, chosen, last, position = (allowed,) * 4 if dense else selection  # dense: never read, any strides do
-    if pages_per_split is None:  # about 512 programs over (batch, KV heads, splits), each at least 8 pages:
-        # at B=1 fewer, longer splits were faster (H200: 8 pages 9.9 us, 2 pages 12.9), and leave the merge less
-        pages_per_split = max(8, triton.cdiv(num_pages * b * hkv, 512))
     splits = triton.cdiv(num_pages, pages_per_split)
-    if tile_pages is None:  # dense_window's choice. Alone on an H200 (two window rows, 128K keys), 8-page
-        # tiles took 937 us against 1209 with 4 at B=8 and 139 against 158 at B=1 (64K: 81 against 88);
-        # at 8K keys (8-page splits) 23 against 19. The selected pages' tiles stay at 4 (no gain at 8).
-        tile_pages = 8 if pages_per_split >= 32 else 4
     tile = min(tile_pages, triton.next_power_of_2(pages_per_split))
     rows = max(16, triton.next_power_of_2(group * n))
     part_out = torch.empty(b, hkv, splits, group * n, dv, dtype=torch.float32, device=q.device)
