@@ -132,7 +132,7 @@ def stage_inputs(state, params, inputs) -> SimpleNamespace:
     position = ref.query_positions(allowed)
     valid, q_row = allowed[:, -1], q[:, :, -1].contiguous()
     scores = decode.page_scores(q_row, state.kmax, state.kmin, valid, params.page_size)
-    indices, chosen = decode.top_pages(scores, position[:, -1], params)
+    indices, chosen = decode.top_pages(scores, position[:, -1], params, state.counts)
     return SimpleNamespace(q=q, k=k, v=v, allowed=allowed, position=position, valid=valid, q_row=q_row,
                            first_position=position[:, 0], scores=scores, indices=indices,
                            chosen=chosen, scale=q.shape[-1] ** -0.5)
@@ -155,7 +155,7 @@ def stage_times(state, params, inputs) -> dict[str, float]:
         "stage_scores_us": graphed_us(lambda: decode.page_scores(x.q_row, state.kmax, state.kmin, x.valid, page)),
         "stage_scores_refresh_us": graphed_us(lambda: decode.page_scores(  # a step's: the summary refresh fused
             x.q_row, state.kmax, state.kmin, x.valid, page, refresh=ref.PageRefresh(x.k, x.first_position, 2))),
-        "stage_select_us": graphed_us(lambda: decode.top_pages(x.scores, x.position[:, -1], params)),
+        "stage_select_us": graphed_us(lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts)),
         "stage_select_torch_topk_us": graphed_us(lambda: ref.top_pages(x.scores, x.position[:, -1], params)),
         "stage_attend_us": graphed_us(lambda: decode.attend_window(x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen,
                                                                    state, x.position, x.scale, page)),

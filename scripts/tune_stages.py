@@ -55,12 +55,12 @@ def tune(batch: int, context: int, stages=STAGES) -> dict:
             x.q_row, state.kmax, state.kmin, x.valid, page, refresh=reference.PageRefresh(x.k, x.first_position, 2)))
     if "select" in stages:
         for chunk in (0, 256, 512, 1024, 2048):
-            timed(f"select_chunk{chunk}", lambda: decode.top_pages(x.scores, x.position[:, -1], params, chunk))
-        for chunk, warps in ((512, (1, 1)), (512, (1, 2)), (512, (2, 2)), (512, (1, 4)), (512, (2, 8)),
-                             (1024, (2, 2)), (1024, (4, 4)), (0, (1, 1)), (0, (1, 2)), (0, (1, 4)), (0, (1, 8))):
-            timed(f"select_chunk{chunk}_warps{warps[0]}_{warps[1]}", lambda: decode.top_pages(
-                x.scores, x.position[:, -1], params, chunk, num_warps=warps))
-        timed("select_default", lambda: decode.top_pages(x.scores, x.position[:, -1], params))
+            timed(f"select_chunk{chunk}", lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts,
+                                                                   chunk_pages=chunk))
+        for chunk, warps in ((512, 2), (512, 4), (512, 8), (1024, 2), (1024, 8), (2048, 8), (0, 4), (0, 8)):
+            timed(f"select_chunk{chunk}_warps{warps}", lambda: decode.top_pages(
+                x.scores, x.position[:, -1], params, state.counts, chunk_pages=chunk, num_warps=warps))
+        timed("select_default", lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts))
     if "attend" in stages:
         for split in (None, 1, 2, 4, 8, 16):
             timed(f"attend_split{split}", lambda: decode.attend_window(

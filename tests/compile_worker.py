@@ -24,10 +24,9 @@ import torch
 WRITES = {  # what each kernel is meant to write
     "_summarize_pages_kernel": {"KMAX", "KMIN"},
     "_page_scores_kernel": {"OUT", "KMAX", "KMIN"},  # the summaries only with REFRESH pages
-    "_page_candidates_kernel": {"CAND_SCORE", "CAND_PAGE"},
-    "_top_pages_kernel": {"IDX", "CHOSEN"},
-    "_window_attention_kernel": {"LAST", "OUT", "LSE"},  # `last` only for selected pages (not DENSE)
-    "_merge_window_kernel": {"OUT_CACHE", "LSE_CACHE", "OUT"},  # the output cache only if it has rows
+    "_top_pages_kernel": {"IDX", "CHOSEN", "CAND_SCORE", "CAND_PAGE", "COUNTS"},  # candidates only in chunks
+    # `last` only for selected pages (not DENSE), the output cache only if it has rows
+    "_window_attention_kernel": {"LAST", "PART_OUT", "PART_LSE", "COUNTS", "OUT_CACHE", "LSE_CACHE", "OUT"},
 }
 
 
@@ -38,6 +37,8 @@ def expected_writes(kernel_name: str, arguments: dict) -> set[str]:
         writes -= {"KMAX", "KMIN"}
     if arguments.get("DENSE"):
         writes -= {"LAST"}
+    if arguments.get("CHUNK") == 0:
+        writes -= {"CAND_SCORE", "CAND_PAGE", "COUNTS"}
     if arguments.get("CACHE") == 0:
         writes -= {"OUT_CACHE", "LSE_CACHE"}
     return writes
@@ -69,7 +70,7 @@ def record_launches() -> list[tuple]:
         position = torch.full((b, n), length - 1)
         state = ref.LayerState(torch.zeros(b, hkv, pages, d, dtype=dtype), torch.zeros(b, hkv, pages, d, dtype=dtype),
                                torch.zeros(b, hkv, pages, dtype=torch.int32), torch.zeros(b, hq, n - 1, d),
-                               torch.zeros(b, hq, n - 1))
+                               torch.zeros(b, hq, n - 1), torch.zeros(b, hkv, ref.COUNTERS, dtype=torch.int32))
         decode.summarize_pages(state.kmax, state.kmin, k, allowed[:, -1], position[:, 0], 2, page)
         for as_products in (False, True):
             for refresh in (None, ref.PageRefresh(k, position[:, 0], 2)):
@@ -78,7 +79,7 @@ def record_launches() -> list[tuple]:
         scores = torch.zeros(b, hkv, pages)
         for fraction, chunk in ((0.0, 0), (0.0, 1024), (0.5, 0)):
             params = ref.SparseParams(page, 128, fraction, 1, 1, n)
-            decode.top_pages(scores, position[:, -1], params, chunk)
+            decode.top_pages(scores, position[:, -1], params, chunk_pages=chunk)
         indices, chosen = torch.zeros(b, hkv, 128, dtype=torch.int64), torch.ones(b, hkv, 128, dtype=torch.bool)
         decode.attend_window(q, k, v, allowed, None, indices, chosen, state, position, 0.125, page)
         decode.dense_window(q, k, v, allowed, 0.125)

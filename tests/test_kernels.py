@@ -127,6 +127,7 @@ def test_attend_window_kernel(dtype, q_heads, kv_heads, n, window, pages_per_spl
         last=torch.randint(95, 118, (b, kv_heads, num_pages), generator=g, dtype=torch.int32),
         out_cache=torch.randn(b, q_heads, window - 1, d, generator=g),
         lse_cache=torch.randn(b, q_heads, window - 1, generator=g),
+        counts=torch.zeros(b, kv_heads, ref.COUNTERS, dtype=torch.int32),
     )
     want_state = ref.LayerState(*(t.clone() for t in state))
     want = ref.attend_window(q, k, v, allowed, None, indices, chosen, want_state, position, 0.25, page)
@@ -137,6 +138,7 @@ def test_attend_window_kernel(dtype, q_heads, kv_heads, n, window, pages_per_spl
     assert got.dtype == dtype
     torch.testing.assert_close(got.cpu(), want, atol=TOL[dtype], rtol=TOL[dtype])
     assert torch.equal(got_state.last.cpu(), want_state.last)
+    assert torch.equal(got_state.counts.cpu(), torch.zeros_like(state.counts))  # ready for the next step
     for name in ("out_cache", "lse_cache"):
         torch.testing.assert_close(getattr(got_state, name).cpu(), getattr(want_state, name),
                                    atol=TOL[dtype], rtol=TOL[dtype])
@@ -187,9 +189,11 @@ def test_top_pages_kernel_selects_the_reference_page_set(num_pages, budget_pages
     page_valid[1, 0] = False  # ... which is also a sink
     scores = scores_for(torch.randn(b, hkv, num_pages, generator=g).to(DEVICE), page_valid)
     params = ref.SparseParams(page, budget_pages, fraction, sink, local, 2)
-    got = decode.top_pages(scores, position, params, chunk_pages)
+    counts = torch.zeros(b, hkv, ref.COUNTERS, dtype=torch.int32, device=DEVICE)
+    got = decode.top_pages(scores, position, params, counts, chunk_pages=chunk_pages)
     want = ref.top_pages(scores, position, params)
     assert chosen_sets(*got) == chosen_sets(*want)
+    assert (counts == 0).all()  # ready for the next step
     k = got[0].shape[-1]
     assert all(len(set(row.tolist())) == k for row in got[0].reshape(-1, k))  # every slot a distinct page...
     assert ((got[0] >= 0) & (got[0] < num_pages)).all()  # ...written, not left as allocated
@@ -215,7 +219,7 @@ def test_top_pages_kernel_with_ties_takes_a_top_k(chunk_pages):
     page_valid = torch.arange(num_pages, device=DEVICE) <= (position // page)[:, None]
     scores = scores_for(torch.randint(-3, 4, (b, hkv, num_pages), generator=g).float().to(DEVICE), page_valid)
     params = ref.SparseParams(page, 24, 0.0, 1, 1, 1)
-    indices, chosen = decode.top_pages(scores, position, params, chunk_pages)
+    indices, chosen = decode.top_pages(scores, position, params, chunk_pages=chunk_pages)
     for i in range(b):
         assert_a_top_k(indices[i], chosen[i], scores[i], 24, kept={0, int(position[i]) // page})
 
@@ -246,7 +250,7 @@ def test_top_pages_kernel_on_adjacent_floats(seed):
     for budget in (5, 17, 48, 49, 80):
         params = ref.SparseParams(page, budget, 0.0, 0, 1, 1)
         for chunk_pages in {0, 128 if budget <= 32 else 0}:
-            indices, chosen = decode.top_pages(scores, position, params, chunk_pages)
+            indices, chosen = decode.top_pages(scores, position, params, chunk_pages=chunk_pages)
             for i in range(b):
                 assert_a_top_k(indices[i], chosen[i], scores[i], budget, kept={own})
 
@@ -274,7 +278,7 @@ def test_top_pages_kernel_on_extreme_score_ranges(case, chunk_pages):
     scores = scores_for(scores.to(DEVICE), page_valid)
     sink = 30 if case == "kept_over_budget" else 1
     params = ref.SparseParams(page, budget, 0.0, sink, 1, 1)
-    indices, chosen = decode.top_pages(scores, position, params, chunk_pages)
+    indices, chosen = decode.top_pages(scores, position, params, chunk_pages=chunk_pages)
     for i in range(b):
         if case == "kept_over_budget":  # 31 always-kept pages for 24 slots: only kept pages are chosen
             assert all(p < sink or p == int(position[i]) // page
@@ -302,9 +306,9 @@ def test_top_pages_split_selection_checks_its_chunk_size():
     position = torch.tensor([64 * 16 - 1], device=DEVICE)
     for bad in (12, 4):
         with pytest.raises(ValueError, match="chunk_pages"):
-            decode.top_pages(scores, position, params, bad)
-    split = decode.top_pages(scores, position, params, 16)
-    whole = decode.top_pages(scores, position, params, 0)
+            decode.top_pages(scores, position, params, chunk_pages=bad)
+    split = decode.top_pages(scores, position, params, chunk_pages=16)
+    whole = decode.top_pages(scores, position, params, chunk_pages=0)
     assert chosen_sets(*split) == chosen_sets(*whole) == chosen_sets(*ref.top_pages(scores, position, params))
 
 

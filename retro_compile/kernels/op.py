@@ -20,10 +20,10 @@ from typing import Optional
 import torch
 
 from . import reference
-from .reference import LayerState, SparseParams
+from .reference import COUNTERS, LayerState, SparseParams
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-STATE_ARGS = ("kmax", "kmin", "last", "out_cache", "lse_cache")
+STATE_ARGS = ("kmax", "kmin", "last", "out_cache", "lse_cache", "counts")
 
 
 def unservable(
@@ -80,7 +80,7 @@ def check_inputs(
         error, why = problem
         raise error(f"retro::attention: {why}")
     b, hq, d, length = q.shape[0], q.shape[1], q.shape[3], k.shape[2]
-    kmax, kmin, last, out_cache, lse_cache = state
+    kmax, kmin, last, out_cache, lse_cache, counts = state
     capacity = kmax.shape[2] * params.page_size
     if length > capacity:
         raise ValueError(
@@ -93,12 +93,16 @@ def check_inputs(
         "last": (b, k.shape[1], kmax.shape[2]),
         "out_cache": (b, hq, params.window - 1, v.shape[3]),
         "lse_cache": (b, hq, params.window - 1),
+        "counts": (b, k.shape[1], COUNTERS),
     }
     for name, t in zip(STATE_ARGS, state):
         if tuple(t.shape) != expected[name]:
             raise ValueError(f"retro::attention: state {name} has shape {tuple(t.shape)}, expected {expected[name]}")
         if t.device != q.device:
             raise ValueError(f"retro::attention: state {name} is on {t.device}, query on {q.device}")
+    for name, t in (("last", last), ("counts", counts)):
+        if t.dtype != torch.int32:
+            raise TypeError(f"retro::attention: state {name} has dtype {t.dtype}, expected torch.int32")
     if kmax.dtype != k.dtype or kmin.dtype != k.dtype:
         raise TypeError(f"retro::attention: summaries dtype {kmax.dtype} must equal the key dtype {k.dtype}")
     if positions is not None:
@@ -144,6 +148,7 @@ def attention(
     last: torch.Tensor,
     out_cache: torch.Tensor,
     lse_cache: torch.Tensor,
+    counts: torch.Tensor,
     is_causal: bool,
     scale: Optional[float],
     page_size: int,
@@ -160,7 +165,7 @@ def attention(
     ``reference.mask_positions(attn_mask, B, n)``. The rewrite computes them once per graph for
     all layers sharing a mask; without them each call reduces its mask itself.
     """
-    state = LayerState(kmax, kmin, last, out_cache, lse_cache)
+    state = LayerState(kmax, kmin, last, out_cache, lse_cache, counts)
     params = SparseParams(page_size, budget_pages, budget_fraction, sink_pages, local_pages, window)
     check_inputs(q, k, v, attn_mask, state, params, positions)
     stages = None

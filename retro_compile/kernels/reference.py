@@ -49,6 +49,13 @@ class LayerState(NamedTuple):
     last: torch.Tensor  # (B, Hkv, NP) int32: last step (position) whose query loaded the page
     out_cache: torch.Tensor  # (B, Hq, w-1, D) fp32: outputs of the last w-1 rows, oldest first
     lse_cache: torch.Tensor  # (B, Hq, w-1) fp32: their log-sum-exp
+    # (B, Hkv, COUNTERS) int32, zero between steps: the Triton kernels' counts of their finished
+    # programs, so that the last one does the step's closing work (see kernels/decode.py); the
+    # reference never reads them.
+    counts: torch.Tensor
+
+
+COUNTERS = 2  # per (batch row, KV head): 0 the attention's splits, 1 the selection's chunks
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,9 +235,10 @@ def budget_pages_for(params: SparseParams, position: torch.Tensor) -> torch.Tens
 
 
 def top_pages(
-    scores: torch.Tensor, position: torch.Tensor, params: SparseParams
+    scores: torch.Tensor, position: torch.Tensor, params: SparseParams, counts: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The selection as a page list: (indices (B, Hkv, K), chosen (B, Hkv, K) bool), K = the page cap.
+    ``counts`` (the layer state's, for the kernels) is not read.
 
     Always kept: the sink pages and the ``local_pages`` pages ending with the query's own page.
     Then the top-scoring pages until the budget is met. A page scored ``-inf`` (no valid position
@@ -468,7 +476,7 @@ def decode_step(
     touched = (n - 1) // page_size + 2  # pages a run of n positions can straddle
     written = PageRefresh(k, position[:, 0], touched)
     scores = stages.page_scores(q[:, :, -1], state.kmax, state.kmin, valid, page_size, refresh=written)
-    indices, chosen = stages.top_pages(scores, newest, params)
+    indices, chosen = stages.top_pages(scores, newest, params, state.counts)
     return stages.attend_window(q, k, v, allowed, bias, indices, chosen, state, position,
                                 default_scale(q, scale), page_size)
 
