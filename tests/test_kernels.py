@@ -138,7 +138,6 @@ def test_attend_window_kernel(dtype, q_heads, kv_heads, n, window, pages_per_spl
     assert got.dtype == dtype
     torch.testing.assert_close(got.cpu(), want, atol=TOL[dtype], rtol=TOL[dtype])
     assert torch.equal(got_state.last.cpu(), want_state.last)
-    assert torch.equal(got_state.counts.cpu(), torch.zeros_like(state.counts))  # ready for the next step
     for name in ("out_cache", "lse_cache"):
         torch.testing.assert_close(getattr(got_state, name).cpu(), getattr(want_state, name),
                                    atol=TOL[dtype], rtol=TOL[dtype])

@@ -99,6 +99,17 @@ def test_state_for_another_window_raises():
         retro_attention(problem.q[:, :, [40, 41]], problem.k, problem.v, mask_for(problem, [40, 41]), state, PARAMS)
 
 
+def test_state_counts_of_another_shape_or_dtype_raise():
+    """The selection kernel counts through ``counts`` with 32-bit atomics: any other layout is refused."""
+    problem = make_problem()
+    args = (problem.q[:, :, [40, 41]], problem.k, problem.v, mask_for(problem, [40, 41]))
+    state = fresh_state(problem)
+    with pytest.raises(TypeError, match="state counts has dtype torch.int64, expected torch.int32"):
+        retro_attention(*args, state._replace(counts=state.counts.long()), PARAMS)
+    with pytest.raises(ValueError, match="state counts has shape"):
+        retro_attention(*args, state._replace(counts=state.counts[:, :1]), PARAMS)
+
+
 def test_bad_input_fails_while_tracing():
     """The fake implementation validates too: a compiled call fails before running anything."""
     problem = make_problem()

@@ -346,10 +346,11 @@ def _top_pages_kernel(
         empty = tl.where((empty >= tl.sum(keep.to(tl.int32), axis=0)) & (empty < K), empty, -1)
         tl.store(CAND_SCORE + base + empty, float("nan"), mask=empty >= 0)
         tl.store(CAND_PAGE + base + empty, -1, mask=empty >= 0)
-        # The count, as in _window_attention_kernel: the barrier puts every warp's stores before
-        # it, the atomic orders the other chunks' before the last one's reads (which skip L1).
+        # The count: the barrier puts every warp's stores above before it, and the atomic (acquire
+        # and release, GPU scope) orders the other chunks' candidates before the last program's
+        # reads, which skip the SM's L1 (".cg"), where an earlier step's candidates may linger.
         tl.debug_barrier()
-        counter = COUNTS + b * stride_nb + h * stride_nh + 1
+        counter = COUNTS + b * stride_nb + h * stride_nh
         if tl.atomic_add(counter, 1) != tl.num_programs(1) - 1:
             return
         tl.store(counter, 0)  # every chunk of this step has counted: ready for the next step
@@ -376,7 +377,7 @@ def _top_pages_kernel(
 
 
 MAX_KERNEL_PAGES = 16384  # one program holds a row of page scores in registers
-SPLIT_BELOW_ROWS = 64  # fewer (batch row, KV head) pairs than this: the selection is split over chunks
+SPLIT_BELOW_ROWS = 128  # fewer (batch row, KV head) pairs than this: the selection may be split over chunks
 
 
 def top_pages(
@@ -390,11 +391,10 @@ def top_pages(
     One program per (batch row, KV head) leaves most of the GPU idle at small batch (8 programs
     for 8192 pages each at B=1, 128K). There the selection is split: programs over chunks of
     ``chunk_pages`` pages keep each chunk's best ``K`` (the page cap), and the last of a row's
-    programs picks from those candidates, in the same launch. ``chunk_pages`` None picks it (at
-    least 4 K and 1024, and 0, one program a row, when there are enough rows or fewer than 8
-    chunks); 0 forces one program a row. ``counts`` (B, Hkv, COUNTERS) int32, zero (the layer
-    state's): entry 1 counts a row's finished chunks; None allocates them. ``num_warps`` None picks
-    them from the values each program ranks.
+    programs picks from those candidates, in the same launch. ``chunk_pages`` None picks it (see
+    below); 0 forces one program a row. ``counts`` (B, Hkv, 1) int32, zero (the layer state's)
+    counts a row's finished chunks; None allocates them. ``num_warps`` None picks them from the
+    values each program ranks.
 
     The page set equals the reference's (ties at the threshold aside, where either choice is a
     valid top-k); the slot order differs, which nothing downstream depends on.
@@ -404,10 +404,15 @@ def top_pages(
         return reference.top_pages(scores, position, params)
     k = min(params.budget_pages, num_pages)
     if chunk_pages is None:
-        # On an H200 (budget 128 pages): at 8192 pages a row, 8 chunks of 1024 took 12.1 us against
-        # 12.9 for 16 of 512; at 2048 pages a row one stage took 7.4 us against 10.4 in two.
-        chunk_pages = max(1024, 4 * triton.next_power_of_2(k))
-        if b * hkv >= SPLIT_BELOW_ROWS or num_pages < 8 * chunk_pages:
+        # On an H200 (budget 128 pages, 8 KV heads), the selection in one launch: at B=1 and 8192
+        # pages a row, 8 chunks of 1024 took 10.5 us against 13.3 one program a row and 13.6 in
+        # chunks of 2048; at B=4 and B=8 (8192 pages) chunks of 2048 took 12.5 and 14.0 us against
+        # 13.1 and 15.2 in chunks of 1024 and 15.1 and 15.4 one program a row; at B=8 and 4096
+        # pages, one program a row 11.4 against 12.0 in 2 chunks. Splits into fewer than 8 chunks
+        # lost at B=1 (2048 pages: 7.4 us one program a row, 10.4 in two launches).
+        rows = b * hkv
+        chunk_pages = max(1024 if rows < 32 else 2048, 4 * triton.next_power_of_2(k))
+        if rows >= SPLIT_BELOW_ROWS or num_pages < (8 if rows < 32 else 4) * chunk_pages:
             chunk_pages = 0
     if chunk_pages and (chunk_pages & (chunk_pages - 1) or chunk_pages < k):
         raise ValueError(f"kernels.decode.top_pages: chunk_pages={chunk_pages} must be 0 or a power of two >= {k}")
@@ -451,7 +456,7 @@ def _selected_pages(index, chosen):
 
 @triton.jit
 def _window_attention_kernel(
-    Q, K, V, ALLOWED, INDICES, CHOSEN, LAST, POS, PART_OUT, PART_LSE, COUNTS, OUT_CACHE, LSE_CACHE, OUT,
+    Q, K, V, ALLOWED, INDICES, CHOSEN, LAST, POS, OUT, LSE,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
@@ -460,20 +465,10 @@ def _window_attention_kernel(
     stride_lb, stride_lh,
     stride_ob, stride_oh, stride_os, stride_or,
     stride_eb, stride_eh, stride_es,
-    stride_nb, stride_nh,
-    stride_cb, stride_ch, stride_cr,
-    stride_xb, stride_xh,
-    stride_yb, stride_yh, stride_yn,
     length, num_selected, pages_per_split, scale,
     G: tl.constexpr, N: tl.constexpr, ROWS: tl.constexpr, P: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     TILE: tl.constexpr, PRECISION: tl.constexpr, DENSE: tl.constexpr,
-    CACHE: tl.constexpr, KEEP: tl.constexpr, CACHE_ROWS: tl.constexpr,
 ):
-    """One program per (batch row, KV head, split of the page list): the split's attention for all
-    G * N rows of the KV head's query group, as (out, lse) partials. The last program of a (batch
-    row, KV head) to finish then merges the splits, merges past rows with their cached outputs,
-    moves the output cache on and writes the output: no launch of its own (an H200 ran a separate
-    merge kernel in 1.8-2.8 us at B=1). COUNTS counts the finished programs and is left at zero."""
     b, hkv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = tl.arange(0, ROWS)  # row r = (query head g = r // N, window row i = r % N)
     head, win = rows // N, rows % N
@@ -527,11 +522,10 @@ def _window_attention_kernel(
         l = l * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
-    part = b * stride_ob + hkv * stride_oh + rows[:, None] * stride_or + vdims[None, :]
-    part_lse = b * stride_eb + hkv * stride_eh + rows
-    tl.store(PART_OUT + part + split * stride_os, acc / tl.where(l > 0, l, 1.0)[:, None], mask=live[:, None])
+    out_offs = b * stride_ob + hkv * stride_oh + split * stride_os + rows[:, None] * stride_or + vdims[None, :]
+    tl.store(OUT + out_offs, acc / tl.where(l > 0, l, 1.0)[:, None], mask=live[:, None])
     lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
-    tl.store(PART_LSE + part_lse + split * stride_es, lse, mask=live)
+    tl.store(LSE + b * stride_eb + hkv * stride_eh + split * stride_es + rows, lse, mask=live)
     if not DENSE:
         # Stamp this split's pages as loaded by the newest row. Pages are distinct within a (batch
         # row, KV head), so no other program reads these entries; the barrier keeps every warp's
@@ -544,61 +538,69 @@ def _window_attention_kernel(
                                    tl.load(CHOSEN + selection + slot, mask=slot < end, other=0))
             tl.store(LAST + b * stride_lb + hkv * stride_lh + page, newest_position, mask=page >= 0)
 
-    # The count: the barrier puts every warp's stores above before it, and the atomic (acquire and
-    # release, GPU scope) orders the other programs' partials before the last program's reads,
-    # which skip the SM's L1 (".cg"), where an earlier step's partials may linger.
-    tl.debug_barrier()
-    counter = COUNTS + b * stride_nb + hkv * stride_nh
-    if tl.atomic_add(counter, 1) != tl.num_programs(2) - 1:
-        return
-    tl.store(counter, 0)  # every program of this step has counted: ready for the next step
-    # 1. The splits' partials, merged by log-sum-exp.
-    m = tl.full((ROWS,), float("-inf"), tl.float32)
-    l = tl.zeros((ROWS,), tl.float32)
-    acc = tl.zeros((ROWS, DV), tl.float32)
-    for s in range(0, tl.num_programs(2)):
-        o = tl.load(PART_OUT + part + s * stride_os, mask=live[:, None], other=0.0, cache_modifier=".cg")
-        e = tl.load(PART_LSE + part_lse + s * stride_es, mask=live, other=float("-inf"), cache_modifier=".cg")
-        m_new = tl.maximum(m, e)
+
+@triton.jit
+def _merge_window_kernel(
+    PART_OUT, PART_LSE, OUT_CACHE, LSE_CACHE, OUT,
+    stride_pb, stride_ph, stride_ps, stride_pr,
+    stride_eb, stride_eh, stride_es,
+    stride_cb, stride_ch, stride_cr,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh, stride_on,
+    splits,
+    G: tl.constexpr, N: tl.constexpr, NB: tl.constexpr, CACHE: tl.constexpr, CB: tl.constexpr, KEEP: tl.constexpr,
+    DV: tl.constexpr, SB: tl.constexpr,
+):
+    b, hq = tl.program_id(0), tl.program_id(1)
+    hkv, g = hq // G, hq % G
+    win = tl.arange(0, NB)  # window row i of query head hq is partial row g * N + i
+    live = win < N
+    vdims = tl.arange(0, DV)
+    # 1. The splits' partial results, merged by log-sum-exp, SB splits at a time.
+    m = tl.full((NB,), float("-inf"), tl.float32)
+    l = tl.zeros((NB,), tl.float32)
+    acc = tl.zeros((NB, DV), tl.float32)
+    for first in range(0, splits, SB):
+        split = first + tl.arange(0, SB)
+        ok = (split < splits)[:, None] & live[None, :]  # (SB, NB)
+        part = b * stride_pb + hkv * stride_ph + split[:, None] * stride_ps + (g * N + win)[None, :] * stride_pr
+        o = tl.load(PART_OUT + part[:, :, None] + vdims[None, None, :], mask=ok[:, :, None], other=0.0)
+        lse = tl.load(PART_LSE + b * stride_eb + hkv * stride_eh + split[:, None] * stride_es + (g * N + win)[None, :],
+                      mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha, weight = tl.exp(m - shift), tl.exp(e - shift)
-        l = l * alpha + weight
-        acc = acc * alpha[:, None] + weight[:, None] * o
+        alpha = tl.exp(m - shift)
+        weight = tl.exp(lse - shift[None, :])
+        l = l * alpha + tl.sum(weight, axis=0)
+        acc = acc * alpha[:, None] + tl.sum(weight[:, :, None] * o, axis=0)
         m = m_new
     # 2. Past rows merge with their cached outputs (row i <- cache row CACHE - (N - 1) + i).
-    hq = hkv * G + head
     past = live & (win < N - 1) & (CACHE > 0)  # no cache (dense rows): nothing to merge with
-    cache_base = OUT_CACHE + b * stride_cb + hq * stride_ch  # (ROWS,)
-    lse_base = LSE_CACHE + b * stride_xb + hq * stride_xh
     cache_row = CACHE - (N - 1) + win
+    cache_base = OUT_CACHE + b * stride_cb + hq * stride_ch
+    lse_base = LSE_CACHE + b * stride_lb + hq * stride_lh
     cached_lse = tl.load(lse_base + cache_row, mask=past, other=float("-inf"))
-    cached_out = tl.load(cache_base[:, None] + cache_row[:, None] * stride_cr + vdims[None, :], mask=past[:, None],
-                         other=0.0)
+    cached_out = tl.load(cache_base + cache_row[:, None] * stride_cr + vdims[None, :], mask=past[:, None], other=0.0)
     top = tl.maximum(m, cached_lse)
     shift = tl.where(top == float("-inf"), 0.0, top)
     ours, theirs = tl.exp(m - shift), tl.exp(cached_lse - shift)
     total = l * ours + theirs
     out = (acc * ours[:, None] + cached_out * theirs[:, None]) / tl.where(total > 0, total, 1.0)[:, None]
     lse = tl.where(total > 0, shift + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
-    tl.store(OUT + b * stride_yb + hq[:, None] * stride_yh + win[:, None] * stride_yn + vdims[None, :],
+    tl.store(OUT + b * stride_ob + hq * stride_oh + win[:, None] * stride_on + vdims[None, :],
              out.to(OUT.dtype.element_ty), mask=live[:, None])
-    # 3. The cache moves on: each head's newest CACHE - KEEP rows move up, and this step's last
-    # KEEP rows join. Every read of the cache comes before the barrier, every write after.
+    # 3. The cache moves on: its newest CACHE - KEEP rows move up, and this step's last KEEP rows
+    # join. Every read of the cache comes before the barrier, every write after.
     if CACHE > 0:
-        entry = tl.arange(0, CACHE_ROWS)  # (query head of the group, cache slot)
-        slot, kept_head = entry % CACHE, entry // CACHE
-        stays = (kept_head < G) & (slot < CACHE - KEEP)
-        kept_base = OUT_CACHE + b * stride_cb + (hkv * G + kept_head) * stride_ch
-        kept_lse_base = LSE_CACHE + b * stride_xb + (hkv * G + kept_head) * stride_xh
-        kept_out = tl.load(kept_base[:, None] + (slot + KEEP)[:, None] * stride_cr + vdims[None, :],
-                           mask=stays[:, None], other=0.0)
-        kept_lse = tl.load(kept_lse_base + slot + KEEP, mask=stays, other=0.0)
+        slot = tl.arange(0, CB)
+        stays = slot < CACHE - KEEP
+        kept_out = tl.load(cache_base + (slot + KEEP)[:, None] * stride_cr + vdims[None, :], mask=stays[:, None], other=0.0)
+        kept_lse = tl.load(lse_base + slot + KEEP, mask=stays, other=0.0)
         tl.debug_barrier()
-        tl.store(kept_base[:, None] + slot[:, None] * stride_cr + vdims[None, :], kept_out, mask=stays[:, None])
-        tl.store(kept_lse_base + slot, kept_lse, mask=stays)
+        tl.store(cache_base + slot[:, None] * stride_cr + vdims[None, :], kept_out, mask=stays[:, None])
+        tl.store(lse_base + slot, kept_lse, mask=stays)
         joins = live & (win >= N - KEEP)
-        tl.store(cache_base[:, None] + (CACHE - N + win)[:, None] * stride_cr + vdims[None, :], out,
-                 mask=joins[:, None])
+        tl.store(cache_base + (CACHE - N + win)[:, None] * stride_cr + vdims[None, :], out, mask=joins[:, None])
         tl.store(lse_base + CACHE - N + win, lse, mask=joins)
 
 
@@ -618,20 +620,18 @@ def attend_window(
     tile_pages: int = 4,  # H200: 8-page tiles gained nothing (B=1/128K) or lost (B=8/128K: 31.8 us against 28.5)
     num_warps: int = 4,
 ) -> torch.Tensor:
-    """Same as ``reference.attend_window``, in one launch: the split attention, which also stamps
-    ``last``, and whose last program of each (batch row, KV head) merges the splits and moves the
-    output cache on (see ``_window_attention_kernel``)."""
+    """Same as ``reference.attend_window``, in two launches: the attention kernel (which also stamps
+    ``last``) and one merge kernel (splits, output cache, cache update, cast to ``q``'s dtype)."""
     if bias is not None:  # never sent here: use_kernels routes float masks to the reference
         raise ValueError("kernels.decode.attend_window: additive mask biases are served by the reference")
     if page_size < 16:
         raise ValueError(f"kernels.decode.attend_window: page_size={page_size} must be >= 16 (tl.dot tiles)")
-    if any(t.stride(-1) != 1 for t in (state.last, state.out_cache, state.lse_cache, state.counts)):
-        raise ValueError("kernels.decode.attend_window: last, out_cache, lse_cache and counts are written in place "
+    if any(t.stride(-1) != 1 for t in (state.last, state.out_cache, state.lse_cache)):
+        raise ValueError("kernels.decode.attend_window: last, out_cache and lse_cache are written in place "
                          "and must have unit last stride")
     selection = (indices.contiguous(), chosen.contiguous(), state.last, position.contiguous())
     num_pages = indices.shape[-1]
-    return _attend(q, k, v, allowed, selection, state.counts, state.out_cache, state.lse_cache, scale, page_size,
-                   num_pages,
+    return _attend(q, k, v, allowed, selection, state.out_cache, state.lse_cache, scale, page_size, num_pages,
                    pages_per_split or _split_pages(num_pages, q.shape[0], k.shape[1]), tile_pages, num_warps)
 
 
@@ -665,8 +665,7 @@ def dense_window(
     if tile_pages is None:
         tile_pages = 8 if pages_per_split >= 32 else 4
     no_cache = torch.empty(q.shape[0], q.shape[1], 0, v.shape[3], dtype=torch.float32, device=q.device)
-    counts = torch.zeros(q.shape[0], k.shape[1], 1, dtype=torch.int32, device=q.device)
-    return _attend(q, k, v, allowed, None, counts, no_cache, no_cache[..., 0], scale, DENSE_PAGE, num_pages,
+    return _attend(q, k, v, allowed, None, no_cache, no_cache[..., 0], scale, DENSE_PAGE, num_pages,
                    pages_per_split, tile_pages, num_warps)
 
 
@@ -677,12 +676,11 @@ def _split_pages(num_pages: int, batch: int, kv_heads: int) -> int:
     return max(8, triton.cdiv(num_pages * batch * kv_heads, 512))
 
 
-def _attend(q, k, v, allowed, selection, counts, out_cache, lse_cache, scale, page_size, num_pages, pages_per_split,
+def _attend(q, k, v, allowed, selection, out_cache, lse_cache, scale, page_size, num_pages, pages_per_split,
             tile_pages, num_warps) -> torch.Tensor:
-    """The split attention launch of :func:`attend_window` (``selection``: indices, chosen, last,
-    position) and :func:`dense_window` (``selection`` None: every one of ``num_pages`` pages, no
-    output cache), splits and tiles as their callers chose them. ``counts`` (B, Hkv, ...) int32,
-    zero: entry 0 of each (batch row, KV head) counts its finished splits."""
+    """The split attention and merge launches of :func:`attend_window` (``selection``: indices,
+    chosen, last, position) and :func:`dense_window` (``selection`` None: every one of
+    ``num_pages`` pages, no output cache), splits and tiles as their callers chose them."""
     q, k, v, allowed = _unit_last_stride(q, k, v, allowed)
     b, hq, n, d = q.shape
     hkv, length, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -692,12 +690,10 @@ def _attend(q, k, v, allowed, selection, counts, out_cache, lse_cache, scale, pa
     splits = triton.cdiv(num_pages, pages_per_split)
     tile = min(tile_pages, triton.next_power_of_2(pages_per_split))
     rows = max(16, triton.next_power_of_2(group * n))
-    cache = out_cache.shape[2]
     part_out = torch.empty(b, hkv, splits, group * n, dv, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, hkv, splits, group * n, dtype=torch.float32, device=q.device)
-    out = torch.empty(b, hq, n, dv, dtype=q.dtype, device=q.device)
     wrap_triton(_window_attention_kernel)[(b, hkv, splits)](
-        q, k, v, allowed, indices, chosen, last, position, part_out, part_lse, counts, out_cache, lse_cache, out,
+        q, k, v, allowed, indices, chosen, last, position, part_out, part_lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -706,15 +702,22 @@ def _attend(q, k, v, allowed, selection, counts, out_cache, lse_cache, scale, pa
         last.stride(0), last.stride(1),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(3),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
-        counts.stride(0), counts.stride(1),
-        out_cache.stride(0), out_cache.stride(1), out_cache.stride(2),
-        lse_cache.stride(0), lse_cache.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
         length, num_pages, pages_per_split, scale,
         G=group, N=n, ROWS=rows, P=page_size, D=d, DV=dv, TILE=tile,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 exact; 16-bit inputs ignore it
-        DENSE=dense, CACHE=cache, KEEP=min(cache, n), CACHE_ROWS=triton.next_power_of_2(max(group * cache, 1)),
-        num_warps=num_warps,
+        DENSE=dense, num_warps=num_warps,
+    )
+    cache = out_cache.shape[2]
+    out = torch.empty(b, hq, n, dv, dtype=q.dtype, device=q.device)
+    wrap_triton(_merge_window_kernel)[(b, hq)](
+        part_out, part_lse, out_cache, lse_cache, out,
+        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(3),
+        part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
+        out_cache.stride(0), out_cache.stride(1), out_cache.stride(2),
+        lse_cache.stride(0), lse_cache.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        splits, G=group, N=n, NB=triton.next_power_of_2(n), CACHE=cache,
+        CB=triton.next_power_of_2(max(cache, 1)), KEEP=min(cache, n), DV=dv, SB=min(16, triton.next_power_of_2(splits)),
     )
     return out
 
