@@ -6,7 +6,7 @@ For each (batch, context) of the op benchmark's target shapes, the stages named 
 page scoring over (block_pages, num_warps), elementwise and as matrix products (scores); a step's
 summary refresh as its own launch or inside scoring (refresh); the selection over chunk_pages (0:
 one stage) and each stage's warps (select); the attention + merge over pages_per_split (None: the
-default), tile_pages and warps (attend); a dense layer's window over the whole cache
+default), tile_pages, warps and software-pipeline stages (attend); a dense layer's window over the whole cache
 (``dense_window``) over the same, beside SDPA for the newest row alone (dense). Device time per
 call from a CUDA graph of 20 calls, as ``python -m retro_compile.bench op`` times its stages.
 """
@@ -70,6 +70,11 @@ def tune(batch: int, context: int, stages=STAGES) -> dict:
             timed(f"attend_split{split}_tile{tile}_warps{warps}", lambda: decode.attend_window(
                 x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen, state, x.position, x.scale, page,
                 pages_per_split=split, tile_pages=tile, num_warps=warps))
+        for split, tile, stages_ in ((None, 4, 1), (None, 4, 2), (None, 4, 4), (None, 2, 2), (None, 2, 3), (None, 2, 4),
+                                     (8, 2, 3), (16, 2, 3), (32, 4, 3), (32, 4, 4)):
+            timed(f"attend_split{split}_tile{tile}_stages{stages_}", lambda: decode.attend_window(
+                x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen, state, x.position, x.scale, page,
+                pages_per_split=split, tile_pages=tile, num_stages=stages_))
     if "dense" in stages:
         row["dense_sdpa_newest_row"] = round(graph_us(lambda: F.scaled_dot_product_attention(
             x.q[:, :, -1:], x.k, x.v, enable_gqa=True), (), compile=False), 2)
@@ -77,6 +82,9 @@ def tune(batch: int, context: int, stages=STAGES) -> dict:
                                    (256, 8, 8), (None, 4, 8)):
             timed(f"dense_split{split}_tile{tile}_warps{warps}", lambda: decode.dense_window(
                 x.q, x.k, x.v, x.allowed, x.scale, pages_per_split=split, tile_pages=tile, num_warps=warps))
+        for tile, stages_ in ((8, 2), (8, 4), (4, 4)):
+            timed(f"dense_tile{tile}_stages{stages_}", lambda: decode.dense_window(
+                x.q, x.k, x.v, x.allowed, x.scale, tile_pages=tile, num_stages=stages_))
     return row
 
 

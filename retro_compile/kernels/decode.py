@@ -619,6 +619,7 @@ def attend_window(
     pages_per_split: int | None = None,
     tile_pages: int = 4,  # H200: 8-page tiles gained nothing (B=1/128K) or lost (B=8/128K: 31.8 us against 28.5)
     num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Same as ``reference.attend_window``, in two launches: the attention kernel (which also stamps
     ``last``) and one merge kernel (splits, output cache, cache update, cast to ``q``'s dtype)."""
@@ -632,7 +633,8 @@ def attend_window(
     selection = (indices.contiguous(), chosen.contiguous(), state.last, position.contiguous())
     num_pages = indices.shape[-1]
     return _attend(q, k, v, allowed, selection, state.out_cache, state.lse_cache, scale, page_size, num_pages,
-                   pages_per_split or _split_pages(num_pages, q.shape[0], k.shape[1]), tile_pages, num_warps)
+                   pages_per_split or _split_pages(num_pages, q.shape[0], k.shape[1]), tile_pages, num_warps,
+                   num_stages)
 
 
 DENSE_PAGE = 16  # keys per page when dense_window walks the whole cache
@@ -647,6 +649,7 @@ def dense_window(
     pages_per_split: int | None = None,
     tile_pages: int | None = None,
     num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Exact attention of a decode window's n rows over every key each may see: q (B, Hq, n, D),
     k and v (B, Hkv, L, D), ``allowed`` (B, n, L) bool -> (B, Hq, n, Dv) in ``q``'s dtype.
@@ -666,7 +669,7 @@ def dense_window(
         tile_pages = 8 if pages_per_split >= 32 else 4
     no_cache = torch.empty(q.shape[0], q.shape[1], 0, v.shape[3], dtype=torch.float32, device=q.device)
     return _attend(q, k, v, allowed, None, no_cache, no_cache[..., 0], scale, DENSE_PAGE, num_pages,
-                   pages_per_split, tile_pages, num_warps)
+                   pages_per_split, tile_pages, num_warps, num_stages)
 
 
 def _split_pages(num_pages: int, batch: int, kv_heads: int) -> int:
@@ -677,7 +680,7 @@ def _split_pages(num_pages: int, batch: int, kv_heads: int) -> int:
 
 
 def _attend(q, k, v, allowed, selection, out_cache, lse_cache, scale, page_size, num_pages, pages_per_split,
-            tile_pages, num_warps) -> torch.Tensor:
+            tile_pages, num_warps, num_stages) -> torch.Tensor:
     """The split attention and merge launches of :func:`attend_window` (``selection``: indices,
     chosen, last, position) and :func:`dense_window` (``selection`` None: every one of
     ``num_pages`` pages, no output cache), splits and tiles as their callers chose them."""
@@ -705,7 +708,7 @@ def _attend(q, k, v, allowed, selection, out_cache, lse_cache, scale, page_size,
         length, num_pages, pages_per_split, scale,
         G=group, N=n, ROWS=rows, P=page_size, D=d, DV=dv, TILE=tile,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 exact; 16-bit inputs ignore it
-        DENSE=dense, num_warps=num_warps,
+        DENSE=dense, num_warps=num_warps, num_stages=num_stages,
     )
     cache = out_cache.shape[2]
     out = torch.empty(b, hq, n, dv, dtype=q.dtype, device=q.device)
