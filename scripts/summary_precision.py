@@ -11,8 +11,15 @@ to the nearest e4m3 value, so each page's score stays an upper bound of ``q . k`
 only looser. The selection and attention are unchanged. Values beyond e4m3's range (448) would
 need a scale; how many there were is reported (``clamped``), and they are rounded to +-inf here.
 
+``int8 outward`` instead stores each summary element as an integer multiple (-127..127) of a
+scale per (batch row, KV head, dim), fixed at the prefill: ``headroom`` times the largest
+magnitude of that dim over the prompt's keys, over 127 (a scale per dim, not per page, because a
+few key dims are far larger than the rest). The max row is rounded up, the min row down; values
+beyond the range saturate (``saturated`` counts them), which is the one way a score could fall
+below its page's true bound. That is two bytes an element less than bf16, plus the scales.
+
 Runs ``python -m retro_compile.eval ppl`` in this process once per precision with the given
-arguments (``--jobs 1``) and writes both results side by side.
+arguments (``--jobs 1``) and writes the results side by side.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from retro_compile.eval import cli
 from retro_compile.kernels import reference
@@ -74,27 +82,76 @@ class OutwardRounding:
         reference.build_summaries = self._original
 
 
+class Int8Outward:
+    """Context manager: ``reference.summarize_pages`` (a prefill's pages, a step's refreshed
+    pages) leaves the summaries it wrote as int8 multiples of a per-(batch row, KV head, dim)
+    scale set by the layer's prefill (see the module docstring)."""
+
+    def __init__(self, headroom: float = 2.0) -> None:
+        self.headroom = headroom
+        self.scales: dict[int, torch.Tensor] = {}  # a layer state's kmax table -> (B, Hkv, 1, D) scales
+        self.saturated = 0
+        self.elements = 0
+
+    def _quantize(self, x: torch.Tensor, scale: torch.Tensor, up: bool) -> torch.Tensor:
+        steps = x.float() / scale
+        steps = torch.ceil(steps) if up else torch.floor(steps)
+        self.saturated += int((steps.abs() > 127).sum())
+        self.elements += steps.numel()
+        return (steps.clamp(-127, 127) * scale).to(x.dtype)
+
+    def __enter__(self) -> Int8Outward:
+        self._original = original = reference.summarize_pages
+
+        def quantized(kmax, kmin, k, valid, first_position, count, page_size):
+            original(kmax, kmin, k, valid, first_position, count, page_size)
+            if is_fake(kmax):  # tracing: shapes only
+                return
+            key = kmax.data_ptr()
+            if count == kmax.shape[2] or key not in self.scales:  # a prefill builds every page: a new scale
+                magnitude = k.float().abs().masked_fill(~valid[:, None, :, None], 0.0).amax(dim=2, keepdim=True)
+                self.scales[key] = (magnitude * self.headroom / 127).clamp(min=torch.finfo(torch.float32).tiny)
+            scale = self.scales[key]
+            pages = (first_position // page_size)[:, None] + torch.arange(count, device=k.device)
+            pages = pages.clamp(max=kmax.shape[2] - 1)[:, None, :].expand(-1, kmax.shape[1], -1)  # (B, Hkv, m)
+            for table, up in ((kmax, True), (kmin, False)):
+                rows = table.gather(2, pages[..., None].expand(-1, -1, -1, table.shape[3]))
+                reference.put_pages(table, pages, self._quantize(rows, scale, up))
+
+        reference.summarize_pages = quantized
+        return self
+
+    def __exit__(self, *exc) -> None:
+        reference.summarize_pages = self._original
+
+
+PRECISIONS = {"e4m3 outward": OutwardRounding, "int8 outward": Int8Outward}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("summary_precision.json"))
     p.add_argument("eval_args", nargs="*", default=["--device", "cpu", "--context", "1024", "--prefill", "512",
                                                     "--budgets", "64", "128", "--window", "2"],
                    help="arguments for `python -m retro_compile.eval ppl` (after --)")
+    p.add_argument("--precisions", nargs="+", default=["as stored", *PRECISIONS], choices=["as stored", *PRECISIONS],
+                   help="the summary precisions compared")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for precision in ("as stored", "e4m3 outward"):
+        for precision in args.precisions:
             out = Path(tmp) / "ppl.json"
             argv = ["ppl", *args.eval_args, "--jobs", "1", "--out", str(out)]
             if precision == "as stored":
                 cli.main(argv)
                 results[precision] = json.loads(out.read_text())
             else:
-                with OutwardRounding() as rounding:  # dense reads no summaries: not run again
+                with PRECISIONS[precision]() as rounding:  # dense reads no summaries: not run again
                     cli.main([*argv, "--modes", "quest", "retro"])
-                results[precision] = {**json.loads(out.read_text()), "clamped": rounding.clamped,
-                                      "rounded_elements": rounding.elements}
+                counted = {"clamped": rounding.clamped} if precision == "e4m3 outward" else \
+                    {"saturated": rounding.saturated, "headroom": rounding.headroom}
+                results[precision] = {**json.loads(out.read_text()), **counted, "rounded_elements": rounding.elements}
             args.out.write_text(json.dumps(dict(eval_args=args.eval_args, results=results), indent=2))
             log.info("%s: done", precision)
 

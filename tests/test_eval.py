@@ -221,3 +221,63 @@ def test_summary_precision_rounds_outward_to_e4m3():
     assert torch.equal(rounded_min, outward._round(kmin, up=False)) and (rounded_min <= kmin).all()
     assert not torch.equal(rounded_max, kmax) and not torch.equal(rounded_min, kmin)
     assert all(torch.equal(a, b) for a, b in zip(reference.build_summaries(k, valid, 8), (kmax, kmin)))
+
+
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_precision_int8_is_outward_multiples_of_a_prefill_scale():
+    """``Int8Outward``: after a prefill and a step's refresh, every written summary is a multiple
+    (-127..127) of its (batch row, KV head, dim) scale, set by the prefill from its keys; the max
+    row lies within one step above the true max (``reference.build_summaries``), the min row within
+    one below; a refreshed key beyond the range saturates and is counted."""
+    module = _script("summary_precision")
+    g = torch.Generator().manual_seed(0)
+    b, h, page, pages, d = 2, 2, 4, 6, 8
+    k = torch.randn(b, h, page * pages, d, generator=g)
+    valid = torch.zeros(b, page * pages, dtype=torch.bool)
+    valid[:, :17] = True  # a prompt of 17 positions; the rest is written later
+    kmax, kmin = torch.zeros(b, h, pages, d), torch.zeros(b, h, pages, d)
+    with module.Int8Outward(headroom=2.0) as int8:
+        reference.summarize_pages(kmax, kmin, k, valid, torch.zeros(b, dtype=torch.long), pages, page)
+        scale = k[:, :, :17].abs().amax(dim=2) * 2.0 / 127  # (B, H, D)
+        want_max, want_min = reference.build_summaries(k, valid, page)
+        for table, want, up in ((kmax, want_max, True), (kmin, want_min, False)):
+            steps = table / scale[:, :, None]
+            assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 127
+            gap = (table - want) if up else (want - table)
+            assert (gap >= 0).all() and (gap < scale[:, :, None] + 1e-6).all()
+        assert int8.saturated == 0
+        k[:, :, 17] = 1000.0  # a new key far beyond the prompt's range, in page 4
+        valid[:, 17] = True
+        reference.summarize_pages(kmax, kmin, k, valid, torch.full((b,), 17), 1, page)
+        assert torch.allclose(kmax[:, :, 4], 127 * scale)  # saturated: the prefill's scale is kept
+        assert int8.saturated == b * h * d
+    assert reference.summarize_pages is int8._original
+
+
+def test_int8_scores_prototype_matches_the_bound_it_computes():
+    """``scripts/int8_scores.py``'s kernel (interpreter on the CPU) against the same bound in
+    PyTorch: ``max(q * kmax, q * kmin)`` summed over dims, each summary times its dim's scale, maxed
+    over the query group; and its outward quantization brackets the float summaries."""
+    module = _script("int8_scores")
+    g = torch.Generator().manual_seed(0)
+    b, hq, hkv, pages, d = 2, 8, 2, 40, 32
+    kmax = torch.randn(b, hkv, pages, d, generator=g).abs()
+    kmin = kmax - torch.rand(b, hkv, pages, d, generator=g) * 3
+    scale, up, down = module.quantize_outward(kmax, kmin)
+    assert (up.float() * scale[:, :, None] >= kmax).all() and (down.float() * scale[:, :, None] <= kmin).all()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q = torch.randn(b, hq, d, generator=g)
+    got = module.int8_scores(q.to(device), scale.to(device), up.to(device), down.to(device), block_pages=16).cpu()
+    group = q.view(b, hkv, hq // hkv, 1, d)
+    hi, lo = (up.float() * scale[:, :, None])[:, :, None], (down.float() * scale[:, :, None])[:, :, None]
+    want = torch.maximum(group * hi, group * lo).sum(-1).amax(dim=2)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
