@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.reference import COUNTERS, LayerState
+from .kernels.reference import LayerState
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class StateShape:
         summaries = 2 * self.batch * self.kv_heads * self.num_pages * self.head_dim * self.dtype.itemsize
         last = self.batch * self.kv_heads * self.num_pages * 4
         cached_rows = self.batch * self.q_heads * (self.window - 1) * (self.value_dim + 1) * 4
-        counts = self.batch * self.kv_heads * COUNTERS * 4
+        counts = self.batch * self.kv_heads * 4
         return summaries + last + cached_rows + counts
 
 
@@ -58,7 +58,7 @@ def allocate(shape: StateShape) -> LayerState:
         last=torch.zeros(b, hkv, np_, dtype=torch.int32, **kw),
         out_cache=torch.zeros(b, hq, w1, shape.value_dim, dtype=torch.float32, **kw),
         lse_cache=torch.full((b, hq, w1), float("-inf"), dtype=torch.float32, **kw),
-        counts=torch.zeros(b, hkv, COUNTERS, dtype=torch.int32, **kw),
+        counts=torch.zeros(b, hkv, dtype=torch.int32, **kw),
     )
 
 

@@ -70,7 +70,7 @@ def record_launches() -> list[tuple]:
         position = torch.full((b, n), length - 1)
         state = ref.LayerState(torch.zeros(b, hkv, pages, d, dtype=dtype), torch.zeros(b, hkv, pages, d, dtype=dtype),
                                torch.zeros(b, hkv, pages, dtype=torch.int32), torch.zeros(b, hq, n - 1, d),
-                               torch.zeros(b, hq, n - 1), torch.zeros(b, hkv, ref.COUNTERS, dtype=torch.int32))
+                               torch.zeros(b, hq, n - 1), torch.zeros(b, hkv, dtype=torch.int32))
         decode.summarize_pages(state.kmax, state.kmin, k, allowed[:, -1], position[:, 0], 2, page)
         for as_products in (False, True):
             for refresh in (None, ref.PageRefresh(k, position[:, 0], 2)):

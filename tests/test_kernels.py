@@ -127,7 +127,7 @@ def test_attend_window_kernel(dtype, q_heads, kv_heads, n, window, pages_per_spl
         last=torch.randint(95, 118, (b, kv_heads, num_pages), generator=g, dtype=torch.int32),
         out_cache=torch.randn(b, q_heads, window - 1, d, generator=g),
         lse_cache=torch.randn(b, q_heads, window - 1, generator=g),
-        counts=torch.zeros(b, kv_heads, ref.COUNTERS, dtype=torch.int32),
+        counts=torch.zeros(b, kv_heads, dtype=torch.int32),
     )
     want_state = ref.LayerState(*(t.clone() for t in state))
     want = ref.attend_window(q, k, v, allowed, None, indices, chosen, want_state, position, 0.25, page)
@@ -188,7 +188,7 @@ def test_top_pages_kernel_selects_the_reference_page_set(num_pages, budget_pages
     page_valid[1, 0] = False  # ... which is also a sink
     scores = scores_for(torch.randn(b, hkv, num_pages, generator=g).to(DEVICE), page_valid)
     params = ref.SparseParams(page, budget_pages, fraction, sink, local, 2)
-    counts = torch.zeros(b, hkv, ref.COUNTERS, dtype=torch.int32, device=DEVICE)
+    counts = torch.zeros(b, hkv, dtype=torch.int32, device=DEVICE)
     got = decode.top_pages(scores, position, params, counts, chunk_pages=chunk_pages)
     want = ref.top_pages(scores, position, params)
     assert chosen_sets(*got) == chosen_sets(*want)

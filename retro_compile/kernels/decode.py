@@ -392,7 +392,7 @@ def top_pages(
     for 8192 pages each at B=1, 128K). There the selection is split: programs over chunks of
     ``chunk_pages`` pages keep each chunk's best ``K`` (the page cap), and the last of a row's
     programs picks from those candidates, in the same launch. ``chunk_pages`` None picks it (see
-    below); 0 forces one program a row. ``counts`` (B, Hkv, 1) int32, zero (the layer state's)
+    below); 0 forces one program a row. ``counts`` (B, Hkv) int32, zero (the layer state's)
     counts a row's finished chunks; None allocates them. ``num_warps`` None picks them from the
     values each program ranks.
 
@@ -418,7 +418,7 @@ def top_pages(
         raise ValueError(f"kernels.decode.top_pages: chunk_pages={chunk_pages} must be 0 or a power of two >= {k}")
     chunks = triton.cdiv(num_pages, chunk_pages) if chunk_pages else 1
     if counts is None:
-        counts = torch.zeros(b, hkv, reference.COUNTERS, dtype=torch.int32, device=scores.device)
+        counts = torch.zeros(b, hkv, dtype=torch.int32, device=scores.device)
     # A fixed budget (no budget_fraction) is the kernel's argument; only a fraction of the context needs a tensor.
     budget = None if params.budget_fraction == 0.0 else \
         reference.budget_pages_for(params, position).clamp(max=k).to(torch.int32)

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from . import reference
-from .reference import COUNTERS, LayerState, SparseParams
+from .reference import LayerState, SparseParams
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 STATE_ARGS = ("kmax", "kmin", "last", "out_cache", "lse_cache", "counts")
@@ -93,7 +93,7 @@ def check_inputs(
         "last": (b, k.shape[1], kmax.shape[2]),
         "out_cache": (b, hq, params.window - 1, v.shape[3]),
         "lse_cache": (b, hq, params.window - 1),
-        "counts": (b, k.shape[1], COUNTERS),
+        "counts": (b, k.shape[1]),
     }
     for name, t in zip(STATE_ARGS, state):
         if tuple(t.shape) != expected[name]:

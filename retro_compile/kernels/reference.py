@@ -49,13 +49,10 @@ class LayerState(NamedTuple):
     last: torch.Tensor  # (B, Hkv, NP) int32: last step (position) whose query loaded the page
     out_cache: torch.Tensor  # (B, Hq, w-1, D) fp32: outputs of the last w-1 rows, oldest first
     lse_cache: torch.Tensor  # (B, Hq, w-1) fp32: their log-sum-exp
-    # (B, Hkv, COUNTERS) int32, zero between steps: the selection kernel's count of a row's
-    # finished chunks, so that the last one picks from their candidates (kernels/decode.py,
-    # top_pages); the reference never reads it.
+    # (B, Hkv) int32, zero between steps: the selection kernel's count of a row's finished chunks,
+    # so that the last one picks from their candidates (kernels/decode.py, top_pages); the
+    # reference never reads it.
     counts: torch.Tensor
-
-
-COUNTERS = 1
 
 
 # --------------------------------------------------------------------------------------------
