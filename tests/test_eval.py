@@ -184,18 +184,23 @@ def test_parallel_configurations_share_the_cpu_threads():
         assert pool.submit(torch.get_num_threads).result() == max(1, torch.get_num_threads() // 2)
 
 
+def _script(name: str):
+    """A module of scripts/ (not a package), loaded from its file."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_summary_precision_rounds_outward_to_e4m3():
     """``scripts/summary_precision.py`` stores a summary's max row rounded up and its min row
     rounded down to float8 e4m3 values, so a page's score stays an upper bound. Against torch's
     own e4m3 conversion (round to nearest): the result is that value or its neighbour on the
     outward side, and brackets the input; beyond e4m3's range it is +-inf."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "scripts" / "summary_precision.py"
-    spec = importlib.util.spec_from_file_location("summary_precision", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script("summary_precision")
     rounding = module.OutwardRounding()
     grid = rounding.grid
     g = torch.Generator().manual_seed(0)
@@ -221,16 +226,6 @@ def test_summary_precision_rounds_outward_to_e4m3():
     assert torch.equal(rounded_min, outward._round(kmin, up=False)) and (rounded_min <= kmin).all()
     assert not torch.equal(rounded_max, kmax) and not torch.equal(rounded_min, kmin)
     assert all(torch.equal(a, b) for a, b in zip(reference.build_summaries(k, valid, 8), (kmax, kmin)))
-
-
-def _script(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_summary_precision_int8_is_outward_multiples_of_a_prefill_scale():

@@ -161,6 +161,25 @@ def test_decode_step_with_kernels_matches_reference(window, monkeypatch):
         torch.testing.assert_close(out, dense_rows(problem, positions).to(out.device), atol=2e-5, rtol=2e-5)
 
 
+def test_decode_sequence_with_the_selection_split_matches_reference(monkeypatch):
+    """The op with the kernel stages and the selection forced into chunks (the layer state's
+    counter decides which program picks, and must be back at zero for the next step), against
+    the reference op, over a decode sequence of one state."""
+    from retro_compile.kernels import op
+
+    problem = make_problem(batch=2, q_heads=4, kv_heads=2, length=160, prompt=100, pad=(0, 7))
+    problem = type(problem)(*(t.to(DEVICE) for t in (problem.q, problem.k, problem.v, problem.valid)), problem.prompt)
+    p = ref.SparseParams(16, 3, 0.0, 0, 1, 2)
+    expected = [out for _, out in run(problem, p, steps=5)]
+    stages = decode.kernel_stages()
+    split = stages._replace(top_pages=lambda *args: decode.top_pages(*args, chunk_pages=4))  # 10 pages in 3 chunks
+    monkeypatch.setattr(op, "use_kernels", lambda *a: True)
+    monkeypatch.setattr(decode, "kernel_stages", lambda: split)
+    got = [out for _, out in run(problem, p, steps=5)]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def chosen_sets(indices, chosen):
     return [[sorted(indices[b, h][chosen[b, h]].tolist()) for h in range(indices.shape[1])]
             for b in range(indices.shape[0])]
