@@ -139,6 +139,26 @@ def test_page_scores_as_products_match_the_reference_bf16(batch, context):
     assert overlap >= 0.99 * batch * 8 * params.budget_pages  # near-ties may order differently
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+def test_split_selection_over_steps_matches_one_program_a_row_bf16(batch):
+    """At 128K the default selection splits each row into chunks whose last program picks, found
+    through the layer state's counter (B=1: 8 chunks of 1024 pages, B=4: 4 of 2048). Step after
+    step on one state, its page sets equal one program a row's on the same scores, and the counter
+    is back at zero."""
+    from retro_compile.bench import op_case, stage_inputs
+    from retro_compile.kernels import decode
+
+    state, params, inputs = op_case(batch, 131072, 2)
+    x = stage_inputs(state, params, inputs)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for step in range(4):
+        scores = x.scores + step * torch.randn(x.scores.shape, generator=g, device="cuda")  # -inf stays
+        split = decode.top_pages(scores, x.position[:, -1], params, state.counts)
+        whole = decode.top_pages(scores, x.position[:, -1], params, chunk_pages=0)
+        assert chosen_sets(*split) == chosen_sets(*whole)
+        assert (state.counts == 0).all()
+
+
 @pytest.mark.parametrize("batch,kv_heads,rows", [(1, 8, 2), (4, 8, 2), (2, 4, 4)])
 def test_dense_window_kernel_matches_sdpa_row_by_row_bf16(batch, kv_heads, rows):
     """A dense layer's window on the GPU in bf16: 32 query heads, head dim 128, 32K keys, causal
