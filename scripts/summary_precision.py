@@ -112,8 +112,8 @@ class Int8Outward:
                 magnitude = k.float().abs().masked_fill(~valid[:, None, :, None], 0.0).amax(dim=2, keepdim=True)
                 self.scales[key] = (magnitude * self.headroom / 127).clamp(min=torch.finfo(torch.float32).tiny)
             scale = self.scales[key]
-            pages = (first_position // page_size)[:, None] + torch.arange(count, device=k.device)
-            pages = pages.clamp(max=kmax.shape[2] - 1)[:, None, :].expand(-1, kmax.shape[1], -1)  # (B, Hkv, m)
+            pages = reference.summarized_pages(first_position, count, page_size, kmax.shape[2])
+            pages = pages[:, None, :].expand(-1, kmax.shape[1], -1)  # (B, Hkv, m)
             for table, up in ((kmax, True), (kmin, False)):
                 rows = table.gather(2, pages[..., None].expand(-1, -1, -1, table.shape[3]))
                 reference.put_pages(table, pages, self._quantize(rows, scale, up))

@@ -30,6 +30,15 @@ log = logging.getLogger("tune_stages")
 STAGES = ("scores", "refresh", "select", "attend", "dense")
 
 
+ABBREVIATIONS = {"chunk_pages": "chunk", "pages_per_split": "split", "tile_pages": "tile", "num_warps": "warps",
+                 "num_stages": "stages"}
+
+
+def _key(stage: str, choices: dict) -> str:
+    """A result's name: the stage and its launch choices, e.g. attend_split8_tile8_warps4."""
+    return stage + "".join(f"_{ABBREVIATIONS[name]}{value}" for name, value in choices.items())
+
+
 def tune(batch: int, context: int, stages=STAGES) -> dict:
     state, params, inputs = op_case(batch, context, 2)
     x = stage_inputs(state, params, inputs)
@@ -54,37 +63,29 @@ def tune(batch: int, context: int, stages=STAGES) -> dict:
         timed("scores_with_refresh", lambda: decode.page_scores(
             x.q_row, state.kmax, state.kmin, x.valid, page, refresh=reference.PageRefresh(x.k, x.first_position, 2)))
     if "select" in stages:
-        for chunk in (0, 256, 512, 1024, 2048):
-            timed(f"select_chunk{chunk}", lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts,
-                                                                   chunk_pages=chunk))
-        for chunk, warps in ((512, 2), (512, 4), (512, 8), (1024, 2), (1024, 8), (2048, 8), (0, 4), (0, 8)):
-            timed(f"select_chunk{chunk}_warps{warps}", lambda: decode.top_pages(
-                x.scores, x.position[:, -1], params, state.counts, chunk_pages=chunk, num_warps=warps))
+        for choices in ([dict(chunk_pages=c) for c in (0, 256, 512, 1024, 2048)]
+                        + [dict(chunk_pages=c, num_warps=w) for c, w in ((512, 2), (512, 4), (512, 8), (1024, 2),
+                                                                         (1024, 8), (2048, 8), (0, 4), (0, 8))]):
+            timed(_key("select", choices), lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts,
+                                                                    **choices))
         timed("select_default", lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts))
     if "attend" in stages:
-        for split in (None, 1, 2, 4, 8, 16):
-            timed(f"attend_split{split}", lambda: decode.attend_window(
-                x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen, state, x.position, x.scale, page,
-                pages_per_split=split))
-        for split, tile, warps in ((8, 8, 4), (8, 8, 8), (16, 8, 4), (16, 16, 8), (4, 4, 8)):
-            timed(f"attend_split{split}_tile{tile}_warps{warps}", lambda: decode.attend_window(
-                x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen, state, x.position, x.scale, page,
-                pages_per_split=split, tile_pages=tile, num_warps=warps))
-        for split, tile, stages_ in ((None, 4, 1), (None, 4, 2), (None, 4, 4), (None, 2, 2), (None, 2, 3), (None, 2, 4),
-                                     (8, 2, 3), (16, 2, 3), (32, 4, 3), (32, 4, 4)):
-            timed(f"attend_split{split}_tile{tile}_stages{stages_}", lambda: decode.attend_window(
-                x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen, state, x.position, x.scale, page,
-                pages_per_split=split, tile_pages=tile, num_stages=stages_))
+        for choices in ([dict(pages_per_split=s) for s in (None, 1, 2, 4, 8, 16)]
+                        + [dict(pages_per_split=s, tile_pages=t, num_warps=w)
+                           for s, t, w in ((8, 8, 4), (8, 8, 8), (16, 8, 4), (16, 16, 8), (4, 4, 8))]
+                        + [dict(pages_per_split=s, tile_pages=t, num_stages=n)
+                           for s, t, n in ((None, 4, 1), (None, 4, 2), (None, 4, 4), (None, 2, 2), (None, 2, 3),
+                                           (None, 2, 4), (8, 2, 3), (16, 2, 3), (32, 4, 3), (32, 4, 4))]):
+            timed(_key("attend", choices), lambda: decode.attend_window(
+                x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen, state, x.position, x.scale, page, **choices))
     if "dense" in stages:
         row["dense_sdpa_newest_row"] = round(graph_us(lambda: F.scaled_dot_product_attention(
             x.q[:, :, -1:], x.k, x.v, enable_gqa=True), (), compile=False), 2)
-        for split, tile, warps in ((None, 4, 4), (64, 4, 4), (256, 4, 4), (None, 8, 4), (None, 8, 8), (64, 8, 4),
-                                   (256, 8, 8), (None, 4, 8)):
-            timed(f"dense_split{split}_tile{tile}_warps{warps}", lambda: decode.dense_window(
-                x.q, x.k, x.v, x.allowed, x.scale, pages_per_split=split, tile_pages=tile, num_warps=warps))
-        for tile, stages_ in ((8, 2), (8, 4), (4, 4)):
-            timed(f"dense_tile{tile}_stages{stages_}", lambda: decode.dense_window(
-                x.q, x.k, x.v, x.allowed, x.scale, tile_pages=tile, num_stages=stages_))
+        for choices in ([dict(pages_per_split=s, tile_pages=t, num_warps=w)
+                         for s, t, w in ((None, 4, 4), (64, 4, 4), (256, 4, 4), (None, 8, 4), (None, 8, 8), (64, 8, 4),
+                                         (256, 8, 8), (None, 4, 8))]
+                        + [dict(tile_pages=t, num_stages=n) for t, n in ((8, 2), (8, 4), (4, 4))]):
+            timed(_key("dense", choices), lambda: decode.dense_window(x.q, x.k, x.v, x.allowed, x.scale, **choices))
     return row
 
 

@@ -411,8 +411,9 @@ def top_pages(
         # pages, one program a row 11.4 against 12.0 in 2 chunks. Splits into fewer than 8 chunks
         # lost at B=1 (2048 pages: 7.4 us one program a row, 10.4 in two launches).
         rows = b * hkv
-        chunk_pages = max(1024 if rows < 32 else 2048, 4 * triton.next_power_of_2(k))
-        if rows >= SPLIT_BELOW_ROWS or num_pages < (8 if rows < 32 else 4) * chunk_pages:
+        chunk_pages, min_chunks = (1024, 8) if rows < 32 else (2048, 4)
+        chunk_pages = max(chunk_pages, 4 * triton.next_power_of_2(k))
+        if rows >= SPLIT_BELOW_ROWS or num_pages < min_chunks * chunk_pages:
             chunk_pages = 0
     if chunk_pages and (chunk_pages & (chunk_pages - 1) or chunk_pages < k):
         raise ValueError(f"kernels.decode.top_pages: chunk_pages={chunk_pages} must be 0 or a power of two >= {k}")

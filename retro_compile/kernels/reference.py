@@ -168,8 +168,7 @@ def summarize_pages(
     a prefill builds every page (from position 0).
     """
     _, heads, length, dim = k.shape
-    first_page = first_position // page_size
-    pages = (first_page[:, None] + torch.arange(count, device=k.device)).clamp(max=kmax.shape[2] - 1)
+    pages = summarized_pages(first_position, count, page_size, kmax.shape[2])
     positions = (pages[:, :, None] * page_size + torch.arange(page_size, device=k.device)).flatten(1)  # (B, m*P)
     inside = positions < length
     positions = positions.clamp(max=length - 1)
@@ -177,6 +176,13 @@ def summarize_pages(
     page_max, page_min = build_summaries(keys, valid.gather(1, positions) & inside, page_size)  # (B, H, m, D)
     put_pages(kmax, pages[:, None, :], page_max)
     put_pages(kmin, pages[:, None, :], page_min)
+
+
+def summarized_pages(first_position: torch.Tensor, count: int, page_size: int, num_pages: int) -> torch.Tensor:
+    """(B, count): the pages :func:`summarize_pages` rewrites, from the one holding
+    ``first_position[b]`` on, clamped to the last page."""
+    first_page = first_position // page_size
+    return (first_page[:, None] + torch.arange(count, device=first_position.device)).clamp(max=num_pages - 1)
 
 
 def put_pages(table: torch.Tensor, pages: torch.Tensor, values: torch.Tensor) -> None:
