@@ -14,8 +14,8 @@ for B in {1, 8} and contexts {8K, 32K, 128K}. Side by side in one run:
   decode graph runs it: the graph reduces the mask to the query positions once and hands them
   to every layer (``positions``), so a layer's step is the rest (``stage_positions_us`` is the
   once-a-graph part);
-* ``bound``: bytes a sparse step must read (summaries + selected K/V) over the measured memory
-  bandwidth (a large device-to-device copy's bytes read + written per second).
+* ``bound``: bytes a sparse step must read (summaries, in the format ``--summaries`` names, +
+  selected K/V) over the measured memory bandwidth (a large device-to-device copy's bytes read + written per second).
 
 Every column is device time per step: 20 steps recorded in one CUDA graph, as a model's decode
 graph records all its layers (:func:`_record`), medians of replays from ``triton.testing.do_bench``.
@@ -107,15 +107,16 @@ def causal_mask(positions: torch.Tensor, batch: int, context: int) -> torch.Tens
     return allowed.expand(batch, 1, *allowed.shape).contiguous()
 
 
-def op_case(batch: int, context: int, window: int, seed: int = 0):
-    """(state, params, decode-step inputs) for the op at ``context`` cache positions, state built by a prefill."""
+def op_case(batch: int, context: int, window: int, seed: int = 0, summaries: str = "exact"):
+    """(state, params, decode-step inputs) for the op at ``context`` cache positions, state built by
+    a prefill, its summaries stored as ``summaries`` (``RetroConfig.summaries``)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     kw = dict(device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, **kw)
     v = torch.randn(batch, KV_HEADS, context, HEAD_DIM, **kw)
     q = torch.randn(batch, Q_HEADS, window + 1, HEAD_DIM, **kw)
     params = SparseParams(PAGE, BUDGET // PAGE, 0.0, 0, 1, window)
-    state = allocate(StateShape.of_call(q, k, v, math.ceil(context / PAGE), window))
+    state = allocate(StateShape.of_call(q, k, v, math.ceil(context / PAGE), window, summaries))
     prefill_rows = torch.arange(context - 2 * window - 1, context - window, device="cuda")
     retro_attention(q, k, v, causal_mask(prefill_rows, batch, context), state, params)
     q, mask = q[:, :, 1:].contiguous(), causal_mask(torch.arange(context - window, context, device="cuda"), batch, context)
@@ -131,7 +132,8 @@ def stage_inputs(state, params, inputs) -> SimpleNamespace:
     allowed, _ = ref.mask_to_allowed(mask, False, q.shape[0], q.shape[2], k.shape[2], q.device)
     position = ref.query_positions(allowed)
     valid, q_row = allowed[:, -1], q[:, :, -1].contiguous()
-    scores = decode.page_scores(q_row, state.kmax, state.kmin, valid, params.page_size)
+    scores = decode.page_scores(q_row, state.kmax, state.kmin, valid, params.page_size,
+                                summary_scale=state.summary_scale)
     indices, chosen = decode.top_pages(scores, position[:, -1], params, state.counts)
     return SimpleNamespace(q=q, k=k, v=v, allowed=allowed, position=position, valid=valid, q_row=q_row,
                            first_position=position[:, 0], scores=scores, indices=indices,
@@ -147,14 +149,16 @@ def stage_times(state, params, inputs) -> dict[str, float]:
         return graph_us(fn, (), compile=False)
 
     x = stage_inputs(state, params, inputs)
-    page = params.page_size
+    page, scale = params.page_size, state.summary_scale
     return {
         "stage_positions_us": graph_us(ref.query_positions, (x.allowed,)),  # compiled, as a step runs it
         "stage_summarize_us": graphed_us(lambda: decode.summarize_pages(state.kmax, state.kmin, x.k, x.valid,
-                                                                        x.first_position, 2, page)),
-        "stage_scores_us": graphed_us(lambda: decode.page_scores(x.q_row, state.kmax, state.kmin, x.valid, page)),
+                                                                        x.first_position, 2, page, scale)),
+        "stage_scores_us": graphed_us(lambda: decode.page_scores(x.q_row, state.kmax, state.kmin, x.valid, page,
+                                                                 summary_scale=scale)),
         "stage_scores_refresh_us": graphed_us(lambda: decode.page_scores(  # a step's: the summary refresh fused
-            x.q_row, state.kmax, state.kmin, x.valid, page, refresh=ref.PageRefresh(x.k, x.first_position, 2))),
+            x.q_row, state.kmax, state.kmin, x.valid, page, refresh=ref.PageRefresh(x.k, x.first_position, 2),
+            summary_scale=scale)),
         "stage_select_us": graphed_us(lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts)),
         "stage_select_torch_topk_us": graphed_us(lambda: ref.top_pages(x.scores, x.position[:, -1], params)),
         "stage_attend_us": graphed_us(lambda: decode.attend_window(x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen,
@@ -194,13 +198,14 @@ def measure(row: dict, key: str, timed: Callable[[], float]) -> None:
         row[f"{key}_error"] = f"{type(error).__name__}: {error}"[:300]
 
 
-def bench_op(batches, contexts, out: Path) -> list[dict]:
+def bench_op(batches, contexts, out: Path, summaries: str = "exact") -> list[dict]:
     bandwidth = copy_bandwidth()
     log.info("copy bandwidth %.2f TB/s", bandwidth / 1e12)
     rows = []
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, q_heads=Q_HEADS, kv_heads=KV_HEADS,
-                head_dim=HEAD_DIM, page_size=PAGE, budget=BUDGET, dtype="bfloat16", copy_bandwidth=bandwidth)
+                head_dim=HEAD_DIM, page_size=PAGE, budget=BUDGET, dtype="bfloat16", summaries=summaries,
+                copy_bandwidth=bandwidth)
     cases = [(b, c) for b in batches for c in contexts]
     for batch, context in tqdm(cases, desc="op benchmark"):
         row = dict(batch=batch, context=context, target_us=TARGETS_US.get((batch, context)))
@@ -209,13 +214,14 @@ def bench_op(batches, contexts, out: Path) -> list[dict]:
         measure(row, "dense_us", lambda: graph_us(dense, (q, k, v, mask), compile=False))
         measure(row, "flex_us", lambda: graph_us(*flex_case(q, k, v)))  # its decode path varies across torch versions
         for name, window in OP_MODES.items():
-            state, params, inputs = op_case(batch, context, window)
+            state, params, inputs = op_case(batch, context, window, summaries=summaries)
             measure(row, f"{name}_us", lambda: graph_us(_op_step(state, params), inputs))
             positions = mask_positions(inputs[3], batch, window)
             measure(row, f"{name}_layer_us", lambda: graph_us(_op_step(state, params), (*inputs, positions)))
         row.update(stage_times(state, params, inputs))
         pages = math.ceil(context / PAGE)
-        bytes_read = batch * (2 * pages * KV_HEADS * HEAD_DIM * 2 + 2 * min(BUDGET, context) * KV_HEADS * HEAD_DIM * 2)
+        summary_bytes = 2 * pages * KV_HEADS * HEAD_DIM * state.kmax.element_size()
+        bytes_read = batch * (summary_bytes + 2 * min(BUDGET, context) * KV_HEADS * HEAD_DIM * 2)
         row["bound_us"] = 1e6 * bytes_read / bandwidth
         rows.append(row)
         log.info("%s", {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()})
@@ -233,9 +239,9 @@ def _plot(rows: list[dict], path: Path) -> None:
                  "microseconds per decode-attention step", log_scale=True)
 
 
-def profile_op(batch: int, context: int, window: int) -> str:
+def profile_op(batch: int, context: int, window: int, summaries: str = "exact") -> str:
     """Top GPU kernels of the compiled decode step, by total device time over 20 steps."""
-    state, params, inputs = op_case(batch, context, window)
+    state, params, inputs = op_case(batch, context, window, summaries=summaries)
     graph = _record(_op_step(state, params), inputs)
     from torch.profiler import ProfilerActivity, profile
 
@@ -256,6 +262,8 @@ def main(argv=None) -> None:
     op.add_argument("--profile", action="store_true", help="print the compiled step's top kernels instead")
     op.add_argument("--modes", nargs="+", default=["retro_w2"], choices=list(OP_MODES),
                     help="with --profile: the modes to profile")
+    op.add_argument("--summaries", default="exact", choices=["exact", "int8"],
+                    help="how the op's state stores page summaries (RetroConfig.summaries)")
     from . import bench_e2e
 
     bench_e2e.add_arguments(sub.add_parser(
@@ -272,10 +280,10 @@ def main(argv=None) -> None:
         for batch in args.batches:
             for context in args.contexts:
                 for mode in args.modes:
-                    table = profile_op(batch, context, OP_MODES[mode])
+                    table = profile_op(batch, context, OP_MODES[mode], args.summaries)
                     log.info("B=%d, context %d, %s:\n%s", batch, context, mode, table)
         return
-    bench_op(args.batches, args.contexts, args.out)
+    bench_op(args.batches, args.contexts, args.out, args.summaries)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def build_model(shape: str, context: int, device: str, tp: int = 1):
     return model
 
 
-def prepare(model, mode: str, context: int, budget: int, batch: int, prefill_tokens: int):
+def prepare(model, mode: str, context: int, budget: int, batch: int, prefill_tokens: int, summaries: str = "exact"):
     """(model ready for generate, extra generate kwargs) for ``mode``.
 
     A prompt longer than ``prefill_tokens`` (summed over the batch) is prefilled in chunks of
@@ -123,7 +123,7 @@ def prepare(model, mode: str, context: int, budget: int, batch: int, prefill_tok
             model.generation_config.prefill_chunk_size = prefill_tokens // batch
             prefill_eagerly(model)
         return model, {hf.cache_argument(model): cache}
-    common = dict(max_context=context, prefill_tokens=prefill_tokens)
+    common = dict(max_context=context, prefill_tokens=prefill_tokens, summaries=summaries)
     config = {
         "driver-dense": RetroConfig(mode="dense", **common),
         "quest": RetroConfig(mode="quest", budget=budget, **common),
@@ -242,12 +242,13 @@ def run_one(args) -> dict:
     phase = lambda name: log.info("[%s B=%d %d, %.0f s] %s", args.mode, args.batch, args.context,  # noqa: E731
                                   time.perf_counter() - began, name)
     row = dict(mode=args.mode, batch=args.batch, context=args.context, budget=args.budget,
-               prefill_tokens=args.prefill_tokens, tp=args.tp)
+               prefill_tokens=args.prefill_tokens, tp=args.tp, summaries=args.summaries)
     phase("building the model")
     model = build_model(args.shape, args.context, device, args.tp)
     phase("preparing it")
     row["model_tp_size"] = hf.tp_size(model)  # what transformers sharded it over
-    model, kwargs = prepare(model, args.mode, args.context, args.budget, args.batch, args.prefill_tokens)
+    model, kwargs = prepare(model, args.mode, args.context, args.budget, args.batch, args.prefill_tokens,
+                            args.summaries)
     prompt = args.context - HEADROOM
     ids = torch.randint(1, SHAPES[args.shape]["vocab_size"], (args.batch, prompt),
                         generator=torch.Generator().manual_seed(1)).to(device)
@@ -344,7 +345,7 @@ def sweep(args) -> list[dict]:
                        "--budget", str(args.budget), "--prefill-tokens", str(args.prefill_tokens),
                        "--new-tokens", str(args.new_tokens), "--runs", str(args.runs),
                        "--warmup-tokens", str(args.warmup_tokens), "--warmup-prompt", str(args.warmup_prompt),
-                       "--timeout", str(args.timeout), "--row-out", str(result)]
+                       "--timeout", str(args.timeout), "--summaries", args.summaries, "--row-out", str(result)]
             if args.profile:
                 command.append("--profile")
             # A session of its own, so that a timeout ends the launcher's workers too, not the launcher alone.
@@ -398,6 +399,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=int, default=2048, help="sparse budget in tokens")
     p.add_argument("--prefill-tokens", type=int, default=RetroConfig.prefill_tokens,
                    help="prompt tokens (summed over the batch) per prefill forward; longer prompts are chunked on every side")
+    p.add_argument("--summaries", choices=["exact", "int8"], default=RetroConfig.summaries,
+                   help="how quest and retro store page summaries (RetroConfig.summaries)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per timed request")
     p.add_argument("--warmup-tokens", type=int, default=8, help="tokens of the warm-up request (compiles)")
     p.add_argument("--warmup-prompt", type=int, default=0,

@@ -16,6 +16,7 @@ from typing import Literal, Union
 
 Mode = Literal["dense", "quest", "retro"]
 _MODES = ("dense", "quest", "retro")
+_SUMMARIES = ("exact", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,12 @@ class RetroConfig:
             takes. A longer prompt is prefilled in chunks of ``prefill_tokens // batch`` positions
             (each longer than the window), which bounds the prefill's activation memory: a
             128K-token prompt at batch 4 on an 8B model needs about 40 GiB more in one piece.
+        summaries: how page summaries are stored. ``"exact"``: in the key dtype, the pages'
+            true max and min. ``"int8"``: one byte an element, a multiple of a per-(batch row,
+            KV head, dim) scale set at the prefill (twice the prompt's largest magnitude of that
+            dim, over 127), rounded outward so that every page's score stays an upper bound;
+            keys beyond that range saturate. Scoring, the largest read of a decode step, then
+            reads half the bytes.
     """
 
     mode: Mode = "retro"
@@ -53,6 +60,7 @@ class RetroConfig:
     local_pages: int = 1
     max_context: int = 8192
     prefill_tokens: int = 131072
+    summaries: Literal["exact", "int8"] = "exact"
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -78,6 +86,8 @@ class RetroConfig:
         for name in ("max_context", "prefill_tokens"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"RetroConfig.{name}={getattr(self, name)!r} must be an int >= 1")
+        if self.summaries not in _SUMMARIES:
+            raise ValueError(f"RetroConfig.summaries={self.summaries!r} is not one of {_SUMMARIES}")
         kept = (self.sink_pages + self.local_pages) * self.page_size
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
             raise TypeError(f"RetroConfig.budget={self.budget!r} must be an int (tokens) or a float in (0, 1] (fraction)")

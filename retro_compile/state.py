@@ -16,6 +16,8 @@ from .kernels.reference import LayerState
 
 log = logging.getLogger(__name__)
 
+SUMMARY_DTYPES = {"exact": None, "int8": torch.int8}  # RetroConfig.summaries -> table dtype (None: the keys')
+
 
 @dataclass(frozen=True)
 class StateShape:
@@ -28,16 +30,21 @@ class StateShape:
     value_dim: int
     num_pages: int
     window: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # the summary tables': the keys' ("exact" summaries) or int8
     device: torch.device
 
     @classmethod
-    def of_call(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_pages: int, window: int) -> "StateShape":
+    def of_call(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_pages: int, window: int,
+                summaries: str = "exact") -> "StateShape":
         """The state an SDPA call's layer needs: batch, heads and head dims from ``q``/``k``/``v``
-        ((B, H, n, D) each), ``num_pages`` pages of summaries, ``window - 1`` cached rows. The one
-        place a state's shape is worked out (the rewrite, the benchmark and the tests use it)."""
+        ((B, H, n, D) each), ``num_pages`` pages of summaries (``summaries``: ``"exact"``, in the
+        key dtype, or ``"int8"``; see ``RetroConfig.summaries``), ``window - 1`` cached rows. The
+        one place a state's shape is worked out (the rewrite, the benchmark and the tests use it)."""
+        if summaries not in SUMMARY_DTYPES:
+            raise ValueError(f"summaries={summaries!r} is not one of {tuple(SUMMARY_DTYPES)}")
         return cls(batch=q.shape[0], q_heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[3],
-                   value_dim=v.shape[3], num_pages=num_pages, window=window, dtype=k.dtype, device=k.device)
+                   value_dim=v.shape[3], num_pages=num_pages, window=window,
+                   dtype=SUMMARY_DTYPES[summaries] or k.dtype, device=k.device)
 
     @property
     def nbytes(self) -> int:
@@ -45,7 +52,8 @@ class StateShape:
         last = self.batch * self.kv_heads * self.num_pages * 4
         cached_rows = self.batch * self.q_heads * (self.window - 1) * (self.value_dim + 1) * 4
         counts = self.batch * self.kv_heads * 4
-        return summaries + last + cached_rows + counts
+        summary_scale = self.batch * self.kv_heads * self.head_dim * 4
+        return summaries + last + cached_rows + counts + summary_scale
 
 
 def allocate(shape: StateShape) -> LayerState:
@@ -59,6 +67,7 @@ def allocate(shape: StateShape) -> LayerState:
         out_cache=torch.zeros(b, hq, w1, shape.value_dim, dtype=torch.float32, **kw),
         lse_cache=torch.full((b, hq, w1), float("-inf"), dtype=torch.float32, **kw),
         counts=torch.zeros(b, hkv, dtype=torch.int32, **kw),
+        summary_scale=torch.ones(b, hkv, shape.head_dim, dtype=torch.float32, **kw),
     )
 
 

@@ -44,7 +44,7 @@ def expected_writes(kernel_name: str, arguments: dict) -> set[str]:
     return writes
 TARGET = ("cuda", 90, 32)  # backend, compute capability, warp size: an H100/H200
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32",
-         torch.bool: "i1"}
+         torch.int8: "i8", torch.bool: "i1"}
 
 
 def record_launches() -> list[tuple]:
@@ -63,19 +63,23 @@ def record_launches() -> list[tuple]:
     decode.wrap_triton = recorded
     b, hq, hkv, n, d, page, pages = 2, 8, 2, 2, 64, 16, 4096
     length = pages * page
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype, table_dtype in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                               (torch.bfloat16, torch.int8), (torch.float32, torch.int8)):
         q = torch.zeros(b, hq, n, d, dtype=dtype)
         k = v = torch.zeros(b, hkv, length, d, dtype=dtype)
         allowed = torch.ones(b, n, length, dtype=torch.bool)
         position = torch.full((b, n), length - 1)
-        state = ref.LayerState(torch.zeros(b, hkv, pages, d, dtype=dtype), torch.zeros(b, hkv, pages, d, dtype=dtype),
+        state = ref.LayerState(torch.zeros(b, hkv, pages, d, dtype=table_dtype),
+                               torch.zeros(b, hkv, pages, d, dtype=table_dtype),
                                torch.zeros(b, hkv, pages, dtype=torch.int32), torch.zeros(b, hq, n - 1, d),
-                               torch.zeros(b, hq, n - 1), torch.zeros(b, hkv, dtype=torch.int32))
-        decode.summarize_pages(state.kmax, state.kmin, k, allowed[:, -1], position[:, 0], 2, page)
+                               torch.zeros(b, hq, n - 1), torch.zeros(b, hkv, dtype=torch.int32), torch.ones(b, hkv, d))
+        decode.summarize_pages(state.kmax, state.kmin, k, allowed[:, -1], position[:, 0], 2, page, state.summary_scale)
         for as_products in (False, True):
             for refresh in (None, ref.PageRefresh(k, position[:, 0], 2)):
                 decode.page_scores(q[:, :, -1], state.kmax, state.kmin, allowed[:, -1], page, as_products=as_products,
-                                   refresh=refresh)
+                                   refresh=refresh, summary_scale=state.summary_scale)
+        if table_dtype == torch.int8:
+            continue  # the other kernels never read the summaries
         scores = torch.zeros(b, hkv, pages)
         for fraction, chunk in ((0.0, 0), (0.0, 1024), (0.5, 0)):
             params = ref.SparseParams(page, 128, fraction, 1, 1, n)

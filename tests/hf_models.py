@@ -92,7 +92,8 @@ class HandDriven:
                                                  is_causal=mask is None and q.shape[2] > 1, enable_gqa=True)
         else:
             if layer not in self.states:
-                self.states[layer] = allocate(StateShape.of_call(q, k, v, self.config.num_pages, self.config.window))
+                self.states[layer] = allocate(StateShape.of_call(q, k, v, self.config.num_pages, self.config.window,
+                                                                  self.config.summaries))
             out = retro_attention(q, k, v, mask, self.states[layer], sparse_params(self.config), scale=scaling)
         return out.transpose(1, 2), None
 

@@ -18,11 +18,12 @@ def naive_dense(q, k, v, visible, scale=None):
     return sum(w[i] * v[j].double() for i, j in enumerate(idx))
 
 
-def naive_quest_pages(q_group, k, valid, t, page_size, budget_pages, sink_pages=0, local_pages=1):
+def naive_quest_pages(q_group, k, valid, t, page_size, budget_pages, sink_pages=0, local_pages=1, step=None):
     """Quest's page set for the query at position t of one KV head.
 
     q_group (G, D): the group's query vectors; k (L, D); valid (L,) bool (written, not padding).
-    Returns the sorted list of selected page indices.
+    ``step`` (D,): summaries kept as whole multiples of it (int8 summaries), each max rounded up
+    and each min down, within +-127 steps. Returns the sorted list of selected page indices.
     """
     own = t // page_size
     candidates, scores = [], {}
@@ -32,6 +33,12 @@ def naive_quest_pages(q_group, k, valid, t, page_size, budget_pages, sink_pages=
             continue
         keys = torch.stack([k[j].double() for j in positions])
         kmax, kmin = keys.max(0).values, keys.min(0).values
+        if step is not None:
+            step = step.double()
+            kmax = torch.tensor([max(-127, min(127, math.ceil(x / s))) * s for x, s in zip(kmax.tolist(), step.tolist())],
+                                dtype=torch.float64)
+            kmin = torch.tensor([max(-127, min(127, math.floor(x / s))) * s for x, s in zip(kmin.tolist(), step.tolist())],
+                                dtype=torch.float64)
         best = max(float(torch.maximum(qh.double() * kmax, qh.double() * kmin).sum()) for qh in q_group)
         candidates.append(page)
         scores[page] = best

@@ -63,10 +63,10 @@ def dense_rows(problem: Problem, positions: list[int]) -> torch.Tensor:
                                           enable_gqa=q.shape[1] != problem.k.shape[1])
 
 
-def run(problem: Problem, params: SparseParams, steps: int, num_pages: int | None = None):
+def run(problem: Problem, params: SparseParams, steps: int, num_pages: int | None = None, summaries: str = "exact"):
     """Prefill the prompt, then ``steps`` decode steps. Yields (positions, output) per call."""
     num_pages = num_pages or -(-problem.q.shape[2] // params.page_size)
-    state = allocate(StateShape.of_call(problem.q, problem.k, problem.v, num_pages, params.window))
+    state = allocate(StateShape.of_call(problem.q, problem.k, problem.v, num_pages, params.window, summaries))
     positions = list(range(problem.prompt))
     out = retro_attention(problem.q[:, :, positions], problem.k, problem.v, mask_for(problem, positions), state, params)
     yield positions, out

@@ -28,13 +28,14 @@ def test_full_budget_equals_sdpa_on_cuda(dtype, window):
         torch.testing.assert_close(out.float().cpu(), expected, atol=3e-2, rtol=3e-2)
 
 
-def test_generate_with_cuda_graphs_matches_dense_and_never_recompiles():
+@pytest.mark.parametrize("summaries", ["exact", "int8"])
+def test_generate_with_cuda_graphs_matches_dense_and_never_recompiles(summaries):
     model = tiny_model("llama").cuda()
     ids, mask = prompts(2, 40, pad=(0, 5))
     ids, mask = ids.cuda(), mask.cuda()
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=64, do_sample=False, pad_token_id=0)
     expected = model.generate(**kw)
-    config = RetroConfig(mode="retro", budget=128, page_size=16, dense_layers=1, max_context=128)
+    config = RetroConfig(mode="retro", budget=128, page_size=16, dense_layers=1, max_context=128, summaries=summaries)
     compiled = retro_compile(copy.deepcopy(model), config, mode="reduce-overhead")
     assert torch.equal(compiled.generate(**kw), expected)
     with torch.compiler.set_stance("fail_on_recompile"):  # a second request: 64 steps, no new graph
@@ -136,6 +137,37 @@ def test_page_scores_as_products_match_the_reference_bf16(batch, context):
     products, plain = (sum(chosen_sets(*decode.top_pages(scores, x.position[:, -1], params)), [])
                        for scores in (got, elementwise))
     overlap = sum(len(set(a) & set(b)) for a, b in zip(products, plain))
+    assert overlap >= 0.99 * batch * 8 * params.budget_pages  # near-ties may order differently
+
+
+@pytest.mark.parametrize("batch,context", [(1, 131072), (8, 32768)])
+def test_int8_summaries_match_the_reference_bf16(batch, context, monkeypatch):
+    """int8 summaries at real size (bf16 keys, 32 query / 8 KV heads, head dim 128): the kernels'
+    prefill leaves the reference's tables and scale bit for bit, and so does a step's refresh;
+    the scores are the reference's within bf16 rounding, with the same pages at -inf and nearly
+    all the same top pages."""
+    from retro_compile.bench import op_case, stage_inputs
+    from retro_compile.kernels import decode, op
+    from retro_compile.kernels import reference as ref
+
+    state, params, inputs = op_case(batch, context, 2, summaries="int8")
+    monkeypatch.setattr(op, "use_kernels", lambda *a: False)
+    want_state, _, _ = op_case(batch, context, 2, summaries="int8")
+    assert state.kmax.dtype == torch.int8
+    for name in ("kmax", "kmin", "summary_scale"):
+        assert torch.equal(getattr(state, name), getattr(want_state, name)), name
+    x = stage_inputs(state, params, inputs)
+    refresh = ref.PageRefresh(x.k, x.first_position, 2)
+    got = decode.page_scores(x.q_row, state.kmax, state.kmin, x.valid, params.page_size, refresh=refresh,
+                             summary_scale=state.summary_scale)
+    want = ref.page_scores(x.q_row, want_state.kmax, want_state.kmin, x.valid, params.page_size, refresh=refresh,
+                           summary_scale=want_state.summary_scale)
+    assert torch.equal(state.kmax, want_state.kmax) and torch.equal(state.kmin, want_state.kmin)
+    torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)
+    assert torch.equal(got == float("-inf"), want == float("-inf"))
+    kernel_sets, reference_sets = (sum(chosen_sets(*decode.top_pages(scores, x.position[:, -1], params)), [])
+                                   for scores in (got, want))
+    overlap = sum(len(set(a) & set(b)) for a, b in zip(kernel_sets, reference_sets))
     assert overlap >= 0.99 * batch * 8 * params.budget_pages  # near-ties may order differently
 
 

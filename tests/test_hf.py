@@ -38,12 +38,14 @@ def test_full_budget_matches_untouched_model(arch, mode, batch):
     assert compiled.retro_state.layers() == [f"model.layers.{i}.self_attn" for i in (1, 2, 3)]
 
 
-@pytest.mark.parametrize("mode,window", [("quest", 1), ("retro", 2), ("retro", 4)])
-def test_small_budget_matches_hand_driven_reference(mode, window):
+@pytest.mark.parametrize("mode,window,summaries", [("quest", 1, "exact"), ("retro", 2, "exact"), ("retro", 4, "exact"),
+                                                    ("retro", 2, "int8")])
+def test_small_budget_matches_hand_driven_reference(mode, window, summaries):
     """Step for step, the compiled model equals the reference op driven by hand, eagerly."""
     model = tiny_model("llama", seed=3)
     ids, mask = prompts(2, 60, pad=(0, 7), seed=4)
-    config = RetroConfig(mode=mode, window=window, budget=24, page_size=8, dense_layers=1, max_context=MAX_CONTEXT)
+    config = RetroConfig(mode=mode, window=window, budget=24, page_size=8, dense_layers=1, max_context=MAX_CONTEXT,
+                         summaries=summaries)
     hand = HandDriven(copy.deepcopy(model), config)
     tokens_ref, logits_ref, cache_ref = hand.generate(ids, mask, 16)
     compiled = compiled_copy(model, config)

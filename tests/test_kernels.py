@@ -19,24 +19,37 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
+def int8_tables(g: torch.Generator, b: int, kv_heads: int, num_pages: int, d: int):
+    """Random int8 summary tables (max >= min) and their scale (B, Hkv, D), on DEVICE."""
+    kmax = torch.randint(-100, 128, (b, kv_heads, num_pages, d), generator=g)
+    kmin = (kmax - torch.randint(0, 28, kmax.shape, generator=g)).clamp(min=-127)
+    scale = torch.rand(b, kv_heads, d, generator=g) * 0.05 + 0.001
+    return kmax.to(torch.int8).to(DEVICE), kmin.to(torch.int8).to(DEVICE), scale.to(DEVICE)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("q_heads,kv_heads", [(4, 2), (3, 1)])
 @pytest.mark.parametrize("num_pages,block_pages,as_products", [(11, 32, False), (11, 4, False), (11, 32, True),
                                                               (37, 32, True)])
-def test_page_scores_kernel(dtype, q_heads, kv_heads, num_pages, block_pages, as_products):
+@pytest.mark.parametrize("int8", [False, True])
+def test_page_scores_kernel(dtype, q_heads, kv_heads, num_pages, block_pages, as_products, int8):
     """Scores, and -inf for pages with no valid position (a padded page, pages past the query);
     with small blocks, a ragged last block; as matrix products, over a padded group of heads, in
-    one block or two (the second ragged)."""
+    one block or two (the second ragged); tables in the key dtype or int8 with a scale per dim."""
     g = torch.Generator().manual_seed(0)
     page = 16
     q = torch.randn(2, q_heads, 16, generator=g).to(dtype).to(DEVICE)
     kmax = torch.randn(2, kv_heads, num_pages, 16, generator=g).to(dtype).to(DEVICE)
     kmin = kmax - torch.rand(2, kv_heads, num_pages, 16, generator=g).to(dtype).to(DEVICE)
+    scale = None
+    if int8:
+        kmax, kmin, scale = int8_tables(g, 2, kv_heads, num_pages, 16)
     valid = torch.arange(num_pages * page - 5) <= torch.tensor([[170], [100]])
     valid[1, 16:32] = False
     valid = valid.to(DEVICE)
-    got = decode.page_scores(q, kmax, kmin, valid, page, block_pages, as_products=as_products)
-    torch.testing.assert_close(got, ref.page_scores(q, kmax, kmin, valid, page), atol=TOL[dtype], rtol=TOL[dtype])
+    got = decode.page_scores(q, kmax, kmin, valid, page, block_pages, as_products=as_products, summary_scale=scale)
+    want = ref.page_scores(q, kmax, kmin, valid, page, summary_scale=scale)
+    torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
     assert (got[1, :, 1] == float("-inf")).all() and (got[1, :, 7:] == float("-inf")).all()
     assert (got[0, :, :11] > float("-inf")).all() and (got[0, :, 11:] == float("-inf")).all()
 
@@ -44,11 +57,13 @@ def test_page_scores_kernel(dtype, q_heads, kv_heads, num_pages, block_pages, as
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("as_products", [False, True])
 @pytest.mark.parametrize("first,count", [([3, 1], 2), ([4, 4], 2), ([0, 2], 3)])
-def test_page_scores_kernel_refreshes_the_written_pages(dtype, as_products, first, count):
+@pytest.mark.parametrize("int8", [False, True])
+def test_page_scores_kernel_refreshes_the_written_pages(dtype, as_products, first, count, int8):
     """Scoring with a refresh: the named pages' summaries are rebuilt in place from the keys (a
     pair that straddles two blocks of 4 pages, one clamped at the last page, a range holding an
     all-padding page) and scored from the new rows; every other page is left as it was. Against
-    the reference's refresh then score, on the same stale tables."""
+    the reference's refresh then score, on the same stale tables (int8 ones: quantized with the
+    scale, which is not changed)."""
     g = torch.Generator().manual_seed(sum(first) + count)
     b, hq, hkv, length, d, page = 2, 4, 2, 75, 16, 16
     num_pages = -(-length // page)  # 5, the last one ragged
@@ -57,50 +72,69 @@ def test_page_scores_kernel_refreshes_the_written_pages(dtype, as_products, firs
     valid[1, 16:32] = False  # page 1 of row 1: all padding
     q = torch.randn(b, hq, d, generator=g).to(dtype)
     stale = [(torch.randn(b, hkv, num_pages, d, generator=g) + shift).to(dtype) for shift in (1, -1)]
+    scale = None
+    if int8:  # about a quarter of the keys' range: the largest keys saturate
+        *stale, scale = (t.cpu() for t in int8_tables(g, b, hkv, num_pages, d))
+        scale = scale + 0.01
     position = torch.tensor(first) * page + 2
     want_tables = [t.clone() for t in stale]
-    want = ref.page_scores(q, *want_tables, valid, page, refresh=ref.PageRefresh(k, position, count))
+    want = ref.page_scores(q, *want_tables, valid, page, refresh=ref.PageRefresh(k, position, count),
+                           summary_scale=scale)
     got_tables = [t.clone().to(DEVICE) for t in stale]
     refresh = ref.PageRefresh(k.to(DEVICE), position.to(DEVICE), count)
     got = decode.page_scores(q.to(DEVICE), *got_tables, valid.to(DEVICE), page, block_pages=4, as_products=as_products,
-                             refresh=refresh)
+                             refresh=refresh, summary_scale=None if scale is None else scale.to(DEVICE))
     for table, expected in zip(got_tables, want_tables):
-        torch.testing.assert_close(table.cpu(), expected, atol=0, rtol=0)  # max and min are exact in any dtype
+        torch.testing.assert_close(table.cpu(), expected, atol=0, rtol=0)  # max, min and their steps are exact
     torch.testing.assert_close(got.cpu(), want, atol=TOL[dtype], rtol=TOL[dtype])
     touched = [{min(first[row] + t, num_pages - 1) for t in range(count)} for row in range(b)]
     for row in range(b):
         for p in range(num_pages):
             if p not in touched[row]:
                 assert torch.equal(got_tables[0][row, :, p].cpu(), stale[0][row, :, p]), (row, p)
+    if int8:
+        assert (want_tables[0] == 127).any() and (want_tables[1] == -127).any(), "no refreshed key saturated"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("first,count", [([0, 0], 5), ([2, 3], 2), ([4, 1], 3)])
-def test_summarize_pages_kernel(dtype, first, count):
+@pytest.mark.parametrize("int8", [False, True])
+def test_summarize_pages_kernel(dtype, first, count, int8):
     """In-place page summaries: a ragged last page, padding, an all-padding page, ranges that run
-    past the last page (clamped), and pages outside the range left alone."""
+    past the last page (clamped), and pages outside the range left alone; int8 tables hold the
+    reference's outward steps of the scale, bit for bit."""
     g = torch.Generator().manual_seed(2)
     b, kv_heads, length, d, page = 2, 3, 70, 16, 16
     num_pages = -(-length // page)
     k = torch.randn(b, kv_heads, length, d, generator=g).to(dtype)
     valid = torch.rand(b, length, generator=g) > 0.3
     valid[1, 16:32] = False
-    sentinel = torch.full((b, kv_heads, num_pages, d), 7.0, dtype=dtype)
+    scale = torch.rand(b, kv_heads, d, generator=g) * 0.03 + 0.04 if int8 else None  # no key saturates
+    sentinel = torch.full((b, kv_heads, num_pages, d), 7, dtype=torch.int8 if int8 else dtype)
     want = [sentinel.clone(), sentinel.clone()]
     position = torch.tensor(first) * page + torch.tensor([3, page - 1])  # somewhere in each first page
-    ref.summarize_pages(*want, k, valid, position, count, page)
+    ref.summarize_pages(*want, k, valid, position, count, page, scale)
     got = [sentinel.clone().to(DEVICE), sentinel.clone().to(DEVICE)]
     position = torch.stack([position, position + 1], dim=1).to(DEVICE)[:, 0]  # a strided column, as the op passes
-    decode.summarize_pages(*got, k.to(DEVICE), valid.to(DEVICE), position, count, page)
+    decode.summarize_pages(*got, k.to(DEVICE), valid.to(DEVICE), position, count, page,
+                           None if scale is None else scale.to(DEVICE))
     for a, e in zip(got, want):
-        torch.testing.assert_close(a.cpu(), e, atol=0, rtol=0)  # max and min are exact in any dtype
+        torch.testing.assert_close(a.cpu(), e, atol=0, rtol=0)  # max, min and their steps are exact
     full = ref.build_summaries(k, valid, page)
     for row in range(b):
         written = sorted({min(first[row] + t, num_pages - 1) for t in range(count)})
         for table, summary in zip(got, full):
-            torch.testing.assert_close(table[row, :, written].cpu(), summary[row, :, written])
+            table = table[row, :, written].cpu().float()
+            if int8:  # one step of the scale at most outside the true bound, on its outer side
+                step = scale[row, :, None]
+                lo, hi = (summary[row, :, written], summary[row, :, written] + step) if summary is full[0] else \
+                    (summary[row, :, written] - step, summary[row, :, written])
+                assert ((table * step >= lo - 1e-6) & (table * step <= hi + 1e-6)).all()
+            else:
+                torch.testing.assert_close(table, summary[row, :, written].float())
+        for table in got:
             untouched = [p for p in range(num_pages) if p not in written]
-            assert (table[row, :, untouched].cpu() == 7.0).all()
+            assert (table[row, :, untouched].cpu() == 7).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -128,6 +162,7 @@ def test_attend_window_kernel(dtype, q_heads, kv_heads, n, window, pages_per_spl
         out_cache=torch.randn(b, q_heads, window - 1, d, generator=g),
         lse_cache=torch.randn(b, q_heads, window - 1, generator=g),
         counts=torch.zeros(b, kv_heads, dtype=torch.int32),
+        summary_scale=torch.zeros(0),  # not read by this stage
     )
     want_state = ref.LayerState(*(t.clone() for t in state))
     want = ref.attend_window(q, k, v, allowed, None, indices, chosen, want_state, position, 0.25, page)
@@ -144,20 +179,21 @@ def test_attend_window_kernel(dtype, q_heads, kv_heads, n, window, pages_per_spl
 
 
 @pytest.mark.parametrize("window", [1, 2])
-def test_decode_step_with_kernels_matches_reference(window, monkeypatch):
+@pytest.mark.parametrize("summaries", ["exact", "int8"])
+def test_decode_step_with_kernels_matches_reference(window, summaries, monkeypatch):
     """The whole op with the kernel stages, against the reference op, over a decode sequence."""
     from retro_compile.kernels import op
 
     problem = make_problem(batch=2, q_heads=4, kv_heads=2, length=80, prompt=50, pad=(0, 7))
     problem = type(problem)(*(t.to(DEVICE) for t in (problem.q, problem.k, problem.v, problem.valid)), problem.prompt)
     p = ref.SparseParams(16, 2, 0.0, 0, 1, window)
-    expected = [out for _, out in run(problem, p, steps=4)]
+    expected = [out for _, out in run(problem, p, steps=4, summaries=summaries)]
     monkeypatch.setattr(op, "use_kernels", lambda *a: True)
-    got = [out for _, out in run(problem, p, steps=4)]
+    got = [out for _, out in run(problem, p, steps=4, summaries=summaries)]
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     full = ref.SparseParams(16, 8, 0.0, 0, 1, window)
-    for positions, out in run(problem, full, steps=3):
+    for positions, out in run(problem, full, steps=3, summaries=summaries):
         torch.testing.assert_close(out, dense_rows(problem, positions).to(out.device), atol=2e-5, rtol=2e-5)
 
 

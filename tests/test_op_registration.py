@@ -14,8 +14,8 @@ from .sequences import make_problem, mask_for
 PARAMS = SparseParams(8, 2, 0.0, 0, 1, 2)
 
 
-def fresh_state(problem, window=2):
-    return allocate(StateShape.of_call(problem.q, problem.k, problem.v, -(-problem.q.shape[2] // 8), window))
+def fresh_state(problem, window=2, summaries="exact"):
+    return allocate(StateShape.of_call(problem.q, problem.k, problem.v, -(-problem.q.shape[2] // 8), window, summaries))
 
 
 def call_args(problem, positions, state, params=PARAMS):
@@ -23,9 +23,10 @@ def call_args(problem, positions, state, params=PARAMS):
 
 
 @pytest.mark.parametrize("phase", ["prefill", "decode", "decode with positions"])
-def test_opcheck(phase):
+@pytest.mark.parametrize("summaries", ["exact", "int8"])
+def test_opcheck(phase, summaries):
     problem = make_problem()
-    state = fresh_state(problem)
+    state = fresh_state(problem, summaries=summaries)
     torch.ops.retro.attention(*call_args(problem, list(range(40)), state))
     positions = list(range(40)) if phase == "prefill" else [40, 41]
     args = call_args(problem, positions, state)
@@ -108,6 +109,21 @@ def test_state_counts_of_another_shape_or_dtype_raise():
         retro_attention(*args, state._replace(counts=state.counts.long()), PARAMS)
     with pytest.raises(ValueError, match="state counts has shape"):
         retro_attention(*args, state._replace(counts=state.counts[..., None]), PARAMS)
+
+
+def test_summaries_of_another_dtype_or_a_bad_scale_raise():
+    """Summary tables are both the key dtype or both int8; the scale is fp32 (B, Hkv, D)."""
+    problem = make_problem()
+    args = (problem.q[:, :, [40, 41]], problem.k, problem.v, mask_for(problem, [40, 41]))
+    state = fresh_state(problem, summaries="int8")
+    with pytest.raises(TypeError, match=r"summaries dtypes \(torch.int8, torch.float32\) must both be the key dtype"):
+        retro_attention(*args, state._replace(kmin=state.kmin.float()), PARAMS)
+    with pytest.raises(TypeError, match="summaries dtypes .* torch.float16"):
+        retro_attention(*args, state._replace(kmax=state.kmax.half(), kmin=state.kmin.half()), PARAMS)
+    with pytest.raises(TypeError, match="state summary_scale has dtype torch.float16, expected torch.float32"):
+        retro_attention(*args, state._replace(summary_scale=state.summary_scale.half()), PARAMS)
+    with pytest.raises(ValueError, match="state summary_scale has shape"):
+        retro_attention(*args, state._replace(summary_scale=state.summary_scale[..., :8]), PARAMS)
 
 
 def test_bad_input_fails_while_tracing():

@@ -90,9 +90,10 @@ print(json.dumps(out[:, 70:].tolist()))
 """
 
 
-def test_consecutive_requests_equal_fresh_process_runs():
+@pytest.mark.parametrize("summaries", ["exact", "int8"])
+def test_consecutive_requests_equal_fresh_process_runs(summaries):
     """Two requests of different batch sizes on one model give what each gives in a new process."""
-    config = dict(mode="retro", window=2, budget=24, page_size=8, dense_layers=1, max_context=128)
+    config = dict(mode="retro", window=2, budget=24, page_size=8, dense_layers=1, max_context=128, summaries=summaries)
     model = retro_compile(tiny_model("llama", seed=6), RetroConfig(**config))
     got = []
     for batch, pad in ((1, ()), (3, (0, 9, 2))):

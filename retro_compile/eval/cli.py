@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compile the decode graph with Inductor (auto: on CUDA only)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="on CUDA, run each decode step without recording it in a CUDA graph")
+    p.add_argument("--summaries", choices=["exact", "int8"], default=RetroConfig.summaries,
+                   help="how sparse layers store page summaries (RetroConfig.summaries)")
     p.add_argument("--jobs", type=int, default=1, help="configurations run at once, each in its own process")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default results/<task>.json); PNG beside it")
     args = p.parse_args(argv)
@@ -133,7 +135,7 @@ def evaluate(args, run: Run) -> dict:
     mode, budget, window, sink_pages = run
     base, tokenizer, passages, max_context = load(args)
     config = RetroConfig(mode=mode, window=window, budget=budget or max_context, max_context=max_context,
-                         sink_pages=sink_pages)
+                         sink_pages=sink_pages, summaries=args.summaries)
     inductor = None if args.inductor == "auto" else args.inductor == "on"
     model = retro_compile(copy.deepcopy(base), config, inductor=inductor,
                           cuda_graphs=False if args.no_cuda_graphs else None)

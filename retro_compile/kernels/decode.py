@@ -1,6 +1,7 @@
 """Triton kernels for the heavy stages of a decode step (docs/algorithm.md, section 7).
 
-* :func:`summarize_pages`: page key max/min, in place, for every page after a prefill (or any range).
+* :func:`summarize_pages`: page key max/min, in place, for every page after a prefill (or any range),
+  as they are or as int8 steps of a per-dim scale (``reference.quantize_summary``).
 * :func:`page_scores`: Quest's page bound, reading each page summary once, GQA group max fused;
   pages with no valid position score -inf. A decode step's written pages are summarized anew
   by spare programs of the same launch, which score them too: the refresh has no launch of its own.
@@ -65,12 +66,24 @@ def _page_summary(x, ok):
 
 
 @triton.jit
+def _stored_summary(kmax, kmin, scale, QUANTIZED: tl.constexpr):
+    """A page's max and min rows (fp32) as the tables store them: for int8 tables
+    (``QUANTIZED``) steps of ``scale`` (D,), rounded outward and saturated
+    (``reference.quantize_summary``; correctly rounded division, as PyTorch's); otherwise as they
+    are. The caller casts to the tables' dtype."""
+    if QUANTIZED:
+        kmax = tl.clamp(tl.ceil(tl.div_rn(kmax, scale)), -127.0, 127.0)
+        kmin = tl.clamp(tl.floor(tl.div_rn(kmin, scale)), -127.0, 127.0)
+    return kmax, kmin
+
+
+@triton.jit
 def _summarize_pages_kernel(
-    K, VALID, FIRST, KMAX, KMIN,
+    K, VALID, FIRST, KMAX, KMIN, SCALE,
     stride_kb, stride_kh, stride_kl, stride_vb, stride_first,
-    stride_sb, stride_sh, stride_sp,
+    stride_sb, stride_sh, stride_sp, stride_cb, stride_ch,
     length, num_pages,
-    P: tl.constexpr, D: tl.constexpr,
+    P: tl.constexpr, D: tl.constexpr, QUANTIZED: tl.constexpr,
 ):
     b, h, t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     page = tl.minimum(tl.load(FIRST + b * stride_first) // P + t, num_pages - 1)
@@ -80,6 +93,10 @@ def _summarize_pages_kernel(
     x = tl.load(K + b * stride_kb + h * stride_kh + keys[:, None] * stride_kl + dims[None, :],
                 mask=ok[:, None], other=0.0).to(tl.float32)
     kmax, kmin, _ = _page_summary(x, ok)
+    scale = 1.0
+    if QUANTIZED:
+        scale = tl.load(SCALE + b * stride_cb + h * stride_ch + dims)
+    kmax, kmin = _stored_summary(kmax, kmin, scale, QUANTIZED)
     offs = b * stride_sb + h * stride_sh + page * stride_sp + dims
     tl.store(KMAX + offs, kmax.to(KMAX.dtype.element_ty))
     tl.store(KMIN + offs, kmin.to(KMIN.dtype.element_ty))
@@ -93,40 +110,66 @@ def summarize_pages(
     first_position: torch.Tensor,
     count: int,
     page_size: int,
+    summary_scale: torch.Tensor | None = None,
 ) -> None:
     """Same as ``reference.summarize_pages``: one program per (batch row, KV head, page) reads the
-    page's keys once and writes its max and min rows in place. ``first_position`` (B,) may be a
-    strided view (the first row's column of the positions), read as it is."""
+    page's keys once and writes its max and min rows in place (int8 tables: as steps of
+    ``summary_scale``). ``first_position`` (B,) may be a strided view (the first row's column of
+    the positions), read as it is."""
     b, hkv, length, d = k.shape
     _check_summary_layout(kmax, kmin, "summarize_pages")
     k, valid = _unit_last_stride(k, valid)
+    summary_scale = _summary_scale(kmax, summary_scale, "summarize_pages")
     wrap_triton(_summarize_pages_kernel)[(b, hkv, count)](
-        k, valid, first_position, kmax, kmin,
+        k, valid, first_position, kmax, kmin, summary_scale,
         k.stride(0), k.stride(1), k.stride(2), valid.stride(0), first_position.stride(0),
-        kmax.stride(0), kmax.stride(1), kmax.stride(2),
-        length, kmax.shape[2], P=page_size, D=d,
+        kmax.stride(0), kmax.stride(1), kmax.stride(2), summary_scale.stride(0), summary_scale.stride(1),
+        length, kmax.shape[2], P=page_size, D=d, QUANTIZED=kmax.dtype == torch.int8,
     )
+
+
+def _summary_scale(kmax: torch.Tensor, summary_scale: torch.Tensor | None, caller: str) -> torch.Tensor:
+    """The scale a kernel is given: int8 tables need theirs (unit last stride); tables in the key
+    dtype never read it, and get a stand-in when there is none."""
+    if kmax.dtype == torch.int8:
+        if summary_scale is None:
+            raise ValueError(f"kernels.decode.{caller}: int8 summary tables need their summary_scale")
+        (summary_scale,) = _unit_last_stride(summary_scale)
+        return summary_scale
+    return kmax if summary_scale is None else summary_scale
 
 
 @triton.jit
 def _page_scores_kernel(
-    Q, KMAX, KMIN, VALID, OUT, K, FIRST,
+    Q, KMAX, KMIN, VALID, OUT, K, FIRST, SCALE,
     stride_qb, stride_qh,
     stride_sb, stride_sh, stride_sp,
     stride_vb,
     stride_ob, stride_oh,
     stride_kb, stride_kh, stride_kl, stride_first,
+    stride_cb, stride_ch,
     num_pages, length,
     G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT: tl.constexpr, HEADS: tl.constexpr, PRECISION: tl.constexpr, REFRESH: tl.constexpr,
+    QUANTIZED: tl.constexpr,
 ):
     # Programs 0..REFRESH-1 of the last grid axis refresh a step's written pages (REFRESH pages
     # from the one holding FIRST[b]): summarize, store, and score each from its new rows. The rest
     # score blocks of pages and leave those pages' scores to them. The refresh is spare programs
     # beside the scoring, not a branch inside it: a branch that rewrote the scoring tiles made the
     # whole kernel 10% slower on an H200 (84 us against 74 for two launches, B=8/128K).
+    # int8 tables (QUANTIZED) are scored by the query times the summary scale, rounded to the
+    # query's dtype (reference.page_scores); the tables' steps are exact in any float dtype.
     b, hkv, program = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     dims = tl.arange(0, D)
+    heads = tl.arange(0, HEADS)
+    scale = 1.0
+    if QUANTIZED:
+        scale = tl.load(SCALE + b * stride_cb + hkv * stride_ch + dims)
+    q = tl.load(Q + b * stride_qb + (hkv * G + heads)[:, None] * stride_qh + dims[None, :],
+                mask=(heads < G)[:, None], other=0.0)  # (HEADS, D): the group's heads, the rest zero
+    if QUANTIZED:
+        q = (q.to(tl.float32) * scale[None, :]).to(Q.dtype.element_ty)
     first = -1
     if REFRESH > 0:  # a kernel without the refresh holds none of its code, nor its stores
         first = tl.load(FIRST + b * stride_first) // P
@@ -138,31 +181,29 @@ def _page_scores_kernel(
             x = tl.load(K + b * stride_kb + hkv * stride_kh + page_keys[:, None] * stride_kl + dims[None, :],
                         mask=written[:, None], other=0.0).to(tl.float32)
             page_max, page_min, page_valid = _page_summary(x, written)
+            page_max, page_min = _stored_summary(page_max, page_min, scale, QUANTIZED)
             page_max, page_min = page_max.to(KMAX.dtype.element_ty), page_min.to(KMIN.dtype.element_ty)
             row = b * stride_sb + hkv * stride_sh + page * stride_sp + dims
             tl.store(KMAX + row, page_max)
             tl.store(KMIN + row, page_min)
-            group = tl.arange(0, HEADS)
-            q_group = tl.load(Q + b * stride_qb + (hkv * G + group)[:, None] * stride_qh + dims[None, :],
-                              mask=(group < G)[:, None], other=0.0).to(tl.float32)
+            q_group = q.to(tl.float32)
             page_bound = tl.sum(tl.maximum(q_group * page_max.to(tl.float32)[None, :],
                                            q_group * page_min.to(tl.float32)[None, :]), axis=1)
-            page_best = tl.max(tl.where(group < G, page_bound, float("-inf")), axis=0)
+            page_best = tl.max(tl.where(heads < G, page_bound, float("-inf")), axis=0)
             tl.store(OUT + b * stride_ob + hkv * stride_oh + page, tl.where(page_valid, page_best, float("-inf")))
             return
     pages = (program - REFRESH) * BLOCK_P + tl.arange(0, BLOCK_P)
     ok = pages < num_pages
     offs = b * stride_sb + hkv * stride_sh + pages[:, None] * stride_sp + dims[None, :]
-    kmax = tl.load(KMAX + offs, mask=ok[:, None], other=0.0)
-    kmin = tl.load(KMIN + offs, mask=ok[:, None], other=0.0)
+    kmax = tl.load(KMAX + offs, mask=ok[:, None], other=0)
+    kmin = tl.load(KMIN + offs, mask=ok[:, None], other=0)
     if DOT:
         # Since kmax >= kmin, max(q * kmax, q * kmin) summed over dims is
         # max(q, 0) . kmax + min(q, 0) . kmin: two matrix products over the group's HEADS (>= G,
-        # the rest zero and left out of the max), on tensor cores instead of 3 ops per element and head.
-        heads = tl.arange(0, HEADS)
-        q = tl.load(Q + b * stride_qb + (hkv * G + heads)[:, None] * stride_qh + dims[None, :],
-                    mask=(heads < G)[:, None], other=0.0)
-        q_up, q_down = tl.maximum(q, 0.0).to(kmax.dtype), tl.minimum(q, 0.0).to(kmax.dtype)
+        # the rest zero and left out of the max), on tensor cores instead of 3 ops per element and
+        # head, in the query's dtype (int8 tables converted in registers: half the bytes to read).
+        kmax, kmin = kmax.to(q.dtype), kmin.to(q.dtype)
+        q_up, q_down = tl.maximum(q, 0.0).to(q.dtype), tl.minimum(q, 0.0).to(q.dtype)
         bound = (tl.dot(kmax, tl.trans(q_up), input_precision=PRECISION)
                  + tl.dot(kmin, tl.trans(q_down), input_precision=PRECISION))  # (BLOCK_P, HEADS) fp32
         best = tl.max(tl.where((heads < G)[None, :], bound, float("-inf")), axis=1)
@@ -170,8 +211,11 @@ def _page_scores_kernel(
         kmax, kmin = kmax.to(tl.float32), kmin.to(tl.float32)
         best = tl.full((BLOCK_P,), float("-inf"), tl.float32)
         for g in tl.static_range(G):
-            q = tl.load(Q + b * stride_qb + (hkv * G + g) * stride_qh + dims).to(tl.float32)
-            bound = tl.sum(tl.maximum(q[None, :] * kmax, q[None, :] * kmin), axis=1)
+            q_head = tl.load(Q + b * stride_qb + (hkv * G + g) * stride_qh + dims)
+            if QUANTIZED:
+                q_head = (q_head.to(tl.float32) * scale).to(Q.dtype.element_ty)
+            q_head = q_head.to(tl.float32)
+            bound = tl.sum(tl.maximum(q_head[None, :] * kmax, q_head[None, :] * kmin), axis=1)
             best = tl.maximum(best, bound)
     keys = pages[:, None] * P + tl.arange(0, P)[None, :]
     valid = tl.load(VALID + b * stride_vb + keys, mask=keys < length, other=0) != 0
@@ -190,6 +234,7 @@ def page_scores(
     num_warps: int = 4,
     as_products: bool = True,
     refresh: reference.PageRefresh | None = None,
+    summary_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same as ``reference.page_scores``: q_row (B, Hq, D) -> (B, Hkv, NP) fp32.
 
@@ -198,16 +243,18 @@ def page_scores(
     ``refresh`` gets one more program, which summarizes it anew (in place) and scores it from the
     new rows (elementwise, in fp32): a step's refresh needs no launch of its own. ``as_products``
     computes each bound as two matrix products (``max(q, 0) . kmax + min(q, 0) . kmin``, the same
-    sum in another order) where the shapes allow a ``tl.dot`` (blocks of at least 16 pages, one
-    dtype); otherwise elementwise in fp32. On an H200 (bf16, 32 query / 8 KV heads) the products
-    took 10.0 us at B=1/128K against 12.8 elementwise, and 70.7 against 84.6 at B=8/128K.
-    ``block_pages`` None: 64 pages up to 8192 pages in all (B x pages), else 32, the faster of the
-    two at each of those shapes.
+    sum in another order) where the shapes allow a ``tl.dot`` (blocks of at least 16 pages);
+    otherwise elementwise in fp32. On an H200 (bf16, 32 query / 8 KV heads) the products took
+    10.0 us at B=1/128K against 12.8 elementwise, and 70.7 against 84.6 at B=8/128K.
+    ``block_pages`` None: 64 pages up to 8192 pages in all (B x pages), else 32 (int8 tables: 128),
+    the faster at each of those shapes. int8 tables need their ``summary_scale`` (B, Hkv, D).
     """
     b, hq, d = q_row.shape
     hkv, num_pages = kmax.shape[1], kmax.shape[2]
+    quantized = kmax.dtype == torch.int8
     if block_pages is None:
-        block_pages = 64 if b * num_pages <= 8192 else 32
+        block_pages = 64 if b * num_pages <= 8192 else 128 if quantized else 32
+    summary_scale = _summary_scale(kmax, summary_scale, "page_scores")
     if refresh is None:
         kmax, kmin = kmax.contiguous(), kmin.contiguous()
         k, first_position, count = kmax, kmax[:, 0, 0, 0], 0  # never read
@@ -218,19 +265,20 @@ def page_scores(
     out = torch.empty(b, hkv, num_pages, dtype=torch.float32, device=q_row.device)
     block = min(block_pages, triton.next_power_of_2(num_pages))
     group = hq // hkv
-    dot = as_products and block >= 16 and q_row.dtype == kmax.dtype == kmin.dtype
+    dot = as_products and block >= 16 and kmax.dtype in (q_row.dtype, torch.int8) and kmin.dtype == kmax.dtype
     grid = (b, hkv, count + triton.cdiv(num_pages, block))
     wrap_triton(_page_scores_kernel)[grid](
-        q_row, kmax, kmin, valid, out, k, first_position,
+        q_row, kmax, kmin, valid, out, k, first_position, summary_scale,
         q_row.stride(0), q_row.stride(1),
         kmax.stride(0), kmax.stride(1), kmax.stride(2),
         valid.stride(0),
         out.stride(0), out.stride(1),
         k.stride(0), k.stride(1), k.stride(2), first_position.stride(0),
+        summary_scale.stride(0), summary_scale.stride(1),
         num_pages, valid.shape[-1], G=group, D=d, P=page_size, BLOCK_P=block,
         DOT=dot, HEADS=max(16, triton.next_power_of_2(group)),
-        PRECISION="ieee" if kmax.dtype == torch.float32 else "tf32",  # fp32 exact; 16-bit inputs ignore it
-        REFRESH=count, num_warps=num_warps,
+        PRECISION="ieee" if q_row.dtype == torch.float32 else "tf32",  # fp32 exact; 16-bit inputs ignore it
+        REFRESH=count, QUANTIZED=quantized, num_warps=num_warps,
     )
     return out
 

@@ -23,7 +23,7 @@ from . import reference
 from .reference import LayerState, SparseParams
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-STATE_ARGS = ("kmax", "kmin", "last", "out_cache", "lse_cache", "counts")
+STATE_ARGS = ("kmax", "kmin", "last", "out_cache", "lse_cache", "counts", "summary_scale")
 
 
 def unservable(
@@ -80,7 +80,7 @@ def check_inputs(
         error, why = problem
         raise error(f"retro::attention: {why}")
     b, hq, d, length = q.shape[0], q.shape[1], q.shape[3], k.shape[2]
-    kmax, kmin, last, out_cache, lse_cache, counts = state
+    kmax, kmin, last, out_cache, lse_cache, counts, summary_scale = state
     capacity = kmax.shape[2] * params.page_size
     if length > capacity:
         raise ValueError(
@@ -94,6 +94,7 @@ def check_inputs(
         "out_cache": (b, hq, params.window - 1, v.shape[3]),
         "lse_cache": (b, hq, params.window - 1),
         "counts": (b, k.shape[1]),
+        "summary_scale": (b, k.shape[1], d),
     }
     for name, t in zip(STATE_ARGS, state):
         if tuple(t.shape) != expected[name]:
@@ -103,8 +104,11 @@ def check_inputs(
     for name, t in (("last", last), ("counts", counts)):
         if t.dtype != torch.int32:
             raise TypeError(f"retro::attention: state {name} has dtype {t.dtype}, expected torch.int32")
-    if kmax.dtype != k.dtype or kmin.dtype != k.dtype:
-        raise TypeError(f"retro::attention: summaries dtype {kmax.dtype} must equal the key dtype {k.dtype}")
+    if kmax.dtype not in (k.dtype, torch.int8) or kmin.dtype != kmax.dtype:
+        raise TypeError(f"retro::attention: summaries dtypes ({kmax.dtype}, {kmin.dtype}) must both be the key "
+                        f"dtype {k.dtype} or torch.int8")
+    if summary_scale.dtype != torch.float32:
+        raise TypeError(f"retro::attention: state summary_scale has dtype {summary_scale.dtype}, expected torch.float32")
     if positions is not None:
         n = q.shape[2]
         if n > params.window:
@@ -149,6 +153,7 @@ def attention(
     out_cache: torch.Tensor,
     lse_cache: torch.Tensor,
     counts: torch.Tensor,
+    summary_scale: torch.Tensor,
     is_causal: bool,
     scale: Optional[float],
     page_size: int,
@@ -165,7 +170,7 @@ def attention(
     ``reference.mask_positions(attn_mask, B, n)``. The rewrite computes them once per graph for
     all layers sharing a mask; without them each call reduces its mask itself.
     """
-    state = LayerState(kmax, kmin, last, out_cache, lse_cache, counts)
+    state = LayerState(kmax, kmin, last, out_cache, lse_cache, counts, summary_scale)
     params = SparseParams(page_size, budget_pages, budget_fraction, sink_pages, local_pages, window)
     check_inputs(q, k, v, attn_mask, state, params, positions)
     stages = None

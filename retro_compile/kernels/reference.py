@@ -3,7 +3,8 @@
 Every stage is its own function, in the order a decode step runs them:
 
 1. :func:`mask_to_allowed` / :func:`query_positions`: what each query row may see, and where it is.
-2. :func:`build_summaries` / :func:`summarize_pages`: per-page key max/min over valid positions.
+2. :func:`build_summaries` / :func:`summarize_pages`: per-page key max/min over valid positions,
+   stored as they are or as int8 steps of a per-dim scale (:func:`prompt_summary_scale`, :func:`quantize_summary`).
 3. :func:`page_scores`: Quest's upper bound ``sum_d max(q_d kmax_d, q_d kmin_d)``, GQA group max
    (``-inf`` for pages the query has no valid position in), after refreshing the summaries of
    the pages a decode step wrote (:class:`PageRefresh`).
@@ -44,8 +45,10 @@ class SparseParams(NamedTuple):
 class LayerState(NamedTuple):
     """Per-layer decode state (fixed shapes, updated in place). See state.py for allocation."""
 
-    kmax: torch.Tensor  # (B, Hkv, NP, D) key dtype: element-wise max of each page's valid keys
-    kmin: torch.Tensor  # (B, Hkv, NP, D) key dtype: element-wise min
+    # (B, Hkv, NP, D), the key dtype or int8: element-wise max of each page's valid keys, and min.
+    # int8 tables hold each element as a multiple of its (batch row, KV head, dim)'s summary_scale.
+    kmax: torch.Tensor
+    kmin: torch.Tensor
     last: torch.Tensor  # (B, Hkv, NP) int32: last step (position) whose query loaded the page
     out_cache: torch.Tensor  # (B, Hq, w-1, D) fp32: outputs of the last w-1 rows, oldest first
     lse_cache: torch.Tensor  # (B, Hq, w-1) fp32: their log-sum-exp
@@ -53,6 +56,9 @@ class LayerState(NamedTuple):
     # so that the last one picks from their candidates (kernels/decode.py, top_pages); the
     # reference never reads it.
     counts: torch.Tensor
+    # (B, Hkv, D) fp32: int8 summaries stand for table x summary_scale (set by the prefill,
+    # :func:`prompt_summary_scale`); for tables in the key dtype it holds ones.
+    summary_scale: torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,10 +165,12 @@ def summarize_pages(
     first_position: torch.Tensor,
     count: int,
     page_size: int,
+    summary_scale: torch.Tensor | None = None,
 ) -> None:
     """Recompute, in place, the summaries of ``count`` pages from the one holding
     ``first_position[b]`` on (clamped to the last page), from those pages' keys alone, never the
-    whole cache.
+    whole cache. int8 tables store them as :func:`quantize_summary` steps of ``summary_scale``
+    (B, Hkv, D), which they need; tables in the key dtype store them as they are.
 
     A decode step refreshes the pages its rows were written to (from its first row's position);
     a prefill builds every page (from position 0).
@@ -174,8 +182,39 @@ def summarize_pages(
     positions = positions.clamp(max=length - 1)
     keys = k.gather(2, positions[:, None, :, None].expand(-1, heads, -1, dim))
     page_max, page_min = build_summaries(keys, valid.gather(1, positions) & inside, page_size)  # (B, H, m, D)
+    if kmax.dtype == torch.int8:
+        if summary_scale is None:
+            raise ValueError("summarize_pages: int8 summary tables need their summary_scale")
+        page_max = quantize_summary(page_max, summary_scale, up=True)
+        page_min = quantize_summary(page_min, summary_scale, up=False)
     put_pages(kmax, pages[:, None, :], page_max)
     put_pages(kmin, pages[:, None, :], page_min)
+
+
+SUMMARY_HEADROOM = 2.0  # an int8 summary's range is this many times the prompt's largest |key| of its dim
+
+
+def prompt_summary_scale(k: torch.Tensor, valid: torch.Tensor, table_dtype: torch.dtype) -> torch.Tensor:
+    """(B, Hkv, D) fp32: the value of one int8 step of a dim's summaries, set from the prompt's
+    keys ``k`` at its ``valid`` (B, L) positions: ``SUMMARY_HEADROOM`` times their largest
+    magnitude, over 127, so that keys decoded later may grow that much before they saturate.
+    A scale per dim, not per page or head: a few key dims are far larger than the rest. Ones
+    for tables in the key dtype, which hold the values themselves."""
+    b, heads, _, dim = k.shape
+    if table_dtype != torch.int8:
+        return torch.ones(b, heads, dim, dtype=torch.float32, device=k.device)
+    magnitude = torch.where(valid[:, None, :, None], k, 0).abs().amax(dim=2).float()
+    return (magnitude * (SUMMARY_HEADROOM / 127)).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def quantize_summary(x: torch.Tensor, summary_scale: torch.Tensor, up: bool) -> torch.Tensor:
+    """Summary rows ``x`` (B, Hkv, m, D) as int8 steps of ``summary_scale`` (B, Hkv, D): rounded
+    outward (the max rows ``up``, the min rows down), so a page's score stays an upper bound of
+    its keys' ``q . k``, and saturated at +-127: the one way a score can fall below it, for keys
+    beyond ``SUMMARY_HEADROOM`` times the prompt's largest."""
+    steps = x.float() / summary_scale[:, :, None]
+    steps = torch.ceil(steps) if up else torch.floor(steps)
+    return steps.clamp(-127, 127).to(torch.int8)
 
 
 def summarized_pages(first_position: torch.Tensor, count: int, page_size: int, num_pages: int) -> torch.Tensor:
@@ -210,20 +249,26 @@ class PageRefresh(NamedTuple):
 
 def page_scores(
     q_row: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor, valid: torch.Tensor, page_size: int,
-    refresh: PageRefresh | None = None,
+    refresh: PageRefresh | None = None, summary_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Upper bound of ``q . k`` over each page, maxed over each KV head's query group; ``-inf`` for
     a page with no position in ``valid`` (B, L) (beyond the query, or all padding).
 
     q_row (B, Hq, D); kmax/kmin (B, Hkv, NP, D) -> (B, Hkv, NP) fp32. With ``refresh``, the
     summaries of the pages it names are first recomputed in place (a decode step's written pages),
-    so that the kernel can do both in one pass.
+    so that the kernel can do both in one pass. ``summary_scale`` (B, Hkv, D) (needed for int8
+    tables) is folded into the query: each head's ``q * scale``, rounded to the query's dtype
+    as the kernels' matrix products take it, scores the tables' steps.
     """
     if refresh is not None:
-        summarize_pages(kmax, kmin, refresh.k, valid, refresh.first_position, refresh.count, page_size)
+        summarize_pages(kmax, kmin, refresh.k, valid, refresh.first_position, refresh.count, page_size, summary_scale)
     b, hq, d = q_row.shape
     hkv = kmax.shape[1]
     q = q_row.float().view(b, hkv, hq // hkv, 1, d)
+    if summary_scale is not None:
+        q = (q * summary_scale[:, :, None, None]).to(q_row.dtype).float()
+    elif kmax.dtype == torch.int8:
+        raise ValueError("page_scores: int8 summary tables need their summary_scale")
     upper = torch.maximum(q * kmax.float()[:, :, None], q * kmin.float()[:, :, None]).sum(-1)  # (B, Hkv, G, NP)
     return upper.amax(dim=2).masked_fill(~page_any(valid, page_size)[:, None, :], NEG_INF)
 
@@ -361,7 +406,9 @@ def prefill(
     position = query_positions(allowed)[:, -1]
     stages = stages or reference_stages()
     first = torch.zeros_like(position)
-    stages.summarize_pages(state.kmax, state.kmin, k, allowed[:, -1], first, state.kmax.shape[2], params.page_size)
+    state.summary_scale.copy_(prompt_summary_scale(k, allowed[:, -1], state.kmax.dtype))
+    stages.summarize_pages(state.kmax, state.kmin, k, allowed[:, -1], first, state.kmax.shape[2], params.page_size,
+                           state.summary_scale)
     state.last.copy_(position[:, None, None].to(state.last.dtype).expand_as(state.last))
     if rows:
         o, lse = attend(q[:, :, -rows:], k, v, allowed[:, None, -rows:], default_scale(q, scale),
@@ -478,7 +525,8 @@ def decode_step(
 
     touched = (n - 1) // page_size + 2  # pages a run of n positions can straddle
     written = PageRefresh(k, position[:, 0], touched)
-    scores = stages.page_scores(q[:, :, -1], state.kmax, state.kmin, valid, page_size, refresh=written)
+    scores = stages.page_scores(q[:, :, -1], state.kmax, state.kmin, valid, page_size, refresh=written,
+                                summary_scale=state.summary_scale)
     indices, chosen = stages.top_pages(scores, newest, params, state.counts)
     return stages.attend_window(q, k, v, allowed, bias, indices, chosen, state, position,
                                 default_scale(q, scale), page_size)

@@ -131,7 +131,7 @@ def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore) -> 
         state = None
         if not reason:
             q, k, v = (example_value(n) for n in (site.query, site.key, site.value))
-            shape = StateShape.of_call(q, k, v, config.num_pages, config.window)
+            shape = StateShape.of_call(q, k, v, config.num_pages, config.window, config.summaries)
             if decode and not store.prefilled(site.layer_name, shape):
                 reason = "its prefill was not rewritten, so the decode step would have no state to read"
             else:
