@@ -302,6 +302,11 @@ def targets(batch: int, context: int) -> float | None:
     return {(1, 32768): 1.1, (1, 131072): 1.6, (4, 131072): 3.0}.get((batch, context))
 
 
+def label(row: dict) -> str:
+    """A row's configuration: its mode, and "int8" for int8 page summaries."""
+    return row["mode"] + (" int8" if row.get("summaries") == "int8" else "")
+
+
 def shape_of(row: dict) -> tuple[int, int, int]:
     """(batch, context, tensor-parallel size): rows of one shape are compared with each other."""
     return row["batch"], row["context"], row.get("tp", 1)
@@ -366,7 +371,8 @@ def sweep(args) -> list[dict]:
                 detail = " | ".join([line for line in lines if line.startswith(f"[{mode} ")][-1:] + lines[-3:])
                 row = dict(mode=mode, batch=batch, context=context, error=f"{error}: {detail[-500:]}")
         row.setdefault("tp", args.tp)
-        rows = [r for r in rows if (r["mode"], *shape_of(r)) != (mode, batch, context, args.tp)] + [row]
+        row.setdefault("summaries", args.summaries)
+        rows = [r for r in rows if (label(r), *shape_of(r)) != (label(row), batch, context, args.tp)] + [row]
         summarize(rows)
         log.info("%s", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
         out.write_text(json.dumps(dict(meta=meta, results=rows), indent=2))  # after every configuration
@@ -378,8 +384,8 @@ def plot(rows: list[dict], path: Path) -> None:
     from .eval.plot import grouped_bars
 
     shapes = sorted({(r["batch"], r["context"]) for r in rows})
-    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
-    throughput = {(r["mode"], r["batch"], r["context"]): r.get("tokens_per_s", 0.0) for r in rows}
+    modes = sorted({label(r) for r in rows}, key=lambda m: (MODES.index(m.split()[0]), m))
+    throughput = {(label(r), r["batch"], r["context"]): r.get("tokens_per_s", 0.0) for r in rows}
     grouped_bars(path, [f"B={b}\n{c // 1024}K" for b, c in shapes],
                  {m: [throughput.get((m, *shape), 0.0) for shape in shapes] for m in modes},
                  "decode tokens/s (all rows of the batch)",

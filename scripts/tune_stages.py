@@ -3,7 +3,8 @@
     python scripts/tune_stages.py --out tune_stages.json
 
 For each (batch, context) of the op benchmark's target shapes, the stages named by ``--stages``:
-page scoring over (block_pages, num_warps), elementwise and as matrix products (scores); a step's
+page scoring over (block_pages, num_warps), elementwise and as matrix products, these also over
+blocks_per_program and num_stages (scores), with the state's summaries as ``--summaries`` stores them; a step's
 summary refresh as its own launch or inside scoring (refresh); the selection over chunk_pages (0:
 one stage) and each stage's warps (select); the attention + merge over pages_per_split (None: the
 default), tile_pages, warps and software-pipeline stages (attend); a dense layer's window over the whole cache
@@ -30,7 +31,7 @@ log = logging.getLogger("tune_stages")
 STAGES = ("scores", "refresh", "select", "attend", "dense")
 
 
-ABBREVIATIONS = {"chunk_pages": "chunk", "pages_per_split": "split", "tile_pages": "tile", "num_warps": "warps",
+ABBREVIATIONS = {"block_pages": "block", "blocks_per_program": "blocks", "chunk_pages": "chunk", "pages_per_split": "split", "tile_pages": "tile", "num_warps": "warps",
                  "num_stages": "stages"}
 
 
@@ -39,11 +40,11 @@ def _key(stage: str, choices: dict) -> str:
     return stage + "".join(f"_{ABBREVIATIONS[name]}{value}" for name, value in choices.items())
 
 
-def tune(batch: int, context: int, stages=STAGES) -> dict:
-    state, params, inputs = op_case(batch, context, 2)
+def tune(batch: int, context: int, stages=STAGES, summaries: str = "exact") -> dict:
+    state, params, inputs = op_case(batch, context, 2, summaries=summaries)
     x = stage_inputs(state, params, inputs)
-    page = params.page_size
-    row: dict = dict(batch=batch, context=context)
+    page, scale = params.page_size, state.summary_scale
+    row: dict = dict(batch=batch, context=context, summaries=summaries)
 
     def timed(key, fn):  # a choice that does not compile or fit is recorded as key_error, not fatal
         measure(row, key, lambda: round(graph_us(fn, (), compile=False), 2))
@@ -52,16 +53,25 @@ def tune(batch: int, context: int, stages=STAGES) -> dict:
     if "scores" in stages:
         for block, warps in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8), (256, 16)):
             timed(f"scores_block{block}_warps{warps}", lambda: decode.page_scores(
-                x.q_row, state.kmax, state.kmin, x.valid, page, block_pages=block, num_warps=warps, as_products=False))
-        for block, warps in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8)):
-            timed(f"scores_products_block{block}_warps{warps}", lambda: decode.page_scores(
-                x.q_row, state.kmax, state.kmin, x.valid, page, block_pages=block, num_warps=warps, as_products=True))
+                x.q_row, state.kmax, state.kmin, x.valid, page, block_pages=block, num_warps=warps, as_products=False,
+                summary_scale=scale))
+        for choices in ([dict(block_pages=p, num_warps=w) for p, w in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 4),
+                                                                       (128, 8))]
+                        + [dict(block_pages=p, blocks_per_program=n, num_warps=w, num_stages=st)
+                           for p, n, w, st in ((32, 4, 4, 3), (64, 2, 4, 3), (64, 4, 4, 3), (64, 8, 4, 3),
+                                               (64, 4, 4, 2), (64, 4, 8, 3), (128, 2, 4, 3), (128, 4, 4, 3),
+                                               (128, 4, 8, 3), (128, 8, 8, 2), (128, 4, 4, 2))]):
+            timed(_key("scores_products", choices), lambda: decode.page_scores(
+                x.q_row, state.kmax, state.kmin, x.valid, page, summary_scale=scale, **choices))
+        timed("scores_default", lambda: decode.page_scores(x.q_row, state.kmax, state.kmin, x.valid, page,
+                                                           summary_scale=scale))
     if "refresh" in stages:
         timed("summarize_then_scores", lambda: (
-            decode.summarize_pages(state.kmax, state.kmin, x.k, x.valid, x.first_position, 2, page),
-            decode.page_scores(x.q_row, state.kmax, state.kmin, x.valid, page)))
+            decode.summarize_pages(state.kmax, state.kmin, x.k, x.valid, x.first_position, 2, page, scale),
+            decode.page_scores(x.q_row, state.kmax, state.kmin, x.valid, page, summary_scale=scale)))
         timed("scores_with_refresh", lambda: decode.page_scores(
-            x.q_row, state.kmax, state.kmin, x.valid, page, refresh=reference.PageRefresh(x.k, x.first_position, 2)))
+            x.q_row, state.kmax, state.kmin, x.valid, page, refresh=reference.PageRefresh(x.k, x.first_position, 2),
+            summary_scale=scale))
     if "select" in stages:
         for choices in ([dict(chunk_pages=c) for c in (0, 256, 512, 1024, 2048)]
                         + [dict(chunk_pages=c, num_warps=w) for c, w in ((512, 2), (512, 4), (512, 8), (1024, 2),
@@ -93,13 +103,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["1x32768", "1x131072", "8x131072"], help="BATCHxCONTEXT")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="the stages to time")
+    p.add_argument("--summaries", default="exact", choices=["exact", "int8"], help="the state's summary format")
     p.add_argument("--out", type=Path, default=Path("tune_stages.json"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = []
     for shape in args.shapes:
         batch, context = map(int, shape.split("x"))
-        rows.append(tune(batch, context, args.stages))
+        rows.append(tune(batch, context, args.stages, args.summaries))
         args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), results=rows), indent=2))
 
 

@@ -77,7 +77,8 @@ def record_launches() -> list[tuple]:
         for as_products in (False, True):
             for refresh in (None, ref.PageRefresh(k, position[:, 0], 2)):
                 decode.page_scores(q[:, :, -1], state.kmax, state.kmin, allowed[:, -1], page, as_products=as_products,
-                                   refresh=refresh, summary_scale=state.summary_scale)
+                                   refresh=refresh, summary_scale=state.summary_scale,
+                                   blocks_per_program=4 if as_products else 1)
         if table_dtype == torch.int8:
             continue  # the other kernels never read the summaries
         scores = torch.zeros(b, hkv, pages)

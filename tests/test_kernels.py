@@ -29,13 +29,14 @@ def int8_tables(g: torch.Generator, b: int, kv_heads: int, num_pages: int, d: in
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("q_heads,kv_heads", [(4, 2), (3, 1)])
-@pytest.mark.parametrize("num_pages,block_pages,as_products", [(11, 32, False), (11, 4, False), (11, 32, True),
-                                                              (37, 32, True)])
+@pytest.mark.parametrize("num_pages,block_pages,as_products,blocks_per_program", [
+    (11, 32, False, 1), (11, 4, False, 1), (11, 32, True, 1), (37, 32, True, 1), (11, 4, False, 2), (37, 16, True, 2)])
 @pytest.mark.parametrize("int8", [False, True])
-def test_page_scores_kernel(dtype, q_heads, kv_heads, num_pages, block_pages, as_products, int8):
+def test_page_scores_kernel(dtype, q_heads, kv_heads, num_pages, block_pages, as_products, blocks_per_program, int8):
     """Scores, and -inf for pages with no valid position (a padded page, pages past the query);
     with small blocks, a ragged last block; as matrix products, over a padded group of heads, in
-    one block or two (the second ragged); tables in the key dtype or int8 with a scale per dim."""
+    one block or two (the second ragged); several blocks a program, the last program's ragged;
+    tables in the key dtype or int8 with a scale per dim."""
     g = torch.Generator().manual_seed(0)
     page = 16
     q = torch.randn(2, q_heads, 16, generator=g).to(dtype).to(DEVICE)
@@ -47,7 +48,8 @@ def test_page_scores_kernel(dtype, q_heads, kv_heads, num_pages, block_pages, as
     valid = torch.arange(num_pages * page - 5) <= torch.tensor([[170], [100]])
     valid[1, 16:32] = False
     valid = valid.to(DEVICE)
-    got = decode.page_scores(q, kmax, kmin, valid, page, block_pages, as_products=as_products, summary_scale=scale)
+    got = decode.page_scores(q, kmax, kmin, valid, page, block_pages, as_products=as_products, summary_scale=scale,
+                             blocks_per_program=blocks_per_program)
     want = ref.page_scores(q, kmax, kmin, valid, page, summary_scale=scale)
     torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
     assert (got[1, :, 1] == float("-inf")).all() and (got[1, :, 7:] == float("-inf")).all()
@@ -57,8 +59,8 @@ def test_page_scores_kernel(dtype, q_heads, kv_heads, num_pages, block_pages, as
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("as_products", [False, True])
 @pytest.mark.parametrize("first,count", [([3, 1], 2), ([4, 4], 2), ([0, 2], 3)])
-@pytest.mark.parametrize("int8", [False, True])
-def test_page_scores_kernel_refreshes_the_written_pages(dtype, as_products, first, count, int8):
+@pytest.mark.parametrize("int8,blocks_per_program", [(False, 1), (True, 1), (True, 2)])
+def test_page_scores_kernel_refreshes_the_written_pages(dtype, as_products, first, count, int8, blocks_per_program):
     """Scoring with a refresh: the named pages' summaries are rebuilt in place from the keys (a
     pair that straddles two blocks of 4 pages, one clamped at the last page, a range holding an
     all-padding page) and scored from the new rows; every other page is left as it was. Against
@@ -83,7 +85,8 @@ def test_page_scores_kernel_refreshes_the_written_pages(dtype, as_products, firs
     got_tables = [t.clone().to(DEVICE) for t in stale]
     refresh = ref.PageRefresh(k.to(DEVICE), position.to(DEVICE), count)
     got = decode.page_scores(q.to(DEVICE), *got_tables, valid.to(DEVICE), page, block_pages=4, as_products=as_products,
-                             refresh=refresh, summary_scale=None if scale is None else scale.to(DEVICE))
+                             refresh=refresh, summary_scale=None if scale is None else scale.to(DEVICE),
+                             blocks_per_program=blocks_per_program)
     for table, expected in zip(got_tables, want_tables):
         torch.testing.assert_close(table.cpu(), expected, atol=0, rtol=0)  # max, min and their steps are exact
     torch.testing.assert_close(got.cpu(), want, atol=TOL[dtype], rtol=TOL[dtype])
