@@ -11,12 +11,10 @@ to the nearest e4m3 value, so each page's score stays an upper bound of ``q . k`
 only looser. The selection and attention are unchanged. Values beyond e4m3's range (448) would
 need a scale; how many there were is reported (``clamped``), and they are rounded to +-inf here.
 
-``int8 outward`` instead stores each summary element as an integer multiple (-127..127) of a
-scale per (batch row, KV head, dim), fixed at the prefill: ``headroom`` times the largest
-magnitude of that dim over the prompt's keys, over 127 (a scale per dim, not per page, because a
-few key dims are far larger than the rest). The max row is rounded up, the min row down; values
-beyond the range saturate (``saturated`` counts them), which is the one way a score could fall
-below its page's true bound. That is two bytes an element less than bf16, plus the scales.
+``int8`` runs the package's own int8 summaries (``--summaries int8``, ``RetroConfig.summaries``):
+each element an integer multiple (-127..127) of a scale per (batch row, KV head, dim), fixed at
+the prefill from the prompt's keys, the max row rounded up and the min row down, saturating beyond
+the range. That is two bytes an element less than bf16, plus the scales.
 
 Runs ``python -m retro_compile.eval ppl`` in this process once per precision with the given
 arguments (``--jobs 1``) and writes the results side by side.
@@ -31,7 +29,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
 from retro_compile.eval import cli
 from retro_compile.kernels import reference
@@ -82,50 +79,7 @@ class OutwardRounding:
         reference.build_summaries = self._original
 
 
-class Int8Outward:
-    """Context manager: ``reference.summarize_pages`` (a prefill's pages, a step's refreshed
-    pages) leaves the summaries it wrote as int8 multiples of a per-(batch row, KV head, dim)
-    scale set by the layer's prefill (see the module docstring)."""
-
-    def __init__(self, headroom: float = 2.0) -> None:
-        self.headroom = headroom
-        self.scales: dict[int, torch.Tensor] = {}  # a layer state's kmax table -> (B, Hkv, 1, D) scales
-        self.saturated = 0
-        self.elements = 0
-
-    def _quantize(self, x: torch.Tensor, scale: torch.Tensor, up: bool) -> torch.Tensor:
-        steps = x.float() / scale
-        steps = torch.ceil(steps) if up else torch.floor(steps)
-        self.saturated += int((steps.abs() > 127).sum())
-        self.elements += steps.numel()
-        return (steps.clamp(-127, 127) * scale).to(x.dtype)
-
-    def __enter__(self) -> Int8Outward:
-        self._original = original = reference.summarize_pages
-
-        def quantized(kmax, kmin, k, valid, first_position, count, page_size):
-            original(kmax, kmin, k, valid, first_position, count, page_size)
-            if is_fake(kmax):  # tracing: shapes only
-                return
-            key = kmax.data_ptr()
-            if count == kmax.shape[2] or key not in self.scales:  # a prefill builds every page: a new scale
-                magnitude = k.float().abs().masked_fill(~valid[:, None, :, None], 0.0).amax(dim=2, keepdim=True)
-                self.scales[key] = (magnitude * self.headroom / 127).clamp(min=torch.finfo(torch.float32).tiny)
-            scale = self.scales[key]
-            pages = reference.summarized_pages(first_position, count, page_size, kmax.shape[2])
-            pages = pages[:, None, :].expand(-1, kmax.shape[1], -1)  # (B, Hkv, m)
-            for table, up in ((kmax, True), (kmin, False)):
-                rows = table.gather(2, pages[..., None].expand(-1, -1, -1, table.shape[3]))
-                reference.put_pages(table, pages, self._quantize(rows, scale, up))
-
-        reference.summarize_pages = quantized
-        return self
-
-    def __exit__(self, *exc) -> None:
-        reference.summarize_pages = self._original
-
-
-PRECISIONS = {"e4m3 outward": OutwardRounding, "int8 outward": Int8Outward}
+PRECISIONS = {"e4m3 outward": OutwardRounding, "int8": None}  # None: the package's own format, by its flag
 
 
 def main() -> None:
@@ -146,12 +100,14 @@ def main() -> None:
             if precision == "as stored":
                 cli.main(argv)
                 results[precision] = json.loads(out.read_text())
+            elif precision == "int8":  # dense reads no summaries: not run again
+                cli.main([*argv, "--modes", "quest", "retro", "--summaries", "int8"])
+                results[precision] = json.loads(out.read_text())
             else:
-                with PRECISIONS[precision]() as rounding:  # dense reads no summaries: not run again
+                with PRECISIONS[precision]() as rounding:
                     cli.main([*argv, "--modes", "quest", "retro"])
-                counted = {"clamped": rounding.clamped} if precision == "e4m3 outward" else \
-                    {"saturated": rounding.saturated, "headroom": rounding.headroom}
-                results[precision] = {**json.loads(out.read_text()), **counted, "rounded_elements": rounding.elements}
+                results[precision] = {**json.loads(out.read_text()), "clamped": rounding.clamped,
+                                      "rounded_elements": rounding.elements}
             args.out.write_text(json.dumps(dict(eval_args=args.eval_args, results=results), indent=2))
             log.info("%s: done", precision)
 
