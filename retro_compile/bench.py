@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .config import SUMMARIES
 from .kernels.op import retro_attention
 from .kernels.reference import SparseParams, mask_positions
 from .state import StateShape, allocate
@@ -262,7 +263,7 @@ def main(argv=None) -> None:
     op.add_argument("--profile", action="store_true", help="print the compiled step's top kernels instead")
     op.add_argument("--modes", nargs="+", default=["retro_w2"], choices=list(OP_MODES),
                     help="with --profile: the modes to profile")
-    op.add_argument("--summaries", default="exact", choices=["exact", "int8"],
+    op.add_argument("--summaries", default="exact", choices=SUMMARIES,
                     help="how the op's state stores page summaries (RetroConfig.summaries)")
     from . import bench_e2e
 

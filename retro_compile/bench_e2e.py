@@ -44,7 +44,7 @@ import torch
 from torch._dynamo.utils import counters
 from transformers.generation.streamers import BaseStreamer
 
-from .config import RetroConfig
+from .config import SUMMARIES, RetroConfig
 
 log = logging.getLogger("retro_compile.bench.e2e")
 
@@ -405,7 +405,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=int, default=2048, help="sparse budget in tokens")
     p.add_argument("--prefill-tokens", type=int, default=RetroConfig.prefill_tokens,
                    help="prompt tokens (summed over the batch) per prefill forward; longer prompts are chunked on every side")
-    p.add_argument("--summaries", choices=["exact", "int8"], default=RetroConfig.summaries,
+    p.add_argument("--summaries", choices=SUMMARIES, default=RetroConfig.summaries,
                    help="how quest and retro store page summaries (RetroConfig.summaries)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per timed request")
     p.add_argument("--warmup-tokens", type=int, default=8, help="tokens of the warm-up request (compiles)")

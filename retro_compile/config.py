@@ -16,7 +16,7 @@ from typing import Literal, Union
 
 Mode = Literal["dense", "quest", "retro"]
 _MODES = ("dense", "quest", "retro")
-_SUMMARIES = ("exact", "int8")
+SUMMARIES = ("exact", "int8")  # RetroConfig.summaries: how page summaries are stored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +86,8 @@ class RetroConfig:
         for name in ("max_context", "prefill_tokens"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"RetroConfig.{name}={getattr(self, name)!r} must be an int >= 1")
-        if self.summaries not in _SUMMARIES:
-            raise ValueError(f"RetroConfig.summaries={self.summaries!r} is not one of {_SUMMARIES}")
+        if self.summaries not in SUMMARIES:
+            raise ValueError(f"RetroConfig.summaries={self.summaries!r} is not one of {SUMMARIES}")
         kept = (self.sink_pages + self.local_pages) * self.page_size
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
             raise TypeError(f"RetroConfig.budget={self.budget!r} must be an int (tokens) or a float in (0, 1] (fraction)")

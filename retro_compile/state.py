@@ -16,7 +16,7 @@ from .kernels.reference import LayerState
 
 log = logging.getLogger(__name__)
 
-SUMMARY_DTYPES = {"exact": None, "int8": torch.int8}  # RetroConfig.summaries -> table dtype (None: the keys')
+SUMMARY_DTYPES = {"exact": None, "int8": torch.int8}  # config.SUMMARIES -> table dtype (None: the keys')
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from retro_compile.bench import graph_us, measure, op_case, stage_inputs
+from retro_compile.config import SUMMARIES
 from retro_compile.kernels import decode, reference
 
 log = logging.getLogger("tune_stages")
@@ -103,7 +104,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["1x32768", "1x131072", "8x131072"], help="BATCHxCONTEXT")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="the stages to time")
-    p.add_argument("--summaries", default="exact", choices=["exact", "int8"], help="the state's summary format")
+    p.add_argument("--summaries", default="exact", choices=SUMMARIES, help="the state's summary format")
     p.add_argument("--out", type=Path, default=Path("tune_stages.json"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import RetroConfig, retro_compile
+from ..config import SUMMARIES
 from ..data import DEFAULT_MODEL, load_model, passage
 from .decode import ExposureMeter, perplexity, teacher_forced_nll
 from .passkey import is_correct, passkey_answers, passkey_prompt, random_keys
@@ -60,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compile the decode graph with Inductor (auto: on CUDA only)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="on CUDA, run each decode step without recording it in a CUDA graph")
-    p.add_argument("--summaries", choices=["exact", "int8"], default=RetroConfig.summaries,
+    p.add_argument("--summaries", choices=SUMMARIES, default=RetroConfig.summaries,
                    help="how sparse layers store page summaries (RetroConfig.summaries)")
     p.add_argument("--jobs", type=int, default=1, help="configurations run at once, each in its own process")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default results/<task>.json); PNG beside it")

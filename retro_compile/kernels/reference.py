@@ -198,8 +198,9 @@ def prompt_summary_scale(k: torch.Tensor, valid: torch.Tensor, table_dtype: torc
     """(B, Hkv, D) fp32: the value of one int8 step of a dim's summaries, set from the prompt's
     keys ``k`` at its ``valid`` (B, L) positions: ``SUMMARY_HEADROOM`` times their largest
     magnitude, over 127, so that keys decoded later may grow that much before they saturate.
-    A scale per dim, not per page or head: a few key dims are far larger than the rest. Ones
-    for tables in the key dtype, which hold the values themselves."""
+    A scale per (batch row, KV head, dim), not per page: a few key dims are far larger than the
+    rest, and a page's summary alone could not say how far its later keys range. Ones for tables
+    in the key dtype, which hold the values themselves."""
     b, heads, _, dim = k.shape
     if table_dtype != torch.int8:
         return torch.ones(b, heads, dim, dtype=torch.float32, device=k.device)
