@@ -47,9 +47,9 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, warmup: bool) -> t
 
 
 def main(argv=None) -> None:
+    args = parse_args(argv)  # first: --help leaves the process's logging as it was
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("retro_compile.passes.rewrite").setLevel(logging.WARNING)
-    args = parse_args(argv)
     log.info("loading %s on %s", args.model, args.device)
     base, tokenizer = load_model(args.model, device=args.device)
     ids = torch.tensor([passage(tokenizer, args.book, args.context, offset_tokens=1000)], device=args.device)
