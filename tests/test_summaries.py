@@ -29,13 +29,19 @@ def test_quantize_summary_hand_case():
 
 def test_prompt_summary_scale_hand_case():
     """Twice the largest |key| of each dim over the valid prompt positions, over 127; padding does
-    not count, a dim of zeros gets the smallest positive float; tables in the key dtype get ones."""
+    not count, a dim of zeros gets the smallest positive float. A prefill of tables in the key
+    dtype leaves the state's scale at the ones it was allocated with."""
     k = torch.tensor([[[[1.0, -4.0, 0.0], [-3.0, 2.0, 0.0], [100.0, 100.0, 0.0]]]])  # (1, 1, 3 positions, 3 dims)
     valid = torch.tensor([[True, True, False]])  # the third position is padding
-    scale = ref.prompt_summary_scale(k, valid, torch.int8)
+    scale = ref.prompt_summary_scale(k, valid)
     torch.testing.assert_close(scale[0, 0, :2], torch.tensor([6.0 / 127, 8.0 / 127]))
     assert scale[0, 0, 2] == torch.finfo(torch.float32).tiny
-    assert torch.equal(ref.prompt_summary_scale(k, valid, torch.float32), torch.ones(1, 1, 3))
+    problem = make_problem()
+    state = allocate(StateShape.of_call(problem.q, problem.k, problem.v, 12, 2))
+    prompt = list(range(40))
+    retro_attention(problem.q[:, :, prompt], problem.k, problem.v, mask_for(problem, prompt), state,
+                    ref.SparseParams(8, 4, 0.0, 0, 1, 2))
+    assert torch.equal(state.summary_scale, torch.ones_like(state.summary_scale))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

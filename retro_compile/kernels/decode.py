@@ -129,14 +129,12 @@ def summarize_pages(
 
 
 def _summary_scale(kmax: torch.Tensor, summary_scale: torch.Tensor | None, caller: str) -> torch.Tensor:
-    """The scale a kernel is given: int8 tables need theirs (unit last stride); tables in the key
-    dtype never read it, and get a stand-in when there is none."""
-    if kmax.dtype == torch.int8:
-        if summary_scale is None:
-            raise ValueError(f"kernels.decode.{caller}: int8 summary tables need their summary_scale")
-        (summary_scale,) = _unit_last_stride(summary_scale)
-        return summary_scale
-    return kmax if summary_scale is None else summary_scale
+    """The scale a kernel is given (``reference.table_scale``): int8 tables' own, with unit last
+    stride. Other tables never read it and get what was passed, or a stand-in."""
+    step = reference.table_scale(kmax, summary_scale, f"kernels.decode.{caller}")
+    if step is None:
+        return kmax if summary_scale is None else summary_scale
+    return _unit_last_stride(step)[0]
 
 
 @triton.jit

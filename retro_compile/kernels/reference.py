@@ -57,7 +57,7 @@ class LayerState(NamedTuple):
     # reference never reads it.
     counts: torch.Tensor
     # (B, Hkv, D) fp32: int8 summaries stand for table x summary_scale (set by the prefill,
-    # :func:`prompt_summary_scale`); for tables in the key dtype it holds ones.
+    # :func:`prompt_summary_scale`); tables in the key dtype never read it (:func:`table_scale`).
     summary_scale: torch.Tensor
 
 
@@ -182,11 +182,10 @@ def summarize_pages(
     positions = positions.clamp(max=length - 1)
     keys = k.gather(2, positions[:, None, :, None].expand(-1, heads, -1, dim))
     page_max, page_min = build_summaries(keys, valid.gather(1, positions) & inside, page_size)  # (B, H, m, D)
-    if kmax.dtype == torch.int8:
-        if summary_scale is None:
-            raise ValueError("summarize_pages: int8 summary tables need their summary_scale")
-        page_max = quantize_summary(page_max, summary_scale, up=True)
-        page_min = quantize_summary(page_min, summary_scale, up=False)
+    step = table_scale(kmax, summary_scale, "summarize_pages")
+    if step is not None:
+        page_max = quantize_summary(page_max, step, up=True)
+        page_min = quantize_summary(page_min, step, up=False)
     put_pages(kmax, pages[:, None, :], page_max)
     put_pages(kmin, pages[:, None, :], page_min)
 
@@ -194,16 +193,23 @@ def summarize_pages(
 SUMMARY_HEADROOM = 2.0  # an int8 summary's range is this many times the prompt's largest |key| of its dim
 
 
-def prompt_summary_scale(k: torch.Tensor, valid: torch.Tensor, table_dtype: torch.dtype) -> torch.Tensor:
+def table_scale(kmax: torch.Tensor, summary_scale: torch.Tensor | None, caller: str) -> torch.Tensor | None:
+    """The one rule for which summaries have a scale: int8 tables stand for their steps times
+    ``summary_scale``, which they need (an error naming ``caller`` without it); tables in the key
+    dtype hold the values themselves and have none (None, whatever was passed)."""
+    if kmax.dtype != torch.int8:
+        return None
+    if summary_scale is None:
+        raise ValueError(f"{caller}: int8 summary tables need their summary_scale")
+    return summary_scale
+
+
+def prompt_summary_scale(k: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(B, Hkv, D) fp32: the value of one int8 step of a dim's summaries, set from the prompt's
     keys ``k`` at its ``valid`` (B, L) positions: ``SUMMARY_HEADROOM`` times their largest
     magnitude, over 127, so that keys decoded later may grow that much before they saturate.
     A scale per (batch row, KV head, dim), not per page: a few key dims are far larger than the
-    rest, and a page's summary alone could not say how far its later keys range. Ones for tables
-    in the key dtype, which hold the values themselves."""
-    b, heads, _, dim = k.shape
-    if table_dtype != torch.int8:
-        return torch.ones(b, heads, dim, dtype=torch.float32, device=k.device)
+    rest, and a page's summary alone could not say how far its later keys range."""
     magnitude = torch.where(valid[:, None, :, None], k, 0).abs().amax(dim=2).float()
     return (magnitude * (SUMMARY_HEADROOM / 127)).clamp(min=torch.finfo(torch.float32).tiny)
 
@@ -257,19 +263,18 @@ def page_scores(
 
     q_row (B, Hq, D); kmax/kmin (B, Hkv, NP, D) -> (B, Hkv, NP) fp32. With ``refresh``, the
     summaries of the pages it names are first recomputed in place (a decode step's written pages),
-    so that the kernel can do both in one pass. ``summary_scale`` (B, Hkv, D) (needed for int8
-    tables) is folded into the query: each head's ``q * scale``, rounded to the query's dtype
-    as the kernels' matrix products take it, scores the tables' steps.
+    so that the kernel can do both in one pass. For int8 tables ``summary_scale`` (B, Hkv, D) is
+    folded into the query: each head's ``q * scale``, rounded to the query's dtype as the kernels'
+    matrix products take it, scores the tables' steps (:func:`table_scale`).
     """
     if refresh is not None:
         summarize_pages(kmax, kmin, refresh.k, valid, refresh.first_position, refresh.count, page_size, summary_scale)
     b, hq, d = q_row.shape
     hkv = kmax.shape[1]
     q = q_row.float().view(b, hkv, hq // hkv, 1, d)
-    if summary_scale is not None:
-        q = (q * summary_scale[:, :, None, None]).to(q_row.dtype).float()
-    elif kmax.dtype == torch.int8:
-        raise ValueError("page_scores: int8 summary tables need their summary_scale")
+    step = table_scale(kmax, summary_scale, "page_scores")
+    if step is not None:
+        q = (q * step[:, :, None, None]).to(q_row.dtype).float()
     upper = torch.maximum(q * kmax.float()[:, :, None], q * kmin.float()[:, :, None]).sum(-1)  # (B, Hkv, G, NP)
     return upper.amax(dim=2).masked_fill(~page_any(valid, page_size)[:, None, :], NEG_INF)
 
@@ -407,7 +412,8 @@ def prefill(
     position = query_positions(allowed)[:, -1]
     stages = stages or reference_stages()
     first = torch.zeros_like(position)
-    state.summary_scale.copy_(prompt_summary_scale(k, allowed[:, -1], state.kmax.dtype))
+    if state.kmax.dtype == torch.int8:  # other tables have no scale (table_scale)
+        state.summary_scale.copy_(prompt_summary_scale(k, allowed[:, -1]))
     stages.summarize_pages(state.kmax, state.kmin, k, allowed[:, -1], first, state.kmax.shape[2], params.page_size,
                            state.summary_scale)
     state.last.copy_(position[:, None, None].to(state.last.dtype).expand_as(state.last))
