@@ -161,9 +161,6 @@ def stage_times(state, params, inputs) -> dict[str, float]:
             x.q_row, state.kmax, state.kmin, x.valid, page, refresh=ref.PageRefresh(x.k, x.first_position, 2),
             summary_scale=scale)),
         "stage_select_us": graphed_us(lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts)),
-        "stage_select_pages_us": graphed_us(lambda: decode.select_pages(  # a step's: scoring, refresh, selection
-            x.q_row, state.kmax, state.kmin, x.valid, ref.PageRefresh(x.k, x.first_position, 2), scale,
-            x.position[:, -1], params, state.counts)),
         "stage_select_torch_topk_us": graphed_us(lambda: ref.top_pages(x.scores, x.position[:, -1], params)),
         "stage_attend_us": graphed_us(lambda: decode.attend_window(x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen,
                                                                    state, x.position, x.scale, page)),

@@ -29,11 +29,11 @@ from retro_compile.kernels import decode, reference
 log = logging.getLogger("tune_stages")
 
 
-STAGES = ("scores", "refresh", "select", "select_pages", "attend", "dense")
+STAGES = ("scores", "refresh", "select", "attend", "dense")
 
 
-ABBREVIATIONS = {"block_pages": "block", "blocks_per_program": "blocks", "chunk_pages": "chunk", "chunks": "chunks",
-                 "pages_per_split": "split", "tile_pages": "tile", "num_warps": "warps", "num_stages": "stages"}
+ABBREVIATIONS = {"block_pages": "block", "blocks_per_program": "blocks", "chunk_pages": "chunk", "pages_per_split": "split", "tile_pages": "tile", "num_warps": "warps",
+                 "num_stages": "stages"}
 
 
 def _key(stage: str, choices: dict) -> str:
@@ -80,16 +80,6 @@ def tune(batch: int, context: int, stages=STAGES, summaries: str = "exact") -> d
             timed(_key("select", choices), lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts,
                                                                     **choices))
         timed("select_default", lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts))
-    if "select_pages" in stages:  # scoring, refresh and selection in one launch, against two
-        refresh = reference.PageRefresh(x.k, x.first_position, 2)
-        for choices in [dict(chunks=c) for c in (2, 4, 8, 16, 32)] + [dict(chunks=8, block_pages=32),
-                                                                     dict(chunks=8, num_stages=2)]:
-            timed(_key("select_pages", choices), lambda: decode.select_pages(
-                x.q_row, state.kmax, state.kmin, x.valid, refresh, scale, x.position[:, -1], params, state.counts,
-                **choices))
-        timed("scores_then_select", lambda: decode.top_pages(decode.page_scores(
-            x.q_row, state.kmax, state.kmin, x.valid, page, refresh=refresh, summary_scale=scale),
-            x.position[:, -1], params, state.counts))
     if "attend" in stages:
         for choices in ([dict(pages_per_split=s) for s in (None, 1, 2, 4, 8, 16)]
                         + [dict(pages_per_split=s, tile_pages=t, num_warps=w)

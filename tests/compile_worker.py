@@ -23,8 +23,7 @@ import torch
 
 WRITES = {  # what each kernel is meant to write
     "_summarize_pages_kernel": {"KMAX", "KMIN"},
-    # the summaries only with REFRESH pages; the selection only with SELECT
-    "_page_scores_kernel": {"OUT", "KMAX", "KMIN", "CAND_SCORE", "CAND_PAGE", "COUNTS", "IDX", "CHOSEN"},
+    "_page_scores_kernel": {"OUT", "KMAX", "KMIN"},  # the summaries only with REFRESH pages
     "_top_pages_kernel": {"IDX", "CHOSEN", "CAND_SCORE", "CAND_PAGE", "COUNTS"},  # candidates only in chunks
     "_window_attention_kernel": {"LAST", "OUT", "LSE"},  # `last` only for selected pages (not DENSE)
     "_merge_window_kernel": {"OUT_CACHE", "LSE_CACHE", "OUT"},  # the output cache only if it has rows
@@ -36,8 +35,6 @@ def expected_writes(kernel_name: str, arguments: dict) -> set[str]:
     writes = set(WRITES[kernel_name])
     if arguments.get("REFRESH") == 0:
         writes -= {"KMAX", "KMIN"}
-    if arguments.get("SELECT") is False:
-        writes -= {"CAND_SCORE", "CAND_PAGE", "COUNTS", "IDX", "CHOSEN"}
     if arguments.get("DENSE"):
         writes -= {"LAST"}
     if arguments.get("CHUNK") == 0:
@@ -82,10 +79,6 @@ def record_launches() -> list[tuple]:
                 decode.page_scores(q[:, :, -1], state.kmax, state.kmin, allowed[:, -1], page, as_products=as_products,
                                    refresh=refresh, summary_scale=state.summary_scale,
                                    blocks_per_program=4 if as_products else 1)
-        for fraction in (0.0, 0.5):
-            decode.select_pages(q[:, :, -1], state.kmax, state.kmin, allowed[:, -1], ref.PageRefresh(k, position[:, 0], 2),
-                                state.summary_scale, position[:, -1], ref.SparseParams(page, 128, fraction, 1, 1, n),
-                                state.counts)
         if table_dtype == torch.int8:
             continue  # the other kernels never read the summaries
         scores = torch.zeros(b, hkv, pages)

@@ -211,59 +211,12 @@ def test_decode_sequence_with_the_selection_split_matches_reference(monkeypatch)
     p = ref.SparseParams(16, 3, 0.0, 0, 1, 2)
     expected = [out for _, out in run(problem, p, steps=5)]
     stages = decode.kernel_stages()
-    split = stages._replace(  # 10 pages in 3 programs of 4
-        select_pages=lambda *args: decode.select_pages(*args, chunks=3, block_pages=4))
+    split = stages._replace(top_pages=lambda *args: decode.top_pages(*args, chunk_pages=4))  # 10 pages in 3 chunks
     monkeypatch.setattr(op, "use_kernels", lambda *a: True)
     monkeypatch.setattr(decode, "kernel_stages", lambda: split)
     got = [out for _, out in run(problem, p, steps=5)]
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("budget_pages,fraction,sink,local", [(4, 0.0, 0, 1), (6, 0.0, 1, 2), (12, 0.5, 1, 1),
-                                                              (40, 0.0, 0, 1)])
-@pytest.mark.parametrize("first,count,block_pages,chunks", [
-    ([3, 1], 2, 4, 3), ([7, 8], 2, 4, 2), ([23, 0], 3, 8, 4), ([0, 22], 2, 16, 8), ([5, 9], 2, 64, 8)])
-@pytest.mark.parametrize("int8", [False, True])
-def test_select_pages_kernel_matches_the_reference(dtype, budget_pages, fraction, sink, local, first, count,
-                                                   block_pages, chunks, int8):
-    """Scoring, refresh and selection in one launch against the reference's page_scores then
-    top_pages: the same page sets, the same refreshed tables; every slot a distinct page; the
-    counter back at zero. Runs of blocks split the 24 pages into 2-4 programs (refreshed pairs
-    inside one run, across two runs, at the last page, clamped past it) or leave them whole (one
-    run; a budget above the page count); the budget fixed or a fraction of the context; with sinks,
-    local pages and a padded row."""
-    g = torch.Generator().manual_seed(sum(first) + count + budget_pages)
-    b, hq, hkv, d, page, num_pages = 2, 4, 2, 16, 16, 24
-    length = num_pages * page - 3
-    k = torch.randn(b, hkv, length, d, generator=g).to(dtype)
-    position = torch.tensor([first[0] * page + page - 1, first[1] * page + 1]).clamp(max=length - 1)
-    valid = (torch.arange(length) <= position[:, None]) & (torch.rand(b, length, generator=g) > 0.1)
-    valid[1, 32:48] = False  # page 2 of row 1: all padding
-    q = torch.randn(b, hq, d, generator=g).to(dtype)
-    stale_max = torch.randn(b, hkv, num_pages, d, generator=g)
-    stale = [stale_max.to(dtype), (stale_max - torch.rand(stale_max.shape, generator=g)).to(dtype)]  # max >= min
-    scale = None
-    if int8:
-        *stale, scale = (t.cpu() for t in int8_tables(g, b, hkv, num_pages, d))
-    newest = position + count - 2  # the newest row's position: a window of rows from `position`
-    newest = newest.clamp(max=length - 1)
-    params = ref.SparseParams(page, budget_pages, fraction, sink, local, 2)
-    want_tables = [t.clone() for t in stale]
-    want = ref.select_pages(q, *want_tables, valid, ref.PageRefresh(k, position, count), scale, newest, params)
-    got_tables = [t.clone().to(DEVICE) for t in stale]
-    counts = torch.zeros(b, hkv, dtype=torch.int32, device=DEVICE)
-    got = decode.select_pages(q.to(DEVICE), *got_tables, valid.to(DEVICE),
-                              ref.PageRefresh(k.to(DEVICE), position.to(DEVICE), count),
-                              None if scale is None else scale.to(DEVICE), newest.to(DEVICE), params, counts,
-                              chunks=chunks, block_pages=block_pages)
-    for table, expected in zip(got_tables, want_tables):
-        torch.testing.assert_close(table.cpu(), expected, atol=0, rtol=0)
-    assert chosen_sets(*(t.cpu() for t in got)) == chosen_sets(*want)
-    indices = got[0].cpu()
-    assert all(len(set(indices[r, h].tolist())) == indices.shape[-1] for r in range(b) for h in range(hkv))
-    assert counts.eq(0).all()
 
 
 def chosen_sets(indices, chosen):

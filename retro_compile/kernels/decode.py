@@ -138,44 +138,26 @@ def _summary_scale(kmax: torch.Tensor, summary_scale: torch.Tensor | None, calle
 
 
 @triton.jit
-def _page_bound(q, page_max, page_min, heads, G: tl.constexpr):
-    """A page's score from its stored max and min rows (D,): the bound maxed over the group's
-    ``G`` heads of ``q`` (HEADS, D), elementwise in fp32."""
-    q_group = q.to(tl.float32)
-    bound = tl.sum(tl.maximum(q_group * page_max.to(tl.float32)[None, :], q_group * page_min.to(tl.float32)[None, :]),
-                   axis=1)
-    return tl.max(tl.where(heads < G, bound, float("-inf")), axis=0)
-
-
-@triton.jit
 def _page_scores_kernel(
     Q, KMAX, KMIN, VALID, OUT, K, FIRST, SCALE,
-    POS, BUDGET, CAND_SCORE, CAND_PAGE, COUNTS, IDX, CHOSEN,
     stride_qb, stride_qh,
     stride_sb, stride_sh, stride_sp,
     stride_vb,
     stride_ob, stride_oh,
     stride_kb, stride_kh, stride_kl, stride_first,
     stride_cb, stride_ch,
-    stride_pos, stride_nb, stride_nh,
-    num_pages, length, budget_cap, sink_pages, local_pages,
+    num_pages, length,
     G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT: tl.constexpr, HEADS: tl.constexpr, PRECISION: tl.constexpr, REFRESH: tl.constexpr,
     QUANTIZED: tl.constexpr, BLOCKS: tl.constexpr,
-    SELECT: tl.constexpr, KEEP: tl.constexpr, KEEP_BLOCK: tl.constexpr, PICK: tl.constexpr,
-    FIXED_BUDGET: tl.constexpr,
 ):
-    # One program scores a chunk of BLOCKS blocks of BLOCK_P pages of one (batch row, KV head),
-    # then refreshes the written pages (REFRESH from the one holding FIRST[b]) that fall in its chunk:
-    # summarize them anew, store their rows and score them from those. The refresh is a tail of the
-    # chunk's program, after its loop: a branch inside the scoring tiles made the whole kernel 10%
-    # slower on an H200 (84 us against 74 for two launches, B=8/128K).
+    # Programs 0..REFRESH-1 of the last grid axis refresh a step's written pages (REFRESH pages
+    # from the one holding FIRST[b]): summarize, store, and score each from its new rows. The rest
+    # score blocks of pages and leave those pages' scores to them. The refresh is spare programs
+    # beside the scoring, not a branch inside it: a branch that rewrote the scoring tiles made the
+    # whole kernel 10% slower on an H200 (84 us against 74 for two launches, B=8/128K).
     # int8 tables (QUANTIZED) are scored by the query times the summary scale, rounded to the
     # query's dtype (reference.page_scores); the tables' steps are exact in any float dtype.
-    # SELECT: the program then keeps its chunk's best pages as candidates (its KEEP best, enough for
-    # any page of the row's top budget_cap), and the last of the row's programs to finish picks the
-    # row's selection from all of them (see _top_pages_kernel): the scores never leave L2, and the
-    # selection needs no launch of its own.
     b, hkv, program = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     dims = tl.arange(0, D)
     heads = tl.arange(0, HEADS)
@@ -186,11 +168,31 @@ def _page_scores_kernel(
                 mask=(heads < G)[:, None], other=0.0)  # (HEADS, D): the group's heads, the rest zero
     if QUANTIZED:
         q = (q.to(tl.float32) * scale[None, :]).to(Q.dtype.element_ty)
+    first = -1
+    if REFRESH > 0:  # a kernel without the refresh holds none of its code, nor its stores
+        first = tl.load(FIRST + b * stride_first) // P
+        if program < REFRESH:  # the page and loads of _summarize_pages_kernel (see the note on helpers)
+            page = tl.minimum(first + program, num_pages - 1)
+            page_keys = page * P + tl.arange(0, P)
+            written = (page_keys < length) & (tl.load(VALID + b * stride_vb + page_keys, mask=page_keys < length,
+                                                      other=0) != 0)
+            x = tl.load(K + b * stride_kb + hkv * stride_kh + page_keys[:, None] * stride_kl + dims[None, :],
+                        mask=written[:, None], other=0.0).to(tl.float32)
+            page_max, page_min, page_valid = _page_summary(x, written)
+            page_max, page_min = _stored_summary(page_max, page_min, scale, QUANTIZED)
+            page_max, page_min = page_max.to(KMAX.dtype.element_ty), page_min.to(KMIN.dtype.element_ty)
+            row = b * stride_sb + hkv * stride_sh + page * stride_sp + dims
+            tl.store(KMAX + row, page_max)
+            tl.store(KMIN + row, page_min)
+            q_group = q.to(tl.float32)
+            page_bound = tl.sum(tl.maximum(q_group * page_max.to(tl.float32)[None, :],
+                                           q_group * page_min.to(tl.float32)[None, :]), axis=1)
+            page_best = tl.max(tl.where(heads < G, page_bound, float("-inf")), axis=0)
+            tl.store(OUT + b * stride_ob + hkv * stride_oh + page, tl.where(page_valid, page_best, float("-inf")))
+            return
     if DOT:  # see below
         q_up, q_down = tl.maximum(q, 0.0).to(q.dtype), tl.minimum(q, 0.0).to(q.dtype)
-    scores = OUT + b * stride_ob + hkv * stride_oh
-    chunk = program * (BLOCKS * BLOCK_P)
-    for block in tl.range(program * BLOCKS, (program + 1) * BLOCKS):  # loads pipelined
+    for block in tl.range((program - REFRESH) * BLOCKS, (program - REFRESH + 1) * BLOCKS):  # loads pipelined
         pages = block * BLOCK_P + tl.arange(0, BLOCK_P)
         ok = pages < num_pages
         offs = b * stride_sb + hkv * stride_sh + pages[:, None] * stride_sp + dims[None, :]
@@ -218,54 +220,8 @@ def _page_scores_kernel(
         keys = pages[:, None] * P + tl.arange(0, P)[None, :]
         valid = tl.load(VALID + b * stride_vb + keys, mask=keys < length, other=0) != 0
         any_valid = tl.max(valid.to(tl.int32), axis=1) > 0
-        tl.store(scores + pages, tl.where(any_valid, best, float("-inf")), mask=ok)
-    if REFRESH > 0:  # a launch without the refresh holds none of its code, nor its stores
-        first = tl.load(FIRST + b * stride_first) // P
-        tl.debug_barrier()  # the refresh's score of a page is stored after the loop's
-        for r in tl.static_range(REFRESH):
-            page = first + r
-            if (page >= chunk) & (page < chunk + BLOCKS * BLOCK_P) & (page < num_pages):
-                # the loads of _summarize_pages_kernel (see the note on helpers)
-                page_keys = page * P + tl.arange(0, P)
-                written = (page_keys < length) & (tl.load(VALID + b * stride_vb + page_keys,
-                                                          mask=page_keys < length, other=0) != 0)
-                x = tl.load(K + b * stride_kb + hkv * stride_kh + page_keys[:, None] * stride_kl + dims[None, :],
-                            mask=written[:, None], other=0.0).to(tl.float32)
-                page_max, page_min, page_valid = _page_summary(x, written)
-                page_max, page_min = _stored_summary(page_max, page_min, scale, QUANTIZED)
-                page_max, page_min = page_max.to(KMAX.dtype.element_ty), page_min.to(KMIN.dtype.element_ty)
-                row = b * stride_sb + hkv * stride_sh + page * stride_sp + dims
-                tl.store(KMAX + row, page_max)
-                tl.store(KMIN + row, page_min)
-                page_best = _page_bound(q, page_max, page_min, heads, G)
-                tl.store(scores + page, tl.where(page_valid, page_best, float("-inf")))
-    if SELECT:
-        tl.debug_barrier()  # every warp's scores above, before any warp reads the chunk's
-        pages = chunk + tl.arange(0, BLOCKS * BLOCK_P)
-        score = tl.load(scores + pages, mask=pages < num_pages, other=float("-inf"), cache_modifier=".cg")
-        position = tl.load(POS + b * stride_pos)
-        ranked = _ranked_scores(score, pages, num_pages, position, P, sink_pages, local_pages)
-        row_id = b * tl.num_programs(1) + hkv
-        candidates = row_id * tl.num_programs(2) * KEEP
-        keep, slot, empty = _chunk_candidates(ranked, KEEP, KEEP_BLOCK)
-        tl.store(CAND_SCORE + candidates + program * KEEP + slot, ranked, mask=keep)
-        tl.store(CAND_PAGE + candidates + program * KEEP + slot, pages, mask=keep)
-        tl.store(CAND_SCORE + candidates + program * KEEP + empty, float("nan"), mask=empty >= 0)
-        tl.store(CAND_PAGE + candidates + program * KEEP + empty, -1, mask=empty >= 0)
-        # The count (see _top_pages_kernel): the last of the row's programs picks.
-        tl.debug_barrier()
-        counter = COUNTS + b * stride_nb + hkv * stride_nh
-        if tl.atomic_add(counter, 1) != tl.num_programs(2) - 1:
-            return
-        tl.store(counter, 0)
-        at = tl.arange(0, PICK)
-        inside = at < tl.num_programs(2) * KEEP
-        ranked = tl.load(CAND_SCORE + candidates + at, mask=inside, other=float("nan"), cache_modifier=".cg")
-        pages = tl.load(CAND_PAGE + candidates + at, mask=inside, other=-1, cache_modifier=".cg")
-        budget = budget_cap if FIXED_BUDGET else tl.load(BUDGET + b)
-        slot, out, chosen = _picked_slots(ranked, budget, budget_cap)
-        tl.store(IDX + row_id * budget_cap + slot, pages.to(tl.int64), mask=out)
-        tl.store(CHOSEN + row_id * budget_cap + slot, chosen, mask=out)
+        others = ok & ((pages < first) | (pages >= first + REFRESH))  # a written page's score is its refresher's
+        tl.store(OUT + b * stride_ob + hkv * stride_oh + pages, tl.where(any_valid, best, float("-inf")), mask=others)
 
 
 def page_scores(
@@ -284,91 +240,30 @@ def page_scores(
 ) -> torch.Tensor:
     """Same as ``reference.page_scores``: q_row (B, Hq, D) -> (B, Hkv, NP) fp32.
 
-    One program scores ``blocks_per_program`` blocks of ``block_pages`` pages of one (batch row,
-    KV head) for the whole query group, and reads their bytes of ``valid`` to mark the pages with no
-    valid position. The pages of ``refresh`` are summarized anew (in place) by the program whose
-    blocks hold them, after its loop, and scored from the new rows (elementwise, in fp32): a step's
-    refresh needs no launch of its own. ``as_products`` computes each bound as two matrix products
-    (``max(q, 0) . kmax + min(q, 0) . kmin``, the same sum in another order) where the shapes allow
-    a ``tl.dot`` (blocks of at least 16 pages); otherwise elementwise in fp32. On an H200 (bf16, 32
-    query / 8 KV heads) the products took 10.0 us at B=1/128K against 12.8 elementwise, and 70.7
-    against 84.6 at B=8/128K. int8 tables need their ``summary_scale`` (B, Hkv, D).
+    One program scores ``block_pages`` pages of one (batch row, KV head) for the whole query group,
+    and reads their bytes of ``valid`` to mark the pages with no valid position. Each page of
+    ``refresh`` gets one more program, which summarizes it anew (in place) and scores it from the
+    new rows (elementwise, in fp32): a step's refresh needs no launch of its own. ``as_products``
+    computes each bound as two matrix products (``max(q, 0) . kmax + min(q, 0) . kmin``, the same
+    sum in another order) where the shapes allow a ``tl.dot`` (blocks of at least 16 pages);
+    otherwise elementwise in fp32. On an H200 (bf16, 32 query / 8 KV heads) the products took
+    10.0 us at B=1/128K against 12.8 elementwise, and 70.7 against 84.6 at B=8/128K.
+    int8 tables need their ``summary_scale`` (B, Hkv, D).
 
-    The block loop's loads are pipelined (``num_stages``): one block a program leaves each
-    program's loads and products in series. Defaults: blocks of 64 pages, as many a program as keep
-    at least 256 programs (at most 8). On an H200 at B=8/128K that took 52.1 us with int8 tables
-    against 70.8 for the best single block (128 pages), and 67.9 against 79.0 with bf16 tables; at
-    B=1/128K 9.5 against 10.8 and 8.2 against 10.9; at B=1/32K (256 blocks) one block a program
-    stays the fastest.
+    A program scores ``blocks_per_program`` blocks in a loop whose loads Triton pipelines
+    (``num_stages``): one block a program leaves each program's loads and products in series.
+    Defaults: blocks of 64 pages, as many a program as keep at least 256 programs (at most 8). On
+    an H200 at B=8/128K that took 52.1 us with int8 tables against 70.8 for the best single
+    block (128 pages), and 67.9 against 79.0 with bf16 tables; at B=1/128K 9.5 against 10.8 and
+    8.2 against 10.9; at B=1/32K (256 blocks) one block a program stays the fastest.
     """
-    b, hkv, num_pages = q_row.shape[0], kmax.shape[1], kmax.shape[2]
-    block_pages = min(block_pages or 64, triton.next_power_of_2(num_pages))
-    if blocks_per_program is None:
-        blocks_per_program = min(8, max(1, b * hkv * triton.cdiv(num_pages, block_pages) // 256))
-    out = torch.empty(b, hkv, num_pages, dtype=torch.float32, device=q_row.device)
-    _score_pages(q_row, kmax, kmin, valid, page_size, refresh, summary_scale, out, block_pages, blocks_per_program,
-                 as_products, num_warps, num_stages)
-    return out
-
-
-SELECT_CHUNKS = 8  # programs a (batch row, KV head) in select_pages, by default
-
-
-def select_pages(
-    q_row: torch.Tensor,
-    kmax: torch.Tensor,
-    kmin: torch.Tensor,
-    valid: torch.Tensor,
-    refresh: reference.PageRefresh,
-    summary_scale: torch.Tensor,
-    position: torch.Tensor,
-    params: SparseParams,
-    counts: torch.Tensor,
-    chunks: int | None = None,
-    block_pages: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 3,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same as ``reference.select_pages`` (:func:`page_scores` then :func:`top_pages`) in one launch.
-
-    Each (batch row, KV head)'s pages are split into ``chunks`` (None: :data:`SELECT_CHUNKS`) runs
-    of whole blocks, one program each. A program scores its run, refreshes the written pages in
-    it, and keeps the run's best ``K`` (the page cap) as candidates; the last of a row's programs
-    to finish (``counts``, zero between steps, counts them) picks the row's pages from the
-    candidates. The scores go to memory only for the program to read its run back as one vector.
-    Rows of more than :data:`MAX_KERNEL_PAGES` pages take the two launches.
-    """
-    b, hkv, num_pages = q_row.shape[0], kmax.shape[1], kmax.shape[2]
-    if num_pages > MAX_KERNEL_PAGES:
-        return top_pages(page_scores(q_row, kmax, kmin, valid, params.page_size, refresh=refresh,
-                                     summary_scale=summary_scale), position, params, counts)
-    k = min(params.budget_pages, num_pages)
-    block_pages = min(block_pages, triton.next_power_of_2(num_pages))
-    blocks = triton.cdiv(num_pages, block_pages)
-    blocks_per_program = triton.next_power_of_2(triton.cdiv(blocks, chunks or SELECT_CHUNKS))  # runs: a power of 2 pages
-    keep = min(k, blocks_per_program * block_pages)
-    programs = triton.cdiv(blocks, blocks_per_program)
-    budget = None if params.budget_fraction == 0.0 else \
-        reference.budget_pages_for(params, position).clamp(max=k).to(torch.int32)
-    selection = dict(
-        position=position, budget=budget, counts=counts, params=params, keep=keep,
-        candidates=(torch.empty(b * hkv, programs * keep, dtype=torch.float32, device=q_row.device),
-                    torch.empty(b * hkv, programs * keep, dtype=torch.int32, device=q_row.device)),
-        indices=torch.empty(b, hkv, k, dtype=torch.int64, device=q_row.device),
-        chosen=torch.empty(b, hkv, k, dtype=torch.bool, device=q_row.device),
-    )
-    scores = torch.empty(b, hkv, num_pages, dtype=torch.float32, device=q_row.device)  # each program's run, read back
-    _score_pages(q_row, kmax, kmin, valid, params.page_size, refresh, summary_scale, scores, block_pages,
-                 blocks_per_program, True, num_warps, num_stages, selection)
-    return selection["indices"], selection["chosen"]
-
-
-def _score_pages(q_row, kmax, kmin, valid, page_size, refresh, summary_scale, out, block_pages, blocks_per_program,
-                 as_products, num_warps, num_stages, selection=None) -> None:
-    """The scoring launch of :func:`page_scores` (``selection`` None) and :func:`select_pages`
-    (``selection``: its position, budget, counts, params, keep, candidates and outputs)."""
     b, hq, d = q_row.shape
     hkv, num_pages = kmax.shape[1], kmax.shape[2]
+    quantized = kmax.dtype == torch.int8
+    block_pages = block_pages or 64
+    if blocks_per_program is None:
+        blocks = b * hkv * triton.cdiv(num_pages, block_pages)
+        blocks_per_program = min(8, max(1, blocks // 256))
     summary_scale = _summary_scale(kmax, summary_scale, "page_scores")
     if refresh is None:
         kmax, kmin = kmax.contiguous(), kmin.contiguous()
@@ -377,38 +272,25 @@ def _score_pages(q_row, kmax, kmin, valid, page_size, refresh, summary_scale, ou
         _check_summary_layout(kmax, kmin, "page_scores")  # written in place
         (k,), first_position, count = _unit_last_stride(refresh.k), refresh.first_position, refresh.count
     q_row, valid = _unit_last_stride(q_row, valid)  # q_row: a strided view of the query's newest row
+    out = torch.empty(b, hkv, num_pages, dtype=torch.float32, device=q_row.device)
+    block = min(block_pages, triton.next_power_of_2(num_pages))
     group = hq // hkv
-    dot = as_products and block_pages >= 16 and kmax.dtype in (q_row.dtype, torch.int8) and kmin.dtype == kmax.dtype
-    programs = triton.cdiv(triton.cdiv(num_pages, block_pages), blocks_per_program)
-    if selection is None:  # never read: any tensor of the right kind stands in
-        position, budget, counts, cand_score, cand_page, indices, chosen = \
-            first_position, out, out, out, out, out, out
-        params, keep = reference.SparseParams(page_size, 1, 0.0, 0, 0, 1), 1
-    else:
-        position, budget, counts = selection["position"], selection["budget"], selection["counts"]
-        (cand_score, cand_page), indices, chosen = selection["candidates"], selection["indices"], selection["chosen"]
-        params, keep = selection["params"], selection["keep"]
-        budget = indices if budget is None else budget  # FIXED_BUDGET never reads it
-    wrap_triton(_page_scores_kernel)[(b, hkv, programs)](
+    dot = as_products and block >= 16 and kmax.dtype in (q_row.dtype, torch.int8) and kmin.dtype == kmax.dtype
+    grid = (b, hkv, count + triton.cdiv(triton.cdiv(num_pages, block), blocks_per_program))
+    wrap_triton(_page_scores_kernel)[grid](
         q_row, kmax, kmin, valid, out, k, first_position, summary_scale,
-        position, budget, cand_score, cand_page, counts, indices, chosen,
         q_row.stride(0), q_row.stride(1),
         kmax.stride(0), kmax.stride(1), kmax.stride(2),
         valid.stride(0),
         out.stride(0), out.stride(1),
         k.stride(0), k.stride(1), k.stride(2), first_position.stride(0),
         summary_scale.stride(0), summary_scale.stride(1),
-        position.stride(0), counts.stride(0), counts.stride(1),
-        num_pages, valid.shape[-1], indices.shape[-1], params.sink_pages, params.local_pages,
-        G=group, D=d, P=page_size, BLOCK_P=block_pages,
+        num_pages, valid.shape[-1], G=group, D=d, P=page_size, BLOCK_P=block,
         DOT=dot, HEADS=max(16, triton.next_power_of_2(group)),
         PRECISION="ieee" if q_row.dtype == torch.float32 else "tf32",  # fp32 exact; 16-bit inputs ignore it
-        REFRESH=count, QUANTIZED=kmax.dtype == torch.int8, BLOCKS=blocks_per_program,
-        SELECT=selection is not None, KEEP=keep, KEEP_BLOCK=triton.next_power_of_2(keep),
-        PICK=max(16, triton.next_power_of_2(programs * keep)), FIXED_BUDGET=selection is None or
-        selection["budget"] is None,
-        num_warps=num_warps, num_stages=num_stages,
+        REFRESH=count, QUANTIZED=quantized, BLOCKS=blocks_per_program, num_warps=num_warps, num_stages=num_stages,
     )
+    return out
 
 
 @triton.jit
@@ -512,11 +394,14 @@ def _top_pages_kernel(
         score = tl.load(SCORES + b * stride_sb + h * stride_sh + chunk_pages, mask=chunk_pages < num_pages,
                         other=float("-inf"))
         chunk_ranked = _ranked_scores(score, chunk_pages, num_pages, position, page_size, sink_pages, local_pages)
-        keep, slot, empty = _chunk_candidates(chunk_ranked, K, KEEP_BLOCK)
+        keep = _top_mask(chunk_ranked, K)
+        slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
         candidates = row * tl.num_programs(1) * K
         base = candidates + chunk * K
         tl.store(CAND_SCORE + base + slot, chunk_ranked, mask=keep)
         tl.store(CAND_PAGE + base + slot, chunk_pages, mask=keep)
+        empty = tl.arange(0, KEEP_BLOCK)
+        empty = tl.where((empty >= tl.sum(keep.to(tl.int32), axis=0)) & (empty < K), empty, -1)
         tl.store(CAND_SCORE + base + empty, float("nan"), mask=empty >= 0)
         tl.store(CAND_PAGE + base + empty, -1, mask=empty >= 0)
         # The count: the barrier puts every warp's stores above before it, and the atomic (acquire
@@ -536,38 +421,17 @@ def _top_pages_kernel(
         score = tl.load(SCORES + b * stride_sb + h * stride_sh + pages, mask=pages < num_pages, other=float("-inf"))
         ranked = _ranked_scores(score, pages, num_pages, position, page_size, sink_pages, local_pages)
     budget = K if FIXED_BUDGET else tl.load(BUDGET + b)
-    slot, out, chosen = _picked_slots(ranked, budget, K)
-    tl.store(IDX + row * K + slot, pages.to(tl.int64), mask=out)
-    tl.store(CHOSEN + row * K + slot, chosen, mask=out)
-
-
-@triton.jit
-def _chunk_candidates(ranked, keep_count, KEEP_BLOCK: tl.constexpr):
-    """A chunk's candidates for a row's selection: its ``keep_count`` best entries of ``ranked``
-    (all that are not NaN, if fewer), which hold every entry of the row's top ``keep_count`` that
-    lies in the chunk. Returns (kept entries, each one's slot in order, and the slots of
-    ``KEEP_BLOCK`` to fill as empty (NaN, page -1), else -1)."""
-    keep = _top_mask(ranked, keep_count)
-    slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-    empty = tl.arange(0, KEEP_BLOCK)
-    empty = tl.where((empty >= tl.sum(keep.to(tl.int32), axis=0)) & (empty < keep_count), empty, -1)
-    return keep, slot, empty
-
-
-@triton.jit
-def _picked_slots(ranked, budget, K):
-    """A row's selection from the values ``ranked`` (scores or candidates, NaN for padding): each
-    entry's slot in the row's list of ``K`` and whether it is stored there, and whether it is chosen.
-
-    Taken entries fill slots 0..budget-1 in order; the rest follow, so all K slots hold distinct
-    pages (the reference's state update writes through every slot). Every entry is taken or not,
-    so the entries not taken up to entry i number i + 1 - (taken up to i). NaN entries (padding)
-    come last, after at least K real pages."""
     take = _top_mask(ranked, budget)
-    at = tl.arange(0, ranked.shape[0])
+    # Taken pages fill slots 0..budget-1 in page order; the rest follow, so all K slots hold
+    # distinct pages (the reference's state update writes through every slot). Every entry is
+    # taken or not, so the entries not taken up to entry i number i + 1 - (taken up to i). NaN
+    # entries (padding) come last, after at least K real pages.
+    at = tl.arange(0, BLOCK)
     taken_so_far = tl.cumsum(take.to(tl.int32), axis=0)
     slot = tl.where(take, taken_so_far - 1, budget + at - taken_so_far)
-    return slot, (ranked == ranked) & (slot < K), take & (ranked > float("-inf"))
+    out = (ranked == ranked) & (slot < K)
+    tl.store(IDX + row * K + slot, pages.to(tl.int64), mask=out)
+    tl.store(CHOSEN + row * K + slot, take & (ranked > float("-inf")), mask=out)
 
 
 MAX_KERNEL_PAGES = 16384  # one program holds a row of page scores in registers
@@ -922,4 +786,4 @@ def _attend(q, k, v, allowed, selection, out_cache, lse_cache, scale, page_size,
 
 def kernel_stages() -> reference.Stages:
     """The Triton stages, for ``reference.decode_step`` and ``reference.prefill``."""
-    return reference.Stages(summarize_pages, select_pages, attend_window)
+    return reference.Stages(summarize_pages, page_scores, top_pages, attend_window)

@@ -8,8 +8,7 @@ Every stage is its own function, in the order a decode step runs them:
 3. :func:`page_scores`: Quest's upper bound ``sum_d max(q_d kmax_d, q_d kmin_d)``, GQA group max
    (``-inf`` for pages the query has no valid position in), after refreshing the summaries of
    the pages a decode step wrote (:class:`PageRefresh`).
-4. :func:`top_pages`: always-kept pages plus the top-scoring rest, up to the budget
-   (:func:`select_pages`: 3 then 4, as a step runs them).
+4. :func:`top_pages`: always-kept pages plus the top-scoring rest, up to the budget.
 5. :func:`attend`: exact attention over a key mask, returning output and log-sum-exp.
 6. :func:`merge`: the exact LSE merge of two partial attentions over disjoint keys.
 7. :func:`window_attention` / :func:`attend_window` / :func:`merge_window`: the window's rows over
@@ -310,17 +309,6 @@ def top_pages(
     return top.indices, (top.values > NEG_INF) & within_budget
 
 
-def select_pages(
-    q_row: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor, valid: torch.Tensor, refresh: PageRefresh | None,
-    summary_scale: torch.Tensor | None, position: torch.Tensor, params: SparseParams,
-    counts: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decode step's pages: :func:`page_scores` (the written pages refreshed first), then
-    :func:`top_pages` for the newest row at ``position`` (B,)."""
-    scores = page_scores(q_row, kmax, kmin, valid, params.page_size, refresh=refresh, summary_scale=summary_scale)
-    return top_pages(scores, position, params, counts)
-
-
 # --------------------------------------------------------------------------------------------
 # 5-6. Attention over a key mask, and the LSE merge
 # --------------------------------------------------------------------------------------------
@@ -368,13 +356,14 @@ class Stages(NamedTuple):
     """The heavy stages of a step. kernels/decode.py has Triton versions with the same contracts."""
 
     summarize_pages: Callable[..., None]
-    select_pages: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    page_scores: Callable[..., torch.Tensor]
+    top_pages: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     attend_window: Callable[..., torch.Tensor]
 
 
 def reference_stages() -> Stages:
     """This module's stage functions, looked up at call time (so tests can patch one)."""
-    return Stages(summarize_pages, select_pages, attend_window)
+    return Stages(summarize_pages, page_scores, top_pages, attend_window)
 
 
 def sdpa_row_by_row(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -543,8 +532,9 @@ def decode_step(
 
     touched = (n - 1) // page_size + 2  # pages a run of n positions can straddle
     written = PageRefresh(k, position[:, 0], touched)
-    indices, chosen = stages.select_pages(q[:, :, -1], state.kmax, state.kmin, valid, written, state.summary_scale,
-                                          newest, params, state.counts)
+    scores = stages.page_scores(q[:, :, -1], state.kmax, state.kmin, valid, page_size, refresh=written,
+                                summary_scale=state.summary_scale)
+    indices, chosen = stages.top_pages(scores, newest, params, state.counts)
     return stages.attend_window(q, k, v, allowed, bias, indices, chosen, state, position,
                                 default_scale(q, scale), page_size)
 
