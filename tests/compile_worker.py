@@ -25,8 +25,8 @@ WRITES = {  # what each kernel is meant to write
     "_summarize_pages_kernel": {"KMAX", "KMIN"},
     "_page_scores_kernel": {"OUT", "KMAX", "KMIN"},  # the summaries only with REFRESH pages
     "_top_pages_kernel": {"IDX", "CHOSEN", "CAND_SCORE", "CAND_PAGE", "COUNTS"},  # candidates only in chunks
-    # `last` only for selected pages (not DENSE), the output cache only if it has rows
-    "_window_attention_kernel": {"LAST", "PART_OUT", "PART_LSE", "COUNTS", "OUT_CACHE", "LSE_CACHE", "OUT"},
+    "_window_attention_kernel": {"LAST", "OUT", "LSE"},  # `last` only for selected pages (not DENSE)
+    "_merge_window_kernel": {"OUT_CACHE", "LSE_CACHE", "OUT"},  # the output cache only if it has rows
 }
 
 

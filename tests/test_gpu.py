@@ -230,7 +230,7 @@ def test_inductor_inlines_the_triton_kernels():
     got, code = run_and_get_code(torch.compile(step, fullgraph=True), *inputs)
     torch.testing.assert_close(got, expected)
     source = "\n".join(code)
-    for kernel in ("_page_scores_kernel", "_top_pages_kernel", "_window_attention_kernel"):
+    for kernel in ("_page_scores_kernel", "_top_pages_kernel", "_window_attention_kernel", "_merge_window_kernel"):
         assert kernel in source, kernel
     assert "def _summarize_pages_kernel(" not in source  # the refresh runs inside the scoring launch
 

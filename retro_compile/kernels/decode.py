@@ -7,14 +7,14 @@
   by spare programs of the same launch, which score them too: the refresh has no launch of its own.
 * :func:`top_pages`: the page selection without a sort: a search for the budget-th largest
   score, then the chosen pages; at small batch split over chunks of pages, then one pass per row.
-* :func:`attend_window`: split-KV sparse attention and the state update, in one kernel. It runs
-  one program per (batch row, KV head, split); each walks its share of the selected pages a tile
-  of pages at a time, loading each page's K and V once for all ``G * n`` query rows of the group
-  (G query heads x n window rows). Per row it applies the mask, and for past rows the unseen-page
-  test ``last[page] < position``; then it stamps its pages in ``last``. The last of a (batch row,
-  KV head)'s programs to finish merges: it folds the splits by log-sum-exp, merges past rows with
-  the output cache, moves the cache on and writes the output.
-* :func:`dense_window`: the same kernel over every page, with no selection and no state: a
+* :func:`attend_window`: split-KV sparse attention and the state update, in two kernels. The
+  attention kernel runs one program per (batch row, KV head, split); each walks its share of the
+  selected pages a tile of pages at a time, loading each page's K and V once for all ``G * n``
+  query rows of the group (G query heads x n window rows). Per row it applies the mask, and for
+  past rows the unseen-page test ``last[page] < position``; then it stamps its pages in ``last``.
+  The merge kernel, one program per (batch row, query head), folds the splits by log-sum-exp,
+  merges past rows with the output cache, moves the cache on and writes the output.
+* :func:`dense_window`: the same two kernels over every page, with no selection and no state: a
   dense layer's window rows, each key and value read once for all of a KV head's rows (its
   reference is ``reference.sdpa_row_by_row``).
 
@@ -515,7 +515,7 @@ def _selected_pages(index, chosen):
 
 @triton.jit
 def _window_attention_kernel(
-    Q, K, V, ALLOWED, INDICES, CHOSEN, LAST, POS, PART_OUT, PART_LSE, COUNTS, OUT_CACHE, LSE_CACHE, OUT,
+    Q, K, V, ALLOWED, INDICES, CHOSEN, LAST, POS, OUT, LSE,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
@@ -524,14 +524,9 @@ def _window_attention_kernel(
     stride_lb, stride_lh,
     stride_ob, stride_oh, stride_os, stride_or,
     stride_eb, stride_eh, stride_es,
-    stride_nb, stride_nh,
-    stride_cb, stride_ch, stride_cr,
-    stride_xb, stride_xh,
-    stride_yb, stride_yh, stride_yn,
     length, num_selected, pages_per_split, scale,
     G: tl.constexpr, N: tl.constexpr, ROWS: tl.constexpr, P: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     TILE: tl.constexpr, PRECISION: tl.constexpr, DENSE: tl.constexpr,
-    SB: tl.constexpr, CACHE: tl.constexpr, CB: tl.constexpr, KEEP: tl.constexpr,
 ):
     b, hkv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = tl.arange(0, ROWS)  # row r = (query head g = r // N, window row i = r % N)
@@ -586,10 +581,10 @@ def _window_attention_kernel(
         l = l * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
-    part = b * stride_ob + hkv * stride_oh + split * stride_os + rows[:, None] * stride_or + vdims[None, :]
-    tl.store(PART_OUT + part, acc / tl.where(l > 0, l, 1.0)[:, None], mask=live[:, None])
+    out_offs = b * stride_ob + hkv * stride_oh + split * stride_os + rows[:, None] * stride_or + vdims[None, :]
+    tl.store(OUT + out_offs, acc / tl.where(l > 0, l, 1.0)[:, None], mask=live[:, None])
     lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
-    tl.store(PART_LSE + b * stride_eb + hkv * stride_eh + split * stride_es + rows, lse, mask=live)
+    tl.store(LSE + b * stride_eb + hkv * stride_eh + split * stride_es + rows, lse, mask=live)
     if not DENSE:
         # Stamp this split's pages as loaded by the newest row. Pages are distinct within a (batch
         # row, KV head), so no other program reads these entries; the barrier keeps every warp's
@@ -602,66 +597,70 @@ def _window_attention_kernel(
                                    tl.load(CHOSEN + selection + slot, mask=slot < end, other=0))
             tl.store(LAST + b * stride_lb + hkv * stride_lh + page, newest_position, mask=page >= 0)
 
-    # The merge, by the last of the (batch row, KV head)'s programs to finish (COUNTS counts them,
-    # as in _top_pages_kernel, and is left at zero): a launch of its own cost more (H200).
-    tl.debug_barrier()
-    counter = COUNTS + b * stride_nb + hkv * stride_nh
-    if tl.atomic_add(counter, 1) != tl.num_programs(2) - 1:
-        return
-    tl.store(counter, 0)
-    # 1. The splits' partial results, merged by log-sum-exp, SB splits at a time (reads skip L1).
-    m = tl.full((ROWS,), float("-inf"), tl.float32)
-    l = tl.zeros((ROWS,), tl.float32)
-    acc = tl.zeros((ROWS, DV), tl.float32)
-    for first_split in range(0, tl.num_programs(2), SB):
-        splits = first_split + tl.arange(0, SB)
-        ok = (splits < tl.num_programs(2))[:, None] & live[None, :]  # (SB, ROWS)
-        at_split = b * stride_ob + hkv * stride_oh + splits[:, None] * stride_os + rows[None, :] * stride_or
-        o = tl.load(PART_OUT + at_split[:, :, None] + vdims[None, None, :], mask=ok[:, :, None], other=0.0,
-                    cache_modifier=".cg")
-        part_lse = tl.load(PART_LSE + b * stride_eb + hkv * stride_eh + splits[:, None] * stride_es + rows[None, :],
-                           mask=ok, other=float("-inf"), cache_modifier=".cg")
-        m_new = tl.maximum(m, tl.max(part_lse, axis=0))
+
+@triton.jit
+def _merge_window_kernel(
+    PART_OUT, PART_LSE, OUT_CACHE, LSE_CACHE, OUT,
+    stride_pb, stride_ph, stride_ps, stride_pr,
+    stride_eb, stride_eh, stride_es,
+    stride_cb, stride_ch, stride_cr,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh, stride_on,
+    splits,
+    G: tl.constexpr, N: tl.constexpr, NB: tl.constexpr, CACHE: tl.constexpr, CB: tl.constexpr, KEEP: tl.constexpr,
+    DV: tl.constexpr, SB: tl.constexpr,
+):
+    b, hq = tl.program_id(0), tl.program_id(1)
+    hkv, g = hq // G, hq % G
+    win = tl.arange(0, NB)  # window row i of query head hq is partial row g * N + i
+    live = win < N
+    vdims = tl.arange(0, DV)
+    # 1. The splits' partial results, merged by log-sum-exp, SB splits at a time.
+    m = tl.full((NB,), float("-inf"), tl.float32)
+    l = tl.zeros((NB,), tl.float32)
+    acc = tl.zeros((NB, DV), tl.float32)
+    for first in range(0, splits, SB):
+        split = first + tl.arange(0, SB)
+        ok = (split < splits)[:, None] & live[None, :]  # (SB, NB)
+        part = b * stride_pb + hkv * stride_ph + split[:, None] * stride_ps + (g * N + win)[None, :] * stride_pr
+        o = tl.load(PART_OUT + part[:, :, None] + vdims[None, None, :], mask=ok[:, :, None], other=0.0)
+        lse = tl.load(PART_LSE + b * stride_eb + hkv * stride_eh + split[:, None] * stride_es + (g * N + win)[None, :],
+                      mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - shift)
-        weight = tl.exp(part_lse - shift[None, :])
+        weight = tl.exp(lse - shift[None, :])
         l = l * alpha + tl.sum(weight, axis=0)
         acc = acc * alpha[:, None] + tl.sum(weight[:, :, None] * o, axis=0)
         m = m_new
-    # 2. Past rows merge with their cached outputs (row i <- cache row CACHE - (N - 1) + i of its head).
-    q_head = hkv * G + head
+    # 2. Past rows merge with their cached outputs (row i <- cache row CACHE - (N - 1) + i).
     past = live & (win < N - 1) & (CACHE > 0)  # no cache (dense rows): nothing to merge with
     cache_row = CACHE - (N - 1) + win
-    cache_rows = OUT_CACHE + b * stride_cb + q_head * stride_ch  # (ROWS,) pointers
-    lse_rows = LSE_CACHE + b * stride_xb + q_head * stride_xh
-    cached_lse = tl.load(lse_rows + cache_row, mask=past, other=float("-inf"))
-    cached_out = tl.load(cache_rows[:, None] + cache_row[:, None] * stride_cr + vdims[None, :], mask=past[:, None],
-                         other=0.0)
+    cache_base = OUT_CACHE + b * stride_cb + hq * stride_ch
+    lse_base = LSE_CACHE + b * stride_lb + hq * stride_lh
+    cached_lse = tl.load(lse_base + cache_row, mask=past, other=float("-inf"))
+    cached_out = tl.load(cache_base + cache_row[:, None] * stride_cr + vdims[None, :], mask=past[:, None], other=0.0)
     top = tl.maximum(m, cached_lse)
     shift = tl.where(top == float("-inf"), 0.0, top)
     ours, theirs = tl.exp(m - shift), tl.exp(cached_lse - shift)
     total = l * ours + theirs
     out = (acc * ours[:, None] + cached_out * theirs[:, None]) / tl.where(total > 0, total, 1.0)[:, None]
     lse = tl.where(total > 0, shift + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
-    tl.store(OUT + b * stride_yb + q_head[:, None] * stride_yh + win[:, None] * stride_yn + vdims[None, :],
+    tl.store(OUT + b * stride_ob + hq * stride_oh + win[:, None] * stride_on + vdims[None, :],
              out.to(OUT.dtype.element_ty), mask=live[:, None])
-    # 3. The cache moves on: each head's newest CACHE - KEEP rows move up, and this step's last KEEP
-    # rows join. Every read of the cache comes before the barrier, every write after.
+    # 3. The cache moves on: its newest CACHE - KEEP rows move up, and this step's last KEEP rows
+    # join. Every read of the cache comes before the barrier, every write after.
     if CACHE > 0:
-        at = tl.arange(0, ROWS * CB)  # (query head of the group, cache slot)
-        at_head, at_slot = at // CB, at % CB
-        stays = (at_head < G) & (at_slot < CACHE - KEEP)
-        moved_rows = OUT_CACHE + b * stride_cb + (hkv * G + at_head) * stride_ch
-        moved_lse = LSE_CACHE + b * stride_xb + (hkv * G + at_head) * stride_xh
-        kept_out = tl.load(moved_rows[:, None] + (at_slot + KEEP)[:, None] * stride_cr + vdims[None, :],
-                           mask=stays[:, None], other=0.0)
-        kept_lse = tl.load(moved_lse + at_slot + KEEP, mask=stays, other=0.0)
+        slot = tl.arange(0, CB)
+        stays = slot < CACHE - KEEP
+        kept_out = tl.load(cache_base + (slot + KEEP)[:, None] * stride_cr + vdims[None, :], mask=stays[:, None], other=0.0)
+        kept_lse = tl.load(lse_base + slot + KEEP, mask=stays, other=0.0)
         tl.debug_barrier()
-        tl.store(moved_rows[:, None] + at_slot[:, None] * stride_cr + vdims[None, :], kept_out, mask=stays[:, None])
-        tl.store(moved_lse + at_slot, kept_lse, mask=stays)
+        tl.store(cache_base + slot[:, None] * stride_cr + vdims[None, :], kept_out, mask=stays[:, None])
+        tl.store(lse_base + slot, kept_lse, mask=stays)
         joins = live & (win >= N - KEEP)
-        tl.store(cache_rows[:, None] + (CACHE - N + win)[:, None] * stride_cr + vdims[None, :], out, mask=joins[:, None])
-        tl.store(lse_rows + CACHE - N + win, lse, mask=joins)
+        tl.store(cache_base + (CACHE - N + win)[:, None] * stride_cr + vdims[None, :], out, mask=joins[:, None])
+        tl.store(lse_base + CACHE - N + win, lse, mask=joins)
 
 
 def attend_window(
@@ -681,9 +680,8 @@ def attend_window(
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> torch.Tensor:
-    """Same as ``reference.attend_window``, in one launch: the attention kernel stamps ``last``, and
-    the last split of each (batch row, KV head) to finish (counted in ``state.counts``, left at
-    zero) merges the splits, the output cache and the cache update, and casts to ``q``'s dtype."""
+    """Same as ``reference.attend_window``, in two launches: the attention kernel (which also stamps
+    ``last``) and one merge kernel (splits, output cache, cache update, cast to ``q``'s dtype)."""
     if bias is not None:  # never sent here: use_kernels routes float masks to the reference
         raise ValueError("kernels.decode.attend_window: additive mask biases are served by the reference")
     if page_size < 16:
@@ -693,9 +691,9 @@ def attend_window(
                          "and must have unit last stride")
     selection = (indices.contiguous(), chosen.contiguous(), state.last, position.contiguous())
     num_pages = indices.shape[-1]
-    return _attend(q, k, v, allowed, selection, state.out_cache, state.lse_cache, state.counts, scale, page_size,
-                   num_pages, pages_per_split or _split_pages(num_pages, q.shape[0], k.shape[1]), tile_pages,
-                   num_warps, num_stages)
+    return _attend(q, k, v, allowed, selection, state.out_cache, state.lse_cache, scale, page_size, num_pages,
+                   pages_per_split or _split_pages(num_pages, q.shape[0], k.shape[1]), tile_pages, num_warps,
+                   num_stages)
 
 
 DENSE_PAGE = 16  # keys per page when dense_window walks the whole cache
@@ -719,8 +717,7 @@ def dense_window(
     a mask over a long cache runs a prefill kernel with little parallelism, and one row at a time
     it reads the cache once per row; here the split attention kernel reads each key and value
     once for all ``G * n`` rows of a KV head's group (G query heads), as it does for selected
-    pages, and the last split of a KV head to finish folds the splits (no selection, no state, no
-    output cache; the count of finished splits is a zeroed tensor of each call's).
+    pages, and the merge folds the splits (no selection, no state, no output cache).
     ``tile_pages`` None: 8 pages a tile for splits of at least 32 pages, else 4. Alone on an H200
     (two window rows, 128K keys), 8-page tiles took 937 us against 1209 with 4 at B=8 and 139
     against 158 at B=1 (64K: 81 against 88); at 8K keys (8-page splits) 23 against 19.
@@ -730,8 +727,7 @@ def dense_window(
     if tile_pages is None:
         tile_pages = 8 if pages_per_split >= 32 else 4
     no_cache = torch.empty(q.shape[0], q.shape[1], 0, v.shape[3], dtype=torch.float32, device=q.device)
-    counts = torch.zeros(q.shape[0], k.shape[1], dtype=torch.int32, device=q.device)
-    return _attend(q, k, v, allowed, None, no_cache, no_cache[..., 0], counts, scale, DENSE_PAGE, num_pages,
+    return _attend(q, k, v, allowed, None, no_cache, no_cache[..., 0], scale, DENSE_PAGE, num_pages,
                    pages_per_split, tile_pages, num_warps, num_stages)
 
 
@@ -742,12 +738,11 @@ def _split_pages(num_pages: int, batch: int, kv_heads: int) -> int:
     return max(8, triton.cdiv(num_pages * batch * kv_heads, 512))
 
 
-def _attend(q, k, v, allowed, selection, out_cache, lse_cache, counts, scale, page_size, num_pages, pages_per_split,
+def _attend(q, k, v, allowed, selection, out_cache, lse_cache, scale, page_size, num_pages, pages_per_split,
             tile_pages, num_warps, num_stages) -> torch.Tensor:
-    """The split attention launch of :func:`attend_window` (``selection``: indices, chosen, last,
-    position) and :func:`dense_window` (``selection`` None: every one of ``num_pages`` pages, no
-    output cache), splits and tiles as their callers chose them; ``counts`` (B, Hkv) int32, zero,
-    counts each row's finished splits for the merge."""
+    """The split attention and merge launches of :func:`attend_window` (``selection``: indices,
+    chosen, last, position) and :func:`dense_window` (``selection`` None: every one of
+    ``num_pages`` pages, no output cache), splits and tiles as their callers chose them."""
     q, k, v, allowed = _unit_last_stride(q, k, v, allowed)
     b, hq, n, d = q.shape
     hkv, length, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -759,10 +754,8 @@ def _attend(q, k, v, allowed, selection, out_cache, lse_cache, counts, scale, pa
     rows = max(16, triton.next_power_of_2(group * n))
     part_out = torch.empty(b, hkv, splits, group * n, dv, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, hkv, splits, group * n, dtype=torch.float32, device=q.device)
-    cache = out_cache.shape[2]
-    out = torch.empty(b, hq, n, dv, dtype=q.dtype, device=q.device)
     wrap_triton(_window_attention_kernel)[(b, hkv, splits)](
-        q, k, v, allowed, indices, chosen, last, position, part_out, part_lse, counts, out_cache, lse_cache, out,
+        q, k, v, allowed, indices, chosen, last, position, part_out, part_lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -771,16 +764,22 @@ def _attend(q, k, v, allowed, selection, out_cache, lse_cache, counts, scale, pa
         last.stride(0), last.stride(1),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(3),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
-        counts.stride(0), counts.stride(1),
-        out_cache.stride(0), out_cache.stride(1), out_cache.stride(2),
-        lse_cache.stride(0), lse_cache.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
         length, num_pages, pages_per_split, scale,
         G=group, N=n, ROWS=rows, P=page_size, D=d, DV=dv, TILE=tile,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 exact; 16-bit inputs ignore it
-        DENSE=dense, SB=min(4, triton.next_power_of_2(splits)), CACHE=cache,
-        CB=triton.next_power_of_2(max(cache, 1)), KEEP=min(cache, n),
-        num_warps=num_warps, num_stages=num_stages,
+        DENSE=dense, num_warps=num_warps, num_stages=num_stages,
+    )
+    cache = out_cache.shape[2]
+    out = torch.empty(b, hq, n, dv, dtype=q.dtype, device=q.device)
+    wrap_triton(_merge_window_kernel)[(b, hq)](
+        part_out, part_lse, out_cache, lse_cache, out,
+        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(3),
+        part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
+        out_cache.stride(0), out_cache.stride(1), out_cache.stride(2),
+        lse_cache.stride(0), lse_cache.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        splits, G=group, N=n, NB=triton.next_power_of_2(n), CACHE=cache,
+        CB=triton.next_power_of_2(max(cache, 1)), KEEP=min(cache, n), DV=dv, SB=min(16, triton.next_power_of_2(splits)),
     )
     return out
 
