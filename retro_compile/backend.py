@@ -11,10 +11,10 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-import torch._functorch.config
 from torch._dynamo import register_backend
 
 from .config import RetroConfig
+from .kernels.op import autograd_cache_off
 from .passes.rewrite import Rewrite, rewrite_sdpa
 from .state import StateStore
 
@@ -49,10 +49,7 @@ def retro_backend(
     from torch._inductor.compile_fx import compile_fx
 
     patches = {**torch._inductor.list_mode_options(mode), **options} if mode else options
-    # AOTAutograd's cache keys a graph by its ops, and sees retro::attention as one opaque op: after
-    # a change to the op's body it would serve the graph traced from the old body. Inductor's FX
-    # graph cache keys the traced body itself (Triton kernel sources included) and stays on.
-    with torch._functorch.config.patch(enable_autograd_cache=False):
+    with autograd_cache_off():
         return guard_state(compile_fx(gm, example_inputs, config_patches=patches), plan, store)
 
 

@@ -8,6 +8,9 @@
 2. Inductor's analysis of which tensors a kernel writes finds exactly the kernel's outputs
    (:data:`WRITES`). Inductor copies any input it believes written before the launch, so a
    helper that made an input look written costs a copy kernel in every compiled step.
+3. AOTAutograd's compile cache keys a graph that calls ``retro::attention`` or
+   ``retro::dense_window`` on the source of every kernel (``op._declare_kernels``): a graph
+   compiled before a kernel changed is not served after.
 
 The wrappers run on small CPU tensors with their launches recorded instead of run; each recorded
 launch keeps its argument types, constexprs and warps. It must run without TRITON_INTERPRET,
@@ -133,6 +136,24 @@ def compile_launch(kernel, arguments: dict, options: dict) -> None:
     triton_compile(ASTSource(kernel, signature, constexprs), target=GPUTarget(*TARGET), options=options)
 
 
+def check_cache_keys() -> None:
+    """Every kernel of :data:`WRITES` is in the sources AOTAutograd's cache key holds for a graph
+    calling each op."""
+    import torch.fx as fx
+    from torch._functorch._aot_autograd.autograd_cache import AOTAutogradCacheDetails
+
+    import retro_compile.kernels.op  # noqa: F401  (registers the ops)
+
+    for op in (torch.ops.retro.attention.default, torch.ops.retro.dense_window.default):
+        graph = fx.Graph()
+        graph.output(graph.call_function(op, ()))
+        details = AOTAutogradCacheDetails.__new__(AOTAutogradCacheDetails)  # the method reads no fields
+        sources = "\n".join(details.get_triton_source_codes_from_gm(fx.GraphModule({}, graph)))
+        missing = [name for name in WRITES if f"def {name}(" not in sources]
+        if missing:
+            raise AssertionError(f"{op}: the compile cache key leaves out {missing}")
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("compile_worker: unset TRITON_INTERPRET (it makes @triton.jit build interpreted functions)")
@@ -150,6 +171,12 @@ def main() -> int:
             failures += 1
             print(f"{kernel.__name__}: {type(error).__name__}: {error}", file=sys.stderr)
     print(f"{len(launches) - failures} of {len(launches)} launches compiled for sm_90 and write what they should")
+    try:
+        check_cache_keys()
+        print("the compile cache keys on every kernel's source")
+    except Exception as error:
+        failures += 1
+        print(f"cache key: {type(error).__name__}: {error}", file=sys.stderr)
     return 1 if failures else 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -200,3 +202,66 @@ def test_decode_sites_sharing_a_mask_share_one_positions_node():
     with torch.no_grad():
         prefill(*prefill_inputs)  # builds the state the step reads
         torch.testing.assert_close(step(*step_inputs), expected)
+
+
+COMPILE_IN_A_PROCESS = """
+import contextlib
+import sys
+import torch
+from retro_compile.kernels import reference
+from retro_compile.kernels.op import autograd_cache_off, retro_attention
+from retro_compile.state import StateShape, allocate
+
+if sys.argv[1] == "changed":  # the op's body as a new version of the package might have it
+    original_step = reference.decode_step
+    reference.decode_step = lambda *args, **kwargs: 2 * original_step(*args, **kwargs)
+torch.manual_seed(0)
+q, k, v = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+params = reference.SparseParams(16, 2, 0.0, 0, 1, 2)
+state = allocate(StateShape.of_call(q, k, v, 4, 2))
+seen = torch.arange(64) <= torch.arange(40, 64)[:, None]  # rows at positions 40..63
+retro_attention(q, k, v, seen[None, None, :3], state, params)  # a prefill of 3 rows builds the state
+step = torch.compile(lambda q, k, v, mask, positions: retro_attention(q, k, v, mask, state, params,
+                                                                      positions=positions), fullgraph=True)
+with autograd_cache_off() if sys.argv[2] == "off" else contextlib.nullcontext():
+    out = step(q[:, :, 1:], k, v, seen[None, None, 1:3], torch.tensor([[41, 42]]))
+print(out.double().sum().item())
+"""
+
+
+def test_a_changed_op_body_is_not_served_from_the_compile_cache(tmp_path):
+    """A decode step compiled under ``autograd_cache_off`` (as the backend compiles), then compiled
+    again in a new process whose op body differs (as after an upgrade), with the same on-disk
+    compile caches: the second process runs its own body. With AOTAutograd's cache on, it is
+    served the graph traced from the first body: the hazard the helper is there for."""
+    def decode_output(version: str, cache: Path, autograd_cache: str) -> float:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
+               "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run([sys.executable, "-c", COMPILE_IN_A_PROCESS, version, autograd_cache], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return float(done.stdout.split()[-1])
+
+    original = decode_output("original", tmp_path / "off", "off")
+    changed = decode_output("changed", tmp_path / "fresh", "off")
+    assert changed != original
+    assert decode_output("changed", tmp_path / "off", "off") == changed
+    decode_output("original", tmp_path / "on", "on")
+    assert decode_output("changed", tmp_path / "on", "on") == original  # served stale
+
+
+def test_the_backend_compiles_with_the_autograd_cache_off(monkeypatch):
+    """The backend hands Inductor its rewritten graph under ``autograd_cache_off``."""
+    import torch._functorch.config
+    import torch._inductor.compile_fx
+
+    from retro_compile.backend import retro_backend
+
+    seen = []
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx",
+                        lambda gm, *args, **kwargs: seen.append(torch._functorch.config.enable_autograd_cache) or gm)
+    model = Decoder(layers=2, max_len=64).eval()
+    (gm, inputs), = captured_graphs(model, (torch.randint(0, 97, (1, 40)), torch.arange(40)))
+    retro_backend(gm, inputs, config=RetroConfig(mode="retro", budget=32, page_size=16, dense_layers=0, max_context=64),
+                  store=StateStore())
+    assert seen == [False]

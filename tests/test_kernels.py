@@ -396,8 +396,9 @@ def test_dense_window_kernel_matches_sdpa(dtype, q_heads, kv_heads, n, length, p
 
 def test_kernels_compile_for_sm90():
     """Every kernel launch, as the wrappers make it, compiles to an sm_90 cubin with Triton's own
-    compiler, and Inductor finds it writes exactly its outputs (tests/compile_worker.py, in a
-    process without the interpreter, which accepts code the compiler rejects)."""
+    compiler, and Inductor finds it writes exactly its outputs; the compile cache keys on every
+    kernel's source (tests/compile_worker.py, in a process without the interpreter, which accepts
+    code the compiler rejects and runs kernels that have no source to key on)."""
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
@@ -405,3 +406,4 @@ def test_kernels_compile_for_sm90():
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "launches compiled for sm_90 and write what they should" in done.stdout
+    assert "the compile cache keys on every kernel's source" in done.stdout

@@ -229,3 +229,44 @@ def dense_window(
         allowed, _ = reference.mask_to_allowed(attn_mask, False, q.shape[0], q.shape[2], k.shape[2], q.device)
         return decode.dense_window(q, k, v, allowed, reference.default_scale(q, scale))
     return reference.sdpa_row_by_row(q, k, v, attn_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+def autograd_cache_off():
+    """A context for compiling a graph that calls these ops: AOTAutograd's cache off.
+
+    That cache keys a graph by its ops and sees each op as one: after a change to an op's body (a
+    new version of this package) it would serve the graph traced from the old body. Inductor's FX
+    graph cache keys the traced body itself, Triton kernel sources included, and stays on.
+    """
+    import torch._functorch.config
+
+    return torch._functorch.config.patch(enable_autograd_cache=False)
+
+
+def _declare_kernels() -> None:
+    """Name kernels/decode.py's Triton kernels as the ops' own, so that compile caches key on their
+    source.
+
+    AOTAutograd's cache keys a graph by its ops; for a ``triton_op`` it adds the source of the
+    kernels PyTorch finds by reading the op's body, and it finds none of these (the body reaches
+    them through ``reference.Stages``). A graph that calls ``retro::attention`` and was compiled
+    before a kernel changed would then be served with the old kernel, where the cache is on (see
+    :func:`autograd_cache_off` for the rest of the body). Interpreted kernels
+    (``TRITON_INTERPRET=1``) have no source to key on and are left out, as is everything when
+    Triton is missing (the kernels never run then).
+    """
+    try:
+        import triton
+
+        from . import decode
+    except ImportError:
+        return
+    from torch._library import triton as triton_library
+
+    kernels = [f for f in vars(decode).values()
+               if isinstance(f, triton.runtime.JITFunction) and f.__name__.endswith("_kernel")]
+    for name in ("retro::attention", "retro::dense_window"):
+        triton_library.triton_ops_to_kernels[name] = kernels
+
+
+_declare_kernels()
