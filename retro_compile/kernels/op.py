@@ -263,10 +263,13 @@ def _declare_kernels() -> None:
         return
     from torch._library import triton as triton_library
 
+    registry = getattr(triton_library, "triton_ops_to_kernels", None)  # PyTorch versions whose cache reads it
+    if registry is None:
+        return
     kernels = [f for f in vars(decode).values()
                if isinstance(f, triton.runtime.JITFunction) and f.__name__.endswith("_kernel")]
     for name in ("retro::attention", "retro::dense_window"):
-        triton_library.triton_ops_to_kernels[name] = kernels
+        registry[name] = kernels
 
 
 _declare_kernels()

@@ -1,0 +1,84 @@
+"""What a chain of dependent kernels costs on this GPU before any real work (CUDA).
+
+    python scripts/launch_floor.py --out launch_floor.json
+
+A decode step is a chain of kernels, each reading what the one before wrote: at B=1 the query
+positions (two kernels), the scoring, the selection, the attention and the merge. Each link costs
+at least a launch, a ramp-up and a drain, and each read of what another program wrote costs a
+round trip to L2. This times both floors from a CUDA graph, as ``python -m retro_compile.bench op``
+times a step:
+
+* ``kernel_us[programs]``: one kernel of ``programs`` programs that each load one value the
+  previous kernel stored and store it again, per kernel of a graph of 20 such kernels in a row;
+* ``chained_loads_us[n]``: one kernel of one program that follows ``n`` dependent loads through a
+  pointer chain held in L2 (``n`` = 1, 16, 64), so the slope is one L2 round trip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from retro_compile.bench import graph_us
+
+log = logging.getLogger("launch_floor")
+
+
+@triton.jit
+def _pass_on_kernel(SRC, DST):
+    """Each program loads its value, written by the kernel before, and stores it for the next."""
+    i = tl.program_id(0)
+    tl.store(DST + i, tl.load(SRC + i) + 1)
+
+
+@triton.jit
+def _pointer_chase_kernel(NEXT, OUT, hops):
+    """Follow ``hops`` links of NEXT from entry 0: each load's address is the last load's value."""
+    at = tl.load(NEXT, cache_modifier=".cg")  # from L2, as a program reads what another one wrote
+    for _ in range(hops - 1):
+        at = tl.load(NEXT + at, cache_modifier=".cg")
+    tl.store(OUT, at)
+
+
+def kernel_chain_us(programs: int) -> float:
+    a = torch.zeros(programs, dtype=torch.int32, device="cuda")
+    b = torch.zeros_like(a)
+
+    def two_links():  # graph_us records 20 calls of this: 40 kernels, each reading the last one's stores
+        _pass_on_kernel[(programs,)](a, b)
+        _pass_on_kernel[(programs,)](b, a)
+
+    return graph_us(two_links, (), compile=False) / 2
+
+
+def chained_loads_us(hops: int) -> float:
+    size, stride = 1 << 16, 97 * 32  # 256 KB of links (L2-resident); no two hops share a cache line
+    links = ((torch.arange(size, device="cuda") + stride) % size).int()
+    out = torch.zeros(1, dtype=torch.int32, device="cuda")
+    return graph_us(lambda: _pointer_chase_kernel[(1,)](links, out, hops), (), compile=False)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("launch_floor.json"))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                  kernel_us={}, chained_loads_us={})
+    for programs in (1, 8, 128, 1024):
+        result["kernel_us"][programs] = round(kernel_chain_us(programs), 2)
+        log.info("kernel of %d programs: %.2f us", programs, result["kernel_us"][programs])
+    for hops in (1, 16, 64):
+        result["chained_loads_us"][hops] = round(chained_loads_us(hops), 2)
+        log.info("%d dependent loads: %.2f us", hops, result["chained_loads_us"][hops])
+    args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
