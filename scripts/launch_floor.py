@@ -9,7 +9,7 @@ round trip to L2. This times both floors from a CUDA graph, as ``python -m retro
 times a step:
 
 * ``kernel_us[programs]``: one kernel of ``programs`` programs that each load one value the
-  previous kernel stored and store it again, per kernel of a graph of 20 such kernels in a row;
+  previous kernel stored and store it again, per kernel of a graph of 40 such kernels in a row;
 * ``chained_loads_us[n]``: one kernel of one program that follows ``n`` dependent loads through a
   pointer chain held in L2 (``n`` = 1, 16, 64), so the slope is one L2 round trip.
 """
