@@ -32,11 +32,13 @@ def int8_tables(g: torch.Generator, b: int, kv_heads: int, num_pages: int, d: in
 @pytest.mark.parametrize("num_pages,block_pages,as_products,blocks_per_program", [
     (11, 32, False, 1), (11, 4, False, 1), (11, 32, True, 1), (37, 32, True, 1), (11, 4, False, 2), (37, 16, True, 2)])
 @pytest.mark.parametrize("int8", [False, True])
-def test_page_scores_kernel(dtype, q_heads, kv_heads, num_pages, block_pages, as_products, blocks_per_program, int8):
+@pytest.mark.parametrize("tables_as_b", [False, True])
+def test_page_scores_kernel(dtype, q_heads, kv_heads, num_pages, block_pages, as_products, blocks_per_program, int8,
+                            tables_as_b):
     """Scores, and -inf for pages with no valid position (a padded page, pages past the query);
     with small blocks, a ragged last block; as matrix products, over a padded group of heads, in
-    one block or two (the second ragged); several blocks a program, the last program's ragged;
-    tables in the key dtype or int8 with a scale per dim."""
+    one block or two (the second ragged), the tables as either operand; several blocks a program,
+    the last program's ragged; tables in the key dtype or int8 with a scale per dim."""
     g = torch.Generator().manual_seed(0)
     page = 16
     q = torch.randn(2, q_heads, 16, generator=g).to(dtype).to(DEVICE)
@@ -49,7 +51,7 @@ def test_page_scores_kernel(dtype, q_heads, kv_heads, num_pages, block_pages, as
     valid[1, 16:32] = False
     valid = valid.to(DEVICE)
     got = decode.page_scores(q, kmax, kmin, valid, page, block_pages, as_products=as_products, summary_scale=scale,
-                             blocks_per_program=blocks_per_program)
+                             blocks_per_program=blocks_per_program, tables_as_b=tables_as_b)
     want = ref.page_scores(q, kmax, kmin, valid, page, summary_scale=scale)
     torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
     assert (got[1, :, 1] == float("-inf")).all() and (got[1, :, 7:] == float("-inf")).all()
