@@ -18,6 +18,13 @@ def naive_dense(q, k, v, visible, scale=None):
     return sum(w[i] * v[j].double() for i, j in enumerate(idx))
 
 
+def on_steps(values, step, rounding):
+    """``values`` (D,) as whole multiples of ``step`` (D,), each rounded by ``rounding`` and kept
+    within +-127 steps, in float64."""
+    return torch.tensor([max(-127, min(127, rounding(x / s))) * s for x, s in zip(values.tolist(), step.double().tolist())],
+                        dtype=torch.float64)
+
+
 def naive_quest_pages(q_group, k, valid, t, page_size, budget_pages, sink_pages=0, local_pages=1, step=None):
     """Quest's page set for the query at position t of one KV head.
 
@@ -34,11 +41,7 @@ def naive_quest_pages(q_group, k, valid, t, page_size, budget_pages, sink_pages=
         keys = torch.stack([k[j].double() for j in positions])
         kmax, kmin = keys.max(0).values, keys.min(0).values
         if step is not None:
-            step = step.double()
-            kmax = torch.tensor([max(-127, min(127, math.ceil(x / s))) * s for x, s in zip(kmax.tolist(), step.tolist())],
-                                dtype=torch.float64)
-            kmin = torch.tensor([max(-127, min(127, math.floor(x / s))) * s for x, s in zip(kmin.tolist(), step.tolist())],
-                                dtype=torch.float64)
+            kmax, kmin = on_steps(kmax, step, math.ceil), on_steps(kmin, step, math.floor)
         best = max(float(torch.maximum(qh.double() * kmax, qh.double() * kmin).sum()) for qh in q_group)
         candidates.append(page)
         scores[page] = best

@@ -192,6 +192,8 @@ def _page_scores_kernel(
             return
     if DOT:  # see below
         q_up, q_down = tl.maximum(q, 0.0).to(q.dtype), tl.minimum(q, 0.0).to(q.dtype)
+    else:
+        q_group = q.to(tl.float32)
     for block in tl.range((program - REFRESH) * BLOCKS, (program - REFRESH + 1) * BLOCKS):  # loads pipelined
         pages = block * BLOCK_P + tl.arange(0, BLOCK_P)
         ok = pages < num_pages
@@ -218,10 +220,7 @@ def _page_scores_kernel(
             kmax, kmin = kmax.to(tl.float32), kmin.to(tl.float32)
             best = tl.full((BLOCK_P,), float("-inf"), tl.float32)
             for g in tl.static_range(G):
-                q_head = tl.load(Q + b * stride_qb + (hkv * G + g) * stride_qh + dims)
-                if QUANTIZED:
-                    q_head = (q_head.to(tl.float32) * scale).to(Q.dtype.element_ty)
-                q_head = q_head.to(tl.float32)
+                q_head = tl.sum(tl.where((heads == g)[:, None], q_group, 0.0), axis=0)  # row g of the (scaled) group
                 bound = tl.sum(tl.maximum(q_head[None, :] * kmax, q_head[None, :] * kmin), axis=1)
                 best = tl.maximum(best, bound)
         keys = pages[:, None] * P + tl.arange(0, P)[None, :]

@@ -412,7 +412,7 @@ def prefill(
     position = query_positions(allowed)[:, -1]
     stages = stages or reference_stages()
     first = torch.zeros_like(position)
-    if state.kmax.dtype == torch.int8:  # other tables have no scale (table_scale)
+    if table_scale(state.kmax, state.summary_scale, "prefill") is not None:  # int8 tables: the prompt sets it
         state.summary_scale.copy_(prompt_summary_scale(k, allowed[:, -1]))
     stages.summarize_pages(state.kmax, state.kmin, k, allowed[:, -1], first, state.kmax.shape[2], params.page_size,
                            state.summary_scale)
