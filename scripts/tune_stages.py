@@ -6,7 +6,7 @@ For each (batch, context) of the op benchmark's target shapes, the stages named 
 page scoring over (block_pages, num_warps), elementwise and as matrix products, these also over
 blocks_per_program and num_stages (scores), with the state's summaries as ``--summaries`` stores them; a step's
 summary refresh as its own launch or inside scoring (refresh); the selection over chunk_pages (0:
-one stage), each stage's warps and the thresholds its search counts per round (select); the attention + merge over pages_per_split (None: the
+one stage) and each stage's warps (select); the attention + merge over pages_per_split (None: the
 default), tile_pages, warps and software-pipeline stages (attend); a dense layer's window over the whole cache
 (``dense_window``) over the same, beside SDPA for the newest row alone (dense). Device time per
 call from a CUDA graph of 20 calls, as ``python -m retro_compile.bench op`` times its stages.
@@ -33,7 +33,7 @@ STAGES = ("scores", "refresh", "select", "attend", "dense")
 
 
 ABBREVIATIONS = {"block_pages": "block", "blocks_per_program": "blocks", "chunk_pages": "chunk", "pages_per_split": "split", "tile_pages": "tile", "num_warps": "warps",
-                 "num_stages": "stages", "search_ways": "ways"}
+                 "num_stages": "stages"}
 
 
 def _key(stage: str, choices: dict) -> str:
@@ -77,11 +77,6 @@ def tune(batch: int, context: int, stages=STAGES, summaries: str = "exact") -> d
         for choices in ([dict(chunk_pages=c) for c in (0, 256, 512, 1024, 2048)]
                         + [dict(chunk_pages=c, num_warps=w) for c, w in ((512, 2), (512, 4), (512, 8), (1024, 2),
                                                                          (1024, 8), (2048, 8), (0, 4), (0, 8))]):
-            timed(_key("select", choices), lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts,
-                                                                    **choices))
-        for choices in ([dict(search_ways=w) for w in (2, 4, 8, 16, 32)]
-                        + [dict(chunk_pages=c, search_ways=w) for c in (0, 512, 1024, 2048) for w in (8, 16)]
-                        + [dict(num_warps=n, search_ways=16) for n in (2, 4, 8)]):
             timed(_key("select", choices), lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts,
                                                                     **choices))
         timed("select_default", lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts))

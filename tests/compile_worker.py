@@ -85,9 +85,9 @@ def record_launches() -> list[tuple]:
         if table_dtype == torch.int8:
             continue  # the other kernels never read the summaries
         scores = torch.zeros(b, hkv, pages)
-        for fraction, chunk, ways in ((0.0, 0, 1), (0.0, 1024, 1), (0.5, 0, 1), (0.0, 0, 16), (0.0, 1024, 16)):
+        for fraction, chunk in ((0.0, 0), (0.0, 1024), (0.5, 0)):
             params = ref.SparseParams(page, 128, fraction, 1, 1, n)
-            decode.top_pages(scores, position[:, -1], params, chunk_pages=chunk, search_ways=ways)
+            decode.top_pages(scores, position[:, -1], params, chunk_pages=chunk)
         indices, chosen = torch.zeros(b, hkv, 128, dtype=torch.int64), torch.ones(b, hkv, 128, dtype=torch.bool)
         decode.attend_window(q, k, v, allowed, None, indices, chosen, state, position, 0.125, page)
         decode.dense_window(q, k, v, allowed, 0.125)

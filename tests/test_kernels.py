@@ -238,9 +238,7 @@ def scores_for(scores, page_valid):
     # with fewer valid pages than one chunk's share, a budget below the cap
     (11, 4, 0.0, 1, 2, 4), (37, 8, 0.0, 0, 1, 8), (37, 8, 0.5, 2, 2, 16), (300, 16, 0.0, 2, 1, 64), (300, 16, 0.0, 0, 3, 16),
 ])
-@pytest.mark.parametrize("search_ways", [1, 8])
-def test_top_pages_kernel_selects_the_reference_page_set(num_pages, budget_pages, fraction, sink, local, chunk_pages,
-                                                       search_ways):
+def test_top_pages_kernel_selects_the_reference_page_set(num_pages, budget_pages, fraction, sink, local, chunk_pages):
     g = torch.Generator().manual_seed(num_pages)
     b, hkv, page = 3, 2, 16
     position = torch.tensor([num_pages * page - 1, num_pages * page // 2, 5 * page + 3]).to(DEVICE)
@@ -251,7 +249,7 @@ def test_top_pages_kernel_selects_the_reference_page_set(num_pages, budget_pages
     scores = scores_for(torch.randn(b, hkv, num_pages, generator=g).to(DEVICE), page_valid)
     params = ref.SparseParams(page, budget_pages, fraction, sink, local, 2)
     counts = torch.zeros(b, hkv, dtype=torch.int32, device=DEVICE)
-    got = decode.top_pages(scores, position, params, counts, chunk_pages=chunk_pages, search_ways=search_ways)
+    got = decode.top_pages(scores, position, params, counts, chunk_pages=chunk_pages)
     want = ref.top_pages(scores, position, params)
     assert chosen_sets(*got) == chosen_sets(*want)
     assert (counts == 0).all()  # ready for the next step
@@ -271,8 +269,7 @@ def test_top_pages_kernel_hand_case():
 
 
 @pytest.mark.parametrize("chunk_pages", [0, 32])
-@pytest.mark.parametrize("search_ways", [1, 8])
-def test_top_pages_kernel_with_ties_takes_a_top_k(chunk_pages, search_ways):
+def test_top_pages_kernel_with_ties_takes_a_top_k(chunk_pages):
     """Scores with many equal values (and negatives, and -inf pages): the chosen set is a top-k
     whatever the tie-breaking: exactly ``budget`` pages, none scoring below a page left out."""
     g = torch.Generator().manual_seed(5)
@@ -281,7 +278,7 @@ def test_top_pages_kernel_with_ties_takes_a_top_k(chunk_pages, search_ways):
     page_valid = torch.arange(num_pages, device=DEVICE) <= (position // page)[:, None]
     scores = scores_for(torch.randint(-3, 4, (b, hkv, num_pages), generator=g).float().to(DEVICE), page_valid)
     params = ref.SparseParams(page, 24, 0.0, 1, 1, 1)
-    indices, chosen = decode.top_pages(scores, position, params, chunk_pages=chunk_pages, search_ways=search_ways)
+    indices, chosen = decode.top_pages(scores, position, params, chunk_pages=chunk_pages)
     for i in range(b):
         assert_a_top_k(indices[i], chosen[i], scores[i], 24, kept={0, int(position[i]) // page})
 
@@ -298,8 +295,7 @@ def assert_a_top_k(indices, chosen, scores, budget, kept):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("search_ways", [1, 8])
-def test_top_pages_kernel_on_adjacent_floats(seed, search_ways):
+def test_top_pages_kernel_on_adjacent_floats(seed):
     """Scores on a few adjacent floats (consecutive bit patterns, positive and negative), each
     taken by many pages: the threshold search must land on an exact key with ties on it, where a
     range bound off by one key takes too many pages or too few."""
@@ -313,8 +309,7 @@ def test_top_pages_kernel_on_adjacent_floats(seed, search_ways):
     for budget in (5, 17, 48, 49, 80):
         params = ref.SparseParams(page, budget, 0.0, 0, 1, 1)
         for chunk_pages in {0, 128 if budget <= 32 else 0}:
-            indices, chosen = decode.top_pages(scores, position, params, chunk_pages=chunk_pages,
-                                               search_ways=search_ways)
+            indices, chosen = decode.top_pages(scores, position, params, chunk_pages=chunk_pages)
             for i in range(b):
                 assert_a_top_k(indices[i], chosen[i], scores[i], budget, kept={own})
 
@@ -322,8 +317,7 @@ def test_top_pages_kernel_on_adjacent_floats(seed, search_ways):
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # "wide": the guess's overflow
 @pytest.mark.parametrize("case", ["wide", "tiny", "equal", "kept_over_budget", "skewed"])
 @pytest.mark.parametrize("chunk_pages", [0, 32])
-@pytest.mark.parametrize("search_ways", [1, 8])
-def test_top_pages_kernel_on_extreme_score_ranges(case, chunk_pages, search_ways):
+def test_top_pages_kernel_on_extreme_score_ranges(case, chunk_pages):
     """The threshold search brackets the finite scores and guesses inside them by interpolation:
     scores spanning the whole float range (where the interpolation overflows), denormals around
     zero, one repeated finite value, more always-kept pages than the budget, and a heavy tail
@@ -343,7 +337,7 @@ def test_top_pages_kernel_on_extreme_score_ranges(case, chunk_pages, search_ways
     scores = scores_for(scores.to(DEVICE), page_valid)
     sink = 30 if case == "kept_over_budget" else 1
     params = ref.SparseParams(page, budget, 0.0, sink, 1, 1)
-    indices, chosen = decode.top_pages(scores, position, params, chunk_pages=chunk_pages, search_ways=search_ways)
+    indices, chosen = decode.top_pages(scores, position, params, chunk_pages=chunk_pages)
     for i in range(b):
         if case == "kept_over_budget":  # 31 always-kept pages for 24 slots: only kept pages are chosen
             assert all(p < sink or p == int(position[i]) // page

@@ -330,11 +330,11 @@ def _float_to_key(x):
     return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + (1 << 31)
 
 
-INTERPOLATED_ROUNDS = tl.constexpr(8)  # the threshold search's first rounds guess in value space, then it splits keys
+INTERPOLATED_ROUNDS = tl.constexpr(8)  # the threshold search's first rounds guess by interpolation, then it bisects
 
 
 @triton.jit
-def _top_mask(ranked, budget, WAYS: tl.constexpr):
+def _top_mask(ranked, budget):
     """Exactly ``min(budget, non-NaN count)`` entries of ``ranked``, none below one left out; ties
     at the threshold go to the first in order.
 
@@ -343,19 +343,12 @@ def _top_mask(ranked, budget, WAYS: tl.constexpr):
     ``budget`` are +inf (always-kept pages), and otherwise lies between the smallest and largest
     finite values: a search over their order-preserving integer keys (see :func:`_float_to_key`)
     keeps ``lo`` (``count_lo >= budget`` values at or above it) and ``hi`` (``count_hi < budget``
-    values above it) and stops once a count is exact or ``lo == hi``.
-
-    WAYS 1: each round counts the values at or above one threshold. Its first rounds guess where
+    values above it) and stops once a count is exact or ``lo == hi``. Its first rounds guess where
     the budget-th value lies by linear interpolation of the counts, kept inside the middle 60% of
     the range; later rounds bisect, so it ends within 8 + 32 rounds whatever the values.
     In a simulation on Quest bounds of random Gaussian keys (8192 pages, budget 128) it took 7-10
     rounds, where bisection from -inf to +inf took 21-25; on an H200 the selection took 30% less
     time. Each round is one comparison per value and one sum; comparisons are on floats.
-
-    WAYS > 1: each round counts at WAYS thresholds at once (one sum of a (values, WAYS) tile) and
-    keeps the gap between two of them: spread evenly over the values between ``lo`` and ``hi`` in
-    the first rounds, then over the keys, so each later round divides the range of keys by
-    WAYS + 1 and it ends within 8 + ceil(33 / log2(WAYS + 1)) rounds.
     """
     above_neg_inf, at_pos_inf = ranked > float("-inf"), ranked == float("inf")
     finite = above_neg_inf & ~at_pos_inf
@@ -369,40 +362,21 @@ def _top_mask(ranked, budget, WAYS: tl.constexpr):
     hi = tl.where(search, _float_to_key(tl.max(tl.where(finite, ranked, float("-inf")), axis=0)), no_search)
     count_lo, count_hi = up, at_inf
     rounds = 0
-    if WAYS == 1:
-        while (lo < hi) & (count_lo != budget):
-            span = hi - lo
-            mid = lo + (span + 1) // 2
-            if rounds < INTERPOLATED_ROUNDS:
-                low, high = _key_to_float(lo), _key_to_float(hi)
-                guess = low + (high - low) * ((count_lo - budget) / (count_lo - count_hi)).to(tl.float32)
-                margin = span // 5
-                mid = tl.minimum(tl.maximum(_float_to_key(guess), lo + 1 + margin), hi - margin)
-            at_least = tl.sum((ranked >= _key_to_float(mid)).to(tl.int32), axis=0)
-            enough = at_least >= budget
-            lo = tl.where(enough, mid, lo)
-            hi = tl.where(enough, hi, mid - 1)
-            count_lo = tl.where(enough, at_least, count_lo)
-            count_hi = tl.where(enough, count_hi, at_least)
-            rounds += 1
-    else:
-        step = tl.arange(0, WAYS) + 1
-        while (lo < hi) & (count_lo != budget):
-            if rounds < INTERPOLATED_ROUNDS:
-                low, high = _key_to_float(lo), _key_to_float(hi)
-                guess = _float_to_key(low + (high - low) * (step.to(tl.float32) / (WAYS + 1)))
-            else:
-                guess = lo + (hi - lo) * step // (WAYS + 1)
-            mids = tl.minimum(tl.maximum(guess, lo + 1), hi)  # (WAYS,) increasing keys in (lo, hi]
-            at_least = tl.sum((ranked[:, None] >= _key_to_float(mids)[None, :]).to(tl.int64), axis=0)
-            enough = at_least >= budget  # true for a first run of the thresholds
-            # The last threshold with enough values becomes lo, the first without becomes hi + 1,
-            # each with its count (at most 2**15) packed under the key, so one max and one min pick both.
-            best = tl.max(tl.where(enough, (mids << 16) | at_least, (lo << 16) | count_lo), axis=0)
-            worst = tl.min(tl.where(enough, (hi << 16) | count_hi, ((mids - 1) << 16) | at_least), axis=0)
-            lo, count_lo = best >> 16, best & 0xFFFF
-            hi, count_hi = worst >> 16, worst & 0xFFFF
-            rounds += 1
+    while (lo < hi) & (count_lo != budget):
+        span = hi - lo
+        mid = lo + (span + 1) // 2
+        if rounds < INTERPOLATED_ROUNDS:
+            low, high = _key_to_float(lo), _key_to_float(hi)
+            guess = low + (high - low) * ((count_lo - budget) / (count_lo - count_hi)).to(tl.float32)
+            margin = span // 5
+            mid = tl.minimum(tl.maximum(_float_to_key(guess), lo + 1 + margin), hi - margin)
+        at_least = tl.sum((ranked >= _key_to_float(mid)).to(tl.int32), axis=0)
+        enough = at_least >= budget
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+        count_lo = tl.where(enough, at_least, count_lo)
+        count_hi = tl.where(enough, count_hi, at_least)
+        rounds += 1
     threshold = _key_to_float(lo)
     above = ranked > threshold
     ties = ranked == threshold
@@ -415,7 +389,6 @@ def _top_pages_kernel(
     stride_sb, stride_sh, stride_pos, stride_nb, stride_nh,
     kv_heads, num_pages, K, page_size, sink_pages, local_pages,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, KEEP_BLOCK: tl.constexpr, FIXED_BUDGET: tl.constexpr,
-    WAYS: tl.constexpr,
 ):
     """Each (batch row, KV head)'s ``budget`` best pages. The budget is ``K`` (FIXED_BUDGET) or
     the row's entry of BUDGET.
@@ -434,7 +407,7 @@ def _top_pages_kernel(
         score = tl.load(SCORES + b * stride_sb + h * stride_sh + chunk_pages, mask=chunk_pages < num_pages,
                         other=float("-inf"))
         chunk_ranked = _ranked_scores(score, chunk_pages, num_pages, position, page_size, sink_pages, local_pages)
-        keep = _top_mask(chunk_ranked, K, WAYS)
+        keep = _top_mask(chunk_ranked, K)
         slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
         candidates = row * tl.num_programs(1) * K
         base = candidates + chunk * K
@@ -461,7 +434,7 @@ def _top_pages_kernel(
         score = tl.load(SCORES + b * stride_sb + h * stride_sh + pages, mask=pages < num_pages, other=float("-inf"))
         ranked = _ranked_scores(score, pages, num_pages, position, page_size, sink_pages, local_pages)
     budget = K if FIXED_BUDGET else tl.load(BUDGET + b)
-    take = _top_mask(ranked, budget, WAYS)
+    take = _top_mask(ranked, budget)
     # Taken pages fill slots 0..budget-1 in page order; the rest follow, so all K slots hold
     # distinct pages (the reference's state update writes through every slot). Every entry is
     # taken or not, so the entries not taken up to entry i number i + 1 - (taken up to i). NaN
@@ -480,7 +453,7 @@ SPLIT_BELOW_ROWS = 128  # fewer (batch row, KV head) pairs than this: the select
 
 def top_pages(
     scores: torch.Tensor, position: torch.Tensor, params: SparseParams, counts: torch.Tensor | None = None,
-    chunk_pages: int | None = None, num_warps: int | None = None, search_ways: int = 1,
+    chunk_pages: int | None = None, num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same selection as ``reference.top_pages`` without a sort: per (batch row, KV head), a
     search (see :func:`_top_mask`) finds the budget-th largest score, then the chosen pages are
@@ -541,7 +514,7 @@ def top_pages(
         scores.stride(0), scores.stride(1), position.stride(0), counts.stride(0), counts.stride(1),
         hkv, num_pages, k, params.page_size, params.sink_pages, params.local_pages,
         BLOCK=block, CHUNK=chunk_pages, KEEP_BLOCK=triton.next_power_of_2(k), FIXED_BUDGET=budget is None,
-        WAYS=search_ways, num_warps=num_warps,
+        num_warps=num_warps,
     )
     return indices, chosen
 
