@@ -11,7 +11,11 @@ times a step:
 * ``kernel_us[programs]``: one kernel of ``programs`` programs that each load one value the
   previous kernel stored and store it again, per kernel of a graph of 40 such kernels in a row;
 * ``chained_loads_us[n]``: one kernel of one program that follows ``n`` dependent loads through a
-  pointer chain held in L2 (``n`` = 1, 16, 64), so the slope is one L2 round trip.
+  pointer chain held in L2 (``n`` = 1, 16, 64), so the slope is one L2 round trip;
+* ``grid_barrier_us[programs]``: the other way to pass results between programs, inside one
+  persistent kernel: per phase of a kernel whose ``programs`` programs (at most one per SM, so
+  all run at once) each store a value, wait at a barrier of all programs (an atomic count, then
+  spinning on it) and load a neighbour's value, from the slope between 1 and 33 phases.
 """
 
 from __future__ import annotations
@@ -46,6 +50,34 @@ def _pointer_chase_kernel(NEXT, OUT, hops):
     tl.store(OUT, at)
 
 
+@triton.jit
+def _grid_barrier_kernel(VALUES, ARRIVED, OUT, phases):
+    """``phases`` rounds of: store, wait for every program at a barrier, load the next program's
+    store. ARRIVED holds a count per phase and one of finished programs; the last program to
+    finish sets them back to zero for the next launch (every other one has left its waits)."""
+    i, n = tl.program_id(0), tl.num_programs(0)
+    value = i
+    for phase in range(phases):
+        tl.store(VALUES + phase * n + i, value)
+        tl.debug_barrier()  # every warp's store before the arrival
+        tl.atomic_add(ARRIVED + phase, 1, sem="release")
+        while tl.atomic_add(ARRIVED + phase, 0, sem="acquire") < n:
+            pass
+        value = tl.load(VALUES + phase * n + (i + 1) % n, cache_modifier=".cg")
+    tl.store(OUT + i, value)
+    if tl.atomic_add(ARRIVED + phases, 1, sem="acq_rel") == n - 1:
+        for phase in range(phases + 1):
+            tl.store(ARRIVED + phase, 0)
+
+
+def grid_barrier_us(programs: int, phases: int) -> float:
+    values = torch.zeros(phases * programs, dtype=torch.int32, device="cuda")
+    arrived = torch.zeros(phases + 1, dtype=torch.int32, device="cuda")
+    out = torch.zeros(programs, dtype=torch.int32, device="cuda")
+    return graph_us(lambda: _grid_barrier_kernel[(programs,)](values, arrived, out, phases, num_warps=1), (),
+                    compile=False)
+
+
 def kernel_chain_us(programs: int) -> float:
     a = torch.zeros(programs, dtype=torch.int32, device="cuda")
     b = torch.zeros_like(a)
@@ -77,6 +109,13 @@ def main() -> None:
     for hops in (1, 16, 64):
         result["chained_loads_us"][hops] = round(chained_loads_us(hops), 2)
         log.info("%d dependent loads: %.2f us", hops, result["chained_loads_us"][hops])
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    result["grid_barrier_us"] = {}
+    for programs in sorted({1, 8, 128, sms}):
+        if programs <= sms:
+            per_phase = (grid_barrier_us(programs, 33) - grid_barrier_us(programs, 1)) / 32
+            result["grid_barrier_us"][programs] = round(per_phase, 2)
+            log.info("grid barrier of %d programs: %.2f us a phase", programs, per_phase)
     args.out.write_text(json.dumps(result, indent=2))
 
 

@@ -8,7 +8,9 @@ blocks_per_program and num_stages (scores), with the state's summaries as ``--su
 summary refresh as its own launch or inside scoring (refresh); the selection over chunk_pages (0:
 one stage) and each stage's warps (select); the attention + merge over pages_per_split (None: the
 default), tile_pages, warps and software-pipeline stages (attend); a dense layer's window over the whole cache
-(``dense_window``) over the same, beside SDPA for the newest row alone (dense). Device time per
+(``dense_window``) over the same, beside SDPA for the newest row alone (dense); the selection
+with every page always kept (no threshold search) and the attention with no page chosen (no key
+or value loaded), each beside the stage as it runs (floors). Device time per
 call from a CUDA graph of 20 calls, as ``python -m retro_compile.bench op`` times its stages.
 """
 
@@ -29,7 +31,7 @@ from retro_compile.kernels import decode, reference
 log = logging.getLogger("tune_stages")
 
 
-STAGES = ("scores", "refresh", "select", "attend", "dense")
+STAGES = ("scores", "refresh", "select", "attend", "dense", "floors")
 
 
 ABBREVIATIONS = {"block_pages": "block", "blocks_per_program": "blocks", "chunk_pages": "chunk", "pages_per_split": "split", "tile_pages": "tile", "num_warps": "warps",
@@ -89,6 +91,16 @@ def tune(batch: int, context: int, stages=STAGES, summaries: str = "exact") -> d
                                            (None, 2, 4), (8, 2, 3), (16, 2, 3), (32, 4, 3), (32, 4, 4))]):
             timed(_key("attend", choices), lambda: decode.attend_window(
                 x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen, state, x.position, x.scale, page, **choices))
+    if "floors" in stages:  # each stage beside itself less its serial work: what that work costs
+        every_page_kept = params._replace(sink_pages=x.scores.shape[-1])  # all +inf: no threshold search
+        timed("floors_select", lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts))
+        timed("floors_select_no_search", lambda: decode.top_pages(x.scores, x.position[:, -1], every_page_kept,
+                                                                  state.counts))
+        timed("floors_attend", lambda: decode.attend_window(x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen,
+                                                            state, x.position, x.scale, page))
+        no_page = torch.zeros_like(x.chosen)  # every slot unchosen: no key or value is loaded
+        timed("floors_attend_no_pages", lambda: decode.attend_window(x.q, x.k, x.v, x.allowed, None, x.indices,
+                                                                     no_page, state, x.position, x.scale, page))
     if "dense" in stages:
         row["dense_sdpa_newest_row"] = round(graph_us(lambda: F.scaled_dot_product_attention(
             x.q[:, :, -1:], x.k, x.v, enable_gqa=True), (), compile=False), 2)
