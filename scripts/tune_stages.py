@@ -96,11 +96,13 @@ def tune(batch: int, context: int, stages=STAGES, summaries: str = "exact") -> d
         timed("floors_select", lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts))
         timed("floors_select_no_search", lambda: decode.top_pages(x.scores, x.position[:, -1], every_page_kept,
                                                                   state.counts))
-        timed("floors_attend", lambda: decode.attend_window(x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen,
-                                                            state, x.position, x.scale, page))
         no_page = torch.zeros_like(x.chosen)  # every slot unchosen: no key or value is loaded
-        timed("floors_attend_no_pages", lambda: decode.attend_window(x.q, x.k, x.v, x.allowed, None, x.indices,
-                                                                     no_page, state, x.position, x.scale, page))
+        for choices in ({}, dict(num_stages=1), dict(tile_pages=8, num_stages=1), dict(tile_pages=8, num_stages=2),
+                        dict(pages_per_split=4, num_stages=1)):
+            timed(_key("floors_attend", choices), lambda: decode.attend_window(
+                x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen, state, x.position, x.scale, page, **choices))
+            timed(_key("floors_attend_no_pages", choices), lambda: decode.attend_window(
+                x.q, x.k, x.v, x.allowed, None, x.indices, no_page, state, x.position, x.scale, page, **choices))
     if "dense" in stages:
         row["dense_sdpa_newest_row"] = round(graph_us(lambda: F.scaled_dot_product_attention(
             x.q[:, :, -1:], x.k, x.v, enable_gqa=True), (), compile=False), 2)
