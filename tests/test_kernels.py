@@ -144,11 +144,11 @@ def test_summarize_pages_kernel(dtype, first, count, int8):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("q_heads,kv_heads,n,window", [(4, 2, 2, 2), (3, 1, 1, 1), (2, 2, 4, 4), (4, 2, 2, 4)])
-@pytest.mark.parametrize("pages_per_split,tile_pages", [(2, 4), (3, 2), (6, 4)])
+@pytest.mark.parametrize("pages_per_split,tile_pages", [(2, 4), (3, 2), (6, 4), (None, None), (3, None)])
 def test_attend_window_kernel(dtype, q_heads, kv_heads, n, window, pages_per_split, tile_pages):
     """Attention, output-cache merge and state update against the reference stage: random page
     lists (some not chosen), last-loaded table, cached outputs, positions and masks; splits of
-    several tiles, and splits that end inside a tile."""
+    several tiles, splits that end inside a tile, and the default of one unpipelined tile a split."""
     g = torch.Generator().manual_seed(1)
     b, length, d, page = 2, 120, 16, 16
     num_pages = -(-length // page)
