@@ -89,8 +89,9 @@ def record_launches() -> list[tuple]:
             params = ref.SparseParams(page, 128, fraction, 1, 1, n)
             decode.top_pages(scores, position[:, -1], params, chunk_pages=chunk)
         indices, chosen = torch.zeros(b, hkv, 128, dtype=torch.int64), torch.ones(b, hkv, 128, dtype=torch.bool)
-        for pages_per_split in (None, 16):  # one unpipelined tile a split; 4-page tiles in a pipeline
-            decode.attend_window(q, k, v, allowed, None, indices, chosen, state, position, 0.125, page, pages_per_split)
+        for split, tile, stages in ((None, None, None), (8, 8, 1)):  # pipelined 4-page tiles; one unpipelined tile
+            decode.attend_window(q, k, v, allowed, None, indices, chosen, state, position, 0.125, page, split, tile,
+                                 num_stages=stages)
         decode.dense_window(q, k, v, allowed, 0.125)
     return launches
 

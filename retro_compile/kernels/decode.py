@@ -28,6 +28,8 @@ which Inductor reduces in two passes (a kernel with one program a row, measured 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -551,7 +553,6 @@ def _window_attention_kernel(
     if not DENSE:
         position = tl.load(POS + b * N + win, mask=live, other=0)
         newest = win == N - 1
-        newest_position = tl.load(POS + b * N + N - 1).to(tl.int32)
 
     m = tl.full((ROWS,), float("-inf"), tl.float32)
     l = tl.zeros((ROWS,), tl.float32)
@@ -595,16 +596,21 @@ def _window_attention_kernel(
         l = l * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
-        if not DENSE:
-            # Stamp the tile's pages as loaded by the newest row. Pages are distinct within a (batch
-            # row, KV head), so no other program or tile reads these entries; the barrier keeps
-            # every warp's reads of them above before the stores.
-            tl.debug_barrier()
-            tl.store(LAST + b * stride_lb + hkv * stride_lh + page, newest_position, mask=page >= 0)
     out_offs = b * stride_ob + hkv * stride_oh + split * stride_os + rows[:, None] * stride_or + vdims[None, :]
     tl.store(OUT + out_offs, acc / tl.where(l > 0, l, 1.0)[:, None], mask=live[:, None])
     lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
     tl.store(LSE + b * stride_eb + hkv * stride_eh + split * stride_es + rows, lse, mask=live)
+    if not DENSE:
+        # Stamp this split's pages as loaded by the newest row. Pages are distinct within a (batch
+        # row, KV head), so no other program reads these entries; the barrier keeps every warp's
+        # reads of `last` above before the stores.
+        tl.debug_barrier()
+        newest_position = tl.load(POS + b * N + N - 1).to(tl.int32)
+        for j in range(first, end, TILE):
+            slot = j + tl.arange(0, TILE)
+            page = _selected_pages(tl.load(INDICES + selection + slot, mask=slot < end, other=-1),
+                                   tl.load(CHOSEN + selection + slot, mask=slot < end, other=0))
+            tl.store(LAST + b * stride_lb + hkv * stride_lh + page, newest_position, mask=page >= 0)
 
 
 @triton.jit
@@ -692,11 +698,12 @@ def attend_window(
     """Same as ``reference.attend_window``, in two launches: the attention kernel (which also stamps
     ``last``) and one merge kernel (splits, output cache, cache update, cast to ``q``'s dtype).
 
-    ``tile_pages`` and ``num_stages`` None: a split of at most 8 pages is one tile, loaded without
-    software pipelining (one iteration has nothing to overlap, and the pipeline's staging and
-    barriers are serial work); longer splits walk 4-page tiles in a 3-stage pipeline. On an H200
-    (``tune_floors_h200.json``) the 8-page splits of B=1 took 8.8-8.9 us against 9.9 as 4-page tiles
-    in 3 stages; at B=8 (16-page splits) the 4-page, 3-stage walk took 28.5 against 34.1.
+    ``tile_pages`` and ``num_stages`` None: 4-page tiles in a 3-stage software pipeline, except
+    where every program has an SM to itself and a split is at most 8 pages: then a split is one
+    tile, loaded without pipelining. Alone on its SM a program's serial latency is the stage's
+    time, and a pipeline of one iteration only adds its staging and barriers; with several programs
+    an SM, the pipeline keeps more loads in flight. On an H200 (``tune_floors_h200.json``): B=1
+    (128 programs of 8 pages) 8.8 us against 9.8; B=4 (512 programs) 17.4 against 15.6.
     """
     if bias is not None:  # never sent here: use_kernels routes float masks to the reference
         raise ValueError("kernels.decode.attend_window: additive mask biases are served by the reference")
@@ -708,12 +715,20 @@ def attend_window(
     selection = (indices.contiguous(), chosen.contiguous(), state.last, position.contiguous())
     num_pages = indices.shape[-1]
     pages_per_split = pages_per_split or _split_pages(num_pages, q.shape[0], k.shape[1])
+    programs = q.shape[0] * k.shape[1] * triton.cdiv(num_pages, pages_per_split)
+    alone = pages_per_split <= 8 and programs <= _sm_count(q.device)
     if tile_pages is None:
-        tile_pages = triton.next_power_of_2(pages_per_split) if pages_per_split <= 8 else 4
+        tile_pages = triton.next_power_of_2(pages_per_split) if alone else 4
     if num_stages is None:
-        num_stages = 1 if tile_pages >= pages_per_split else 3
+        num_stages = 1 if alone else 3
     return _attend(q, k, v, allowed, selection, state.out_cache, state.lse_cache, scale, page_size, num_pages,
                    pages_per_split, tile_pages, num_warps, num_stages)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 0 elsewhere (the interpreter runs no programs side by side)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
 DENSE_PAGE = 16  # keys per page when dense_window walks the whole cache
