@@ -91,7 +91,7 @@ def tune(batch: int, context: int, stages=STAGES, summaries: str = "exact") -> d
                                            (None, 2, 4), (8, 2, 3), (16, 2, 3), (32, 4, 3), (32, 4, 4))]):
             timed(_key("attend", choices), lambda: decode.attend_window(
                 x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen, state, x.position, x.scale, page, **choices))
-    if "floors" in stages:  # each stage beside itself less its serial work: what that work costs
+    if "floors" in stages:  # each stage beside itself less its own work: what the search and the loads cost
         every_page_kept = params._replace(sink_pages=x.scores.shape[-1])  # all +inf: no threshold search
         timed("floors_select", lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts))
         timed("floors_select_no_search", lambda: decode.top_pages(x.scores, x.position[:, -1], every_page_kept,

@@ -148,7 +148,8 @@ def test_summarize_pages_kernel(dtype, first, count, int8):
 def test_attend_window_kernel(dtype, q_heads, kv_heads, n, window, pages_per_split, tile_pages):
     """Attention, output-cache merge and state update against the reference stage: random page
     lists (some not chosen), last-loaded table, cached outputs, positions and masks; splits of
-    several tiles, splits that end inside a tile, and the default of one unpipelined tile a split."""
+    several tiles, splits that end inside a tile, and the default tiles (on a GPU, one unpipelined
+    tile a split here: every program has an SM to itself)."""
     g = torch.Generator().manual_seed(1)
     b, length, d, page = 2, 120, 16, 16
     num_pages = -(-length // page)
