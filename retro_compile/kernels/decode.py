@@ -699,10 +699,10 @@ def attend_window(
     ``last``) and one merge kernel (splits, output cache, cache update, cast to ``q``'s dtype).
 
     ``tile_pages`` and ``num_stages`` None: 4-page tiles in a 3-stage software pipeline, except
-    where every program has an SM to itself and a split is at most 8 pages: then a split is one
-    tile, loaded without pipelining. Alone on its SM a program's serial latency is the stage's
-    time, and a pipeline of one iteration only adds its staging and barriers; with several programs
-    an SM, the pipeline keeps more loads in flight. On an H200 (``tune_floors_h200.json``): B=1
+    where every program has an SM to itself and a split is at most ``ONE_TILE_PAGES``: then a
+    split is one tile, loaded without pipelining. Alone on its SM a program's serial latency is the
+    stage's time, and a pipeline of one iteration only adds its staging and barriers; with several
+    programs an SM, the pipeline keeps more loads in flight. On an H200 (``tune_floors_h200.json``): B=1
     (128 programs of 8 pages) 8.8 us against 9.8; B=4 (512 programs) 17.4 against 15.6.
     """
     if bias is not None:  # never sent here: use_kernels routes float masks to the reference
@@ -716,13 +716,16 @@ def attend_window(
     num_pages = indices.shape[-1]
     pages_per_split = pages_per_split or _split_pages(num_pages, q.shape[0], k.shape[1])
     programs = q.shape[0] * k.shape[1] * triton.cdiv(num_pages, pages_per_split)
-    alone = pages_per_split <= 8 and programs <= _sm_count(q.device)
+    alone = pages_per_split <= ONE_TILE_PAGES and programs <= _sm_count(q.device)
     if tile_pages is None:
-        tile_pages = triton.next_power_of_2(pages_per_split) if alone else 4
+        tile_pages = ONE_TILE_PAGES if alone else 4  # _attend caps a tile at its split
     if num_stages is None:
         num_stages = 1 if alone else 3
     return _attend(q, k, v, allowed, selection, state.out_cache, state.lse_cache, scale, page_size, num_pages,
                    pages_per_split, tile_pages, num_warps, num_stages)
+
+
+ONE_TILE_PAGES = 8  # splits of at most this many pages are one tile where each program has an SM to itself
 
 
 @functools.cache
