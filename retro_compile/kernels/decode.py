@@ -336,9 +336,15 @@ INTERPOLATED_ROUNDS = tl.constexpr(8)  # the threshold search's first rounds gue
 
 
 @triton.jit
+def _sum_min_max(sum_a, min_a, max_a, sum_b, min_b, max_b):
+    return sum_a + sum_b, tl.minimum(min_a, min_b), tl.maximum(max_a, max_b)
+
+
+@triton.jit
 def _top_mask(ranked, budget):
     """Exactly ``min(budget, non-NaN count)`` entries of ``ranked``, none below one left out; ties
-    at the threshold go to the first in order.
+    at the threshold go to the first in order. Returns the mask, each entry's count of taken
+    entries up to and including it (its slot + 1 if taken), and how many are taken.
 
     The threshold is the budget-th largest value, or any value with exactly ``budget`` values at or
     above it. It is -inf when fewer than ``budget`` values are above -inf, +inf when at least
@@ -350,18 +356,21 @@ def _top_mask(ranked, budget):
     the range; later rounds bisect, so it ends within 8 + 32 rounds whatever the values.
     In a simulation on Quest bounds of random Gaussian keys (8192 pages, budget 128) it took 7-10
     rounds, where bisection from -inf to +inf took 21-25; on an H200 the selection took 30% less
-    time. Each round is one comparison per value and one sum; comparisons are on floats.
+    time. Each round is one comparison per value and one sum; comparisons are on floats. Around
+    the rounds, each reduction or prefix sum over the program's values waits on its warps to meet,
+    so those that can share one do: the counts with the bounds, both prefix counts at the end.
     """
     above_neg_inf, at_pos_inf = ranked > float("-inf"), ranked == float("inf")
     finite = above_neg_inf & ~at_pos_inf
     # three counts in one sum, 21 bits each: non-NaN values, values above -inf, values at +inf
     packed = (ranked == ranked).to(tl.int64) + (above_neg_inf.to(tl.int64) << 21) + (at_pos_inf.to(tl.int64) << 42)
-    counts = tl.sum(packed, axis=0)
+    counts, smallest, largest = tl.reduce(
+        (packed, tl.where(finite, ranked, float("inf")), tl.where(finite, ranked, float("-inf"))), 0, _sum_min_max)
     every, up, at_inf = counts & 0x1FFFFF, (counts >> 21) & 0x1FFFFF, counts >> 42
     search = (every > budget) & (up >= budget) & (at_inf < budget)
     no_search = tl.where(at_inf >= budget, tl.full((), 0xFF800000, tl.int64), 0x7FFFFF)  # key(+inf) or key(-inf)
-    lo = tl.where(search, _float_to_key(tl.min(tl.where(finite, ranked, float("inf")), axis=0)), no_search)
-    hi = tl.where(search, _float_to_key(tl.max(tl.where(finite, ranked, float("-inf")), axis=0)), no_search)
+    lo = tl.where(search, _float_to_key(smallest), no_search)
+    hi = tl.where(search, _float_to_key(largest), no_search)
     count_lo, count_hi = up, at_inf
     rounds = 0
     while (lo < hi) & (count_lo != budget):
@@ -382,7 +391,12 @@ def _top_mask(ranked, budget):
     threshold = _key_to_float(lo)
     above = ranked > threshold
     ties = ranked == threshold
-    return above | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= budget - tl.sum(above.to(tl.int32), axis=0)))
+    # At most MAX_KERNEL_PAGES (2**14) values: both prefix counts fit one int32, ties in the high half.
+    prefix = tl.cumsum(above.to(tl.int32) + (ties.to(tl.int32) << 16), axis=0)
+    above_so_far, ties_so_far = prefix & 0xFFFF, prefix >> 16
+    room = tl.maximum(budget - tl.sum(above.to(tl.int32), axis=0), 0)  # for ties, the first in order
+    return (above | (ties & (ties_so_far <= room)), above_so_far + tl.minimum(ties_so_far, room),
+            tl.minimum(every, budget).to(tl.int32))
 
 
 @triton.jit
@@ -409,14 +423,14 @@ def _top_pages_kernel(
         score = tl.load(SCORES + b * stride_sb + h * stride_sh + chunk_pages, mask=chunk_pages < num_pages,
                         other=float("-inf"))
         chunk_ranked = _ranked_scores(score, chunk_pages, num_pages, position, page_size, sink_pages, local_pages)
-        keep = _top_mask(chunk_ranked, K)
-        slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        keep, kept_so_far, kept = _top_mask(chunk_ranked, K)
+        slot = kept_so_far - 1
         candidates = row * tl.num_programs(1) * K
         base = candidates + chunk * K
         tl.store(CAND_SCORE + base + slot, chunk_ranked, mask=keep)
         tl.store(CAND_PAGE + base + slot, chunk_pages, mask=keep)
         empty = tl.arange(0, KEEP_BLOCK)
-        empty = tl.where((empty >= tl.sum(keep.to(tl.int32), axis=0)) & (empty < K), empty, -1)
+        empty = tl.where((empty >= kept) & (empty < K), empty, -1)
         tl.store(CAND_SCORE + base + empty, float("nan"), mask=empty >= 0)
         tl.store(CAND_PAGE + base + empty, -1, mask=empty >= 0)
         # The count: the barrier puts every warp's stores above before it, and the atomic (acquire
@@ -436,13 +450,12 @@ def _top_pages_kernel(
         score = tl.load(SCORES + b * stride_sb + h * stride_sh + pages, mask=pages < num_pages, other=float("-inf"))
         ranked = _ranked_scores(score, pages, num_pages, position, page_size, sink_pages, local_pages)
     budget = K if FIXED_BUDGET else tl.load(BUDGET + b)
-    take = _top_mask(ranked, budget)
+    take, taken_so_far, _ = _top_mask(ranked, budget)
     # Taken pages fill slots 0..budget-1 in page order; the rest follow, so all K slots hold
     # distinct pages (the reference's state update writes through every slot). Every entry is
     # taken or not, so the entries not taken up to entry i number i + 1 - (taken up to i). NaN
     # entries (padding) come last, after at least K real pages.
     at = tl.arange(0, BLOCK)
-    taken_so_far = tl.cumsum(take.to(tl.int32), axis=0)
     slot = tl.where(take, taken_so_far - 1, budget + at - taken_so_far)
     out = (ranked == ranked) & (slot < K)
     tl.store(IDX + row * K + slot, pages.to(tl.int64), mask=out)
@@ -541,7 +554,7 @@ def _window_attention_kernel(
     stride_eb, stride_eh, stride_es,
     length, num_selected, pages_per_split, scale,
     G: tl.constexpr, N: tl.constexpr, ROWS: tl.constexpr, P: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    TILE: tl.constexpr, PRECISION: tl.constexpr, DENSE: tl.constexpr,
+    TILE: tl.constexpr, ONE_TILE: tl.constexpr, PRECISION: tl.constexpr, DENSE: tl.constexpr,
 ):
     b, hkv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = tl.arange(0, ROWS)  # row r = (query head g = r // N, window row i = r % N)
@@ -553,6 +566,7 @@ def _window_attention_kernel(
     if not DENSE:
         position = tl.load(POS + b * N + win, mask=live, other=0)
         newest = win == N - 1
+        newest_position = tl.load(POS + b * N + N - 1).to(tl.int32)  # stamped into `last` at the end
 
     m = tl.full((ROWS,), float("-inf"), tl.float32)
     l = tl.zeros((ROWS,), tl.float32)
@@ -561,10 +575,16 @@ def _window_attention_kernel(
     selection = b * stride_pb + hkv * stride_ph  # this (batch row, KV head)'s list of selected pages
     end = tl.minimum(first + pages_per_split, num_selected)
     within = tl.arange(0, P)
+    if ONE_TILE and not DENSE:  # a split of one tile: its pages serve the tile and the stamp after it
+        slot = first + tl.arange(0, TILE)
+        split_page = _selected_pages(tl.load(INDICES + selection + slot, mask=slot < end, other=-1),
+                                     tl.load(CHOSEN + selection + slot, mask=slot < end, other=0))
     for j in range(first, end, TILE):  # TILE pages per iteration
         slot = j + tl.arange(0, TILE)
         if DENSE:  # every page of the cache, no selection
             page = tl.where(slot < end, slot, -1)
+        elif ONE_TILE:
+            page = split_page
         else:
             page = _selected_pages(tl.load(INDICES + selection + slot, mask=slot < end, other=-1),
                                    tl.load(CHOSEN + selection + slot, mask=slot < end, other=0))
@@ -605,12 +625,14 @@ def _window_attention_kernel(
         # row, KV head), so no other program reads these entries; the barrier keeps every warp's
         # reads of `last` above before the stores.
         tl.debug_barrier()
-        newest_position = tl.load(POS + b * N + N - 1).to(tl.int32)
-        for j in range(first, end, TILE):
-            slot = j + tl.arange(0, TILE)
-            page = _selected_pages(tl.load(INDICES + selection + slot, mask=slot < end, other=-1),
-                                   tl.load(CHOSEN + selection + slot, mask=slot < end, other=0))
-            tl.store(LAST + b * stride_lb + hkv * stride_lh + page, newest_position, mask=page >= 0)
+        if ONE_TILE:
+            tl.store(LAST + b * stride_lb + hkv * stride_lh + split_page, newest_position, mask=split_page >= 0)
+        else:
+            for j in range(first, end, TILE):
+                slot = j + tl.arange(0, TILE)
+                page = _selected_pages(tl.load(INDICES + selection + slot, mask=slot < end, other=-1),
+                                       tl.load(CHOSEN + selection + slot, mask=slot < end, other=0))
+                tl.store(LAST + b * stride_lb + hkv * stride_lh + page, newest_position, mask=page >= 0)
 
 
 @triton.jit
@@ -630,6 +652,19 @@ def _merge_window_kernel(
     win = tl.arange(0, NB)  # window row i of query head hq is partial row g * N + i
     live = win < N
     vdims = tl.arange(0, DV)
+    # 0. Every read of the output cache first: none depends on the partial results, so their
+    # latency overlaps the splits' loads (each is written only after the barrier in 3).
+    past = live & (win < N - 1) & (CACHE > 0)  # no cache (dense rows): nothing to merge with
+    cache_row = CACHE - (N - 1) + win  # past row i merges with cache row CACHE - (N - 1) + i
+    cache_base = OUT_CACHE + b * stride_cb + hq * stride_ch
+    lse_base = LSE_CACHE + b * stride_lb + hq * stride_lh
+    cached_lse = tl.load(lse_base + cache_row, mask=past, other=float("-inf"))
+    cached_out = tl.load(cache_base + cache_row[:, None] * stride_cr + vdims[None, :], mask=past[:, None], other=0.0)
+    if CACHE > 0:  # the rows that stay, for 3.
+        slot = tl.arange(0, CB)
+        stays = slot < CACHE - KEEP
+        kept_out = tl.load(cache_base + (slot + KEEP)[:, None] * stride_cr + vdims[None, :], mask=stays[:, None], other=0.0)
+        kept_lse = tl.load(lse_base + slot + KEEP, mask=stays, other=0.0)
     # 1. The splits' partial results, merged by log-sum-exp, SB splits at a time.
     m = tl.full((NB,), float("-inf"), tl.float32)
     l = tl.zeros((NB,), tl.float32)
@@ -648,13 +683,7 @@ def _merge_window_kernel(
         l = l * alpha + tl.sum(weight, axis=0)
         acc = acc * alpha[:, None] + tl.sum(weight[:, :, None] * o, axis=0)
         m = m_new
-    # 2. Past rows merge with their cached outputs (row i <- cache row CACHE - (N - 1) + i).
-    past = live & (win < N - 1) & (CACHE > 0)  # no cache (dense rows): nothing to merge with
-    cache_row = CACHE - (N - 1) + win
-    cache_base = OUT_CACHE + b * stride_cb + hq * stride_ch
-    lse_base = LSE_CACHE + b * stride_lb + hq * stride_lh
-    cached_lse = tl.load(lse_base + cache_row, mask=past, other=float("-inf"))
-    cached_out = tl.load(cache_base + cache_row[:, None] * stride_cr + vdims[None, :], mask=past[:, None], other=0.0)
+    # 2. Past rows merge with their cached outputs.
     top = tl.maximum(m, cached_lse)
     shift = tl.where(top == float("-inf"), 0.0, top)
     ours, theirs = tl.exp(m - shift), tl.exp(cached_lse - shift)
@@ -664,12 +693,8 @@ def _merge_window_kernel(
     tl.store(OUT + b * stride_ob + hq * stride_oh + win[:, None] * stride_on + vdims[None, :],
              out.to(OUT.dtype.element_ty), mask=live[:, None])
     # 3. The cache moves on: its newest CACHE - KEEP rows move up, and this step's last KEEP rows
-    # join. Every read of the cache comes before the barrier, every write after.
+    # join. Every read of the cache (in 0) comes before the barrier, every write after.
     if CACHE > 0:
-        slot = tl.arange(0, CB)
-        stays = slot < CACHE - KEEP
-        kept_out = tl.load(cache_base + (slot + KEEP)[:, None] * stride_cr + vdims[None, :], mask=stays[:, None], other=0.0)
-        kept_lse = tl.load(lse_base + slot + KEEP, mask=stays, other=0.0)
         tl.debug_barrier()
         tl.store(cache_base + slot[:, None] * stride_cr + vdims[None, :], kept_out, mask=stays[:, None])
         tl.store(lse_base + slot, kept_lse, mask=stays)
@@ -803,7 +828,7 @@ def _attend(q, k, v, allowed, selection, out_cache, lse_cache, scale, page_size,
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(3),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
         length, num_pages, pages_per_split, scale,
-        G=group, N=n, ROWS=rows, P=page_size, D=d, DV=dv, TILE=tile,
+        G=group, N=n, ROWS=rows, P=page_size, D=d, DV=dv, TILE=tile, ONE_TILE=tile >= pages_per_split,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 exact; 16-bit inputs ignore it
         DENSE=dense, num_warps=num_warps, num_stages=num_stages,
     )
