@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from retro_compile.bench import graph_us, op_case, stage_inputs
+from retro_compile.bench import graph_us, measure, op_case, stage_inputs
 from retro_compile.kernels import decode
 
 log = logging.getLogger("ablate_attention")
@@ -100,6 +100,78 @@ VARIANTS["swapped_products"] = [
 ]
 VARIANTS["swapped_products_warps8"] = VARIANTS["swapped_products"] + [
     ("DENSE=dense, num_warps=num_warps, num_stages=num_stages,", "DENSE=dense, num_warps=8, num_stages=num_stages,")]
+
+
+def _between(start: str, end: str) -> str:
+    """decode.py's text from ``start`` up to (not including) ``end``."""
+    source = Path(decode.__file__).read_text()
+    first = source.index(start)
+    return source[first:source.index(end, first)]
+
+
+# The keys of a tile in 4 groups, one per warp, each with its own running max, sum and output (a
+# batched product over the groups), merged once after the loop: the products' row reductions and
+# the probabilities' conversion for the second product stay inside a warp.
+VARIANTS["warp_key_groups"] = [(_between("    m = tl.full((ROWS,)", "    if not DENSE:\n        # Stamp"), """\
+    m = tl.full((W, ROWS), float("-inf"), tl.float32)
+    l = tl.zeros((W, ROWS), tl.float32)
+    acc = tl.zeros((W, ROWS, DV), tl.float32)
+    q3 = tl.broadcast_to(q[None, :, :], (W, ROWS, D))
+    first = split * pages_per_split
+    selection = b * stride_pb + hkv * stride_ph  # this (batch row, KV head)'s list of selected pages
+    end = tl.minimum(first + pages_per_split, num_selected)
+    within = tl.arange(0, P)
+    if ONE_TILE and not DENSE:  # a split of one tile: its pages serve the tile and the stamp after it
+        slot = first + tl.arange(0, TILE)
+        split_page = _selected_pages(tl.load(INDICES + selection + slot, mask=slot < end, other=-1),
+                                     tl.load(CHOSEN + selection + slot, mask=slot < end, other=0))
+    for j in range(first, end, TILE):  # TILE pages per iteration
+        slot = j + tl.arange(0, TILE)
+        if DENSE:  # every page of the cache, no selection
+            page = tl.where(slot < end, slot, -1)
+        elif ONE_TILE:
+            page = split_page
+        else:
+            page = _selected_pages(tl.load(INDICES + selection + slot, mask=slot < end, other=-1),
+                                   tl.load(CHOSEN + selection + slot, mask=slot < end, other=0))
+        page_keys = page[:, None] * P + within[None, :]  # (TILE, P)
+        page_inside = (page[:, None] >= 0) & (page_keys < length)
+        keys = tl.reshape(page_keys, (W, TILE * P // W))
+        inside = tl.reshape(page_inside, (W, TILE * P // W))
+        k = tl.load(K + b * stride_kb + hkv * stride_kh + keys[:, :, None] * stride_kl + dims[None, None, :],
+                    mask=inside[:, :, None], other=0.0)
+        v = tl.load(V + b * stride_vb + hkv * stride_vh + keys[:, :, None] * stride_vl + vdims[None, None, :],
+                    mask=inside[:, :, None], other=0.0)
+        if DENSE:
+            row_ok = live[None, :, None] & inside[:, None, :]  # (W, ROWS, KW)
+        else:  # past rows see only pages they never saw
+            seen_at = tl.load(LAST + b * stride_lb + hkv * stride_lh + page, mask=page >= 0, other=0)  # (TILE,)
+            seen_key = tl.reshape(tl.broadcast_to(seen_at[:, None], (TILE, P)), (W, TILE * P // W))
+            row_ok = live[None, :, None] & inside[:, None, :] & (
+                newest[None, :, None] | (seen_key[:, None, :] < position[None, :, None]))
+        allowed = tl.load(ALLOWED + b * stride_ab + win[None, :, None] * stride_an + keys[:, None, :],
+                          mask=row_ok, other=0)  # (W, ROWS, KW)
+        s = (tl.dot(q3, tl.trans(k, (0, 2, 1)), input_precision=PRECISION) * scale).to(tl.float32)
+        s = tl.where(allowed != 0, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=2))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at zero
+        alpha = tl.exp(m - shift)
+        p = tl.exp(s - shift[:, :, None])
+        l = l * alpha + tl.sum(p, axis=2)
+        acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    top = tl.max(m, axis=0)  # the groups merged: (ROWS,)
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    weight = tl.exp(m - shift[None, :])
+    l = tl.sum(l * weight, axis=0)
+    acc = tl.sum(acc * weight[:, :, None], axis=0)
+    out_offs = b * stride_ob + hkv * stride_oh + split * stride_os + rows[:, None] * stride_or + vdims[None, :]
+    tl.store(OUT + out_offs, acc / tl.where(l > 0, l, 1.0)[:, None], mask=live[:, None])
+    lse = tl.where(l > 0, shift + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
+    tl.store(LSE + b * stride_eb + hkv * stride_eh + split * stride_es + rows, lse, mask=live)
+"""), ("    TILE: tl.constexpr, ONE_TILE: tl.constexpr,", "    TILE: tl.constexpr, W: tl.constexpr, ONE_TILE: tl.constexpr,"),
+    ("TILE=tile, ONE_TILE=", "TILE=tile, W=4, ONE_TILE=")]
+EXACT = ("swapped_products", "swapped_products_warps8", "warp_key_groups")  # the others compute less
 VARIANTS["attention_kernel_only_no_stamp"] = VARIANTS["attention_kernel_only"] + VARIANTS["no_stamp"]
 VARIANTS["attention_kernel_only_no_products_no_stamp"] = (VARIANTS["attention_kernel_only"] + VARIANTS["no_products"]
                                                           + VARIANTS["no_stamp"])
@@ -130,21 +202,32 @@ def ablate(batch: int, context: int, modules: dict, warps: list[int], dense: lis
     x = stage_inputs(state, params, inputs)
     no_page = torch.zeros_like(x.chosen)
     row: dict = dict(batch=batch, context=context)
+
+    def step(module, chosen=x.chosen, layer_state=state):
+        return module.attend_window(x.q, x.k, x.v, x.allowed, None, x.indices, chosen, layer_state, x.position,
+                                    x.scale, params.page_size)
+
+    def timed(key, fn):  # a variant that does not compile is recorded as key_error, not fatal
+        measure(row, key, lambda: round(graph_us(fn, (), compile=False), 2))
+        log.info("B=%d %dK %s: %s", batch, context // 1024, key, row.get(key))
+
     for name, module in modules.items():
-        for chosen, tag in ((x.chosen, ""), (no_page, "_no_pages")):
-            row[name + tag] = round(graph_us(lambda: module.attend_window(
-                x.q, x.k, x.v, x.allowed, None, x.indices, chosen, state, x.position, x.scale, params.page_size),
-                (), compile=False), 2)
-            log.info("B=%d %dK %s: %s", batch, context // 1024, name + tag, row[name + tag])
+        timed(name, lambda: step(module))
+        timed(name + "_no_pages", lambda: step(module, no_page))
+        if name in EXACT:  # the same result as the kernels as they ship, from the same state
+            measure(row, name + "_max_abs_diff", lambda: (step(module, layer_state=_copy(state)).float() - step(
+                decode, layer_state=_copy(state)).float()).abs().max().item())
     for name in dense:  # a dense layer's window over the whole cache (retro's dense layers), same kernels
-        row[f"{name}_dense_window"] = round(graph_us(lambda: modules[name].dense_window(
-            x.q, x.k, x.v, x.allowed, x.scale), (), compile=False), 2)
-        log.info("B=%d %dK %s dense_window: %s", batch, context // 1024, name, row[f"{name}_dense_window"])
+        timed(f"{name}_dense_window", lambda: modules[name].dense_window(x.q, x.k, x.v, x.allowed, x.scale))
     for w in warps:
-        row[f"as_is_warps{w}"] = round(graph_us(lambda: decode.attend_window(
+        timed(f"as_is_warps{w}", lambda: decode.attend_window(
             x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen, state, x.position, x.scale, params.page_size,
-            num_warps=w), (), compile=False), 2)
+            num_warps=w))
     return row
+
+
+def _copy(state):
+    return type(state)(*(t.clone() for t in state))
 
 
 def main() -> None:
