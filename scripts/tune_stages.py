@@ -78,7 +78,8 @@ def tune(batch: int, context: int, stages=STAGES, summaries: str = "exact") -> d
     if "select" in stages:
         for choices in ([dict(chunk_pages=c) for c in (0, 256, 512, 1024, 2048)]
                         + [dict(chunk_pages=c, num_warps=w) for c, w in ((512, 2), (512, 4), (512, 8), (1024, 2),
-                                                                         (1024, 8), (2048, 8), (0, 4), (0, 8))]):
+                                                                         (1024, 8), (2048, 8), (0, 1), (0, 2), (0, 4), (0, 8),
+                                                                         (1024, 1), (0, 16))]):
             timed(_key("select", choices), lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts,
                                                                     **choices))
         timed("select_default", lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts))
