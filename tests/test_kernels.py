@@ -13,7 +13,8 @@ import torch
 from retro_compile.kernels import decode  # needs triton (the test extra)
 from retro_compile.kernels import reference as ref
 
-from .sequences import dense_rows, make_problem, mask_for, run
+from .scripts import load_script
+from .sequences import dense_rows, make_problem, run
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -182,6 +183,34 @@ def test_attend_window_kernel(dtype, q_heads, kv_heads, n, window, pages_per_spl
     for name in ("out_cache", "lse_cache"):
         torch.testing.assert_close(getattr(got_state, name).cpu(), getattr(want_state, name),
                                    atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_attention_ablation_variants_apply_and_run(tmp_path):
+    """``scripts/ablate_attention.py`` times copies of decode.py with parts of the attention taken
+    out, as text replacements: each must still find its text once in the kernels as they are, and
+    each copy's attention must run. The copy with nothing replaced gives the shipped result exactly."""
+    script = load_script("ablate_attention")
+    g = torch.Generator().manual_seed(3)
+    b, hq, hkv, n, length, d, page = 1, 4, 2, 2, 64, 16, 16
+    q, k, v = (torch.randn(b, h, rows, d, generator=g).to(DEVICE) for h, rows in ((hq, n), (hkv, length), (hkv, length)))
+    position = torch.tensor([[60, 61]], device=DEVICE)
+    allowed = torch.arange(length, device=DEVICE) <= position[:, :, None]
+    indices = torch.tensor([[[3, 0, 2], [1, 3, 0]]], device=DEVICE)
+    chosen = torch.tensor([[[True, True, False], [True, False, True]]], device=DEVICE)
+
+    def attend(module):
+        state = ref.LayerState(torch.zeros(0), torch.zeros(0), torch.full((b, hkv, 4), 55, dtype=torch.int32),
+                               torch.randn(b, hq, 1, d, generator=torch.Generator().manual_seed(4)),
+                               torch.zeros(b, hq, 1), torch.zeros(b, hkv, dtype=torch.int32), torch.zeros(0))
+        state = ref.LayerState(*(t.to(DEVICE) for t in state))
+        return module.attend_window(q, k, v, allowed, None, indices, chosen, state, position, 0.25, page)
+
+    shipped = attend(decode)
+    for name in script.VARIANTS:
+        out = attend(script.variant_module(name, tmp_path))
+        assert out.shape == shipped.shape, name
+        if name == "as_is":
+            assert torch.equal(out, shipped)
 
 
 @pytest.mark.parametrize("window", [1, 2])

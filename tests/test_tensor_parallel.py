@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 
 from retro_compile import RetroConfig, retro_compile
 
