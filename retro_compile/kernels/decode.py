@@ -336,16 +336,8 @@ INTERPOLATED_ROUNDS = tl.constexpr(8)  # the threshold search's first rounds gue
 
 
 @triton.jit
-def _counts_bounds_moments(counts_a, min_a, max_a, sum_a, squares_a, counts_b, min_b, max_b, sum_b, squares_b):
-    return counts_a + counts_b, tl.minimum(min_a, min_b), tl.maximum(max_a, max_b), sum_a + sum_b, squares_a + squares_b
-
-
-@triton.jit
-def _normal_quantile_above(f):
-    """z with P(Z > z) = f for a standard normal Z, to within 5e-4 (Abramowitz and Stegun 26.2.23)."""
-    t = tl.sqrt(-2.0 * tl.log(tl.maximum(tl.minimum(f, 1.0 - f), 1e-30)))
-    z = t - (2.515517 + 0.802853 * t + 0.010328 * t * t) / (1.0 + 1.432788 * t + 0.189269 * t * t + 0.001308 * t * t * t)
-    return tl.where(f <= 0.5, z, -z)
+def _sum_min_max(sum_a, min_a, max_a, sum_b, min_b, max_b):
+    return sum_a + sum_b, tl.minimum(min_a, min_b), tl.maximum(max_a, max_b)
 
 
 @triton.jit
@@ -360,14 +352,11 @@ def _top_mask(ranked, budget):
     finite values: a search over their order-preserving integer keys (see :func:`_float_to_key`)
     keeps ``lo`` (``count_lo >= budget`` values at or above it) and ``hi`` (``count_hi < budget``
     values above it) and stops once a count is exact or ``lo == hi``. Its first rounds guess where
-    the budget-th value lies: the first as if the finite values were normally distributed (from
-    their mean and spread), the next by linear interpolation of the counts, kept inside the middle
-    60% of the range; later rounds bisect, so it ends within 8 + 32 rounds whatever the values.
-    In a simulation on Quest bounds of random Gaussian keys (8192 pages, budget 128) the
-    interpolation took 7-10 rounds, where bisection from -inf to +inf took 21-25 (on an H200 the
-    selection took 30% less time). The normal first guess took 5.4 rounds on average against 7.7
-    (2048 pages, budget 128), and 6.4 against 8.1 on the page bounds of a real model's queries and
-    keys (SmolLM2, 512 pages, budget 32). Each round is one comparison per value and one sum; comparisons are on floats. Around
+    the budget-th value lies by linear interpolation of the counts, kept inside the middle 60% of
+    the range; later rounds bisect, so it ends within 8 + 32 rounds whatever the values.
+    In a simulation on Quest bounds of random Gaussian keys (8192 pages, budget 128) it took 7-10
+    rounds, where bisection from -inf to +inf took 21-25; on an H200 the selection took 30% less
+    time. Each round is one comparison per value and one sum; comparisons are on floats. Around
     the rounds, each reduction or prefix sum over the program's values waits on its warps to meet,
     so those that can share one do: the counts with the bounds, both prefix counts at the end.
     """
@@ -375,15 +364,9 @@ def _top_mask(ranked, budget):
     finite = above_neg_inf & ~at_pos_inf
     # three counts in one sum, 21 bits each: non-NaN values, values above -inf, values at +inf
     packed = (ranked == ranked).to(tl.int64) + (above_neg_inf.to(tl.int64) << 21) + (at_pos_inf.to(tl.int64) << 42)
-    values = tl.where(finite, ranked, 0.0)
-    counts, smallest, largest, total, squares = tl.reduce(
-        (packed, tl.where(finite, ranked, float("inf")), tl.where(finite, ranked, float("-inf")), values,
-         values * values), 0, _counts_bounds_moments)
+    counts, smallest, largest = tl.reduce(
+        (packed, tl.where(finite, ranked, float("inf")), tl.where(finite, ranked, float("-inf"))), 0, _sum_min_max)
     every, up, at_inf = counts & 0x1FFFFF, (counts >> 21) & 0x1FFFFF, counts >> 42
-    finite_count = tl.maximum((up - at_inf).to(tl.float32), 1.0)  # none only where there is no search
-    mean = total / finite_count
-    spread = tl.sqrt(tl.maximum(squares / finite_count - mean * mean, 0.0))
-    normal_guess = mean + _normal_quantile_above((budget - at_inf).to(tl.float32) / finite_count) * spread
     search = (every > budget) & (up >= budget) & (at_inf < budget)
     no_search = tl.where(at_inf >= budget, tl.full((), 0xFF800000, tl.int64), 0x7FFFFF)  # key(+inf) or key(-inf)
     lo = tl.where(search, _float_to_key(smallest), no_search)
@@ -396,8 +379,7 @@ def _top_mask(ranked, budget):
         if rounds < INTERPOLATED_ROUNDS:
             low, high = _key_to_float(lo), _key_to_float(hi)
             guess = low + (high - low) * ((count_lo - budget) / (count_lo - count_hi)).to(tl.float32)
-            guess = tl.where(rounds == 0, normal_guess, guess)
-            margin = tl.where(rounds == 0, 0, span // 5)
+            margin = span // 5
             mid = tl.minimum(tl.maximum(_float_to_key(guess), lo + 1 + margin), hi - margin)
         at_least = tl.sum((ranked >= _key_to_float(mid)).to(tl.int32), axis=0)
         enough = at_least >= budget
