@@ -199,6 +199,13 @@ def measure(row: dict, key: str, timed: Callable[[], float]) -> None:
         row[f"{key}_error"] = f"{type(error).__name__}: {error}"[:300]
 
 
+def measure_call(row: dict, key: str, fn: Callable[[], object]) -> None:
+    """:func:`measure` of one ``fn()`` as it is (no Inductor), in microseconds to 0.01, logged:
+    how the tuning scripts time each launch choice or variant of a stage."""
+    measure(row, key, lambda: round(graph_us(fn, (), compile=False), 2))
+    log.info("B=%d, context %d, %s: %s", row["batch"], row["context"], key, row.get(key))
+
+
 def bench_op(batches, contexts, out: Path, summaries: str = "exact") -> list[dict]:
     bandwidth = copy_bandwidth()
     log.info("copy bandwidth %.2f TB/s", bandwidth / 1e12)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from retro_compile.bench import graph_us, measure, op_case, stage_inputs
+from retro_compile.bench import measure_call, op_case, stage_inputs
 from retro_compile.kernels import decode
 
 log = logging.getLogger("ablate_attention")
@@ -95,23 +95,18 @@ def ablate(batch: int, context: int, modules: dict, warps: list[int], dense: lis
     no_page = torch.zeros_like(x.chosen)
     row: dict = dict(batch=batch, context=context)
 
-    def step(module, chosen=x.chosen):
+    def step(module, chosen=x.chosen, **launch):
         return module.attend_window(x.q, x.k, x.v, x.allowed, None, x.indices, chosen, state, x.position, x.scale,
-                                    params.page_size)
+                                    params.page_size, **launch)
 
-    def timed(key, fn):  # a variant that does not compile is recorded as key_error, not fatal
-        measure(row, key, lambda: round(graph_us(fn, (), compile=False), 2))
-        log.info("B=%d %dK %s: %s", batch, context // 1024, key, row.get(key))
-
+    # a variant that does not compile is recorded as key_error, not fatal
     for name, module in modules.items():
-        timed(name, lambda: step(module))
-        timed(name + "_no_pages", lambda: step(module, no_page))
+        measure_call(row, name, lambda: step(module))
+        measure_call(row, name + "_no_pages", lambda: step(module, no_page))
     for name in dense:  # a dense layer's window over the whole cache (retro's dense layers), same kernels
-        timed(f"{name}_dense_window", lambda: modules[name].dense_window(x.q, x.k, x.v, x.allowed, x.scale))
+        measure_call(row, f"{name}_dense_window", lambda: modules[name].dense_window(x.q, x.k, x.v, x.allowed, x.scale))
     for w in warps:
-        timed(f"as_is_warps{w}", lambda: decode.attend_window(
-            x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen, state, x.position, x.scale, params.page_size,
-            num_warps=w))
+        measure_call(row, f"as_is_warps{w}", lambda: step(decode, num_warps=w))
     return row
 
 

@@ -24,11 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from retro_compile.bench import graph_us, measure, op_case, stage_inputs
+from retro_compile.bench import graph_us, measure_call, op_case, stage_inputs
 from retro_compile.config import SUMMARIES
 from retro_compile.kernels import decode, reference
-
-log = logging.getLogger("tune_stages")
 
 
 STAGES = ("scores", "refresh", "select", "attend", "dense", "floors")
@@ -50,8 +48,7 @@ def tune(batch: int, context: int, stages=STAGES, summaries: str = "exact") -> d
     row: dict = dict(batch=batch, context=context, summaries=summaries)
 
     def timed(key, fn):  # a choice that does not compile or fit is recorded as key_error, not fatal
-        measure(row, key, lambda: round(graph_us(fn, (), compile=False), 2))
-        log.info("B=%d %dK %s: %s", batch, context // 1024, key, row.get(key))
+        measure_call(row, key, fn)
 
     if "scores" in stages:
         for block, warps in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8), (256, 16)):

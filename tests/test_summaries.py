@@ -140,3 +140,14 @@ def test_config_refuses_another_summary_format():
         RetroConfig(summaries="fp8")
     with pytest.raises(ValueError, match="summaries='bf16' is not one of"):
         StateShape.of_call(*(torch.zeros(1, 2, 4, 16),) * 3, 4, 2, "bf16")
+
+
+def test_every_config_summary_format_allocates_its_tables():
+    """Each format RetroConfig accepts has a table dtype in the state: the keys' for the stored
+    summaries, one byte for int8; the scale is always fp32."""
+    from retro_compile.config import SUMMARIES
+
+    k = torch.zeros(1, 2, 32, 16, dtype=torch.bfloat16)
+    states = {s: allocate(StateShape.of_call(k, k, k, 2, 2, s)) for s in SUMMARIES}
+    assert {s: state.kmax.dtype for s, state in states.items()} == {"exact": torch.bfloat16, "int8": torch.int8}
+    assert all(state.summary_scale.dtype == torch.float32 for state in states.values())

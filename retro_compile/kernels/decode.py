@@ -575,7 +575,7 @@ def _window_attention_kernel(
     selection = b * stride_pb + hkv * stride_ph  # this (batch row, KV head)'s list of selected pages
     end = tl.minimum(first + pages_per_split, num_selected)
     within = tl.arange(0, P)
-    if ONE_TILE and not DENSE:  # a split of one tile: its pages serve the tile and the stamp after it
+    if ONE_TILE:  # a split of one tile: its pages serve the tile and the stamp after it
         slot = first + tl.arange(0, TILE)
         split_page = _selected_pages(tl.load(INDICES + selection + slot, mask=slot < end, other=-1),
                                      tl.load(CHOSEN + selection + slot, mask=slot < end, other=0))
@@ -828,7 +828,7 @@ def _attend(q, k, v, allowed, selection, out_cache, lse_cache, scale, page_size,
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(3),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
         length, num_pages, pages_per_split, scale,
-        G=group, N=n, ROWS=rows, P=page_size, D=d, DV=dv, TILE=tile, ONE_TILE=tile >= pages_per_split,
+        G=group, N=n, ROWS=rows, P=page_size, D=d, DV=dv, TILE=tile, ONE_TILE=not dense and tile >= pages_per_split,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 exact; 16-bit inputs ignore it
         DENSE=dense, num_warps=num_warps, num_stages=num_stages,
     )
