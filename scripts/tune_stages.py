@@ -7,9 +7,7 @@ page scoring over (block_pages, num_warps), elementwise and as matrix products, 
 blocks_per_program and num_stages (scores), with the state's summaries as ``--summaries`` stores them; a step's
 summary refresh as its own launch or inside scoring (refresh); the selection over chunk_pages (0:
 one stage) and each stage's warps (select); the attention + merge over pages_per_split (None: the
-default), tile_pages, warps and software-pipeline stages (attend); the selection and attention
-as a step runs them, in their own launches or with the attention programs picking their pages
-(pick); a dense layer's window over the whole cache
+default), tile_pages, warps and software-pipeline stages (attend); a dense layer's window over the whole cache
 (``dense_window``) over the same, beside SDPA for the newest row alone (dense); the selection
 with every page always kept (no threshold search) and the attention with no page chosen (no key
 or value loaded), each beside the stage as it runs (floors). Device time per
@@ -31,7 +29,7 @@ from retro_compile.config import SUMMARIES
 from retro_compile.kernels import decode, reference
 
 
-STAGES = ("scores", "refresh", "select", "attend", "pick", "dense", "floors")
+STAGES = ("scores", "refresh", "select", "attend", "dense", "floors")
 
 
 ABBREVIATIONS = {"block_pages": "block", "blocks_per_program": "blocks", "chunk_pages": "chunk", "pages_per_split": "split", "tile_pages": "tile", "num_warps": "warps",
@@ -91,10 +89,6 @@ def tune(batch: int, context: int, stages=STAGES, summaries: str = "exact") -> d
                                            (None, 2, 4), (8, 2, 3), (16, 2, 3), (32, 4, 3), (32, 4, 4))]):
             timed(_key("attend", choices), lambda: decode.attend_window(
                 x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen, state, x.position, x.scale, page, **choices))
-    if "pick" in stages:  # the selection and attention as a step runs them: two launches, or the pick fused
-        for fused in (False, True):
-            timed(f"pick_fused{int(fused)}", lambda: decode.attend_selected(
-                x.q, x.k, x.v, x.allowed, None, x.scores, state, x.position, x.scale, params, fused=fused))
     if "floors" in stages:  # each stage beside itself less its own work: what the search and the loads cost
         every_page_kept = params._replace(sink_pages=x.scores.shape[-1])  # all +inf: no threshold search
         timed("floors_select", lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts))

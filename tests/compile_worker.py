@@ -42,8 +42,6 @@ def expected_writes(kernel_name: str, arguments: dict) -> set[str]:
         writes -= {"LAST"}
     if arguments.get("CHUNK") == 0:
         writes -= {"CAND_SCORE", "CAND_PAGE", "COUNTS"}
-    if arguments.get("PICK") is False:  # the chunks' candidates only, for the attention programs to pick from
-        writes -= {"IDX", "CHOSEN", "COUNTS"}
     if arguments.get("CACHE") == 0:
         writes -= {"OUT_CACHE", "LSE_CACHE"}
     return writes
@@ -94,9 +92,6 @@ def record_launches() -> list[tuple]:
         for split, tile, stages in ((None, None, None), (8, 8, 1)):  # pipelined 4-page tiles; one unpipelined tile
             decode.attend_window(q, k, v, allowed, None, indices, chosen, state, position, 0.125, page, split, tile,
                                  num_stages=stages)
-        for fraction, chunk in ((0.0, 0), (0.0, 1024), (0.5, 0), (0.5, 1024)):  # attention programs pick their pages
-            params = ref.SparseParams(page, 128, fraction, 1, 1, n)
-            decode.attend_selected(q, k, v, allowed, None, scores, state, position, 0.125, params, chunk, fused=True)
         decode.dense_window(q, k, v, allowed, 0.125)
     return launches
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 import sys
@@ -186,62 +185,6 @@ def test_attend_window_kernel(dtype, q_heads, kv_heads, n, window, pages_per_spl
                                    atol=TOL[dtype], rtol=TOL[dtype])
 
 
-@pytest.mark.parametrize("n,window", [(1, 1), (2, 2)])
-@pytest.mark.parametrize("num_pages,budget_pages,fraction,sink,local,chunk_pages,ties", [
-    (13, 5, 0.0, 1, 1, 0, False), (13, 3, 0.0, 0, 2, 4, False), (40, 9, 0.5, 1, 1, 0, False),
-    (40, 9, 0.0, 2, 1, 16, False), (13, 13, 0.0, 0, 1, 0, False), (40, 9, 0.0, 1, 1, 0, True),
-    (40, 9, 0.5, 1, 1, 16, True)])
-def test_attend_selected_kernel_picks_its_pages_as_the_selection_does(n, window, num_pages, budget_pages, fraction,
-                                                                      sink, local, chunk_pages, ties):
-    """The attention programs that pick their own pages (from the scores, or from the selection's
-    chunk candidates) against the reference selection and attention: output, ``last`` and the
-    output cache; fixed and fractional budgets, always-kept pages, -inf pages, a budget of every
-    page. With tied scores the page set depends on tie-breaking, so there the oracle is the kernel
-    selection's own page list, attended by the same kernel (top_pages, then attend_window)."""
-    g = torch.Generator().manual_seed(num_pages + budget_pages)
-    b, q_heads, kv_heads, d, page = 2, 4, 2, 16, 16
-    length = num_pages * page - 3
-    q = torch.randn(b, q_heads, n, d, generator=g)
-    k = torch.randn(b, kv_heads, length, d, generator=g)
-    v = torch.randn(b, kv_heads, length, d, generator=g)
-    newest = torch.tensor([length - 1, length // 2])
-    position = newest[:, None] - torch.arange(n - 1, -1, -1)
-    allowed = (torch.arange(length) <= position[:, :, None]) & (torch.rand(b, 1, length, generator=g) > 0.1)
-    allowed[torch.arange(b)[:, None], torch.arange(n), position] = True
-    first_key_seen = allowed[:, -1, ::page]  # pages whose first key the newest row may see
-    raw = torch.randint(-2, 3, (b, kv_heads, num_pages), generator=g).float() if ties else \
-        torch.randn(b, kv_heads, num_pages, generator=g)
-    scores = scores_for(raw, first_key_seen & (torch.arange(num_pages) <= (newest // page)[:, None]))
-    params = ref.SparseParams(page, budget_pages, fraction, sink, local, window)
-    state = ref.LayerState(
-        kmax=torch.zeros(0), kmin=torch.zeros(0),  # not read by this stage
-        last=torch.randint(int(newest.min()) - 30, int(newest.min()), (b, kv_heads, num_pages), generator=g,
-                           dtype=torch.int32),
-        out_cache=torch.randn(b, q_heads, window - 1, d, generator=g),
-        lse_cache=torch.randn(b, q_heads, window - 1, generator=g),
-        counts=torch.zeros(b, kv_heads, dtype=torch.int32),
-        summary_scale=torch.zeros(0),
-    )
-
-    def attend(fn, **kwargs):
-        s = ref.LayerState(*(t.clone().to(DEVICE) for t in state))
-        out = fn(*(t.to(DEVICE) for t in (q, k, v, allowed)), None, scores.to(DEVICE), s, position.to(DEVICE), 0.25,
-                 params, **kwargs)
-        return out.cpu(), ref.LayerState(*(t.cpu() for t in s))
-
-    got, got_state = attend(decode.attend_selected, chunk_pages=chunk_pages, fused=True)
-    if ties:
-        want, want_state = attend(decode.attend_selected, chunk_pages=chunk_pages, fused=False)
-    else:
-        want, want_state = attend(ref.attend_selected)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert torch.equal(got_state.last, want_state.last)
-    assert not torch.equal(got_state.last, state.last)  # pages were stamped
-    for name in ("out_cache", "lse_cache"):
-        torch.testing.assert_close(getattr(got_state, name), getattr(want_state, name), atol=1e-5, rtol=1e-5)
-    assert (got_state.counts == 0).all()
-
-
 def test_attention_ablation_variants_apply_and_run(tmp_path):
     """``scripts/ablate_attention.py`` times copies of decode.py with parts of the attention taken
     out, as text replacements: each must still find its text once in the kernels as they are, and
@@ -289,12 +232,10 @@ def test_decode_step_with_kernels_matches_reference(window, summaries, monkeypat
         torch.testing.assert_close(out, dense_rows(problem, positions).to(out.device), atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_decode_sequence_with_the_selection_split_matches_reference(monkeypatch, fused):
-    """The op with the kernel stages and the selection forced into chunks of 4 pages (10 pages in
-    3 chunks), against the reference op, over a decode sequence of one state: the last chunk
-    program of a row picks (the layer state's counter decides which, and must be back at zero for
-    the next step), or the attention programs pick from the chunks' candidates (``fused``)."""
+def test_decode_sequence_with_the_selection_split_matches_reference(monkeypatch):
+    """The op with the kernel stages and the selection forced into chunks (the layer state's
+    counter decides which program picks, and must be back at zero for the next step), against
+    the reference op, over a decode sequence of one state."""
     from retro_compile.kernels import op
 
     problem = make_problem(batch=2, q_heads=4, kv_heads=2, length=160, prompt=100, pad=(0, 7))
@@ -302,7 +243,7 @@ def test_decode_sequence_with_the_selection_split_matches_reference(monkeypatch,
     p = ref.SparseParams(16, 3, 0.0, 0, 1, 2)
     expected = [out for _, out in run(problem, p, steps=5)]
     stages = decode.kernel_stages()
-    split = stages._replace(attend_selected=functools.partial(decode.attend_selected, chunk_pages=4, fused=fused))
+    split = stages._replace(top_pages=lambda *args: decode.top_pages(*args, chunk_pages=4))  # 10 pages in 3 chunks
     monkeypatch.setattr(op, "use_kernels", lambda *a: True)
     monkeypatch.setattr(decode, "kernel_stages", lambda: split)
     got = [out for _, out in run(problem, p, steps=5)]

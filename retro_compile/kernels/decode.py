@@ -29,7 +29,6 @@ which Inductor reduces in two passes (a kernel with one program a row, measured 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 import triton
@@ -406,7 +405,6 @@ def _top_pages_kernel(
     stride_sb, stride_sh, stride_pos, stride_nb, stride_nh,
     kv_heads, num_pages, K, page_size, sink_pages, local_pages,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr, KEEP_BLOCK: tl.constexpr, FIXED_BUDGET: tl.constexpr,
-    PICK: tl.constexpr,
 ):
     """Each (batch row, KV head)'s ``budget`` best pages. The budget is ``K`` (FIXED_BUDGET) or
     the row's entry of BUDGET.
@@ -415,8 +413,7 @@ def _top_pages_kernel(
     one program per chunk of CHUNK pages keeps its chunk's K best pages as candidates (ranked
     scores, in page order; NaN and page -1 fill the rest of its slots), and the last of a row's
     programs to finish picks from them (any page of the row's top K is among its chunk's top K).
-    COUNTS counts the finished chunks and is left at zero. Without PICK the chunks only leave their
-    candidates, for the attention programs to pick from (see :func:`attend_selected`)."""
+    COUNTS counts the finished chunks and is left at zero."""
     row = tl.program_id(0)
     b, h = row // kv_heads, row % kv_heads
     position = tl.load(POS + b * stride_pos)
@@ -436,35 +433,33 @@ def _top_pages_kernel(
         empty = tl.where((empty >= kept) & (empty < K), empty, -1)
         tl.store(CAND_SCORE + base + empty, float("nan"), mask=empty >= 0)
         tl.store(CAND_PAGE + base + empty, -1, mask=empty >= 0)
-        if PICK:
-            # The count: the barrier puts every warp's stores above before it, and the atomic (acquire
-            # and release, GPU scope) orders the other chunks' candidates before the last program's
-            # reads, which skip the SM's L1 (".cg"), where an earlier step's candidates may linger.
-            tl.debug_barrier()
-            counter = COUNTS + b * stride_nb + h * stride_nh
-            if tl.atomic_add(counter, 1) != tl.num_programs(1) - 1:
-                return
-            tl.store(counter, 0)  # every chunk of this step has counted: ready for the next step
-            at = tl.arange(0, BLOCK)
-            inside = at < tl.num_programs(1) * K
-            ranked = tl.load(CAND_SCORE + candidates + at, mask=inside, other=float("nan"), cache_modifier=".cg")
-            pages = tl.load(CAND_PAGE + candidates + at, mask=inside, other=-1, cache_modifier=".cg")
+        # The count: the barrier puts every warp's stores above before it, and the atomic (acquire
+        # and release, GPU scope) orders the other chunks' candidates before the last program's
+        # reads, which skip the SM's L1 (".cg"), where an earlier step's candidates may linger.
+        tl.debug_barrier()
+        counter = COUNTS + b * stride_nb + h * stride_nh
+        if tl.atomic_add(counter, 1) != tl.num_programs(1) - 1:
+            return
+        tl.store(counter, 0)  # every chunk of this step has counted: ready for the next step
+        at = tl.arange(0, BLOCK)
+        inside = at < tl.num_programs(1) * K
+        ranked = tl.load(CAND_SCORE + candidates + at, mask=inside, other=float("nan"), cache_modifier=".cg")
+        pages = tl.load(CAND_PAGE + candidates + at, mask=inside, other=-1, cache_modifier=".cg")
     else:
         pages = tl.arange(0, BLOCK)
         score = tl.load(SCORES + b * stride_sb + h * stride_sh + pages, mask=pages < num_pages, other=float("-inf"))
         ranked = _ranked_scores(score, pages, num_pages, position, page_size, sink_pages, local_pages)
-    if PICK:
-        budget = K if FIXED_BUDGET else tl.load(BUDGET + b)
-        take, taken_so_far, _ = _top_mask(ranked, budget)
-        # Taken pages fill slots 0..budget-1 in page order; the rest follow, so all K slots hold
-        # distinct pages (the reference's state update writes through every slot). Every entry is
-        # taken or not, so the entries not taken up to entry i number i + 1 - (taken up to i). NaN
-        # entries (padding) come last, after at least K real pages.
-        at = tl.arange(0, BLOCK)
-        slot = tl.where(take, taken_so_far - 1, budget + at - taken_so_far)
-        out = (ranked == ranked) & (slot < K)
-        tl.store(IDX + row * K + slot, pages.to(tl.int64), mask=out)
-        tl.store(CHOSEN + row * K + slot, take & (ranked > float("-inf")), mask=out)
+    budget = K if FIXED_BUDGET else tl.load(BUDGET + b)
+    take, taken_so_far, _ = _top_mask(ranked, budget)
+    # Taken pages fill slots 0..budget-1 in page order; the rest follow, so all K slots hold
+    # distinct pages (the reference's state update writes through every slot). Every entry is
+    # taken or not, so the entries not taken up to entry i number i + 1 - (taken up to i). NaN
+    # entries (padding) come last, after at least K real pages.
+    at = tl.arange(0, BLOCK)
+    slot = tl.where(take, taken_so_far - 1, budget + at - taken_so_far)
+    out = (ranked == ranked) & (slot < K)
+    tl.store(IDX + row * K + slot, pages.to(tl.int64), mask=out)
+    tl.store(CHOSEN + row * K + slot, take & (ranked > float("-inf")), mask=out)
 
 
 MAX_KERNEL_PAGES = 16384  # one program holds a row of page scores in registers
@@ -483,9 +478,9 @@ def top_pages(
     for 8192 pages each at B=1, 128K). There the selection is split: programs over chunks of
     ``chunk_pages`` pages keep each chunk's best ``K`` (the page cap), and the last of a row's
     programs picks from those candidates, in the same launch. ``chunk_pages`` None picks it (see
-    :func:`_chunking`); 0 forces one program a row. ``counts`` (B, Hkv) int32, zero (the layer
-    state's) counts a row's finished chunks; None allocates them. ``num_warps`` None picks them
-    from the values each program ranks.
+    below); 0 forces one program a row. ``counts`` (B, Hkv) int32, zero (the layer state's)
+    counts a row's finished chunks; None allocates them. ``num_warps`` None picks them from the
+    values each program ranks.
 
     The page set equals the reference's (ties at the threshold aside, where either choice is a
     valid top-k); the slot order differs, which nothing downstream depends on.
@@ -494,18 +489,6 @@ def top_pages(
     if num_pages > MAX_KERNEL_PAGES:
         return reference.top_pages(scores, position, params)
     k = min(params.budget_pages, num_pages)
-    if counts is None:
-        counts = torch.zeros(b, hkv, dtype=torch.int32, device=scores.device)
-    indices = torch.empty(b, hkv, k, dtype=torch.int64, device=scores.device)
-    chosen = torch.empty(b, hkv, k, dtype=torch.bool, device=scores.device)
-    _select(scores, position, params, _chunking(b * hkv, num_pages, k, chunk_pages), counts, (indices, chosen),
-            num_warps)
-    return indices, chosen
-
-
-def _chunking(rows: int, num_pages: int, k: int, chunk_pages: int | None) -> int:
-    """The selection's chunk size for ``rows`` (batch row, KV head) pairs of ``num_pages`` pages
-    and ``k`` pages a row (0: one program a row), ``chunk_pages`` if given (checked)."""
     if chunk_pages is None:
         # On an H200 (budget 128 pages, 8 KV heads), the selection in one launch: at B=1 and 8192
         # pages a row, 8 chunks of 1024 took 10.5 us against 13.3 one program a row and 13.6 in
@@ -513,31 +496,22 @@ def _chunking(rows: int, num_pages: int, k: int, chunk_pages: int | None) -> int
         # 13.1 and 15.2 in chunks of 1024 and 15.1 and 15.4 one program a row; at B=8 and 4096
         # pages, one program a row 11.4 against 12.0 in 2 chunks. Splits into fewer than 8 chunks
         # lost at B=1 (2048 pages: 7.4 us one program a row, 10.4 in two launches).
+        rows = b * hkv
         chunk_pages, min_chunks = (1024, 8) if rows < 32 else (2048, 4)
         chunk_pages = max(chunk_pages, 4 * triton.next_power_of_2(k))
-        return 0 if rows >= SPLIT_BELOW_ROWS or num_pages < min_chunks * chunk_pages else chunk_pages
+        if rows >= SPLIT_BELOW_ROWS or num_pages < min_chunks * chunk_pages:
+            chunk_pages = 0
     if chunk_pages and (chunk_pages & (chunk_pages - 1) or chunk_pages < k):
         raise ValueError(f"kernels.decode.top_pages: chunk_pages={chunk_pages} must be 0 or a power of two >= {k}")
-    return chunk_pages
-
-
-def _budget(params: SparseParams, position: torch.Tensor, k: int) -> torch.Tensor | None:
-    """Each row's budget in pages as the kernels read it: None for a fixed budget (no
-    budget_fraction), which is their argument; only a fraction of the context needs a tensor."""
-    if params.budget_fraction == 0.0:
-        return None
-    return reference.budget_pages_for(params, position).clamp(max=k).to(torch.int32)
-
-
-def _select(scores, position, params, chunk_pages, counts, out, num_warps=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The selection launch. ``out``: (indices, chosen) to pick into, or None to leave the chunks'
-    candidates, returned as (ranked scores, pages), each (B, Hkv, chunks * K)."""
-    b, hkv, num_pages = scores.shape
-    k = min(params.budget_pages, num_pages)
     chunks = triton.cdiv(num_pages, chunk_pages) if chunk_pages else 1
-    budget = _budget(params, position, k)
+    if counts is None:
+        counts = torch.zeros(b, hkv, dtype=torch.int32, device=scores.device)
+    # A fixed budget (no budget_fraction) is the kernel's argument; only a fraction of the context needs a tensor.
+    budget = None if params.budget_fraction == 0.0 else \
+        reference.budget_pages_for(params, position).clamp(max=k).to(torch.int32)
     scores = scores.contiguous()  # position, the newest row's column of (B, n), is read through its stride
-    indices, chosen = out or (scores, scores)  # candidates only: never written
+    indices = torch.empty(b, hkv, k, dtype=torch.int64, device=scores.device)
+    chosen = torch.empty(b, hkv, k, dtype=torch.bool, device=scores.device)
     entries = chunks * k if chunk_pages else num_pages  # the final pick's values: candidates, or the scores
     block = max(16, triton.next_power_of_2(entries))
     # Each search round is a reduction over the values: more warps split the comparisons, fewer
@@ -545,8 +519,8 @@ def _select(scores, position, params, chunk_pages, counts, out, num_warps=None) 
     # 512 values 5.9 against 6.5 with 1).
     num_warps = num_warps or min(8, max(4, max(block, chunk_pages) // 1024))
     if chunk_pages:
-        cand_score = torch.empty(b, hkv, chunks * k, dtype=torch.float32, device=scores.device)
-        cand_page = torch.empty(b, hkv, chunks * k, dtype=torch.int32, device=scores.device)
+        cand_score = torch.empty(b * hkv, chunks * k, dtype=torch.float32, device=scores.device)
+        cand_page = torch.empty(b * hkv, chunks * k, dtype=torch.int32, device=scores.device)
     else:
         cand_score, cand_page = scores, scores  # unused by one program a row (read-only here)
     wrap_triton(_top_pages_kernel)[(b * hkv, chunks)](
@@ -555,9 +529,9 @@ def _select(scores, position, params, chunk_pages, counts, out, num_warps=None) 
         scores.stride(0), scores.stride(1), position.stride(0), counts.stride(0), counts.stride(1),
         hkv, num_pages, k, params.page_size, params.sink_pages, params.local_pages,
         BLOCK=block, CHUNK=chunk_pages, KEEP_BLOCK=triton.next_power_of_2(k), FIXED_BUDGET=budget is None,
-        PICK=out is not None, num_warps=num_warps,
+        num_warps=num_warps,
     )
-    return cand_score, cand_page
+    return indices, chosen
 
 
 @triton.jit
@@ -568,17 +542,8 @@ def _selected_pages(index, chosen):
 
 
 @triton.jit
-def _chosen_in_slots(ranked, pages, budget, slot):
-    """The pages the selection's final pick (:func:`_top_pages_kernel`) writes to list slots
-    ``slot`` as chosen, -1 for none: taken entries above -inf fill the slots in order."""
-    take, taken_so_far, _ = _top_mask(ranked, budget)
-    hit = (take & (ranked > float("-inf")))[None, :] & ((taken_so_far - 1)[None, :] == slot[:, None])
-    return tl.max(tl.where(hit, pages[None, :], -1), axis=1)
-
-
-@triton.jit
 def _window_attention_kernel(
-    Q, K, V, ALLOWED, INDICES, CHOSEN, LAST, POS, OUT, LSE, RANKED, RANKED_PAGE, BUDGET,
+    Q, K, V, ALLOWED, INDICES, CHOSEN, LAST, POS, OUT, LSE,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
@@ -587,17 +552,10 @@ def _window_attention_kernel(
     stride_lb, stride_lh,
     stride_ob, stride_oh, stride_os, stride_or,
     stride_eb, stride_eh, stride_es,
-    stride_rb, stride_rh,
-    length, num_selected, pages_per_split, scale, entries, sink_pages, local_pages,
+    length, num_selected, pages_per_split, scale,
     G: tl.constexpr, N: tl.constexpr, ROWS: tl.constexpr, P: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     TILE: tl.constexpr, ONE_TILE: tl.constexpr, PRECISION: tl.constexpr, DENSE: tl.constexpr,
-    SELECT: tl.constexpr, SELECT_BLOCK: tl.constexpr, FIXED_BUDGET: tl.constexpr,
 ):
-    """One (batch row, KV head, split)'s attention over its share of the selected pages (see
-    :func:`attend_window`). SELECT 0 reads the page list (INDICES, CHOSEN). Otherwise the program
-    picks its split's pages itself, as the selection would have listed them (a split of one
-    tile): SELECT 1 from the row's ``entries`` page scores (RANKED), 2 from its chunks' candidates
-    (RANKED, RANKED_PAGE; see :func:`attend_selected`)."""
     b, hkv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = tl.arange(0, ROWS)  # row r = (query head g = r // N, window row i = r % N)
     head, win = rows // N, rows % N
@@ -619,21 +577,8 @@ def _window_attention_kernel(
     within = tl.arange(0, P)
     if ONE_TILE:  # a split of one tile: its pages serve the tile and the stamp after it
         slot = first + tl.arange(0, TILE)
-        if SELECT == 0:
-            split_page = _selected_pages(tl.load(INDICES + selection + slot, mask=slot < end, other=-1),
-                                         tl.load(CHOSEN + selection + slot, mask=slot < end, other=0))
-        else:
-            at = tl.arange(0, SELECT_BLOCK)
-            values = b * stride_rb + hkv * stride_rh + at
-            if SELECT == 1:
-                score = tl.load(RANKED + values, mask=at < entries, other=float("-inf"))
-                ranked = _ranked_scores(score, at, entries, newest_position, P, sink_pages, local_pages)
-                pages = at
-            else:
-                ranked = tl.load(RANKED + values, mask=at < entries, other=float("nan"))
-                pages = tl.load(RANKED_PAGE + values, mask=at < entries, other=-1)
-            budget = num_selected if FIXED_BUDGET else tl.load(BUDGET + b)
-            split_page = _chosen_in_slots(ranked, pages, budget, tl.where(slot < end, slot, -2))
+        split_page = _selected_pages(tl.load(INDICES + selection + slot, mask=slot < end, other=-1),
+                                     tl.load(CHOSEN + selection + slot, mask=slot < end, other=0))
     for j in range(first, end, TILE):  # TILE pages per iteration
         slot = j + tl.arange(0, TILE)
         if DENSE:  # every page of the cache, no selection
@@ -795,7 +740,8 @@ def attend_window(
     selection = (indices.contiguous(), chosen.contiguous(), state.last, position.contiguous())
     num_pages = indices.shape[-1]
     pages_per_split = pages_per_split or _split_pages(num_pages, q.shape[0], k.shape[1])
-    alone = _splits_alone(num_pages, q.shape[0], k.shape[1], pages_per_split, q.device)
+    programs = q.shape[0] * k.shape[1] * triton.cdiv(num_pages, pages_per_split)
+    alone = pages_per_split <= ONE_TILE_PAGES and programs <= _sm_count(q.device)
     if tile_pages is None:
         tile_pages = ONE_TILE_PAGES if alone else 4  # _attend caps a tile at its split
     if num_stages is None:
@@ -805,60 +751,6 @@ def attend_window(
 
 
 ONE_TILE_PAGES = 8  # splits of at most this many pages are one tile where each program has an SM to itself
-
-
-def _splits_alone(num_pages: int, batch: int, kv_heads: int, pages_per_split: int, device: torch.device) -> bool:
-    """Whether splits of ``num_pages`` selected pages are one tile each, every program with an SM to itself."""
-    programs = batch * kv_heads * triton.cdiv(num_pages, pages_per_split)
-    return pages_per_split <= ONE_TILE_PAGES and programs <= _sm_count(device)
-
-
-PICK_MAX_ENTRIES = 4096  # the most scores or candidates an attention program picks its pages from
-
-
-def attend_selected(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    allowed: torch.Tensor,
-    bias: torch.Tensor | None,
-    scores: torch.Tensor,
-    state: reference.LayerState,
-    position: torch.Tensor,
-    scale: float,
-    params: SparseParams,
-    chunk_pages: int | None = None,
-    fused: bool | None = None,
-) -> torch.Tensor:
-    """Same as ``reference.attend_selected``: :func:`top_pages`, then :func:`attend_window`.
-
-    Where the attention's splits are one tile each and every program has an SM to itself (small
-    batch), the attention programs pick their own split's pages (``fused``; None decides so): each
-    runs its (batch row, KV head)'s threshold search over the scores, or over the candidates of
-    the selection's chunks (:func:`_top_pages_kernel` without its final pick), and takes the
-    slots of its split. That is one launch, and the page list's round trip through memory, fewer
-    on the step's chain; the search repeated by a row's programs runs on SMs that would otherwise
-    wait. ``chunk_pages`` as for :func:`top_pages`.
-    """
-    b, hkv, num_pages = scores.shape
-    budget_pages = min(params.budget_pages, num_pages)
-    chunk = _chunking(b * hkv, num_pages, budget_pages, chunk_pages) if num_pages <= MAX_KERNEL_PAGES else 0
-    entries = triton.cdiv(num_pages, chunk) * budget_pages if chunk else num_pages
-    pages_per_split = _split_pages(budget_pages, b, hkv)
-    if fused is None:
-        fused = entries <= PICK_MAX_ENTRIES and _splits_alone(budget_pages, b, hkv, pages_per_split, q.device)
-    newest = position[:, -1]
-    if not fused or bias is not None or num_pages > MAX_KERNEL_PAGES:
-        indices, chosen = top_pages(scores, newest, params, state.counts, chunk)
-        return attend_window(q, k, v, allowed, bias, indices, chosen, state, position, scale, params.page_size)
-    if chunk:
-        ranked, pages = _select(scores, newest, params, chunk, state.counts, None)
-    else:
-        ranked, pages = scores.contiguous(), None
-    pick = _Pick(ranked, pages, _budget(params, newest, budget_pages), params.sink_pages, params.local_pages)
-    selection = (ranked, ranked, state.last, position.contiguous())  # the page list is not read
-    return _attend(q, k, v, allowed, selection, state.out_cache, state.lse_cache, scale, params.page_size,
-                   budget_pages, pages_per_split, triton.next_power_of_2(pages_per_split), 4, 1, pick)
 
 
 @functools.cache
@@ -909,24 +801,11 @@ def _split_pages(num_pages: int, batch: int, kv_heads: int) -> int:
     return max(8, triton.cdiv(num_pages * batch * kv_heads, 512))
 
 
-class _Pick(NamedTuple):
-    """What attention programs pick their own pages from (SELECT of the attention kernel):
-    ``ranked`` (B, Hkv, entries) page scores (``pages`` None) or chunk candidates with their
-    ``pages``; the budget as the selection reads it (:func:`_budget`); the always-kept pages."""
-
-    ranked: torch.Tensor
-    pages: torch.Tensor | None
-    budget: torch.Tensor | None
-    sink_pages: int
-    local_pages: int
-
-
 def _attend(q, k, v, allowed, selection, out_cache, lse_cache, scale, page_size, num_pages, pages_per_split,
-            tile_pages, num_warps, num_stages, pick: _Pick | None = None) -> torch.Tensor:
+            tile_pages, num_warps, num_stages) -> torch.Tensor:
     """The split attention and merge launches of :func:`attend_window` (``selection``: indices,
-    chosen, last, position; with ``pick``, indices and chosen are not read) and
-    :func:`dense_window` (``selection`` None: every one of ``num_pages`` pages, no output cache),
-    splits and tiles as their callers chose them."""
+    chosen, last, position) and :func:`dense_window` (``selection`` None: every one of
+    ``num_pages`` pages, no output cache), splits and tiles as their callers chose them."""
     q, k, v, allowed = _unit_last_stride(q, k, v, allowed)
     b, hq, n, d = q.shape
     hkv, length, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -935,18 +814,11 @@ def _attend(q, k, v, allowed, selection, out_cache, lse_cache, scale, page_size,
     indices, chosen, last, position = (allowed,) * 4 if dense else selection  # dense: never read, any strides do
     splits = triton.cdiv(num_pages, pages_per_split)
     tile = min(tile_pages, triton.next_power_of_2(pages_per_split))
-    one_tile = not dense and tile >= pages_per_split
-    if pick is not None and not one_tile:
-        raise ValueError(f"kernels.decode: attention programs pick their own pages only in splits of one tile "
-                         f"(pages_per_split={pages_per_split}, tile_pages={tile_pages})")
-    ranked = position if pick is None else pick.ranked  # SELECT 0: never read
-    ranked_page = ranked if pick is None or pick.pages is None else pick.pages
-    budget = ranked if pick is None or pick.budget is None else pick.budget
     rows = max(16, triton.next_power_of_2(group * n))
     part_out = torch.empty(b, hkv, splits, group * n, dv, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, hkv, splits, group * n, dtype=torch.float32, device=q.device)
     wrap_triton(_window_attention_kernel)[(b, hkv, splits)](
-        q, k, v, allowed, indices, chosen, last, position, part_out, part_lse, ranked, ranked_page, budget,
+        q, k, v, allowed, indices, chosen, last, position, part_out, part_lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -955,14 +827,10 @@ def _attend(q, k, v, allowed, selection, out_cache, lse_cache, scale, page_size,
         last.stride(0), last.stride(1),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(3),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
-        ranked.stride(0), ranked.stride(1),
-        length, num_pages, pages_per_split, scale, ranked.shape[-1],
-        0 if pick is None else pick.sink_pages, 0 if pick is None else pick.local_pages,
-        G=group, N=n, ROWS=rows, P=page_size, D=d, DV=dv, TILE=tile, ONE_TILE=one_tile,
+        length, num_pages, pages_per_split, scale,
+        G=group, N=n, ROWS=rows, P=page_size, D=d, DV=dv, TILE=tile, ONE_TILE=not dense and tile >= pages_per_split,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 exact; 16-bit inputs ignore it
-        DENSE=dense, SELECT=0 if pick is None else 1 if pick.pages is None else 2,
-        SELECT_BLOCK=16 if pick is None else max(16, triton.next_power_of_2(pick.ranked.shape[-1])),
-        FIXED_BUDGET=pick is None or pick.budget is None, num_warps=num_warps, num_stages=num_stages,
+        DENSE=dense, num_warps=num_warps, num_stages=num_stages,
     )
     cache = out_cache.shape[2]
     out = torch.empty(b, hq, n, dv, dtype=q.dtype, device=q.device)
@@ -981,4 +849,4 @@ def _attend(q, k, v, allowed, selection, out_cache, lse_cache, scale, page_size,
 
 def kernel_stages() -> reference.Stages:
     """The Triton stages, for ``reference.decode_step`` and ``reference.prefill``."""
-    return reference.Stages(summarize_pages, page_scores, attend_selected)
+    return reference.Stages(summarize_pages, page_scores, top_pages, attend_window)

@@ -357,12 +357,13 @@ class Stages(NamedTuple):
 
     summarize_pages: Callable[..., None]
     page_scores: Callable[..., torch.Tensor]
-    attend_selected: Callable[..., torch.Tensor]
+    top_pages: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    attend_window: Callable[..., torch.Tensor]
 
 
 def reference_stages() -> Stages:
     """This module's stage functions, looked up at call time (so tests can patch one)."""
-    return Stages(summarize_pages, page_scores, attend_selected)
+    return Stages(summarize_pages, page_scores, top_pages, attend_window)
 
 
 def sdpa_row_by_row(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -481,24 +482,6 @@ def attend_window(
     return merge_window(out, lse, state.out_cache, state.lse_cache).to(q.dtype)
 
 
-def attend_selected(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    allowed: torch.Tensor,
-    bias: torch.Tensor | None,
-    scores: torch.Tensor,
-    state: LayerState,
-    position: torch.Tensor,
-    scale: float,
-    params: SparseParams,
-) -> torch.Tensor:
-    """The newest row's pages by ``scores`` (:func:`top_pages`), and the window's attention over
-    them with the state update (:func:`attend_window`)."""
-    indices, chosen = top_pages(scores, position[:, -1], params, state.counts)
-    return attend_window(q, k, v, allowed, bias, indices, chosen, state, position, scale, params.page_size)
-
-
 def merge_window(
     out: torch.Tensor, lse: torch.Tensor, out_cache: torch.Tensor, lse_cache: torch.Tensor
 ) -> torch.Tensor:
@@ -544,13 +527,16 @@ def decode_step(
     length, page_size = k.shape[2], params.page_size
     allowed, bias = mask_to_allowed(attn_mask, is_causal, batch, n, length, q.device)
     position = query_positions(allowed) if positions is None else positions  # (B, n)
+    newest = position[:, -1]
     valid = allowed[:, -1]  # every key the newest row may see: written, not padding, <= newest
 
     touched = (n - 1) // page_size + 2  # pages a run of n positions can straddle
     written = PageRefresh(k, position[:, 0], touched)
     scores = stages.page_scores(q[:, :, -1], state.kmax, state.kmin, valid, page_size, refresh=written,
                                 summary_scale=state.summary_scale)
-    return stages.attend_selected(q, k, v, allowed, bias, scores, state, position, default_scale(q, scale), params)
+    indices, chosen = stages.top_pages(scores, newest, params, state.counts)
+    return stages.attend_window(q, k, v, allowed, bias, indices, chosen, state, position,
+                                default_scale(q, scale), page_size)
 
 
 def attention(
