@@ -108,19 +108,20 @@ def causal_mask(positions: torch.Tensor, batch: int, context: int) -> torch.Tens
     return allowed.expand(batch, 1, *allowed.shape).contiguous()
 
 
-def op_case(batch: int, context: int, window: int, seed: int = 0, summaries: str = "exact"):
+def op_case(batch: int, context: int, window: int, seed: int = 0, summaries: str = "exact", device: str = "cuda",
+            dtype: torch.dtype = torch.bfloat16):
     """(state, params, decode-step inputs) for the op at ``context`` cache positions, state built by
     a prefill, its summaries stored as ``summaries`` (``RetroConfig.summaries``)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    kw = dict(device="cuda", dtype=torch.bfloat16, generator=g)
+    g = torch.Generator(device=device).manual_seed(seed)
+    kw = dict(device=device, dtype=dtype, generator=g)
     k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, **kw)
     v = torch.randn(batch, KV_HEADS, context, HEAD_DIM, **kw)
     q = torch.randn(batch, Q_HEADS, window + 1, HEAD_DIM, **kw)
     params = SparseParams(PAGE, BUDGET // PAGE, 0.0, 0, 1, window)
     state = allocate(StateShape.of_call(q, k, v, math.ceil(context / PAGE), window, summaries))
-    prefill_rows = torch.arange(context - 2 * window - 1, context - window, device="cuda")
+    prefill_rows = torch.arange(context - 2 * window - 1, context - window, device=device)
     retro_attention(q, k, v, causal_mask(prefill_rows, batch, context), state, params)
-    q, mask = q[:, :, 1:].contiguous(), causal_mask(torch.arange(context - window, context, device="cuda"), batch, context)
+    q, mask = q[:, :, 1:].contiguous(), causal_mask(torch.arange(context - window, context, device=device), batch, context)
     return state, params, (q, k, v, mask)
 
 
@@ -197,6 +198,25 @@ def measure(row: dict, key: str, timed: Callable[[], float]) -> None:
     except Exception as error:
         log.warning("%s failed at B=%d, context %d: %s", key, row["batch"], row["context"], error)
         row[f"{key}_error"] = f"{type(error).__name__}: {error}"[:300]
+
+
+def kernels_module(source: str, name: str, folder: Path):
+    """A copy of ``kernels/decode.py`` from ``source`` (another commit's, or one with lines
+    replaced), imported as the sibling module ``retro_compile.kernels._<name>`` (its relative
+    imports work), so two versions of the kernels can be timed in one process. The source is
+    written to ``folder``: Triton reads each kernel's source back from its file."""
+    import importlib.util
+
+    from .kernels import decode
+
+    path = folder / f"{name}.py"
+    path.write_text(source)
+    module_name = f"{decode.__package__}._{name}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def measure_call(row: dict, key: str, fn: Callable[[], object]) -> None:

@@ -16,16 +16,14 @@ this script as of commit 7c26b6d (``swapped_products``, ``warp_key_groups``).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from retro_compile.bench import measure_call, op_case, stage_inputs
+from retro_compile.bench import kernels_module, measure_call, op_case, stage_inputs
 from retro_compile.kernels import decode
 
 log = logging.getLogger("ablate_attention")
@@ -45,8 +43,8 @@ VARIANTS: dict[str, list[tuple[str, str]]] = {
     ],
     "no_mask_load": [  # the byte mask is not read: every key of a chosen page is allowed
         ("allowed = tl.load(ALLOWED + b * stride_ab + win[:, None, None] * stride_an + page_keys[None, :, :],\n"
-         "                          mask=row_ok[:, :, None] & page_inside[None, :, :], other=0)",
-         "allowed = (row_ok[:, :, None] & page_inside[None, :, :]).to(tl.int8)"),
+         "                          mask=live[:, None, None] & page_inside[None, :, :], other=0)",
+         "allowed = (live[:, None, None] & page_inside[None, :, :]).to(tl.int8)"),
     ],
     "no_last_load": [  # `last` is not read: past rows see every chosen page
         ("seen_at = tl.load(LAST + b * stride_lb + hkv * stride_lh + page, mask=page >= 0, other=0)",
@@ -73,20 +71,13 @@ VARIANTS["attention_kernel_only_nothing_read"] = (  # the query, keys, values, m
 
 
 def variant_module(name: str, folder: Path):
-    """decode.py with ``VARIANTS[name]`` applied, imported as a sibling module (its relative imports work)."""
+    """decode.py with ``VARIANTS[name]`` applied, imported as a module of its own."""
     source = Path(decode.__file__).read_text()
     for old, new in VARIANTS[name]:
         if source.count(old) != 1:
             raise ValueError(f"variant {name}: {old!r} occurs {source.count(old)} times in decode.py, not once")
         source = source.replace(old, new)
-    path = folder / f"ablate_{name}.py"
-    path.write_text(source)  # a file, so Triton can read each kernel's source back
-    module_name = f"retro_compile.kernels._ablate_{name}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
+    return kernels_module(source, f"ablate_{name}", folder)
 
 
 def ablate(batch: int, context: int, modules: dict, warps: list[int], dense: list[str]) -> dict:

@@ -10,6 +10,8 @@ times a step:
 
 * ``kernel_us[programs]``: one kernel of ``programs`` programs that each load one value the
   previous kernel stored and store it again, per kernel of a graph of 40 such kernels in a row;
+* ``kernel_dependent_launch_us[programs]``: the same with programmatic dependent launch (Hopper):
+  each kernel is launched while the one before runs, and waits for it (``gdc_wait``) before its load;
 * ``chained_loads_us[n]``: one kernel of one program that follows ``n`` dependent loads through a
   pointer chain held in L2 (``n`` = 1, 16, 64), so the slope is one L2 round trip;
 * ``grid_barrier_us[programs]``: the other way to pass results between programs, inside one
@@ -35,9 +37,14 @@ log = logging.getLogger("launch_floor")
 
 
 @triton.jit
-def _pass_on_kernel(SRC, DST):
-    """Each program loads its value, written by the kernel before, and stores it for the next."""
+def _pass_on_kernel(SRC, DST, DEPENDENT: tl.constexpr):
+    """Each program loads its value, written by the kernel before, and stores it for the next.
+    DEPENDENT (for programmatic dependent launch): let the next kernel launch at once, and wait
+    for the one before to finish (and its stores to land) before loading."""
     i = tl.program_id(0)
+    if DEPENDENT:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     tl.store(DST + i, tl.load(SRC + i) + 1)
 
 
@@ -78,13 +85,14 @@ def grid_barrier_us(programs: int, phases: int) -> float:
                     compile=False)
 
 
-def kernel_chain_us(programs: int) -> float:
+def kernel_chain_us(programs: int, dependent: bool = False) -> float:
     a = torch.zeros(programs, dtype=torch.int32, device="cuda")
     b = torch.zeros_like(a)
+    launch = dict(DEPENDENT=True, launch_pdl=True) if dependent else dict(DEPENDENT=False)
 
     def two_links():  # graph_us records 20 calls of this: 40 kernels, each reading the last one's stores
-        _pass_on_kernel[(programs,)](a, b)
-        _pass_on_kernel[(programs,)](b, a)
+        _pass_on_kernel[(programs,)](a, b, **launch)
+        _pass_on_kernel[(programs,)](b, a, **launch)
 
     return graph_us(two_links, (), compile=False) / 2
 
@@ -106,6 +114,14 @@ def main() -> None:
     for programs in (1, 8, 128, 1024):
         result["kernel_us"][programs] = round(kernel_chain_us(programs), 2)
         log.info("kernel of %d programs: %.2f us", programs, result["kernel_us"][programs])
+    result["kernel_dependent_launch_us"] = {}
+    for programs in (1, 8, 128, 1024):
+        try:
+            result["kernel_dependent_launch_us"][programs] = round(kernel_chain_us(programs, dependent=True), 2)
+        except Exception as error:  # a GPU or driver without programmatic dependent launch
+            result["kernel_dependent_launch_us"][programs] = f"{type(error).__name__}: {error}"[:200]
+        log.info("kernel of %d programs, dependent launch: %s us", programs,
+                 result["kernel_dependent_launch_us"][programs])
     for hops in (1, 16, 64):
         result["chained_loads_us"][hops] = round(chained_loads_us(hops), 2)
         log.info("%d dependent loads: %.2f us", hops, result["chained_loads_us"][hops])

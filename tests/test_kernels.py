@@ -213,6 +213,26 @@ def test_attention_ablation_variants_apply_and_run(tmp_path):
             assert torch.equal(out, shipped)
 
 
+def test_compared_kernels_run_the_same_stages(tmp_path):
+    """``scripts/compare_stages.py`` times each stage of two versions of the kernels: a copy built
+    from decode.py's own source is a module of its own (its own kernels) and computes what
+    decode.py does, stage by stage and over a whole step, state updates included."""
+    from retro_compile.bench import kernels_module, op_case
+
+    script = load_script("compare_stages")
+    copy = kernels_module(Path(decode.__file__).read_text(), "compare_copy", tmp_path)
+    assert copy._window_attention_kernel is not decode._window_attention_kernel
+    results = []
+    for module in (copy, decode):
+        state, params, inputs = op_case(1, 320, 2, device=DEVICE, dtype=torch.float32)
+        calls = script.stage_calls(module, state, params, inputs)
+        assert list(calls) == ["scores_refresh", "select", "attend", "step"]
+        outputs = [calls["scores_refresh"](), *calls["select"](), calls["attend"](), calls["step"]()]
+        results.append(outputs + list(state))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("window", [1, 2])
 @pytest.mark.parametrize("summaries", ["exact", "int8"])
 def test_decode_step_with_kernels_matches_reference(window, summaries, monkeypatch):

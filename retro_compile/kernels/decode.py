@@ -176,10 +176,12 @@ def _page_scores_kernel(
         if program < REFRESH:  # the page and loads of _summarize_pages_kernel (see the note on helpers)
             page = tl.minimum(first + program, num_pages - 1)
             page_keys = page * P + tl.arange(0, P)
-            written = (page_keys < length) & (tl.load(VALID + b * stride_vb + page_keys, mask=page_keys < length,
-                                                      other=0) != 0)
+            # The keys load beside the mask, not under it: a load whose mask waits on another
+            # load waits on it too (the summary leaves out the rows that are not valid).
+            inside = page_keys < length
+            written = inside & (tl.load(VALID + b * stride_vb + page_keys, mask=inside, other=0) != 0)
             x = tl.load(K + b * stride_kb + hkv * stride_kh + page_keys[:, None] * stride_kl + dims[None, :],
-                        mask=written[:, None], other=0.0).to(tl.float32)
+                        mask=inside[:, None], other=0.0).to(tl.float32)
             page_max, page_min, page_valid = _page_summary(x, written)
             page_max, page_min = _stored_summary(page_max, page_min, scale, QUANTIZED)
             page_max, page_min = page_max.to(KMAX.dtype.element_ty), page_min.to(KMIN.dtype.element_ty)
@@ -604,11 +606,13 @@ def _window_attention_kernel(
         else:  # past rows see only pages they never saw
             seen_at = tl.load(LAST + b * stride_lb + hkv * stride_lh + page, mask=page >= 0, other=0)  # (TILE,)
             row_ok = live[:, None] & (newest[:, None] | (seen_at[None, :] < position[:, None]))  # (ROWS, TILE)
+        # The byte mask loads beside `last`, not under it (a load whose mask waits on another load
+        # waits on it too): a past row's bytes of a page it has seen are read, then dropped.
         allowed = tl.load(ALLOWED + b * stride_ab + win[:, None, None] * stride_an + page_keys[None, :, :],
-                          mask=row_ok[:, :, None] & page_inside[None, :, :], other=0)  # (ROWS, TILE, P)
-        allowed = tl.reshape(allowed, (ROWS, TILE * P))
+                          mask=live[:, None, None] & page_inside[None, :, :], other=0)  # (ROWS, TILE, P)
+        allowed = tl.reshape((allowed != 0) & row_ok[:, :, None], (ROWS, TILE * P))
         s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale).to(tl.float32)  # (ROWS, TILE * P)
-        s = tl.where(allowed != 0, s, float("-inf"))
+        s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at zero
         alpha = tl.exp(m - shift)
