@@ -63,12 +63,15 @@ def test_page_scores_kernel(dtype, q_heads, kv_heads, num_pages, block_pages, as
 @pytest.mark.parametrize("as_products", [False, True])
 @pytest.mark.parametrize("first,count", [([3, 1], 2), ([4, 4], 2), ([0, 2], 3)])
 @pytest.mark.parametrize("int8,blocks_per_program", [(False, 1), (True, 1), (True, 2)])
-def test_page_scores_kernel_refreshes_the_written_pages(dtype, as_products, first, count, int8, blocks_per_program):
-    """Scoring with a refresh: the named pages' summaries are rebuilt in place from the keys (a
-    pair that straddles two blocks of 4 pages, one clamped at the last page, a range holding an
-    all-padding page) and scored from the new rows; every other page is left as it was. Against
-    the reference's refresh then score, on the same stale tables (int8 ones: quantized with the
-    scale, which is not changed)."""
+@pytest.mark.parametrize("newest,local", [(None, 0), ([4 * 16, 2 * 16 + 5], 1), ([3 * 16 + 1, 4 * 16], 2)])
+def test_page_scores_kernel_scores_the_written_pages_from_their_keys(dtype, as_products, first, count, int8,
+                                                                     blocks_per_program, newest, local):
+    """Scoring with a refresh: the named pages (a pair that straddles two blocks of 4 pages, one
+    clamped at the last page, a range holding an all-padding page) scored from their summaries
+    rebuilt from the keys, but those the selection never ranks (from the newest position's page
+    less ``local - 1`` on) from the stored ones; the tables are not written. Against the
+    reference, on the same stale tables (int8 ones: quantized with the scale). The oracle for
+    which pages are rescored is the reference run with every written page rescored."""
     g = torch.Generator().manual_seed(sum(first) + count)
     b, hq, hkv, length, d, page = 2, 4, 2, 75, 16, 16
     num_pages = -(-length // page)  # 5, the last one ragged
@@ -82,24 +85,27 @@ def test_page_scores_kernel_refreshes_the_written_pages(dtype, as_products, firs
         *stale, scale = (t.cpu() for t in int8_tables(g, b, hkv, num_pages, d))
         scale = scale + 0.01
     position = torch.tensor(first) * page + 2
-    want_tables = [t.clone() for t in stale]
-    want = ref.page_scores(q, *want_tables, valid, page, refresh=ref.PageRefresh(k, position, count),
-                           summary_scale=scale)
+    refresh = ref.PageRefresh(k, position, count, None if newest is None else torch.tensor(newest), local)
+    want = ref.page_scores(q, *stale, valid, page, refresh=refresh, summary_scale=scale)
     got_tables = [t.clone().to(DEVICE) for t in stale]
-    refresh = ref.PageRefresh(k.to(DEVICE), position.to(DEVICE), count)
     got = decode.page_scores(q.to(DEVICE), *got_tables, valid.to(DEVICE), page, block_pages=4, as_products=as_products,
-                             refresh=refresh, summary_scale=None if scale is None else scale.to(DEVICE),
+                             refresh=ref.PageRefresh(*(t.to(DEVICE) if isinstance(t, torch.Tensor) else t
+                                                      for t in refresh)),
+                             summary_scale=None if scale is None else scale.to(DEVICE),
                              blocks_per_program=blocks_per_program)
-    for table, expected in zip(got_tables, want_tables):
-        torch.testing.assert_close(table.cpu(), expected, atol=0, rtol=0)  # max, min and their steps are exact
     torch.testing.assert_close(got.cpu(), want, atol=TOL[dtype], rtol=TOL[dtype])
-    touched = [{min(first[row] + t, num_pages - 1) for t in range(count)} for row in range(b)]
+    for table, before in zip(got_tables, stale):
+        assert torch.equal(table.cpu(), before)  # left for the step's end
+    every = ref.page_scores(q, *stale, valid, page, refresh=refresh._replace(newest_position=None),
+                            summary_scale=scale)
+    plain = ref.page_scores(q, *stale, valid, page, summary_scale=scale)
     for row in range(b):
+        written = {min(first[row] + t, num_pages - 1) for t in range(count)}
+        unranked = num_pages if newest is None else newest[row] // page - local + 1
         for p in range(num_pages):
-            if p not in touched[row]:
-                assert torch.equal(got_tables[0][row, :, p].cpu(), stale[0][row, :, p]), (row, p)
-    if int8:
-        assert (want_tables[0] == 127).any() and (want_tables[1] == -127).any(), "no refreshed key saturated"
+            oracle = every if p in written and p < unranked else plain
+            torch.testing.assert_close(got[row, :, p].cpu(), oracle[row, :, p], atol=TOL[dtype], rtol=TOL[dtype])
+    assert not torch.equal(every, plain)  # the rebuilt summaries score differently
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -213,6 +219,67 @@ def test_attention_ablation_variants_apply_and_run(tmp_path):
             assert torch.equal(out, shipped)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("first,count", [([3, 1], 2), ([4, 4], 2), ([0, 2], 3)])
+def test_attend_window_kernel_stores_the_written_pages_summaries(dtype, int8, first, count):
+    """The step's end: with a refresh, attend_window rebuilds the named pages' summaries in place
+    from the keys the newest row may see (a page clamped at the last, an all-padding page) and
+    leaves every other page as it was, against the reference's (``summarize_pages``; int8 tables
+    as steps of their scale, the largest keys saturating). The rest of the state and the output
+    are those of the same call without a refresh."""
+    g = torch.Generator().manual_seed(sum(first) + count + int8)
+    b, hq, hkv, n, length, d, page = 2, 4, 2, 2, 75, 16, 16
+    num_pages = -(-length // page)
+    q = torch.randn(b, hq, n, d, generator=g).to(dtype)
+    k = torch.randn(b, hkv, length, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv, length, d, generator=g).to(dtype)
+    newest = torch.tensor([74, 60])
+    position = newest[:, None] - torch.arange(n - 1, -1, -1)
+    allowed = (torch.arange(length) <= position[:, :, None]) & (torch.rand(b, 1, length, generator=g) > 0.2)
+    allowed[1, :, 16:32] = False  # page 1 of row 1: all padding
+    allowed[torch.arange(b)[:, None], torch.arange(n), position] = True
+    indices = torch.stack([torch.randperm(num_pages, generator=g)[:3] for _ in range(b * hkv)]).view(b, hkv, 3)
+    chosen = torch.rand(b, hkv, 3, generator=g) > 0.25
+    if int8:
+        kmax, kmin, scale = (t.cpu() for t in int8_tables(g, b, hkv, num_pages, d))
+        scale = scale + 0.01
+    else:
+        kmax, kmin = ((torch.randn(b, hkv, num_pages, d, generator=g) + shift).to(dtype) for shift in (1, -1))
+        scale = torch.zeros(b, hkv, d)  # not read
+    state = ref.LayerState(kmax, kmin, torch.randint(40, 60, (b, hkv, num_pages), generator=g, dtype=torch.int32),
+                           torch.randn(b, hq, 1, d, generator=g), torch.randn(b, hq, 1, generator=g),
+                           torch.zeros(b, hkv, dtype=torch.int32), scale)
+    refresh = ref.PageRefresh(k, torch.tensor(first) * page + 2, count, newest, 1)
+    want_state = ref.LayerState(*(t.clone() for t in state))
+    want = ref.attend_window(q, k, v, allowed, None, indices, chosen, want_state, position, 0.25, page, refresh=refresh)
+    states = [ref.LayerState(*(t.clone().to(DEVICE) for t in state)) for _ in range(2)]
+    outs = [decode.attend_window(*(t.to(DEVICE) for t in (q, k, v, allowed)), None, indices.to(DEVICE),
+                                 chosen.to(DEVICE), s, position.to(DEVICE), 0.25, page, **kwargs)
+            for s, kwargs in zip(states, ({}, dict(refresh=ref.PageRefresh(*(
+                t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in refresh)))))]
+    plain, got = outs
+    plain_state, got_state = (ref.LayerState(*(t.cpu() for t in s)) for s in states)
+    for name in ("kmax", "kmin"):
+        assert torch.equal(getattr(got_state, name), getattr(want_state, name)), name
+        assert torch.equal(getattr(plain_state, name), getattr(state, name)), name  # no refresh: untouched
+    assert not torch.equal(want_state.kmax, state.kmax)
+    for row in range(b):
+        written = {min(first[row] + t, num_pages - 1) for t in range(count)}
+        for p in set(range(num_pages)) - written:
+            assert torch.equal(got_state.kmax[row, :, p], state.kmax[row, :, p]), (row, p)
+    # The merge with and without its spare programs are two compilations: on a GPU their fp32
+    # arithmetic may round a last bit apart.
+    same = dict(atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got.cpu(), plain.cpu(), **same)
+    torch.testing.assert_close(got.cpu(), want, atol=TOL[dtype], rtol=TOL[dtype])
+    assert torch.equal(got_state.last, plain_state.last)
+    for name in ("out_cache", "lse_cache"):
+        torch.testing.assert_close(getattr(got_state, name), getattr(plain_state, name), **same, msg=name)
+    if int8:
+        assert (want_state.kmax == 127).any() and (want_state.kmin == -127).any(), "no refreshed key saturated"
+
+
 def test_compared_kernels_run_the_same_stages(tmp_path):
     """``scripts/compare_stages.py`` times each stage of two versions of the kernels: a copy built
     from decode.py's own source is a module of its own (its own kernels) and computes what
@@ -250,6 +317,44 @@ def test_decode_step_with_kernels_matches_reference(window, summaries, monkeypat
     full = ref.SparseParams(16, 8, 0.0, 0, 1, window)
     for positions, out in run(problem, full, steps=3, summaries=summaries):
         torch.testing.assert_close(out, dense_rows(problem, positions).to(out.device), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("window,local", [(2, 1), (4, 1), (2, 0), (4, 2)])
+@pytest.mark.parametrize("summaries", ["exact", "int8"])
+def test_decode_steps_over_rewritten_keys_match_reference(window, local, summaries, monkeypatch):
+    """As a model runs the window: every step writes new keys and values at all its rows'
+    positions (the past rows' corrected ones), so the written pages' summaries change at each
+    step, also where the window straddles two pages and the older one is ranked (local 1), or
+    the query's own page is (local 0). The op with the kernel stages against the reference op,
+    step by step: outputs, and the summary tables at the end."""
+    from retro_compile.kernels import op
+    from retro_compile.state import StateShape, allocate
+
+    from .sequences import mask_for
+
+    problem = make_problem(batch=2, q_heads=4, kv_heads=2, length=80, prompt=42, pad=(0, 7))
+    params = ref.SparseParams(16, 3, 0.0, 0, local, window)
+
+    def decode_steps(kernels: bool):
+        monkeypatch.setattr(op, "use_kernels", lambda *a: kernels)
+        g = torch.Generator().manual_seed(7)
+        q, k, v = (t.clone().to(DEVICE) for t in (problem.q, problem.k, problem.v))
+        state = allocate(StateShape.of_call(q, k, v, 5, window, summaries))
+        positions = list(range(problem.prompt))
+        outs = [op.retro_attention(q[:, :, positions], k, v, mask_for(problem, positions).to(DEVICE), state, params)]
+        for t in range(problem.prompt, problem.prompt + 12):  # across the page boundary at 48
+            positions = list(range(t - min(window, t + 1) + 1, t + 1))
+            for cache in (k, v):
+                cache[:, :, positions] = torch.randn(cache[:, :, positions].shape, generator=g).to(DEVICE)
+            outs.append(op.retro_attention(q[:, :, positions], k, v, mask_for(problem, positions).to(DEVICE), state,
+                                           params))
+        return outs, state
+
+    expected, want_state = decode_steps(False)
+    got, got_state = decode_steps(True)
+    for step, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"step {step}")
+    assert torch.equal(got_state.kmax, want_state.kmax) and torch.equal(got_state.kmin, want_state.kmin)
 
 
 def test_decode_sequence_with_the_selection_split_matches_reference(monkeypatch):
