@@ -137,9 +137,8 @@ def stage_inputs(state, params, inputs) -> SimpleNamespace:
     scores = decode.page_scores(q_row, state.kmax, state.kmin, valid, params.page_size,
                                 summary_scale=state.summary_scale)
     indices, chosen = decode.top_pages(scores, position[:, -1], params, state.counts)
-    refresh = ref.PageRefresh(k, position[:, 0], 2, position[:, -1], params.local_pages)  # the step's written pages
     return SimpleNamespace(q=q, k=k, v=v, allowed=allowed, position=position, valid=valid, q_row=q_row,
-                           first_position=position[:, 0], refresh=refresh, scores=scores, indices=indices,
+                           first_position=position[:, 0], scores=scores, indices=indices,
                            chosen=chosen, scale=q.shape[-1] ** -0.5)
 
 
@@ -160,12 +159,12 @@ def stage_times(state, params, inputs) -> dict[str, float]:
         "stage_scores_us": graphed_us(lambda: decode.page_scores(x.q_row, state.kmax, state.kmin, x.valid, page,
                                                                  summary_scale=scale)),
         "stage_scores_refresh_us": graphed_us(lambda: decode.page_scores(  # a step's: the summary refresh fused
-            x.q_row, state.kmax, state.kmin, x.valid, page, refresh=x.refresh, summary_scale=scale)),
+            x.q_row, state.kmax, state.kmin, x.valid, page, refresh=ref.PageRefresh(x.k, x.first_position, 2),
+            summary_scale=scale)),
         "stage_select_us": graphed_us(lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts)),
         "stage_select_torch_topk_us": graphed_us(lambda: ref.top_pages(x.scores, x.position[:, -1], params)),
         "stage_attend_us": graphed_us(lambda: decode.attend_window(x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen,
-                                                                   state, x.position, x.scale, page,
-                                                                   refresh=x.refresh)),
+                                                                   state, x.position, x.scale, page)),
     }
 
 

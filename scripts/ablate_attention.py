@@ -32,8 +32,7 @@ log = logging.getLogger("ablate_attention")
 VARIANTS: dict[str, list[tuple[str, str]]] = {
     "as_is": [],
     "attention_kernel_only": [  # no merge launch
-        ("    wrap_triton(_merge_window_kernel)[(b, hq + hkv * count)](",
-         "    if False: wrap_triton(_merge_window_kernel)[(b, hq + hkv * count)]("),
+        ("    wrap_triton(_merge_window_kernel)[(b, hq)](", "    if False: wrap_triton(_merge_window_kernel)[(b, hq)]("),
     ],
     "merge_kernel_only": [  # no attention launch (the merge folds whatever the partial buffers hold)
         ("    wrap_triton(_window_attention_kernel)[(b, hkv, splits)](",

@@ -21,7 +21,6 @@ these eager calls do.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import statistics
@@ -66,22 +65,15 @@ def stage_calls(module, state, params, inputs) -> dict:
     x = stage_inputs(state, params, inputs)
     page, scale = params.page_size, state.summary_scale
     q, k, v, mask = inputs
-    # Kernels that store the written pages' summaries at the step's end take them in attend_window;
-    # older ones stored them while scoring, and their attend_window takes no refresh.
-    stages = module.kernel_stages()
-    attend_refresh = {}
-    if "refresh" in inspect.signature(module.attend_window).parameters:
-        attend_refresh = dict(refresh=x.refresh)
-    else:
-        stages = stages._replace(attend_window=lambda *args, refresh=None, **kwargs: module.attend_window(*args,
-                                                                                                      **kwargs))
+    refresh = reference.PageRefresh(x.k, x.first_position, 2)
     return {
-        "scores_refresh": lambda: module.page_scores(x.q_row, state.kmax, state.kmin, x.valid, page,
-                                                     refresh=x.refresh, summary_scale=scale),
+        "scores_refresh": lambda: module.page_scores(x.q_row, state.kmax, state.kmin, x.valid, page, refresh=refresh,
+                                                     summary_scale=scale),
         "select": lambda: module.top_pages(x.scores, x.position[:, -1], params, state.counts),
         "attend": lambda: module.attend_window(x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen, state,
-                                               x.position, x.scale, page, **attend_refresh),
-        "step": lambda: reference.decode_step(q, k, v, mask, False, None, state, params, stages, x.position),
+                                               x.position, x.scale, page),
+        "step": lambda: reference.decode_step(q, k, v, mask, False, None, state, params, module.kernel_stages(),
+                                              x.position),
     }
 
 

@@ -26,18 +26,17 @@ import torch
 
 WRITES = {  # what each kernel is meant to write
     "_summarize_pages_kernel": {"KMAX", "KMIN"},
-    "_page_scores_kernel": {"OUT"},
+    "_page_scores_kernel": {"OUT", "KMAX", "KMIN"},  # the summaries only with REFRESH pages
     "_top_pages_kernel": {"IDX", "CHOSEN", "CAND_SCORE", "CAND_PAGE", "COUNTS"},  # candidates only in chunks
     "_window_attention_kernel": {"LAST", "OUT", "LSE"},  # `last` only for selected pages (not DENSE)
-    # the output cache only if it has rows, the summaries only with REFRESH pages
-    "_merge_window_kernel": {"OUT_CACHE", "LSE_CACHE", "OUT", "KMAX", "KMIN"},
+    "_merge_window_kernel": {"OUT_CACHE", "LSE_CACHE", "OUT"},  # the output cache only if it has rows
 }
 
 
 def expected_writes(kernel_name: str, arguments: dict) -> set[str]:
     """:data:`WRITES`, less what this launch's constexprs leave out."""
     writes = set(WRITES[kernel_name])
-    if arguments.get("REFRESH") == 0:  # (the scoring's REFRESH pages store no summaries either way)
+    if arguments.get("REFRESH") == 0:
         writes -= {"KMAX", "KMIN"}
     if arguments.get("DENSE"):
         writes -= {"LAST"}
@@ -79,7 +78,7 @@ def record_launches() -> list[tuple]:
                                torch.zeros(b, hq, n - 1), torch.zeros(b, hkv, dtype=torch.int32), torch.ones(b, hkv, d))
         decode.summarize_pages(state.kmax, state.kmin, k, allowed[:, -1], position[:, 0], 2, page, state.summary_scale)
         for as_products in (False, True):
-            for refresh in (None, ref.PageRefresh(k, position[:, 0], 2, position[:, -1], 1)):
+            for refresh in (None, ref.PageRefresh(k, position[:, 0], 2)):
                 decode.page_scores(q[:, :, -1], state.kmax, state.kmin, allowed[:, -1], page, as_products=as_products,
                                    refresh=refresh, summary_scale=state.summary_scale,
                                    blocks_per_program=4 if as_products else 1)
@@ -93,9 +92,6 @@ def record_launches() -> list[tuple]:
         for split, tile, stages in ((None, None, None), (8, 8, 1)):  # pipelined 4-page tiles; one unpipelined tile
             decode.attend_window(q, k, v, allowed, None, indices, chosen, state, position, 0.125, page, split, tile,
                                  num_stages=stages)
-        for tables in (state, state._replace(kmax=state.kmax.to(torch.int8), kmin=state.kmin.to(torch.int8))):
-            decode.attend_window(q, k, v, allowed, None, indices, chosen, tables, position, 0.125, page,
-                                 refresh=ref.PageRefresh(k, position[:, 0], 2, position[:, -1], 1))
         decode.dense_window(q, k, v, allowed, 0.125)
     return launches
 

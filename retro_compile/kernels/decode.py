@@ -91,10 +91,9 @@ def _summarize_pages_kernel(
     page = tl.minimum(tl.load(FIRST + b * stride_first) // P + t, num_pages - 1)
     keys = page * P + tl.arange(0, P)
     dims = tl.arange(0, D)
-    inside = keys < length
-    ok = inside & (tl.load(VALID + b * stride_vb + keys, mask=inside, other=0) != 0)
+    ok = (keys < length) & (tl.load(VALID + b * stride_vb + keys, mask=keys < length, other=0) != 0)
     x = tl.load(K + b * stride_kb + h * stride_kh + keys[:, None] * stride_kl + dims[None, :],
-                mask=inside[:, None], other=0.0).to(tl.float32)
+                mask=ok[:, None], other=0.0).to(tl.float32)
     kmax, kmin, _ = _page_summary(x, ok)
     scale = 1.0
     if QUANTIZED:
@@ -142,26 +141,23 @@ def _summary_scale(kmax: torch.Tensor, summary_scale: torch.Tensor | None, calle
 
 @triton.jit
 def _page_scores_kernel(
-    Q, KMAX, KMIN, VALID, OUT, K, FIRST, NEWEST, SCALE,
+    Q, KMAX, KMIN, VALID, OUT, K, FIRST, SCALE,
     stride_qb, stride_qh,
     stride_sb, stride_sh, stride_sp,
     stride_vb,
     stride_ob, stride_oh,
-    stride_kb, stride_kh, stride_kl, stride_first, stride_newest,
+    stride_kb, stride_kh, stride_kl, stride_first,
     stride_cb, stride_ch,
-    num_pages, length, local_pages,
+    num_pages, length,
     G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT: tl.constexpr, HEADS: tl.constexpr, PRECISION: tl.constexpr, REFRESH: tl.constexpr,
     QUANTIZED: tl.constexpr, BLOCKS: tl.constexpr, TABLES_AS_B: tl.constexpr,
 ):
-    # Programs 0..REFRESH-1 of the last grid axis score a step's written pages (REFRESH pages from
-    # the one holding FIRST[b]) that the selection may rank (before the page NEWEST[b] - local_pages
-    # + 1) from their new rows; the rest score blocks of pages and leave those pages to them. The
-    # step stores the new summaries at its end (attend_window): the refresh programs' keys, valid
-    # bytes and reductions then leave the chain at most steps, where every written page is kept.
-    # The refresh is spare programs beside the scoring, not a branch inside it: a branch that
-    # rewrote the scoring tiles made the whole kernel 10% slower on an H200 (84 us against 74 for
-    # two launches, B=8/128K).
+    # Programs 0..REFRESH-1 of the last grid axis refresh a step's written pages (REFRESH pages
+    # from the one holding FIRST[b]): summarize, store, and score each from its new rows. The rest
+    # score blocks of pages and leave those pages' scores to them. The refresh is spare programs
+    # beside the scoring, not a branch inside it: a branch that rewrote the scoring tiles made the
+    # whole kernel 10% slower on an H200 (84 us against 74 for two launches, B=8/128K).
     # int8 tables (QUANTIZED) are scored by the query times the summary scale, rounded to the
     # query's dtype (reference.page_scores); the tables' steps are exact in any float dtype.
     b, hkv, program = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -175,14 +171,10 @@ def _page_scores_kernel(
     if QUANTIZED:
         q = (q.to(tl.float32) * scale[None, :]).to(Q.dtype.element_ty)
     first = -1
-    unranked = 0
-    if REFRESH > 0:  # a kernel without the refresh holds none of its code
+    if REFRESH > 0:  # a kernel without the refresh holds none of its code, nor its stores
         first = tl.load(FIRST + b * stride_first) // P
-        unranked = tl.load(NEWEST + b * stride_newest) // P - local_pages + 1  # pages from it on are never ranked
         if program < REFRESH:  # the page and loads of _summarize_pages_kernel (see the note on helpers)
             page = tl.minimum(first + program, num_pages - 1)
-            if page >= unranked:
-                return  # scored from the stored summaries by the program of its block
             page_keys = page * P + tl.arange(0, P)
             # The keys load beside the mask, not under it: a load whose mask waits on another
             # load waits on it too (the summary leaves out the rows that are not valid).
@@ -193,6 +185,9 @@ def _page_scores_kernel(
             page_max, page_min, page_valid = _page_summary(x, written)
             page_max, page_min = _stored_summary(page_max, page_min, scale, QUANTIZED)
             page_max, page_min = page_max.to(KMAX.dtype.element_ty), page_min.to(KMIN.dtype.element_ty)
+            row = b * stride_sb + hkv * stride_sh + page * stride_sp + dims
+            tl.store(KMAX + row, page_max)
+            tl.store(KMIN + row, page_min)
             q_group = q.to(tl.float32)
             page_bound = tl.sum(tl.maximum(q_group * page_max.to(tl.float32)[None, :],
                                            q_group * page_min.to(tl.float32)[None, :]), axis=1)
@@ -235,8 +230,7 @@ def _page_scores_kernel(
         keys = pages[:, None] * P + tl.arange(0, P)[None, :]
         valid = tl.load(VALID + b * stride_vb + keys, mask=keys < length, other=0) != 0
         any_valid = tl.max(valid.to(tl.int32), axis=1) > 0
-        # a written page the selection may rank is its refresher's
-        others = ok & ((pages < first) | (pages >= first + REFRESH) | (pages >= unranked))
+        others = ok & ((pages < first) | (pages >= first + REFRESH))  # a written page's score is its refresher's
         tl.store(OUT + b * stride_ob + hkv * stride_oh + pages, tl.where(any_valid, best, float("-inf")), mask=others)
 
 
@@ -259,9 +253,8 @@ def page_scores(
 
     One program scores ``block_pages`` pages of one (batch row, KV head) for the whole query group,
     and reads their bytes of ``valid`` to mark the pages with no valid position. Each page of
-    ``refresh`` gets one more program, which summarizes it anew and scores it from the new rows
-    (elementwise, in fp32), where the selection may rank it; it stores nothing in the tables
-    (:func:`attend_window` does, at the step's end). ``as_products``
+    ``refresh`` gets one more program, which summarizes it anew (in place) and scores it from the
+    new rows (elementwise, in fp32): a step's refresh needs no launch of its own. ``as_products``
     computes each bound as two matrix products (``max(q, 0) . kmax + min(q, 0) . kmin``, the same
     sum in another order) where the shapes allow a ``tl.dot`` (blocks of at least 16 pages);
     otherwise elementwise in fp32. On an H200 (bf16, 32 query / 8 KV heads) the products took
@@ -288,14 +281,12 @@ def page_scores(
         blocks = b * hkv * triton.cdiv(num_pages, block_pages)
         blocks_per_program = min(8, max(1, blocks // 256))
     summary_scale = _summary_scale(kmax, summary_scale, "page_scores")
-    kmax, kmin = kmax.contiguous(), kmin.contiguous()
     if refresh is None:
-        k, first_position, newest_position, local_pages, count = kmax, kmax[:, 0, 0, 0], kmax[:, 0, 0, 0], 0, 0  # never read
+        kmax, kmin = kmax.contiguous(), kmin.contiguous()
+        k, first_position, count = kmax, kmax[:, 0, 0, 0], 0  # never read
     else:
+        _check_summary_layout(kmax, kmin, "page_scores")  # written in place
         (k,), first_position, count = _unit_last_stride(refresh.k), refresh.first_position, refresh.count
-        newest_position, local_pages = refresh.newest_position, refresh.local_pages
-        if newest_position is None:  # every written page ranked: none from past the last page on
-            newest_position, local_pages = torch.full_like(first_position, kmax.shape[2] * page_size), 0
     q_row, valid = _unit_last_stride(q_row, valid)  # q_row: a strided view of the query's newest row
     out = torch.empty(b, hkv, num_pages, dtype=torch.float32, device=q_row.device)
     block = min(block_pages, triton.next_power_of_2(num_pages))
@@ -303,14 +294,14 @@ def page_scores(
     dot = as_products and block >= 16 and kmax.dtype in (q_row.dtype, torch.int8) and kmin.dtype == kmax.dtype
     grid = (b, hkv, count + triton.cdiv(triton.cdiv(num_pages, block), blocks_per_program))
     wrap_triton(_page_scores_kernel)[grid](
-        q_row, kmax, kmin, valid, out, k, first_position, newest_position, summary_scale,
+        q_row, kmax, kmin, valid, out, k, first_position, summary_scale,
         q_row.stride(0), q_row.stride(1),
         kmax.stride(0), kmax.stride(1), kmax.stride(2),
         valid.stride(0),
         out.stride(0), out.stride(1),
-        k.stride(0), k.stride(1), k.stride(2), first_position.stride(0), newest_position.stride(0),
+        k.stride(0), k.stride(1), k.stride(2), first_position.stride(0),
         summary_scale.stride(0), summary_scale.stride(1),
-        num_pages, valid.shape[-1], local_pages, G=group, D=d, P=page_size, BLOCK_P=block,
+        num_pages, valid.shape[-1], G=group, D=d, P=page_size, BLOCK_P=block,
         DOT=dot, HEADS=max(16, triton.next_power_of_2(group)),
         PRECISION="ieee" if q_row.dtype == torch.float32 else "tf32",  # fp32 exact; 16-bit inputs ignore it
         REFRESH=count, QUANTIZED=quantized, BLOCKS=blocks_per_program,
@@ -650,42 +641,17 @@ def _window_attention_kernel(
 
 @triton.jit
 def _merge_window_kernel(
-    PART_OUT, PART_LSE, OUT_CACHE, LSE_CACHE, OUT, K, VALID, FIRST, KMAX, KMIN, SCALE,
+    PART_OUT, PART_LSE, OUT_CACHE, LSE_CACHE, OUT,
     stride_pb, stride_ph, stride_ps, stride_pr,
     stride_eb, stride_eh, stride_es,
     stride_cb, stride_ch, stride_cr,
     stride_lb, stride_lh,
     stride_ob, stride_oh, stride_on,
-    stride_kb, stride_kh, stride_kl, stride_vb, stride_first,
-    stride_sb, stride_sh, stride_sp, stride_tb, stride_th,
-    splits, q_heads, length, num_pages,
+    splits,
     G: tl.constexpr, N: tl.constexpr, NB: tl.constexpr, CACHE: tl.constexpr, CB: tl.constexpr, KEEP: tl.constexpr,
-    DV: tl.constexpr, SB: tl.constexpr, REFRESH: tl.constexpr, P: tl.constexpr, D: tl.constexpr,
-    QUANTIZED: tl.constexpr,
+    DV: tl.constexpr, SB: tl.constexpr,
 ):
     b, hq = tl.program_id(0), tl.program_id(1)
-    if REFRESH > 0:
-        if hq >= q_heads:
-            # Spare programs, REFRESH a KV head, store the summaries of the step's written pages
-            # (the loads of _summarize_pages_kernel; see the note on helpers). Nothing in this
-            # step reads them after the scoring, which took its own from the keys.
-            hkv, t = (hq - q_heads) // REFRESH, (hq - q_heads) % REFRESH
-            page = tl.minimum(tl.load(FIRST + b * stride_first) // P + t, num_pages - 1)
-            keys = page * P + tl.arange(0, P)
-            dims = tl.arange(0, D)
-            inside = keys < length
-            ok = inside & (tl.load(VALID + b * stride_vb + keys, mask=inside, other=0) != 0)
-            x = tl.load(K + b * stride_kb + hkv * stride_kh + keys[:, None] * stride_kl + dims[None, :],
-                        mask=inside[:, None], other=0.0).to(tl.float32)
-            page_max, page_min, _ = _page_summary(x, ok)
-            scale = 1.0
-            if QUANTIZED:
-                scale = tl.load(SCALE + b * stride_tb + hkv * stride_th + dims)
-            page_max, page_min = _stored_summary(page_max, page_min, scale, QUANTIZED)
-            offs = b * stride_sb + hkv * stride_sh + page * stride_sp + dims
-            tl.store(KMAX + offs, page_max.to(KMAX.dtype.element_ty))
-            tl.store(KMIN + offs, page_min.to(KMIN.dtype.element_ty))
-            return
     hkv, g = hq // G, hq % G
     win = tl.arange(0, NB)  # window row i of query head hq is partial row g * N + i
     live = win < N
@@ -757,11 +723,9 @@ def attend_window(
     tile_pages: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
-    refresh: reference.PageRefresh | None = None,
 ) -> torch.Tensor:
     """Same as ``reference.attend_window``, in two launches: the attention kernel (which also stamps
-    ``last``) and one merge kernel (splits, output cache, cache update, cast to ``q``'s dtype; the
-    summaries of the pages ``refresh`` names, in spare programs, one per KV head and page).
+    ``last``) and one merge kernel (splits, output cache, cache update, cast to ``q``'s dtype).
 
     ``tile_pages`` and ``num_stages`` None: 4-page tiles in a 3-stage software pipeline, except
     where every program has an SM to itself and a split is at most ``ONE_TILE_PAGES``: then a
@@ -786,12 +750,8 @@ def attend_window(
         tile_pages = ONE_TILE_PAGES if alone else 4  # _attend caps a tile at its split
     if num_stages is None:
         num_stages = 1 if alone else 3
-    if refresh is not None:
-        _check_summary_layout(state.kmax, state.kmin, "attend_window")  # written in place
-        refresh = refresh._replace(k=_unit_last_stride(refresh.k)[0])
-        tables = (state.kmax, state.kmin, _summary_scale(state.kmax, state.summary_scale, "attend_window"))
     return _attend(q, k, v, allowed, selection, state.out_cache, state.lse_cache, scale, page_size, num_pages,
-                   pages_per_split, tile_pages, num_warps, num_stages, refresh, None if refresh is None else tables)
+                   pages_per_split, tile_pages, num_warps, num_stages)
 
 
 ONE_TILE_PAGES = 8  # splits of at most this many pages are one tile where each program has an SM to itself
@@ -846,11 +806,10 @@ def _split_pages(num_pages: int, batch: int, kv_heads: int) -> int:
 
 
 def _attend(q, k, v, allowed, selection, out_cache, lse_cache, scale, page_size, num_pages, pages_per_split,
-            tile_pages, num_warps, num_stages, refresh=None, tables=None) -> torch.Tensor:
+            tile_pages, num_warps, num_stages) -> torch.Tensor:
     """The split attention and merge launches of :func:`attend_window` (``selection``: indices,
-    chosen, last, position; ``refresh`` with the ``tables`` (kmax, kmin, scale) it rewrites) and
-    :func:`dense_window` (``selection`` None: every one of ``num_pages`` pages, no output cache),
-    splits and tiles as their callers chose them."""
+    chosen, last, position) and :func:`dense_window` (``selection`` None: every one of
+    ``num_pages`` pages, no output cache), splits and tiles as their callers chose them."""
     q, k, v, allowed = _unit_last_stride(q, k, v, allowed)
     b, hq, n, d = q.shape
     hkv, length, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -879,24 +838,15 @@ def _attend(q, k, v, allowed, selection, out_cache, lse_cache, scale, page_size,
     )
     cache = out_cache.shape[2]
     out = torch.empty(b, hq, n, dv, dtype=q.dtype, device=q.device)
-    if refresh is None:  # never read or written
-        count, written, valid, first, (kmax, kmin, summary_scale) = 0, k, allowed, part_lse[:, 0, 0], (out,) * 3
-    else:
-        count, written, valid, first = refresh.count, refresh.k, allowed[:, -1], refresh.first_position
-        kmax, kmin, summary_scale = tables
-    wrap_triton(_merge_window_kernel)[(b, hq + hkv * count)](
-        part_out, part_lse, out_cache, lse_cache, out, written, valid, first, kmax, kmin, summary_scale,
+    wrap_triton(_merge_window_kernel)[(b, hq)](
+        part_out, part_lse, out_cache, lse_cache, out,
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(3),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
         out_cache.stride(0), out_cache.stride(1), out_cache.stride(2),
         lse_cache.stride(0), lse_cache.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        written.stride(0), written.stride(1), written.stride(2), valid.stride(0), first.stride(0),
-        kmax.stride(0), kmax.stride(1), kmax.stride(2), summary_scale.stride(0), summary_scale.stride(1),
-        splits, hq, length, kmax.shape[2] if count else 0,
-        G=group, N=n, NB=triton.next_power_of_2(n), CACHE=cache,
+        splits, G=group, N=n, NB=triton.next_power_of_2(n), CACHE=cache,
         CB=triton.next_power_of_2(max(cache, 1)), KEEP=min(cache, n), DV=dv, SB=min(16, triton.next_power_of_2(splits)),
-        REFRESH=count, P=page_size, D=written.shape[-1], QUANTIZED=kmax.dtype == torch.int8,
     )
     return out
 

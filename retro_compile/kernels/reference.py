@@ -6,8 +6,8 @@ Every stage is its own function, in the order a decode step runs them:
 2. :func:`build_summaries` / :func:`summarize_pages`: per-page key max/min over valid positions,
    stored as they are or as int8 steps of a per-dim scale (:func:`prompt_summary_scale`, :func:`quantize_summary`).
 3. :func:`page_scores`: Quest's upper bound ``sum_d max(q_d kmax_d, q_d kmin_d)``, GQA group max
-   (``-inf`` for pages the query has no valid position in), the pages a decode step wrote scored
-   from their rebuilt summaries (:class:`PageRefresh`; the step stores those at its end).
+   (``-inf`` for pages the query has no valid position in), after refreshing the summaries of
+   the pages a decode step wrote (:class:`PageRefresh`).
 4. :func:`top_pages`: always-kept pages plus the top-scoring rest, up to the budget.
 5. :func:`attend`: exact attention over a key mask, returning output and log-sum-exp.
 6. :func:`merge`: the exact LSE merge of two partial attentions over disjoint keys.
@@ -246,36 +246,12 @@ def put_pages(table: torch.Tensor, pages: torch.Tensor, values: torch.Tensor) ->
 # 3-4. Scoring and selection (Quest)
 # --------------------------------------------------------------------------------------------
 class PageRefresh(NamedTuple):
-    """The pages a step wrote, whose summaries it rebuilds (see :func:`summarize_pages`): ``count``
-    pages from the one holding ``first_position[b]``, from the keys ``k``. The step scores them
-    from their new summaries (:func:`page_scores`) and stores those at its end
-    (:func:`attend_window`).
-
-    With ``newest_position`` (B,), written pages from ``newest_position // page_size -
-    local_pages + 1`` on are always kept by the selection or hold no position the query may see:
-    it never ranks their scores, so scoring may take those from the stored summaries."""
+    """Pages whose summaries a step refreshes before it scores them (see :func:`summarize_pages`):
+    ``count`` pages from the one holding ``first_position[b]``, from the keys ``k``."""
 
     k: torch.Tensor  # (B, Hkv, L, D)
     first_position: torch.Tensor  # (B,)
     count: int
-    newest_position: torch.Tensor | None = None
-    local_pages: int = 0
-
-
-def refreshed_tables(
-    kmax: torch.Tensor, kmin: torch.Tensor, refresh: PageRefresh, valid: torch.Tensor, page_size: int,
-    summary_scale: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Copies of the tables with the written pages the selection may rank summarized anew (see
-    :class:`PageRefresh`); the tables themselves are left as they are."""
-    fresh_max, fresh_min = kmax.clone(), kmin.clone()
-    summarize_pages(fresh_max, fresh_min, refresh.k, valid, refresh.first_position, refresh.count, page_size,
-                    summary_scale)
-    if refresh.newest_position is None:
-        return fresh_max, fresh_min
-    unranked_from = refresh.newest_position // page_size - refresh.local_pages + 1
-    stale = (torch.arange(kmax.shape[2], device=kmax.device) >= unranked_from[:, None])[:, None, :, None]
-    return torch.where(stale, kmax, fresh_max), torch.where(stale, kmin, fresh_min)
 
 
 def page_scores(
@@ -285,16 +261,14 @@ def page_scores(
     """Upper bound of ``q . k`` over each page, maxed over each KV head's query group; ``-inf`` for
     a page with no position in ``valid`` (B, L) (beyond the query, or all padding).
 
-    q_row (B, Hq, D); kmax/kmin (B, Hkv, NP, D) -> (B, Hkv, NP) fp32. With ``refresh``, the pages
-    it names (a decode step's written pages) are scored from their summaries rebuilt from their
-    keys, as :func:`summarize_pages` would store them; the tables are left as they are (the step
-    stores them at its end, :func:`attend_window`). Written pages the selection never ranks are
-    scored from the stored summaries (see :class:`PageRefresh`). For int8 tables ``summary_scale``
-    (B, Hkv, D) is folded into the query: each head's ``q * scale``, rounded to the query's dtype
-    as the kernels' matrix products take it, scores the tables' steps (:func:`table_scale`).
+    q_row (B, Hq, D); kmax/kmin (B, Hkv, NP, D) -> (B, Hkv, NP) fp32. With ``refresh``, the
+    summaries of the pages it names are first recomputed in place (a decode step's written pages),
+    so that the kernel can do both in one pass. For int8 tables ``summary_scale`` (B, Hkv, D) is
+    folded into the query: each head's ``q * scale``, rounded to the query's dtype as the kernels'
+    matrix products take it, scores the tables' steps (:func:`table_scale`).
     """
     if refresh is not None:
-        kmax, kmin = refreshed_tables(kmax, kmin, refresh, valid, page_size, summary_scale)
+        summarize_pages(kmax, kmin, refresh.k, valid, refresh.first_position, refresh.count, page_size, summary_scale)
     b, hq, d = q_row.shape
     hkv = kmax.shape[1]
     q = q_row.float().view(b, hkv, hq // hkv, 1, d)
@@ -493,23 +467,18 @@ def attend_window(
     position: torch.Tensor,
     scale: float,
     page_size: int,
-    refresh: PageRefresh | None = None,
 ) -> torch.Tensor:
     """The step's attention and its state update; returns the window's output in ``q``'s dtype.
 
     :func:`window_attention` over the chosen pages; each past row merged with its cached output;
     the chosen pages stamped with the newest row's position in ``last``; the output cache moved
-    one step on (:func:`merge_window`); the summaries of the pages ``refresh`` names rebuilt in
-    place (:func:`summarize_pages`, over the keys the newest row may see). ``indices`` (B, Hkv, K)
-    are distinct pages, ``chosen`` marks the selected ones.
+    one step on (:func:`merge_window`). ``indices`` (B, Hkv, K) are distinct pages, ``chosen`` marks
+    the selected ones.
     """
     out, lse = window_attention(q, k, v, allowed, bias, torch.where(chosen, indices, -1), state.last, position,
                                 scale, page_size)
     newest = position[:, -1, None, None].to(state.last.dtype)
     put_pages(state.last, indices, torch.where(chosen, newest, state.last.gather(-1, indices)))
-    if refresh is not None:
-        summarize_pages(state.kmax, state.kmin, refresh.k, allowed[:, -1], refresh.first_position, refresh.count,
-                        page_size, state.summary_scale)
     return merge_window(out, lse, state.out_cache, state.lse_cache).to(q.dtype)
 
 
@@ -562,12 +531,12 @@ def decode_step(
     valid = allowed[:, -1]  # every key the newest row may see: written, not padding, <= newest
 
     touched = (n - 1) // page_size + 2  # pages a run of n positions can straddle
-    written = PageRefresh(k, position[:, 0], touched, newest, params.local_pages)
+    written = PageRefresh(k, position[:, 0], touched)
     scores = stages.page_scores(q[:, :, -1], state.kmax, state.kmin, valid, page_size, refresh=written,
                                 summary_scale=state.summary_scale)
     indices, chosen = stages.top_pages(scores, newest, params, state.counts)
     return stages.attend_window(q, k, v, allowed, bias, indices, chosen, state, position,
-                                default_scale(q, scale), page_size, refresh=written)
+                                default_scale(q, scale), page_size)
 
 
 def attention(
