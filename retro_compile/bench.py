@@ -32,7 +32,7 @@ import shlex
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +111,8 @@ def causal_mask(positions: torch.Tensor, batch: int, context: int) -> torch.Tens
 def op_case(batch: int, context: int, window: int, seed: int = 0, summaries: str = "exact", device: str = "cuda",
             dtype: torch.dtype = torch.bfloat16):
     """(state, params, decode-step inputs) for the op at ``context`` cache positions, state built by
-    a prefill, its summaries stored as ``summaries`` (``RetroConfig.summaries``)."""
+    a prefill, its summaries stored as ``summaries`` (``RetroConfig.summaries``); tensors on
+    ``device`` in ``dtype`` (the benchmarks': CUDA, bf16)."""
     g = torch.Generator(device=device).manual_seed(seed)
     kw = dict(device=device, dtype=dtype, generator=g)
     k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, **kw)
@@ -200,15 +201,20 @@ def measure(row: dict, key: str, timed: Callable[[], float]) -> None:
         row[f"{key}_error"] = f"{type(error).__name__}: {error}"[:300]
 
 
-def kernels_module(source: str, name: str, folder: Path):
-    """A copy of ``kernels/decode.py`` from ``source`` (another commit's, or one with lines
-    replaced), imported as the sibling module ``retro_compile.kernels._<name>`` (its relative
-    imports work), so two versions of the kernels can be timed in one process. The source is
-    written to ``folder``: Triton reads each kernel's source back from its file."""
+def kernels_module(source: str, name: str, folder: Path, replacements: Sequence[tuple[str, str]] = ()):
+    """A copy of ``kernels/decode.py`` from ``source`` (another commit's), with each (old, new) of
+    ``replacements`` applied (each old text must occur exactly once), imported as the sibling
+    module ``retro_compile.kernels._<name>`` (its relative imports work), so that versions of the
+    kernels can be timed side by side in one process. The source is written to ``folder``: Triton
+    reads each kernel's source back from its file."""
     import importlib.util
 
     from .kernels import decode
 
+    for old, new in replacements:
+        if source.count(old) != 1:
+            raise ValueError(f"kernels {name}: {old!r} occurs {source.count(old)} times in the source, not once")
+        source = source.replace(old, new)
     path = folder / f"{name}.py"
     path.write_text(source)
     module_name = f"{decode.__package__}._{name}"

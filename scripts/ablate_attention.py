@@ -72,12 +72,7 @@ VARIANTS["attention_kernel_only_nothing_read"] = (  # the query, keys, values, m
 
 def variant_module(name: str, folder: Path):
     """decode.py with ``VARIANTS[name]`` applied, imported as a module of its own."""
-    source = Path(decode.__file__).read_text()
-    for old, new in VARIANTS[name]:
-        if source.count(old) != 1:
-            raise ValueError(f"variant {name}: {old!r} occurs {source.count(old)} times in decode.py, not once")
-        source = source.replace(old, new)
-    return kernels_module(source, f"ablate_{name}", folder)
+    return kernels_module(Path(decode.__file__).read_text(), f"ablate_{name}", folder, VARIANTS[name])
 
 
 def ablate(batch: int, context: int, modules: dict, warps: list[int], dense: list[str]) -> dict:

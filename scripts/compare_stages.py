@@ -52,14 +52,6 @@ DEPENDENT_LAUNCH = [
 ]
 
 
-def replaced(source: str, replacements: list[tuple[str, str]]) -> str:
-    for old, new in replacements:
-        if source.count(old) != 1:
-            raise ValueError(f"{old!r} occurs {source.count(old)} times in decode.py, not once")
-        source = source.replace(old, new)
-    return source
-
-
 def stage_calls(module, state, params, inputs) -> dict:
     """name -> a call of that stage of ``module``'s kernels."""
     x = stage_inputs(state, params, inputs)
@@ -108,8 +100,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         modules = {"base": kernels_module(args.base.read_text(), "compare_base", Path(folder)), "new": decode}
         if args.dependent_launch:
-            source = replaced(Path(decode.__file__).read_text(), DEPENDENT_LAUNCH)
-            modules["new_dependent"] = kernels_module(source, "compare_dependent", Path(folder))
+            modules["new_dependent"] = kernels_module(Path(decode.__file__).read_text(), "compare_dependent",
+                                                      Path(folder), DEPENDENT_LAUNCH)
         rows = []
         for shape in args.shapes:
             batch, context = map(int, shape.split("x"))

@@ -222,6 +222,8 @@ def test_compared_kernels_run_the_same_stages(tmp_path):
     script = load_script("compare_stages")
     copy = kernels_module(Path(decode.__file__).read_text(), "compare_copy", tmp_path)
     assert copy._window_attention_kernel is not decode._window_attention_kernel
+    # the dependent-launch version's replacements each still find their text once (it runs on Hopper only)
+    kernels_module(Path(decode.__file__).read_text(), "compare_dependent", tmp_path, script.DEPENDENT_LAUNCH)
     results = []
     for module in (copy, decode):
         state, params, inputs = op_case(1, 320, 2, device=DEVICE, dtype=torch.float32)
