@@ -139,8 +139,8 @@ def stage_inputs(state, params, inputs) -> SimpleNamespace:
                                 summary_scale=state.summary_scale)
     indices, chosen = decode.top_pages(scores, position[:, -1], params, state.counts)
     return SimpleNamespace(q=q, k=k, v=v, allowed=allowed, position=position, valid=valid, q_row=q_row,
-                           first_position=position[:, 0], scores=scores, indices=indices,
-                           chosen=chosen, scale=q.shape[-1] ** -0.5)
+                           refresh=ref.PageRefresh.of_window(k, position, params.page_size), scores=scores,
+                           indices=indices, chosen=chosen, scale=q.shape[-1] ** -0.5)
 
 
 def stage_times(state, params, inputs) -> dict[str, float]:
@@ -155,13 +155,12 @@ def stage_times(state, params, inputs) -> dict[str, float]:
     page, scale = params.page_size, state.summary_scale
     return {
         "stage_positions_us": graph_us(ref.query_positions, (x.allowed,)),  # compiled, as a step runs it
-        "stage_summarize_us": graphed_us(lambda: decode.summarize_pages(state.kmax, state.kmin, x.k, x.valid,
-                                                                        x.first_position, 2, page, scale)),
+        "stage_summarize_us": graphed_us(lambda: decode.summarize_pages(  # a step's written pages, alone
+            state.kmax, state.kmin, x.k, x.valid, x.refresh.first_position, x.refresh.count, page, scale)),
         "stage_scores_us": graphed_us(lambda: decode.page_scores(x.q_row, state.kmax, state.kmin, x.valid, page,
                                                                  summary_scale=scale)),
         "stage_scores_refresh_us": graphed_us(lambda: decode.page_scores(  # a step's: the summary refresh fused
-            x.q_row, state.kmax, state.kmin, x.valid, page, refresh=ref.PageRefresh(x.k, x.first_position, 2),
-            summary_scale=scale)),
+            x.q_row, state.kmax, state.kmin, x.valid, page, refresh=x.refresh, summary_scale=scale)),
         "stage_select_us": graphed_us(lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts)),
         "stage_select_torch_topk_us": graphed_us(lambda: ref.top_pages(x.scores, x.position[:, -1], params)),
         "stage_attend_us": graphed_us(lambda: decode.attend_window(x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen,

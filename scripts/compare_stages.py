@@ -52,15 +52,14 @@ DEPENDENT_LAUNCH = [
 ]
 
 
-def stage_calls(module, state, params, inputs) -> dict:
-    """name -> a call of that stage of ``module``'s kernels."""
-    x = stage_inputs(state, params, inputs)
+def stage_calls(module, state, params, inputs, x) -> dict:
+    """name -> a call of that stage of ``module``'s kernels, on ``x``, the step's
+    :func:`~retro_compile.bench.stage_inputs` (the same for every version)."""
     page, scale = params.page_size, state.summary_scale
     q, k, v, mask = inputs
-    refresh = reference.PageRefresh(x.k, x.first_position, 2)
     return {
-        "scores_refresh": lambda: module.page_scores(x.q_row, state.kmax, state.kmin, x.valid, page, refresh=refresh,
-                                                     summary_scale=scale),
+        "scores_refresh": lambda: module.page_scores(x.q_row, state.kmax, state.kmin, x.valid, page,
+                                                     refresh=x.refresh, summary_scale=scale),
         "select": lambda: module.top_pages(x.scores, x.position[:, -1], params, state.counts),
         "attend": lambda: module.attend_window(x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen, state,
                                                x.position, x.scale, page),
@@ -71,7 +70,8 @@ def stage_calls(module, state, params, inputs) -> dict:
 
 def compare(batch: int, context: int, modules: dict, rounds: int, summaries: str) -> dict:
     state, params, inputs = op_case(batch, context, 2, summaries=summaries)
-    calls = {name: stage_calls(module, state, params, inputs) for name, module in modules.items()}
+    x = stage_inputs(state, params, inputs)
+    calls = {name: stage_calls(module, state, params, inputs, x) for name, module in modules.items()}
     row: dict = dict(batch=batch, context=context, summaries=summaries)
     names = list(modules)
     for r in range(rounds):

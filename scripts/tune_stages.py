@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from retro_compile.bench import graph_us, measure_call, op_case, stage_inputs
 from retro_compile.config import SUMMARIES
-from retro_compile.kernels import decode, reference
+from retro_compile.kernels import decode
 
 
 STAGES = ("scores", "refresh", "select", "attend", "dense", "floors")
@@ -67,11 +67,11 @@ def tune(batch: int, context: int, stages=STAGES, summaries: str = "exact") -> d
                                                            summary_scale=scale))
     if "refresh" in stages:
         timed("summarize_then_scores", lambda: (
-            decode.summarize_pages(state.kmax, state.kmin, x.k, x.valid, x.first_position, 2, page, scale),
+            decode.summarize_pages(state.kmax, state.kmin, x.k, x.valid, x.refresh.first_position, x.refresh.count,
+                                   page, scale),
             decode.page_scores(x.q_row, state.kmax, state.kmin, x.valid, page, summary_scale=scale)))
         timed("scores_with_refresh", lambda: decode.page_scores(
-            x.q_row, state.kmax, state.kmin, x.valid, page, refresh=reference.PageRefresh(x.k, x.first_position, 2),
-            summary_scale=scale))
+            x.q_row, state.kmax, state.kmin, x.valid, page, refresh=x.refresh, summary_scale=scale))
     if "select" in stages:
         for choices in ([dict(chunk_pages=c) for c in (0, 256, 512, 1024, 2048)]
                         + [dict(chunk_pages=c, num_warps=w) for c, w in ((512, 2), (512, 4), (512, 8), (1024, 2),

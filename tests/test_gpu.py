@@ -157,10 +157,9 @@ def test_int8_summaries_match_the_reference_bf16(batch, context, monkeypatch):
     for name in ("kmax", "kmin", "summary_scale"):
         assert torch.equal(getattr(state, name), getattr(want_state, name)), name
     x = stage_inputs(state, params, inputs)
-    refresh = ref.PageRefresh(x.k, x.first_position, 2)
-    got = decode.page_scores(x.q_row, state.kmax, state.kmin, x.valid, params.page_size, refresh=refresh,
+    got = decode.page_scores(x.q_row, state.kmax, state.kmin, x.valid, params.page_size, refresh=x.refresh,
                              summary_scale=state.summary_scale)
-    want = ref.page_scores(x.q_row, want_state.kmax, want_state.kmin, x.valid, params.page_size, refresh=refresh,
+    want = ref.page_scores(x.q_row, want_state.kmax, want_state.kmin, x.valid, params.page_size, refresh=x.refresh,
                            summary_scale=want_state.summary_scale)
     assert torch.equal(state.kmax, want_state.kmax) and torch.equal(state.kmin, want_state.kmin)
     torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)

@@ -14,7 +14,7 @@ from retro_compile.kernels import decode  # needs triton (the test extra)
 from retro_compile.kernels import reference as ref
 
 from .scripts import load_script
-from .sequences import dense_rows, make_problem, run
+from .sequences import dense_rows, make_problem, mask_for, run
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -217,7 +217,7 @@ def test_compared_kernels_run_the_same_stages(tmp_path):
     """``scripts/compare_stages.py`` times each stage of two versions of the kernels: a copy built
     from decode.py's own source is a module of its own (its own kernels) and computes what
     decode.py does, stage by stage and over a whole step, state updates included."""
-    from retro_compile.bench import kernels_module, op_case
+    from retro_compile.bench import kernels_module, op_case, stage_inputs
 
     script = load_script("compare_stages")
     copy = kernels_module(Path(decode.__file__).read_text(), "compare_copy", tmp_path)
@@ -227,7 +227,7 @@ def test_compared_kernels_run_the_same_stages(tmp_path):
     results = []
     for module in (copy, decode):
         state, params, inputs = op_case(1, 320, 2, device=DEVICE, dtype=torch.float32)
-        calls = script.stage_calls(module, state, params, inputs)
+        calls = script.stage_calls(module, state, params, inputs, stage_inputs(state, params, inputs))
         assert list(calls) == ["scores_refresh", "select", "attend", "step"]
         outputs = [calls["scores_refresh"](), *calls["select"](), calls["attend"](), calls["step"]()]
         results.append(outputs + list(state))
@@ -264,8 +264,6 @@ def test_decode_steps_over_rewritten_keys_match_reference(window, local, summari
     step by step: outputs, and the summary tables at the end."""
     from retro_compile.kernels import op
     from retro_compile.state import StateShape, allocate
-
-    from .sequences import mask_for
 
     problem = make_problem(batch=2, q_heads=4, kv_heads=2, length=80, prompt=42, pad=(0, 7))
     params = ref.SparseParams(16, 3, 0.0, 0, local, window)

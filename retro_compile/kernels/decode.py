@@ -91,9 +91,12 @@ def _summarize_pages_kernel(
     page = tl.minimum(tl.load(FIRST + b * stride_first) // P + t, num_pages - 1)
     keys = page * P + tl.arange(0, P)
     dims = tl.arange(0, D)
-    ok = (keys < length) & (tl.load(VALID + b * stride_vb + keys, mask=keys < length, other=0) != 0)
+    # The keys load beside the valid bytes, not under them: a load whose mask waits on another
+    # load waits on it too (the summary leaves out the rows that are not valid).
+    inside = keys < length
+    ok = inside & (tl.load(VALID + b * stride_vb + keys, mask=inside, other=0) != 0)
     x = tl.load(K + b * stride_kb + h * stride_kh + keys[:, None] * stride_kl + dims[None, :],
-                mask=ok[:, None], other=0.0).to(tl.float32)
+                mask=inside[:, None], other=0.0).to(tl.float32)
     kmax, kmin, _ = _page_summary(x, ok)
     scale = 1.0
     if QUANTIZED:
@@ -176,8 +179,6 @@ def _page_scores_kernel(
         if program < REFRESH:  # the page and loads of _summarize_pages_kernel (see the note on helpers)
             page = tl.minimum(first + program, num_pages - 1)
             page_keys = page * P + tl.arange(0, P)
-            # The keys load beside the mask, not under it: a load whose mask waits on another
-            # load waits on it too (the summary leaves out the rows that are not valid).
             inside = page_keys < length
             written = inside & (tl.load(VALID + b * stride_vb + page_keys, mask=inside, other=0) != 0)
             x = tl.load(K + b * stride_kb + hkv * stride_kh + page_keys[:, None] * stride_kl + dims[None, :],

@@ -253,6 +253,12 @@ class PageRefresh(NamedTuple):
     first_position: torch.Tensor  # (B,)
     count: int
 
+    @classmethod
+    def of_window(cls, k: torch.Tensor, position: torch.Tensor, page_size: int) -> "PageRefresh":
+        """The pages a decode window's rows, at the consecutive positions ``position`` (B, n), were
+        written to: from the first row's page on, as many as a run of n positions can straddle."""
+        return cls(k, position[:, 0], (position.shape[1] - 1) // page_size + 2)
+
 
 def page_scores(
     q_row: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor, valid: torch.Tensor, page_size: int,
@@ -530,8 +536,7 @@ def decode_step(
     newest = position[:, -1]
     valid = allowed[:, -1]  # every key the newest row may see: written, not padding, <= newest
 
-    touched = (n - 1) // page_size + 2  # pages a run of n positions can straddle
-    written = PageRefresh(k, position[:, 0], touched)
+    written = PageRefresh.of_window(k, position, page_size)
     scores = stages.page_scores(q[:, :, -1], state.kmax, state.kmin, valid, page_size, refresh=written,
                                 summary_scale=state.summary_scale)
     indices, chosen = stages.top_pages(scores, newest, params, state.counts)
