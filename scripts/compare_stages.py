@@ -3,9 +3,9 @@
     git show REV:retro_compile/kernels/decode.py > base_decode.py
     python scripts/compare_stages.py --base base_decode.py --out compare_stages.json
 
-Two versions of ``kernels/decode.py`` timed on one GPU, one after the other and then in the
-reverse order (``--rounds`` times), so that a difference is not the drift between two machines
-or two runs. For each (batch, context): the summary refresh with scoring, the selection, the
+Two versions of ``kernels/decode.py`` (or more: ``--base`` takes several files, each named by
+its stem in the JSON) timed on one GPU, one after the other and then in the reverse order
+(``--rounds`` times), so that a difference is not the drift between two machines or two runs. For each (batch, context): the summary refresh with scoring, the selection, the
 attention with its merge, and the whole step as ``reference.decode_step`` runs with each
 version's stages (the query positions given, as a layer of a compiled model gets them; no
 Inductor), each as ``python -m retro_compile.bench op`` times its stages: device time per call
@@ -88,7 +88,8 @@ def compare(batch: int, context: int, modules: dict, rounds: int, summaries: str
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", type=Path, required=True, help="the other version's decode.py")
+    p.add_argument("--base", type=Path, nargs="+", required=True,
+                   help="the other version's decode.py (several: each named by its file's stem)")
     p.add_argument("--shapes", nargs="+", default=["1x32768", "1x131072", "8x131072"], help="BATCHxCONTEXT")
     p.add_argument("--rounds", type=int, default=2, help="timings of each, the order reversed each round")
     p.add_argument("--summaries", default="exact", choices=SUMMARIES, help="the state's summary format")
@@ -98,7 +99,12 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with tempfile.TemporaryDirectory() as folder:
-        modules = {"base": kernels_module(args.base.read_text(), "compare_base", Path(folder)), "new": decode}
+        names = ["base"] if len(args.base) == 1 else [path.stem for path in args.base]
+        if len(set(names)) < len(names) or "new" in names:
+            p.error(f"--base: files need distinct stems other than 'new', got {names}")
+        modules = {name: kernels_module(path.read_text(), f"compare_{name}", Path(folder))
+                   for name, path in zip(names, args.base)}
+        modules["new"] = decode
         if args.dependent_launch:
             modules["new_dependent"] = kernels_module(Path(decode.__file__).read_text(), "compare_dependent",
                                                       Path(folder), DEPENDENT_LAUNCH)
@@ -106,7 +112,7 @@ def main() -> None:
         for shape in args.shapes:
             batch, context = map(int, shape.split("x"))
             rows.append(compare(batch, context, modules, args.rounds, args.summaries))
-            args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), base=str(args.base),
+            args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), base=[str(b) for b in args.base],
                                                 results=rows), indent=2))
 
 

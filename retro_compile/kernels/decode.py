@@ -336,11 +336,23 @@ def _float_to_key(x):
 
 
 INTERPOLATED_ROUNDS = tl.constexpr(8)  # the threshold search's first rounds guess by interpolation, then it bisects
+SEARCH_BINS = tl.constexpr(64)  # bins of each histogram that narrows the search's bracket
+SEARCH_LEVELS = tl.constexpr(2)  # histograms before the search
 
 
 @triton.jit
 def _sum_min_max(sum_a, min_a, max_a, sum_b, min_b, max_b):
     return sum_a + sum_b, tl.minimum(min_a, min_b), tl.maximum(max_a, max_b)
+
+
+@triton.jit
+def _max_min_max(max_a, min_a, maxb_a, max_b, min_b, maxb_b):
+    return tl.maximum(max_a, max_b), tl.minimum(min_a, min_b), tl.maximum(maxb_a, maxb_b)
+
+
+@triton.jit
+def _min_max(min_a, max_a, min_b, max_b):
+    return tl.minimum(min_a, min_b), tl.maximum(max_a, max_b)
 
 
 @triton.jit
@@ -372,9 +384,30 @@ def _top_mask(ranked, budget):
     every, up, at_inf = counts & 0x1FFFFF, (counts >> 21) & 0x1FFFFF, counts >> 42
     search = (every > budget) & (up >= budget) & (at_inf < budget)
     no_search = tl.where(at_inf >= budget, tl.full((), 0xFF800000, tl.int64), 0x7FFFFF)  # key(+inf) or key(-inf)
-    lo = tl.where(search, _float_to_key(smallest), no_search)
-    hi = tl.where(search, _float_to_key(largest), no_search)
-    count_lo, count_hi = up, at_inf
+    # The bracket narrowed by histograms: each level splits the current bucket's value range into
+    # SEARCH_BINS equal bins and keeps the bin holding the budget-th value. A value's bin is a
+    # monotone function of it (rounding and clamping are), so the kept bin's values are all the
+    # values between its smallest and largest, and the counts carry over exactly.
+    inside, count_hi, total = finite, at_inf, up - at_inf  # total: values in the bucket
+    start, scale = smallest, tl.where(largest > smallest, SEARCH_BINS / (largest - smallest), 0.0)
+    bins = tl.arange(0, SEARCH_BINS)
+    for _ in tl.static_range(SEARCH_LEVELS):
+        t = (ranked - start) * scale
+        value_bin = tl.where(t > 0, tl.minimum(t, SEARCH_BINS - 1), 0.0).to(tl.int32)  # NaN (0 x inf) to bin 0
+        counts_in = tl.histogram(value_bin, SEARCH_BINS, mask=inside)
+        at_or_above = count_hi + total - tl.cumsum(counts_in, axis=0) + counts_in  # values at or above each bin
+        reaches = at_or_above >= budget
+        kept, count_lo, count_hi = tl.reduce(
+            (tl.where(reaches, bins, -1), tl.where(reaches, at_or_above, every), tl.where(reaches, count_hi, at_or_above)),
+            0, _max_min_max)
+        inside &= value_bin == kept
+        total = count_lo - count_hi
+        start += kept / tl.where(scale > 0, scale, 1.0)  # scale 0: every value in bin 0
+        scale *= SEARCH_BINS
+    bucket_min, bucket_max = tl.reduce((tl.where(inside, ranked, float("inf")), tl.where(inside, ranked, float("-inf"))),
+                            0, _min_max)
+    lo = tl.where(search, _float_to_key(bucket_min), no_search)
+    hi = tl.where(search, _float_to_key(bucket_max), no_search)
     rounds = 0
     while (lo < hi) & (count_lo != budget):
         span = hi - lo
