@@ -336,7 +336,7 @@ def _float_to_key(x):
 
 
 INTERPOLATED_ROUNDS = tl.constexpr(8)  # the threshold search's first rounds guess by interpolation, then it bisects
-SEARCH_BINS = tl.constexpr(64)  # bins of each histogram that narrows the search's bracket
+SEARCH_BINS = tl.constexpr(32)  # bins of each histogram that narrows the search's bracket
 SEARCH_LEVELS = tl.constexpr(2)  # histograms before the search
 
 
@@ -369,11 +369,16 @@ def _top_mask(ranked, budget):
     values above it) and stops once a count is exact or ``lo == hi``. Its first rounds guess where
     the budget-th value lies by linear interpolation of the counts, kept inside the middle 60% of
     the range; later rounds bisect, so it ends within 8 + 32 rounds whatever the values.
-    In a simulation on Quest bounds of random Gaussian keys (8192 pages, budget 128) it took 7-10
-    rounds, where bisection from -inf to +inf took 21-25; on an H200 the selection took 30% less
-    time. Each round is one comparison per value and one sum; comparisons are on floats. Around
+    Each round is one comparison per value and one sum; comparisons are on floats. Around
     the rounds, each reduction or prefix sum over the program's values waits on its warps to meet,
     so those that can share one do: the counts with the bounds, both prefix counts at the end.
+
+    Before the rounds, SEARCH_LEVELS histograms of SEARCH_BINS bins narrow the bracket to one
+    bin's values (the bin of a bin, ...), in one histogram and one small reduction a level. In a
+    simulation on Quest bounds of random Gaussian keys (budget 128; 1024 and 2048 values) the
+    interpolating search took 7.7 and 8.1 rounds on average from the finite values' bounds, 0.6
+    and 0.7 after two levels of 32 bins. On an H200 the selection took 4.1 us against 5.6 at B=1/8K, 6.8
+    against 7.0 at B=1/32K and 10.0 against 10.2 at B=1/128K (``compare_search_h200.json``).
     """
     above_neg_inf, at_pos_inf = ranked > float("-inf"), ranked == float("inf")
     finite = above_neg_inf & ~at_pos_inf
@@ -384,30 +389,31 @@ def _top_mask(ranked, budget):
     every, up, at_inf = counts & 0x1FFFFF, (counts >> 21) & 0x1FFFFF, counts >> 42
     search = (every > budget) & (up >= budget) & (at_inf < budget)
     no_search = tl.where(at_inf >= budget, tl.full((), 0xFF800000, tl.int64), 0x7FFFFF)  # key(+inf) or key(-inf)
-    # The bracket narrowed by histograms: each level splits the current bucket's value range into
+    # The bracket narrowed by histograms: each level splits the current bin's value range into
     # SEARCH_BINS equal bins and keeps the bin holding the budget-th value. A value's bin is a
     # monotone function of it (rounding and clamping are), so the kept bin's values are all the
     # values between its smallest and largest, and the counts carry over exactly.
-    inside, count_hi, total = finite, at_inf, up - at_inf  # total: values in the bucket
-    start, scale = smallest, tl.where(largest > smallest, SEARCH_BINS / (largest - smallest), 0.0)
+    inside, count_hi, total = finite, at_inf, up - at_inf  # total: the values inside the kept bin
+    value_range = tl.where(largest > smallest, largest - smallest, 1.0)
+    start, scale = smallest, tl.full((), SEARCH_BINS, tl.float32) / value_range
     bins = tl.arange(0, SEARCH_BINS)
     for _ in tl.static_range(SEARCH_LEVELS):
         t = (ranked - start) * scale
-        value_bin = tl.where(t > 0, tl.minimum(t, SEARCH_BINS - 1), 0.0).to(tl.int32)  # NaN (0 x inf) to bin 0
-        counts_in = tl.histogram(value_bin, SEARCH_BINS, mask=inside)
-        at_or_above = count_hi + total - tl.cumsum(counts_in, axis=0) + counts_in  # values at or above each bin
+        value_bin = tl.where(t > 0, tl.minimum(t, SEARCH_BINS - 1), 0.0).to(tl.int32)  # NaN (0 x inf): bin 0
+        in_bin = tl.histogram(value_bin, SEARCH_BINS, mask=inside)
+        at_or_above = count_hi + total - tl.cumsum(in_bin, axis=0) + in_bin  # values at or above each bin
         reaches = at_or_above >= budget
         kept, count_lo, count_hi = tl.reduce(
-            (tl.where(reaches, bins, -1), tl.where(reaches, at_or_above, every), tl.where(reaches, count_hi, at_or_above)),
-            0, _max_min_max)
+            (tl.where(reaches, bins, -1), tl.where(reaches, at_or_above, every),
+             tl.where(reaches, count_hi, at_or_above)), 0, _max_min_max)
         inside &= value_bin == kept
         total = count_lo - count_hi
-        start += kept / tl.where(scale > 0, scale, 1.0)  # scale 0: every value in bin 0
+        start += kept / tl.where(scale > 0, scale, 1.0)  # scale 0 (a range past the largest float): all in bin 0
         scale *= SEARCH_BINS
-    bucket_min, bucket_max = tl.reduce((tl.where(inside, ranked, float("inf")), tl.where(inside, ranked, float("-inf"))),
-                            0, _min_max)
-    lo = tl.where(search, _float_to_key(bucket_min), no_search)
-    hi = tl.where(search, _float_to_key(bucket_max), no_search)
+    bin_min, bin_max = tl.reduce(
+        (tl.where(inside, ranked, float("inf")), tl.where(inside, ranked, float("-inf"))), 0, _min_max)
+    lo = tl.where(search, _float_to_key(bin_min), no_search)
+    hi = tl.where(search, _float_to_key(bin_max), no_search)
     rounds = 0
     while (lo < hi) & (count_lo != budget):
         span = hi - lo
@@ -552,8 +558,13 @@ def top_pages(
     block = max(16, triton.next_power_of_2(entries))
     # Each search round is a reduction over the values: more warps split the comparisons, fewer
     # pay less to combine (H200: 8 warps for 8192 values took 15.3 us against 17.0 with 16; 4 for
-    # 512 values 5.9 against 6.5 with 1).
-    num_warps = num_warps or min(8, max(4, max(block, chunk_pages) // 1024))
+    # 512 values 5.9 against 6.5 with 1). The histograms' atomics favour fewer values a thread
+    # where the programs leave SMs idle: 8 warps for 2048 values took 6.8 us against 7.4 with 4
+    # at B=1/32K and 10.9 against 11.5 at B=4/128K (128 programs), but 13.6 against 13.2 at
+    # B=8/128K (256 programs).
+    values = max(block, chunk_pages)
+    few_programs = b * hkv * chunks <= _sm_count(scores.device)
+    num_warps = num_warps or (8 if values >= 8192 or (values >= 2048 and few_programs) else 4)
     if chunk_pages:
         cand_score = torch.empty(b * hkv, chunks * k, dtype=torch.float32, device=scores.device)
         cand_page = torch.empty(b * hkv, chunks * k, dtype=torch.int32, device=scores.device)
