@@ -336,8 +336,8 @@ def _float_to_key(x):
 
 
 INTERPOLATED_ROUNDS = tl.constexpr(8)  # the threshold search's first rounds guess by interpolation, then it bisects
-SEARCH_BINS = tl.constexpr(16)  # bins of each histogram that narrows the search's bracket (at most 16)
-SEARCH_LEVELS = tl.constexpr(3)  # histograms before the search
+SEARCH_BINS = tl.constexpr(32)  # bins of each histogram that narrows the search's bracket
+SEARCH_LEVELS = tl.constexpr(2)  # histograms before the search
 
 
 @triton.jit
@@ -346,8 +346,8 @@ def _sum_min_max(sum_a, min_a, max_a, sum_b, min_b, max_b):
 
 
 @triton.jit
-def _sum_4(a0, a1, a2, a3, b0, b1, b2, b3):
-    return a0 + b0, a1 + b1, a2 + b2, a3 + b3
+def _max_min_max(max_a, min_a, maxb_a, max_b, min_b, maxb_b):
+    return tl.maximum(max_a, max_b), tl.minimum(min_a, min_b), tl.maximum(maxb_a, maxb_b)
 
 
 @triton.jit
@@ -392,28 +392,22 @@ def _top_mask(ranked, budget):
     # The bracket narrowed by histograms: each level splits the current bin's value range into
     # SEARCH_BINS equal bins and keeps the bin holding the budget-th value. A value's bin is a
     # monotone function of it (rounding and clamping are), so the kept bin's values are all the
-    # values between its smallest and largest, and the counts carry over exactly. A level's counts
-    # are one sum: 16 bits a bin (at most 2**14 values), four bins a 64-bit word.
-    inside, count_hi = finite, at_inf
+    # values between its smallest and largest, and the counts carry over exactly.
+    inside, count_hi, total = finite, at_inf, up - at_inf  # total: the values inside the kept bin
     value_range = tl.where(largest > smallest, largest - smallest, 1.0)
     start, scale = smallest, tl.full((), SEARCH_BINS, tl.float32) / value_range
+    bins = tl.arange(0, SEARCH_BINS)
     for _ in tl.static_range(SEARCH_LEVELS):
         t = (ranked - start) * scale
         value_bin = tl.where(t > 0, tl.minimum(t, SEARCH_BINS - 1), 0.0).to(tl.int32)  # NaN (0 x inf): bin 0
-        one = tl.where(inside, tl.full((), 1, tl.int64) << ((value_bin % 4) * 16).to(tl.int64), 0)
-        word = value_bin // 4
-        words = tl.reduce((tl.where(word == 0, one, 0), tl.where(word == 1, one, 0), tl.where(word == 2, one, 0),
-                           tl.where(word == 3, one, 0)), 0, _sum_4)
-        kept, count_lo, above, below_kept = tl.full((), -1, tl.int32), every, count_hi, count_hi
-        for down in tl.static_range(SEARCH_BINS):  # from the top bin down: the first reaching the budget
-            at_or_above = above + ((words[(SEARCH_BINS - 1 - down) // 4] >> (16 * ((SEARCH_BINS - 1 - down) % 4))) & 0xFFFF)
-            reaches = (kept < 0) & (at_or_above >= budget)
-            kept = tl.where(reaches, SEARCH_BINS - 1 - down, kept)
-            count_lo = tl.where(reaches, at_or_above, count_lo)
-            below_kept = tl.where(reaches, above, below_kept)
-            above = at_or_above
-        count_hi = below_kept
+        in_bin = tl.histogram(value_bin, SEARCH_BINS, mask=inside)
+        at_or_above = count_hi + total - tl.cumsum(in_bin, axis=0) + in_bin  # values at or above each bin
+        reaches = at_or_above >= budget
+        kept, count_lo, count_hi = tl.reduce(
+            (tl.where(reaches, bins, -1), tl.where(reaches, at_or_above, every),
+             tl.where(reaches, count_hi, at_or_above)), 0, _max_min_max)
         inside &= value_bin == kept
+        total = count_lo - count_hi
         start += kept / tl.where(scale > 0, scale, 1.0)  # scale 0 (a range past the largest float): all in bin 0
         scale *= SEARCH_BINS
     bin_min, bin_max = tl.reduce(
