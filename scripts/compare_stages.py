@@ -5,11 +5,12 @@
 
 Two versions of ``kernels/decode.py`` (or more: ``--base`` takes several files, each named by
 its stem in the JSON) timed on one GPU, one after the other and then in the reverse order
-(``--rounds`` times), so that a difference is not the drift between two machines or two runs. For each (batch, context): the summary refresh with scoring, the selection, the
-attention with its merge, and the whole step as ``reference.decode_step`` runs with each
+(``--rounds`` times), so that a difference is not the drift between two machines or two runs.
+For each (batch, context): the summary refresh with scoring, the selection, the attention with
+its merge, and the whole step as ``reference.decode_step`` runs with each
 version's stages (the query positions given, as a layer of a compiled model gets them; no
 Inductor), each as ``python -m retro_compile.bench op`` times its stages: device time per call
-from a CUDA graph of 20 calls. Both versions run on the same state and inputs (retro w=2).
+from a CUDA graph of 20 calls. Every version runs on the same state and inputs (retro w=2).
 
 ``--dependent-launch`` adds a third version: the working kernels launched with programmatic
 dependent launch (Hopper; :data:`DEPENDENT_LAUNCH`): each kernel of the chain is launched while

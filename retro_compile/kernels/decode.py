@@ -377,8 +377,10 @@ def _top_mask(ranked, budget):
     bin's values (the bin of a bin, ...), in one histogram and one small reduction a level. In a
     simulation on Quest bounds of random Gaussian keys (budget 128; 1024 and 2048 values) the
     interpolating search took 7.7 and 8.1 rounds on average from the finite values' bounds, 0.6
-    and 0.7 after two levels of 32 bins. On an H200 the selection took 4.1 us against 5.6 at B=1/8K, 6.8
-    against 7.0 at B=1/32K and 10.0 against 10.2 at B=1/128K (``compare_search_h200.json``).
+    and 0.7 after two levels of 32 bins. On an H200, side by side with the search alone
+    (``results/compare_search_h200.json``), the selection took 4.1 us against 5.6 at B=1/8K,
+    6.8 against 7.0 at B=1/32K and 10.0 against 10.2 at B=1/128K (9.7 with the 8 warps of
+    ``top_pages``, ``results/compare_search_warps_h200.json``).
     """
     above_neg_inf, at_pos_inf = ranked > float("-inf"), ranked == float("inf")
     finite = above_neg_inf & ~at_pos_inf
