@@ -560,11 +560,11 @@ def top_pages(
     block = max(16, triton.next_power_of_2(entries))
     # Each search round is a reduction over the values: more warps split the comparisons, fewer
     # pay less to combine (H200: 8 warps for 8192 values took 15.3 us against 17.0 with 16; 4 for
-    # 512 values 5.9 against 6.5 with 1). The histograms' atomics favour fewer values a thread
-    # where the programs leave SMs idle: 8 warps for 2048 values took 6.8 us against 7.4 with 4
-    # at B=1/32K and 10.9 against 11.5 at B=4/128K (128 programs), for 1024 values 9.7 against
-    # 10.0 at B=1/128K (64 programs), but 13.6 against 13.2 at B=8/128K (256 programs); 16 warps
-    # lost (7.6 at B=1/32K).
+    # 512 values 5.9 against 6.5 with 1). The histograms' work (warp votes, a few a value) grows
+    # with the values a thread holds, so where the programs leave SMs idle more warps pay: 8 warps
+    # for 2048 values took 6.8 us against 7.4 with 4 at B=1/32K and 10.9 against 11.5 at B=4/128K
+    # (128 programs), for 1024 values 9.7 against 10.0 at B=1/128K (64 programs), but 13.6 against
+    # 13.2 at B=8/128K (256 programs); 16 warps lost (7.6 at B=1/32K).
     values = max(block, chunk_pages)
     few_programs = b * hkv * chunks <= _sm_count(scores.device)
     num_warps = num_warps or (8 if values >= 8192 or (values >= 1024 and few_programs) else 4)
