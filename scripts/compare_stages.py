@@ -113,8 +113,8 @@ def main() -> None:
         for shape in args.shapes:
             batch, context = map(int, shape.split("x"))
             rows.append(compare(batch, context, modules, args.rounds, args.summaries))
-            args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), base=[str(b) for b in args.base],
-                                                results=rows), indent=2))
+            args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
+                                                base=[str(path) for path in args.base], results=rows), indent=2))
 
 
 if __name__ == "__main__":

@@ -346,8 +346,8 @@ def _sum_min_max(sum_a, min_a, max_a, sum_b, min_b, max_b):
 
 
 @triton.jit
-def _max_min_max(max_a, min_a, maxb_a, max_b, min_b, maxb_b):
-    return tl.maximum(max_a, max_b), tl.minimum(min_a, min_b), tl.maximum(maxb_a, maxb_b)
+def _max_min_max(a0, a1, a2, b0, b1, b2):
+    return tl.maximum(a0, b0), tl.minimum(a1, b1), tl.maximum(a2, b2)
 
 
 @triton.jit
@@ -391,31 +391,31 @@ def _top_mask(ranked, budget):
     every, up, at_inf = counts & 0x1FFFFF, (counts >> 21) & 0x1FFFFF, counts >> 42
     search = (every > budget) & (up >= budget) & (at_inf < budget)
     no_search = tl.where(at_inf >= budget, tl.full((), 0xFF800000, tl.int64), 0x7FFFFF)  # key(+inf) or key(-inf)
-    # The bracket narrowed by histograms: each level splits the current bin's value range into
-    # SEARCH_BINS equal bins and keeps the bin holding the budget-th value. A value's bin is a
-    # monotone function of it (rounding and clamping are), so the kept bin's values are all the
-    # values between its smallest and largest, and the counts carry over exactly.
-    inside, count_hi, total = finite, at_inf, up - at_inf  # total: the values inside the kept bin
-    value_range = tl.where(largest > smallest, largest - smallest, 1.0)
-    start, scale = smallest, tl.full((), SEARCH_BINS, tl.float32) / value_range
-    bins = tl.arange(0, SEARCH_BINS)
-    for _ in tl.static_range(SEARCH_LEVELS):
-        t = (ranked - start) * scale
-        value_bin = tl.where(t > 0, tl.minimum(t, SEARCH_BINS - 1), 0.0).to(tl.int32)  # NaN (0 x inf): bin 0
-        in_bin = tl.histogram(value_bin, SEARCH_BINS, mask=inside)
-        at_or_above = count_hi + total - tl.cumsum(in_bin, axis=0) + in_bin  # values at or above each bin
-        reaches = at_or_above >= budget
-        kept, count_lo, count_hi = tl.reduce(
-            (tl.where(reaches, bins, -1), tl.where(reaches, at_or_above, every),
-             tl.where(reaches, count_hi, at_or_above)), 0, _max_min_max)
-        inside &= value_bin == kept
-        total = count_lo - count_hi
-        start += kept / tl.where(scale > 0, scale, 1.0)  # scale 0 (a range past the largest float): all in bin 0
-        scale *= SEARCH_BINS
-    bin_min, bin_max = tl.reduce(
-        (tl.where(inside, ranked, float("inf")), tl.where(inside, ranked, float("-inf"))), 0, _min_max)
-    lo = tl.where(search, _float_to_key(bin_min), no_search)
-    hi = tl.where(search, _float_to_key(bin_max), no_search)
+    lo, hi, count_lo, count_hi = no_search, no_search, up, at_inf
+    if search:  # the bracket narrowed by histograms (a row without a search, e.g. a short context, skips them)
+        # Each level splits the current bin's value range into SEARCH_BINS equal bins and keeps
+        # the bin holding the budget-th value. A value's bin is a monotone function of it
+        # (rounding and clamping are), so the kept bin's values are all the values between its
+        # smallest and largest, and the counts (at or above the kept bin, above it) carry over.
+        inside = finite
+        value_range = tl.where(largest > smallest, largest - smallest, 1.0)
+        start, scale = smallest, tl.full((), SEARCH_BINS, tl.float32) / value_range
+        bins = tl.arange(0, SEARCH_BINS)
+        for _ in tl.static_range(SEARCH_LEVELS):
+            t = (ranked - start) * scale
+            value_bin = tl.where(t > 0, tl.minimum(t, SEARCH_BINS - 1), 0.0).to(tl.int32)  # NaN (0 x inf): bin 0
+            in_bin = tl.histogram(value_bin, SEARCH_BINS, mask=inside)
+            at_or_above = count_lo - tl.cumsum(in_bin, axis=0) + in_bin  # values at or above each bin
+            reaches = at_or_above >= budget
+            kept, count_lo, count_hi = tl.reduce(
+                (tl.where(reaches, bins, -1), tl.where(reaches, at_or_above, count_lo),
+                 tl.where(reaches, count_hi, at_or_above)), 0, _max_min_max)
+            inside &= value_bin == kept
+            start += kept / tl.where(scale > 0, scale, 1.0)  # scale 0 (a range past the largest float): bin 0
+            scale *= SEARCH_BINS
+        bin_min, bin_max = tl.reduce(
+            (tl.where(inside, ranked, float("inf")), tl.where(inside, ranked, float("-inf"))), 0, _min_max)
+        lo, hi = _float_to_key(bin_min), _float_to_key(bin_max)
     rounds = 0
     while (lo < hi) & (count_lo != budget):
         span = hi - lo
