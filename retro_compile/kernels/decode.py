@@ -59,12 +59,11 @@ def _check_summary_layout(kmax: torch.Tensor, kmin: torch.Tensor, caller: str) -
 
 @triton.jit
 def _page_summary(x, ok):
-    """Max and min rows (fp32) of pages' keys ``x`` (..., P, D) over their valid rows ``ok``
-    (..., P), and whether each page has any; a page with no valid key summarizes to zeros."""
-    written = tl.max(ok.to(tl.int32), axis=-1) > 0
-    valid, any_row = tl.expand_dims(ok, -1), tl.expand_dims(written, -1)
-    kmax = tl.where(any_row, tl.max(tl.where(valid, x, float("-inf")), axis=-2), 0.0)
-    kmin = tl.where(any_row, tl.min(tl.where(valid, x, float("inf")), axis=-2), 0.0)
+    """Max and min rows (fp32) of a page's keys ``x`` (P, D) over its valid rows ``ok`` (P,), and
+    whether it has any; a page with no valid key summarizes to zeros."""
+    written = tl.max(ok.to(tl.int32), axis=0) > 0
+    kmax = tl.where(written, tl.max(tl.where(ok[:, None], x, float("-inf")), axis=0), 0.0)
+    kmin = tl.where(written, tl.min(tl.where(ok[:, None], x, float("inf")), axis=0), 0.0)
     return kmax, kmin, written
 
 
@@ -155,17 +154,13 @@ def _page_scores_kernel(
     num_pages, length,
     G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT: tl.constexpr, HEADS: tl.constexpr, PRECISION: tl.constexpr, REFRESH: tl.constexpr,
-    REFRESH_BLOCK: tl.constexpr,
     QUANTIZED: tl.constexpr, BLOCKS: tl.constexpr, TABLES_AS_B: tl.constexpr,
 ):
-    # With REFRESH written pages (from the one holding FIRST[b]), program 0 of the last grid axis
-    # refreshes them: summarizes each, stores it, and scores it from its new rows. The others score
-    # blocks of pages and leave those pages' scores to it. The refresh is a spare program beside
-    # the scoring, not a branch inside it: a branch that rewrote the scoring tiles made the whole
-    # kernel 10% slower on an H200 (84 us against 74 for two launches, B=8/128K). One program for
-    # all of a row's written pages, not one a page: the kernel runs 2 programs an SM (216-255
-    # registers a thread with Triton 3.6), so at B=1 its 256 scoring programs and 8 refreshers
-    # fill an H200's 132 SMs once, where 16 refreshers left 8 programs for a second wave.
+    # Programs 0..REFRESH-1 of the last grid axis refresh a step's written pages (REFRESH pages
+    # from the one holding FIRST[b]): summarize, store, and score each from its new rows. The rest
+    # score blocks of pages and leave those pages' scores to them. The refresh is spare programs
+    # beside the scoring, not a branch inside it: a branch that rewrote the scoring tiles made the
+    # whole kernel 10% slower on an H200 (84 us against 74 for two launches, B=8/128K).
     # int8 tables (QUANTIZED) are scored by the query times the summary scale, rounded to the
     # query's dtype (reference.page_scores); the tables' steps are exact in any float dtype.
     b, hkv, program = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -179,37 +174,32 @@ def _page_scores_kernel(
     if QUANTIZED:
         q = (q.to(tl.float32) * scale[None, :]).to(Q.dtype.element_ty)
     first = -1
-    block_program = program
     if REFRESH > 0:  # a kernel without the refresh holds none of its code, nor its stores
         first = tl.load(FIRST + b * stride_first) // P
-        if program == 0:  # the pages and loads of _summarize_pages_kernel (see the note on helpers)
-            slots = tl.arange(0, REFRESH_BLOCK)
-            live = slots < REFRESH
-            pages = tl.minimum(first + slots, num_pages - 1)
-            keys = pages[:, None] * P + tl.arange(0, P)[None, :]  # (REFRESH_BLOCK, P): one load for all pages
-            inside = live[:, None] & (keys < length)
-            written = inside & (tl.load(VALID + b * stride_vb + keys, mask=inside, other=0) != 0)
-            x = tl.load(K + b * stride_kb + hkv * stride_kh + keys[:, :, None] * stride_kl + dims[None, None, :],
-                        mask=inside[:, :, None], other=0.0).to(tl.float32)
-            page_max, page_min, page_valid = _page_summary(x, written)  # (REFRESH_BLOCK, D), ..., (REFRESH_BLOCK,)
+        if program < REFRESH:  # the page and loads of _summarize_pages_kernel (see the note on helpers)
+            page = tl.minimum(first + program, num_pages - 1)
+            page_keys = page * P + tl.arange(0, P)
+            inside = page_keys < length
+            written = inside & (tl.load(VALID + b * stride_vb + page_keys, mask=inside, other=0) != 0)
+            x = tl.load(K + b * stride_kb + hkv * stride_kh + page_keys[:, None] * stride_kl + dims[None, :],
+                        mask=inside[:, None], other=0.0).to(tl.float32)
+            page_max, page_min, page_valid = _page_summary(x, written)
             page_max, page_min = _stored_summary(page_max, page_min, scale, QUANTIZED)
             page_max, page_min = page_max.to(KMAX.dtype.element_ty), page_min.to(KMIN.dtype.element_ty)
-            rows = b * stride_sb + hkv * stride_sh + pages[:, None] * stride_sp + dims[None, :]
-            tl.store(KMAX + rows, page_max, mask=live[:, None])
-            tl.store(KMIN + rows, page_min, mask=live[:, None])
-            q_group = q.to(tl.float32)[:, None, :]  # (HEADS, 1, D)
-            bound = tl.sum(tl.maximum(q_group * page_max.to(tl.float32)[None, :, :],
-                                      q_group * page_min.to(tl.float32)[None, :, :]), axis=2)
-            best = tl.max(tl.where((heads < G)[:, None], bound, float("-inf")), axis=0)  # (REFRESH_BLOCK,)
-            tl.store(OUT + b * stride_ob + hkv * stride_oh + pages, tl.where(page_valid, best, float("-inf")),
-                     mask=live)
+            row = b * stride_sb + hkv * stride_sh + page * stride_sp + dims
+            tl.store(KMAX + row, page_max)
+            tl.store(KMIN + row, page_min)
+            q_group = q.to(tl.float32)
+            page_bound = tl.sum(tl.maximum(q_group * page_max.to(tl.float32)[None, :],
+                                           q_group * page_min.to(tl.float32)[None, :]), axis=1)
+            page_best = tl.max(tl.where(heads < G, page_bound, float("-inf")), axis=0)
+            tl.store(OUT + b * stride_ob + hkv * stride_oh + page, tl.where(page_valid, page_best, float("-inf")))
             return
-        block_program = program - 1
     if DOT:  # see below
         q_up, q_down = tl.maximum(q, 0.0).to(q.dtype), tl.minimum(q, 0.0).to(q.dtype)
     else:
         q_group = q.to(tl.float32)
-    for block in tl.range(block_program * BLOCKS, (block_program + 1) * BLOCKS):  # loads pipelined
+    for block in tl.range((program - REFRESH) * BLOCKS, (program - REFRESH + 1) * BLOCKS):  # loads pipelined
         pages = block * BLOCK_P + tl.arange(0, BLOCK_P)
         ok = pages < num_pages
         offs = b * stride_sb + hkv * stride_sh + pages[:, None] * stride_sp + dims[None, :]
@@ -264,8 +254,8 @@ def page_scores(
 
     One program scores ``block_pages`` pages of one (batch row, KV head) for the whole query group,
     and reads their bytes of ``valid`` to mark the pages with no valid position. Each page of
-    ``refresh`` is summarized anew (in place) and scored from its new rows (elementwise, in fp32) by
-    one more program per (batch row, KV head): a step's refresh needs no launch of its own. ``as_products``
+    ``refresh`` gets one more program, which summarizes it anew (in place) and scores it from the
+    new rows (elementwise, in fp32): a step's refresh needs no launch of its own. ``as_products``
     computes each bound as two matrix products (``max(q, 0) . kmax + min(q, 0) . kmin``, the same
     sum in another order) where the shapes allow a ``tl.dot`` (blocks of at least 16 pages);
     otherwise elementwise in fp32. On an H200 (bf16, 32 query / 8 KV heads) the products took
@@ -303,7 +293,7 @@ def page_scores(
     block = min(block_pages, triton.next_power_of_2(num_pages))
     group = hq // hkv
     dot = as_products and block >= 16 and kmax.dtype in (q_row.dtype, torch.int8) and kmin.dtype == kmax.dtype
-    grid = (b, hkv, min(count, 1) + triton.cdiv(triton.cdiv(num_pages, block), blocks_per_program))
+    grid = (b, hkv, count + triton.cdiv(triton.cdiv(num_pages, block), blocks_per_program))
     wrap_triton(_page_scores_kernel)[grid](
         q_row, kmax, kmin, valid, out, k, first_position, summary_scale,
         q_row.stride(0), q_row.stride(1),
@@ -315,8 +305,7 @@ def page_scores(
         num_pages, valid.shape[-1], G=group, D=d, P=page_size, BLOCK_P=block,
         DOT=dot, HEADS=max(16, triton.next_power_of_2(group)),
         PRECISION="ieee" if q_row.dtype == torch.float32 else "tf32",  # fp32 exact; 16-bit inputs ignore it
-        REFRESH=count, REFRESH_BLOCK=triton.next_power_of_2(max(count, 1)), QUANTIZED=quantized,
-        BLOCKS=blocks_per_program,
+        REFRESH=count, QUANTIZED=quantized, BLOCKS=blocks_per_program,
         TABLES_AS_B=quantized if tables_as_b is None else tables_as_b, num_warps=num_warps, num_stages=num_stages,
     )
     return out
