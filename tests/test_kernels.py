@@ -102,6 +102,49 @@ def test_page_scores_kernel_refreshes_the_written_pages(dtype, as_products, firs
         assert (want_tables[0] == 127).any() and (want_tables[1] == -127).any(), "no refreshed key saturated"
 
 
+def test_scoring_blocks_per_program_fills_one_wave(monkeypatch):
+    """With a refresh and stored tables, scoring walks more blocks a program where that brings
+    its grid, refresh programs included, into one wave of 2 programs an SM; int8 tables, no
+    refresh, a grid no count up to 8 brings in, or no GPU keep as many as leave 256 programs."""
+    def pick(rows, blocks_per_row, refreshers, quantized=False):
+        return decode._scoring_blocks_per_program(rows, blocks_per_row, refreshers, quantized, torch.device("cpu"))
+
+    monkeypatch.setattr(decode, "_sm_count", lambda device: 132)  # an H200: 264 programs a wave
+    assert pick(8, 128, 2) == 5  # B=1/128K: 8 x (2 + 128/4) = 272 programs; 8 x (2 + 26) = 224
+    assert pick(8, 32, 2) == 2  # B=1/32K: 8 x (2 + 32) = 272; 8 x (2 + 16) = 144
+    assert pick(64, 8, 2) == 4  # B=8/8K: 64 x (2 + 4) = 384; 3 blocks: 64 x (2 + 3) = 320; 4: 256
+    assert pick(8, 128, 2, quantized=True) == 4
+    assert pick(8, 128, 0) == 4
+    assert pick(16, 128, 2) == 8  # 16 x (2 + 128/8) = 288 at the most blocks a program
+    assert pick(2, 8, 2) == 1  # 2 x (2 + 8) = 20: fits as it is
+    monkeypatch.setattr(decode, "_sm_count", lambda device: 0)
+    assert pick(8, 128, 2) == 4
+
+
+def test_page_scores_kernel_with_blocks_raised_to_fit_a_wave_matches_reference(monkeypatch):
+    """The refresh and scores stay exact where the grid is fitted to a wave: on a pretend GPU of
+    2 SMs (4 programs a wave), 4 blocks of 2 pages beside 2 refresh programs become 2 programs of
+    2 blocks."""
+    monkeypatch.setattr(decode, "_sm_count", lambda device: 2)
+    g = torch.Generator().manual_seed(5)
+    b, hq, hkv, length, d, page = 1, 4, 1, 120, 16, 16
+    num_pages = -(-length // page)  # 8, the last one ragged
+    assert decode._scoring_blocks_per_program(b * hkv, num_pages // 2, 2, False, torch.device(DEVICE)) == 2
+    k = torch.randn(b, hkv, length, d, generator=g)
+    valid = torch.rand(b, length, generator=g) > 0.2
+    q = torch.randn(b, hq, d, generator=g)
+    stale = [torch.randn(b, hkv, num_pages, d, generator=g) + shift for shift in (1, -1)]
+    position = torch.tensor([3 * page + 9])
+    want_tables = [t.clone() for t in stale]
+    want = ref.page_scores(q, *want_tables, valid, page, refresh=ref.PageRefresh(k, position, 2))
+    got_tables = [t.clone().to(DEVICE) for t in stale]
+    got = decode.page_scores(q.to(DEVICE), *got_tables, valid.to(DEVICE), page, block_pages=2, as_products=False,
+                             refresh=ref.PageRefresh(k.to(DEVICE), position.to(DEVICE), 2))
+    for table, expected in zip(got_tables, want_tables):
+        torch.testing.assert_close(table.cpu(), expected, atol=0, rtol=0)
+    torch.testing.assert_close(got.cpu(), want, atol=TOL[torch.float32], rtol=TOL[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("first,count", [([0, 0], 5), ([2, 3], 2), ([4, 1], 3)])
 @pytest.mark.parametrize("int8", [False, True])

@@ -235,6 +235,32 @@ def _page_scores_kernel(
         tl.store(OUT + b * stride_ob + hkv * stride_oh + pages, tl.where(any_valid, best, float("-inf")), mask=others)
 
 
+SCORING_PROGRAMS_PER_SM = 2  # the scoring kernel holds 208-255 registers a thread (Triton 3.6, sm_90, 4 warps)
+
+
+def _scoring_blocks_per_program(rows: int, blocks_per_row: int, refreshers: int, quantized: bool,
+                                device: torch.device) -> int:
+    """Blocks of pages a scoring program walks, for ``rows`` (batch row, KV head) pairs of
+    ``blocks_per_row`` blocks, with ``refreshers`` refresh programs a pair.
+
+    As many as leave at least 256 programs, at most 8. With stored (not int8) tables and a
+    refresh, more if that brings the whole grid, refresh programs included, into one wave of the
+    device's SMs (:data:`SCORING_PROGRAMS_PER_SM` each): at B=1/128K 16 refresh programs beside 256
+    scoring ones were 272 where an H200 holds 264, and 8 programs of 4 blocks ran in a second
+    wave. Side by side on an H200 (stored summaries), scoring with the refresh took 8.55 us
+    against 9.25 at B=1/128K (5 blocks a program), 6.12 against 6.46 at B=1/64K and 6.49 against
+    8.12 at B=8/8K; at B=4/32K scoring won 0.1 us and the whole step lost 0.4 (39.70 against
+    39.33). With int8 tables it lost at every shape it changed (9.55 against 9.32 at B=1/128K,
+    7.96 against 6.84 at B=8/8K), so those keep the first rule.
+    """
+    per_program = min(8, max(1, rows * blocks_per_row // 256))
+    if refreshers and not quantized:
+        slots = SCORING_PROGRAMS_PER_SM * _sm_count(device)
+        per_program = next((n for n in range(per_program, 9)
+                            if rows * (refreshers + triton.cdiv(blocks_per_row, n)) <= slots), per_program)
+    return per_program
+
+
 def page_scores(
     q_row: torch.Tensor,
     kmax: torch.Tensor,
@@ -264,8 +290,8 @@ def page_scores(
 
     A program scores ``blocks_per_program`` blocks in a loop whose loads Triton pipelines
     (``num_stages``): one block a program leaves each program's loads and products in series.
-    Defaults: blocks of 64 pages, as many a program as keep at least 256 programs (at most 8). On
-    an H200 at B=8/128K that took 52.1 us with int8 tables against 70.8 for the best single
+    Defaults: blocks of 64 pages, as many a program as :func:`_scoring_blocks_per_program` picks.
+    On an H200 at B=8/128K that took 52.1 us with int8 tables against 70.8 for the best single
     block (128 pages), and 67.9 against 79.0 with bf16 tables; at B=1/128K 9.5 against 10.8 and
     8.2 against 10.9; at B=1/32K (256 blocks) one block a program stays the fastest.
 
@@ -279,8 +305,9 @@ def page_scores(
     quantized = kmax.dtype == torch.int8
     block_pages = block_pages or 64
     if blocks_per_program is None:
-        blocks = b * hkv * triton.cdiv(num_pages, block_pages)
-        blocks_per_program = min(8, max(1, blocks // 256))
+        blocks_per_program = _scoring_blocks_per_program(b * hkv, triton.cdiv(num_pages, block_pages),
+                                                         0 if refresh is None else refresh.count, quantized,
+                                                         q_row.device)
     summary_scale = _summary_scale(kmax, summary_scale, "page_scores")
     if refresh is None:
         kmax, kmin = kmax.contiguous(), kmin.contiguous()
