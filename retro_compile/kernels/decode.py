@@ -235,7 +235,7 @@ def _page_scores_kernel(
         tl.store(OUT + b * stride_ob + hkv * stride_oh + pages, tl.where(any_valid, best, float("-inf")), mask=others)
 
 
-SCORING_PROGRAMS_PER_SM = 2  # the scoring kernel holds 208-255 registers a thread (Triton 3.6, sm_90, 4 warps)
+SCORING_PROGRAMS_PER_SM = 2  # an SM's: the kernel holds 208-255 registers a thread (Triton 3.6, 4 warps)
 
 
 def _scoring_blocks_per_program(rows: int, blocks_per_row: int, refreshers: int, quantized: bool,
@@ -293,7 +293,8 @@ def page_scores(
     Defaults: blocks of 64 pages, as many a program as :func:`_scoring_blocks_per_program` picks.
     On an H200 at B=8/128K that took 52.1 us with int8 tables against 70.8 for the best single
     block (128 pages), and 67.9 against 79.0 with bf16 tables; at B=1/128K 9.5 against 10.8 and
-    8.2 against 10.9; at B=1/32K (256 blocks) one block a program stays the fastest.
+    8.2 against 10.9; at B=1/32K (256 blocks) one block a program was the fastest (without the
+    refresh, which now takes it to 2).
 
     ``tables_as_b`` puts the tables second in the products (query x tables, not tables x query);
     None: for int8 tables only. Same process on an H200, int8 tables: 43.5 us against 52.3 at
