@@ -255,9 +255,8 @@ def _scoring_blocks_per_program(rows: int, blocks_per_row: int, refreshers: int,
     """
     per_program = min(8, max(1, rows * blocks_per_row // 256))
     if refreshers and not quantized:
-        slots = SCORING_PROGRAMS_PER_SM * _sm_count(device)
-        per_program = next((n for n in range(per_program, 9)
-                            if rows * (refreshers + triton.cdiv(blocks_per_row, n)) <= slots), per_program)
+        per_program = next((n for n in range(per_program, 9) if _one_wave(
+            rows * (refreshers + triton.cdiv(blocks_per_row, n)), device, SCORING_PROGRAMS_PER_SM)), per_program)
     return per_program
 
 
@@ -594,8 +593,8 @@ def top_pages(
     # (128 programs), for 1024 values 9.7 against 10.0 at B=1/128K (64 programs), but 13.6 against
     # 13.2 at B=8/128K (256 programs); 16 warps lost (7.6 at B=1/32K).
     values = max(block, chunk_pages)
-    few_programs = b * hkv * chunks <= _sm_count(scores.device)
-    num_warps = num_warps or (8 if values >= 8192 or (values >= 1024 and few_programs) else 4)
+    fits_sms = _one_wave(b * hkv * chunks, scores.device)
+    num_warps = num_warps or (8 if values >= 8192 or (values >= 1024 and fits_sms) else 4)
     if chunk_pages:
         cand_score = torch.empty(b * hkv, chunks * k, dtype=torch.float32, device=scores.device)
         cand_page = torch.empty(b * hkv, chunks * k, dtype=torch.int32, device=scores.device)
@@ -821,7 +820,7 @@ def attend_window(
     num_pages = indices.shape[-1]
     pages_per_split = pages_per_split or _split_pages(num_pages, q.shape[0], k.shape[1])
     programs = q.shape[0] * k.shape[1] * triton.cdiv(num_pages, pages_per_split)
-    alone = pages_per_split <= ONE_TILE_PAGES and programs <= _sm_count(q.device)
+    alone = pages_per_split <= ONE_TILE_PAGES and _one_wave(programs, q.device)
     if tile_pages is None:
         tile_pages = ONE_TILE_PAGES if alone else 4  # _attend caps a tile at its split
     if num_stages is None:
@@ -837,6 +836,12 @@ ONE_TILE_PAGES = 8  # splits of at most this many pages are one tile where each 
 def _sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; 0 elsewhere (the interpreter runs no programs side by side)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+
+
+def _one_wave(programs: int, device: torch.device, programs_per_sm: int = 1) -> bool:
+    """Whether a grid of ``programs`` runs all at once on ``device``, ``programs_per_sm`` an SM (the
+    kernel's occupancy); never without a GPU."""
+    return programs <= programs_per_sm * _sm_count(device)
 
 
 DENSE_PAGE = 16  # keys per page when dense_window walks the whole cache
