@@ -98,7 +98,7 @@ class CountingPass(CustomGraphPass):
 
 @pytest.mark.parametrize("dynamic", [None, False])
 @torch.no_grad()
-def test_user_inductor_pass_still_runs_and_the_rewrite_still_happens(dynamic, monkeypatch):
+def test_user_inductor_pass_still_runs_and_the_rewrite_still_happens(dynamic):
     """backend="retro" with mode="max-autotune-no-cudagraphs" and fullgraph=True: the custom pass
     the user configured sees every graph, with retro::attention in it, and the tokens equal a
     backend of the user's own that calls rewrite_sdpa and then Inductor."""
@@ -108,13 +108,13 @@ def test_user_inductor_pass_still_runs_and_the_rewrite_still_happens(dynamic, mo
     twin.load_state_dict(model.state_dict())
     prompt = torch.randint(0, 97, (1, 30))
     counting = CountingPass()
-    monkeypatch.setattr(torch._inductor.config, "post_grad_custom_post_pass", counting)
     config = RetroConfig(mode="quest", budget=16, page_size=8, dense_layers=0, max_context=64)
     # torch.compile takes mode= or options=, not both: with a mode, the config is bound to the backend.
     retro_store = StateStore()
     compiled = torch.compile(model, backend=backend_for(config, retro_store),
                              mode="max-autotune-no-cudagraphs", fullgraph=True, dynamic=dynamic)
-    got, _ = decode(compiled, compiled, prompt, 6)
+    with torch._inductor.config.patch(post_grad_custom_post_pass=counting):
+        got, _ = decode(compiled, compiled, prompt, 6)
     assert counting.graphs >= 2  # the prefill and the decode graph, after the rewrite
     assert retro_store.layers() == ["layers.0.attn", "layers.1.attn"]
 
@@ -130,3 +130,20 @@ def test_user_inductor_pass_still_runs_and_the_rewrite_still_happens(dynamic, mo
 
     want, _ = decode(*(2 * [torch.compile(twin, backend=own_backend, dynamic=dynamic)]), prompt, 6)
     assert got == want and seen and store.layers() == ["layers.0.attn", "layers.1.attn"]
+
+
+def test_the_config_guard_catches_a_deleted_or_leaked_inductor_option():
+    """The suite's guard (conftest) fails a test that deletes an Inductor option (what pytest 9.2's
+    monkeypatch did to ``post_grad_custom_post_pass``) or leaves one changed; ``config.patch`` leaves
+    nothing behind."""
+    from tests.conftest import changed_options
+
+    config = torch._inductor.config
+    before = config.get_config_copy()
+    deleted = dict(before)
+    del deleted["post_grad_custom_post_pass"]
+    assert changed_options(before, deleted) == ["post_grad_custom_post_pass"]
+    with config.patch(post_grad_custom_post_pass=CountingPass()):
+        assert changed_options(before, config.get_config_copy()) == ["post_grad_custom_post_pass"]
+    assert changed_options(before, config.get_config_copy()) == []
+    assert config.post_grad_custom_post_pass is None
