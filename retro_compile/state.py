@@ -56,8 +56,10 @@ class StateShape:
         return summaries + last + cached_rows + counts + summary_scale
 
 
+@torch.inference_mode(False)
 def allocate(shape: StateShape) -> LayerState:
-    """Zeroed state of ``shape``; the prefill fills it."""
+    """Zeroed state of ``shape``; the prefill fills it. Never an inference tensor, even when the first
+    call runs under ``torch.inference_mode()``: later calls outside it update the state in place."""
     b, hq, hkv, np_, w1 = shape.batch, shape.q_heads, shape.kv_heads, shape.num_pages, shape.window - 1
     kw = dict(device=shape.device)
     return LayerState(
@@ -104,6 +106,12 @@ class StateStore:
         """A new request begins: no layer has built state for it yet."""
         self.built.clear()
         self.built_version += 1
+
+    def release(self, batch: int) -> None:
+        """Forget the state of every layer at ``batch`` rows (its compiled graphs are gone)."""
+        for key in [key for key in self._states if key[1].batch == batch]:
+            del self._states[key]
+        self._prefilled = {key for key in self._prefilled if key[1].batch != batch}
 
     def unbuilt(self, reads: dict[str, LayerState]) -> list[str]:
         """The layers among ``reads`` whose last prefill call did not build the state read."""

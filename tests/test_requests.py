@@ -150,16 +150,16 @@ def test_decode_refuses_state_its_prefill_did_not_build():
     ids, mask = prompts(1, 50)
     greedy(model, ids, mask, 4)  # compiles and rewrites both graphs
     driver = model.retro_driver
-    compiled_prefill = driver.prefill_fn
+    compiled_prefill = driver.run_prefill
 
     def eager_prefill(**kwargs):
         with torch.compiler.set_stance("force_eager"):
             return compiled_prefill(**kwargs)
 
-    driver.prefill_fn = eager_prefill
+    driver.run_prefill = eager_prefill
     with pytest.raises(RuntimeError, match=r"no prefill built for \['model.layers.1.self_attn'"):
         greedy(model, ids, mask, 4)
-    driver.prefill_fn = compiled_prefill
+    driver.run_prefill = compiled_prefill
     assert greedy(model, ids, mask, 4).shape == (1, 4)
 
 
@@ -195,8 +195,8 @@ def test_chunked_prefill_gives_the_tokens_of_one_piece(length, pad):
     assert torch.equal(one_piece, reference)
     compiled = retro_compile(copy.deepcopy(model), dataclasses.replace(small, **chunked))
     chunks = []
-    step = compiled.retro_driver.prefill_fn
-    compiled.retro_driver.prefill_fn = lambda **kw: chunks.append(kw["input_ids"].shape[1]) or step(**kw)
+    step = compiled.retro_driver.run_prefill
+    compiled.retro_driver.run_prefill = lambda **kw: chunks.append(kw["input_ids"].shape[1]) or step(**kw)
     assert torch.equal(greedy(compiled, ids, mask, 12), one_piece)
     assert chunks == {70: [16, 16, 16, 16, 6], 66: [16, 16, 16, 18]}[length]
 

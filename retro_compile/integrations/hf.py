@@ -24,8 +24,10 @@ Where the time goes in a decode step, and so how the driver is built:
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -35,6 +37,9 @@ import torch.nn.functional as F
 
 from ..config import RetroConfig
 from ..state import StateStore
+from . import installed
+
+log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "retro_sdpa"
 
@@ -186,13 +191,13 @@ def cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
-def compiled_window_step(model: torch.nn.Module, sliding: SlidingLayers | None,
+def compiled_window_step(model: torch.nn.Module, forward: Callable, sliding: SlidingLayers | None,
                          compile: Callable[[Callable], Callable]) -> Callable:
-    """:func:`window_step` bound to ``model``'s own forward, compiled by ``compile``."""
+    """:func:`window_step` bound to ``forward`` (``model``'s own), compiled by ``compile``."""
     forward_kwargs: dict[str, Any] = {"use_cache": True}
     if "logits_to_keep" in inspect.signature(type(model).forward).parameters:
         forward_kwargs["logits_to_keep"] = 1  # the window's older rows need no logits
-    return compile(functools.partial(window_step, model.forward, forward_kwargs, cache_argument(model), sliding))
+    return compile(functools.partial(window_step, forward, forward_kwargs, cache_argument(model), sliding))
 
 
 def tp_size(model: torch.nn.Module) -> int:
@@ -201,6 +206,7 @@ def tp_size(model: torch.nn.Module) -> int:
     return getattr(model, "tp_size", None) or 1
 
 
+@torch.inference_mode(False)  # updated in place by calls in and out of inference mode
 def static_cache(model: torch.nn.Module, batch: int, length: int, device: torch.device,
                  full_length: bool = False) -> Any:
     """A ``StaticCache`` of ``length`` positions for ``batch`` rows, allocated now.
@@ -246,6 +252,7 @@ class WindowBuffers:
     ids: torch.Tensor  # (B, 1) int64
 
     @classmethod
+    @torch.inference_mode(False)  # updated in place by calls in and out of inference mode
     def allocate(cls, batch: int, length: int, window: int, device: torch.device) -> "WindowBuffers":
         long = dict(dtype=torch.long, device=device)
         return cls(torch.zeros(batch, length, dtype=torch.bool, device=device), torch.zeros(batch, **long),
@@ -300,6 +307,17 @@ class RecordedStep:
         return self.logits.clone()  # the next replay overwrites the graph's output
 
 
+@dataclass
+class CompiledBatch:
+    """One batch size's compiled functions: the prefill (``model.forward``) and the decode step
+    (:func:`window_step`). Each is a callable of its own (see :func:`own_frame`), so Dynamo's
+    recompile limit counts the variants of one batch size (padded or not, chunked or not), never
+    the batch sizes a model has served."""
+
+    prefill: Callable
+    step: Callable
+
+
 class DecodeWindowDriver:
     """Replaces ``model.forward``: prefill through one compiled graph, window decode through another.
 
@@ -307,22 +325,26 @@ class DecodeWindowDriver:
         model: the Hugging Face causal LM.
         config: its RetroConfig.
         store: its decode state (for the rule that a decode step only reads state its prefill built).
-        prefill: ``model.forward`` compiled for prompts (dynamic length).
-        step: :func:`window_step` bound to the model, compiled for decode steps.
+        compile_prefill: returns a new ``model.forward`` compiled for prompts (dynamic length).
+        compile_step: returns a new :func:`window_step` bound to the model, compiled for decode steps.
         cuda_graphs: record each batch size's decode step in a CUDA graph (CUDA only).
         sliding: the model's sliding-window layers (:func:`sliding_layers`), or None.
     """
 
     max_cached_batches = 2  # static caches (and their CUDA graphs) kept for this many batch sizes
+    # Compiled functions (and the decode state their graphs hold, about 1/page_size of a cache's
+    # bytes) kept for this many batch sizes; a batch size evicted and seen again compiles afresh.
+    max_compiled_batches = 8
 
-    def __init__(self, model: torch.nn.Module, config: RetroConfig, store: StateStore, prefill: Callable,
-                 step: Callable, cuda_graphs: bool, sliding: SlidingLayers | None) -> None:
+    def __init__(self, model: torch.nn.Module, config: RetroConfig, store: StateStore,
+                 compile_prefill: Callable[[], Callable], compile_step: Callable[[], Callable], cuda_graphs: bool,
+                 sliding: SlidingLayers | None) -> None:
         self.model = model
         self.config = config
         self.store = store
         self.window = config.window
-        self.prefill_fn = prefill
-        self.step_fn = step
+        self.compile_prefill = compile_prefill
+        self.compile_step = compile_step
         self.cuda_graphs = cuda_graphs
         self.cache_arg = cache_argument(model)
         self.sliding = sliding
@@ -333,6 +355,7 @@ class DecodeWindowDriver:
         self._caches: OrderedDict[int, Any] = OrderedDict()  # batch size -> the driver's own static cache
         self._buffers: dict[int, WindowBuffers] = {}
         self._recorded: dict[int, RecordedStep] = {}
+        self._compiled: OrderedDict[int, CompiledBatch] = OrderedDict()
         self.reset()
 
     def serves(self, kwargs: dict[str, Any]) -> bool:
@@ -389,6 +412,59 @@ class DecodeWindowDriver:
             self._caches.pop(b, None)
             self._recorded.pop(b, None)
             self._buffers.pop(b, None)
+
+    # ---------------------------------------------------------------------------------------------
+    # Compiled functions, per batch size
+    # ---------------------------------------------------------------------------------------------
+    def _compiled_for(self, batch: int) -> CompiledBatch:
+        compiled = self._compiled.pop(batch, None)
+        if compiled is None:
+            while len(self._compiled) >= self.max_compiled_batches:
+                self._forget_compiled(next(iter(self._compiled)))
+            compiled = CompiledBatch(self.compile_prefill(), self.compile_step())
+        self._compiled[batch] = compiled
+        return compiled
+
+    def _forget_compiled(self, batch: int) -> None:
+        """Drop ``batch``'s compiled functions, the CUDA graph recorded from them, and the decode
+        state their graphs own."""
+        self._compiled.pop(batch, None)
+        self._recorded.pop(batch, None)
+        self.store.release(batch)
+
+    def _run_compiled(self, batch: int, phase: str, *args: Any, **kwargs: Any) -> Any:
+        """Call ``batch``'s compiled ``phase`` function ("prefill" or "step").
+
+        Dynamo refuses (before running anything) a call that would pass its recompile limit,
+        where it would otherwise run the frame uncompiled: un-rewritten, so silently dense. The
+        batch size's functions are then compiled afresh, once; a second refusal is an error.
+        """
+        from torch._dynamo.exc import FailOnRecompileLimitHit
+
+        hard_limit = not torch._dynamo.config.suppress_errors  # Dynamo forbids the two together
+        for attempt in range(2):
+            function = getattr(self._compiled_for(batch), phase)
+            try:
+                with torch._dynamo.config.patch(fail_on_recompile_limit_hit=hard_limit):
+                    return function(*args, **kwargs)
+            except FailOnRecompileLimitHit:
+                if attempt:
+                    raise RuntimeError(
+                        f"retro_compile: the {phase} for batch size {batch} reached torch._dynamo's recompile limit "
+                        f"(torch._dynamo.config.recompile_limit={torch._dynamo.config.recompile_limit}) twice in a "
+                        "row; refusing to run it uncompiled, which would be dense attention"
+                    ) from None
+                log.info("retro-compile: batch size %d's %s reached Dynamo's recompile limit; compiling it afresh",
+                         batch, phase)
+                self._forget_compiled(batch)
+
+    def run_prefill(self, **kwargs: Any) -> Any:
+        """``model.forward`` on a prompt (chunk), through the compiled prefill of its batch size."""
+        return self._run_compiled(kwargs["input_ids"].shape[0], "prefill", **kwargs)
+
+    def run_step(self, ids: torch.Tensor, cache: Any, buffers: WindowBuffers) -> torch.Tensor:
+        """One decode step (:func:`window_step`) through the compiled step of its batch size."""
+        return self._run_compiled(ids.shape[0], "step", ids, cache, buffers.valid, buffers.next_pos, buffers.recent)
 
     def _buffers_for(self, batch: int, device: torch.device) -> WindowBuffers:
         buffers = self._buffers.get(batch)
@@ -461,7 +537,7 @@ class DecodeWindowDriver:
             for dim in dims:
                 torch._dynamo.mark_dynamic(t, dim)
         self.store.forget_built()  # a prefill that runs no rewritten graph must leave nothing to decode from
-        out = self.prefill_fn(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
+        out = self.run_prefill(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
         self.length += n
         buffers.next_pos.copy_(position_ids[:, -1] + 1)
         buffers.recent.copy_(input_ids[:, n - (self.window - 1):])
@@ -511,16 +587,17 @@ class DecodeWindowDriver:
             # as warm-up for the graph the second step records.
             graphs = self.cuda_graphs and input_ids.is_cuda and self._caches.get(batch) is self.cache
             if graphs and self.steps > 0:
-                recorded = self._recorded[batch] = RecordedStep(self.step_fn, self.cache, buffers)
+                step = self._compiled_for(batch).step
+                recorded = self._recorded[batch] = RecordedStep(step, self.cache, buffers)
                 logits = recorded(input_ids)
             elif graphs:
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
-                    logits = self.step_fn(input_ids, self.cache, buffers.valid, buffers.next_pos, buffers.recent)
+                    logits = self.run_step(input_ids, self.cache, buffers)
                 torch.cuda.current_stream().wait_stream(side)
             else:
-                logits = self.step_fn(input_ids, self.cache, buffers.valid, buffers.next_pos, buffers.recent)
+                logits = self.run_step(input_ids, self.cache, buffers)
         self.length += 1
         self.steps += 1
         return causal_lm_output(logits[:, None], self.cache)
@@ -573,12 +650,31 @@ def _prompt_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
 
 
-def install(model: torch.nn.Module, config: RetroConfig, store: StateStore, prefill: Callable, step: Callable,
-            cuda_graphs: bool, sliding: SlidingLayers | None) -> DecodeWindowDriver:
+ASSISTED_DECODING = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
+
+def check_generate_options(generation: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse, before any work, the generate() options whose cache use the decode state does not follow."""
+    if (kwargs.get("num_beams") or generation.num_beams or 1) > 1:
+        raise ValueError("retro_compile: beam search (num_beams > 1) is not supported: it reorders the cache "
+                         "between steps, which the decode state does not follow")
+    if kwargs.get("prefill_chunk_size") or getattr(generation, "prefill_chunk_size", None):
+        raise ValueError("retro_compile: generate(prefill_chunk_size=...) is not supported (a chunk of window "
+                         "tokens or fewer would pass for a decode step); set RetroConfig.prefill_tokens, "
+                         "the driver's own chunking, instead")
+    for name in ASSISTED_DECODING:
+        if kwargs.get(name) is not None or getattr(generation, name, None) is not None:
+            raise ValueError(f"retro_compile: generate({name}=...) (assisted or speculative decoding) is not "
+                             "supported: it feeds several new tokens a step and crops the cache when it rejects "
+                             "some, which the decode state does not follow; generate without it")
+
+
+def install(model: torch.nn.Module, config: RetroConfig, store: StateStore, compile_prefill: Callable[[], Callable],
+            compile_step: Callable[[], Callable], cuda_graphs: bool, sliding: SlidingLayers | None) -> DecodeWindowDriver:
     """Install the driver and a generate() that runs every request on the driver's static cache."""
     from transformers import masking_utils
 
-    driver = DecodeWindowDriver(model, config, store, prefill, step, cuda_graphs, sliding)
+    driver = DecodeWindowDriver(model, config, store, compile_prefill, compile_step, cuda_graphs, sliding)
     original_generate, original_forward = model.generate, model.forward
     cache_arg = driver.cache_arg
 
@@ -595,18 +691,13 @@ def install(model: torch.nn.Module, config: RetroConfig, store: StateStore, pref
         if request is not None:
             driver.check_request(*request)
         generation = kwargs.get("generation_config") or model.generation_config
-        if (kwargs.get("num_beams") or generation.num_beams or 1) > 1:
-            raise ValueError("retro_compile: beam search (num_beams > 1) is not supported: it reorders the cache "
-                             "between steps, which the decode state does not follow")
-        if kwargs.get("prefill_chunk_size") or getattr(generation, "prefill_chunk_size", None):
-            raise ValueError("retro_compile: generate(prefill_chunk_size=...) is not supported (a chunk of window "
-                             "tokens or fewer would pass for a decode step); set RetroConfig.prefill_tokens, "
-                             "the driver's own chunking, instead")
+        check_generate_options(generation, kwargs)
         driver.reset(kwargs.get("attention_mask"))
         ids = _prompt_ids(args, kwargs)
         if kwargs.get(cache_arg) is None and kwargs.get("past_key_values") is None and ids is not None:
             copies = kwargs.get("num_return_sequences") or generation.num_return_sequences or 1
             kwargs[cache_arg] = driver.cache_for(ids.shape[0] * copies, ids.device)
+        kwargs["disable_compile"] = True  # the driver compiles; generate() must not compile again
         return original_generate(*args, **kwargs)
 
     @functools.wraps(original_forward)
@@ -630,7 +721,6 @@ def install(model: torch.nn.Module, config: RetroConfig, store: StateStore, pref
     model.forward = forward
     model.generate = generate
     model.create_masks_for_generate = create_masks_for_generate  # generate() looks it up on the model
-    model.generation_config.disable_compile = True  # the driver compiles; generate must not again
     return driver
 
 
@@ -640,30 +730,48 @@ def compile_causal_lm(model: torch.nn.Module, config: RetroConfig, store: StateS
 
     Switches the attention to grouped SDPA, marks sliding-window layers dense, compiles the prefill
     (rewrite only, dynamic prompt length) and the decode step (rewrite + Inductor with ``mode``'s
-    options, minus its CUDA graphs: the driver records its own), and installs the driver.
+    options, minus its CUDA graphs: the driver records its own) per batch size, as the driver
+    meets them, and installs the driver.
     """
     from ..backend import backend_for
 
     check_sdpa_support(model)
+
+    def recompile(clone: torch.nn.Module) -> torch.nn.Module:  # a deep copy's own compilation
+        return compile_causal_lm(clone, config, StateStore(), inductor=inductor, cuda_graphs=cuda_graphs, mode=mode,
+                                 **copy.copy(compile_kwargs))
+
+    original_attention = installed.attention_implementations(model)
     sliding = sliding_layers(model.config)
     if sliding is not None:
         for layer in sliding.layers:
             store.model_dense[layer] = f"sliding-window attention (window {sliding.window})"
     options = dict(torch._inductor.list_mode_options(mode)) if mode else {}
     graphs_in_mode = options.pop("triton.cudagraphs", False)
-    options.update(compile_kwargs.pop("options", None) or {})
-    if cuda_graphs is None:
-        cuda_graphs = graphs_in_mode or (mode is None and any(p.is_cuda for p in model.parameters()))
+    step_kwargs = dict(compile_kwargs)
+    options.update(step_kwargs.pop("options", None) or {})
+    use_graphs = cuda_graphs
+    if use_graphs is None:
+        use_graphs = graphs_in_mode or (mode is None and any(p.is_cuda for p in model.parameters()))
     register_attention()
     model.set_attn_implementation(ATTENTION_NAME)
-    prefill = torch.compile(own_frame(model.forward), backend=backend_for(config, store, inductor=False), dynamic=False)
-    step = compiled_window_step(model, sliding, lambda fn: torch.compile(
-        own_frame(fn), backend=backend_for(config, store, inductor=inductor), dynamic=False, options=options or None,
-        **compile_kwargs))
-    driver = install(model, config, store, prefill, step, cuda_graphs=bool(cuda_graphs), sliding=sliding)
+    own_forward = model.forward  # the class's, bound: install() replaces the attribute with the driver's
+
+    def compile_prefill() -> Callable:
+        return torch.compile(own_frame(own_forward), backend=backend_for(config, store, inductor=False),
+                             dynamic=False)
+
+    def compile_step() -> Callable:
+        return compiled_window_step(model, own_forward, sliding, lambda fn: torch.compile(
+            own_frame(fn), backend=backend_for(config, store, inductor=inductor), dynamic=False,
+            options=options or None, **step_kwargs))
+
+    driver = install(model, config, store, compile_prefill, compile_step, cuda_graphs=bool(use_graphs),
+                     sliding=sliding)
     model.retro_config = config
     model.retro_state = store
     model.retro_driver = driver
+    installed.install_copy_rules(model, original_attention, recompile)
     return model
 
 

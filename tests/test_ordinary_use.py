@@ -1,0 +1,155 @@
+"""Ordinary use that once failed silently: copies, pickles and saved models, many batch shapes on
+one model, inference mode, and generate() options the decode state does not follow."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from retro_compile import RetroConfig, retro_compile
+
+from .hf_models import HandDriven, prompts, tiny_model
+from .hf_models import greedy_new_tokens as greedy
+
+SMALL = RetroConfig(mode="retro", budget=32, page_size=8, window=2, max_context=256, dense_layers=1)
+FULL = RetroConfig(mode="retro", budget=256, page_size=8, window=2, max_context=256, dense_layers=1)
+
+
+def test_deepcopy_is_an_independent_compiled_model():
+    """A deep copy runs its own weights (zeroed here: the untouched model's zeroed copy's tokens),
+    with its own driver and state; the original is unchanged."""
+    base = tiny_model()
+    model = retro_compile(copy.deepcopy(base), SMALL)
+    ids, mask = prompts(2, 40, pad=(0, 3))
+    before = greedy(model, ids, mask, 6)
+    clone = copy.deepcopy(model)
+    assert clone.forward is not model.forward and clone.retro_driver is not model.retro_driver
+    assert clone.retro_config == SMALL and clone.retro_state is not model.retro_state
+    zeroed = copy.deepcopy(base)
+    with torch.no_grad():
+        for parameters in (clone.parameters(), zeroed.parameters()):
+            for p in parameters:
+                p.zero_()
+    assert torch.equal(greedy(clone, ids, mask, 6), greedy(zeroed, ids, mask, 6))
+    assert torch.equal(greedy(model, ids, mask, 6), before)
+    assert any(p.abs().sum() > 0 for p in model.parameters())
+
+
+def test_deepcopy_of_a_fresh_compiled_model_decodes_as_the_original():
+    model = retro_compile(tiny_model(seed=3), SMALL)
+    ids, mask = prompts(1, 60, seed=4)
+    clone = copy.deepcopy(model)
+    assert torch.equal(greedy(clone, ids, mask, 8), greedy(model, ids, mask, 8))
+
+
+def _saved_files(model, folder: Path) -> dict[str, object]:
+    model.save_pretrained(folder)
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".json":
+            files[path.name] = json.loads(path.read_text())
+        else:
+            files[path.name] = path.read_bytes()
+    return files
+
+
+def test_save_pretrained_and_pickle_leave_nothing_of_the_package(tmp_path):
+    """save_pretrained writes what the untouched model writes, byte for byte in its weights and
+    equal JSON in its configs; a pickle loads as the untouched model (its own forward, SDPA
+    attention), names nothing of the package, and copies no weight while pickling."""
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_model()
+    model = retro_compile(copy.deepcopy(base), SMALL)
+    ids, mask = prompts(1, 40)
+    greedy(model, ids, mask, 4)  # compiled and ran: state, caches and graphs exist
+    assert _saved_files(model, tmp_path / "compiled") == _saved_files(base, tmp_path / "untouched")
+    assert "retro" not in (tmp_path / "compiled" / "generation_config.json").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "compiled")
+    assert torch.equal(greedy(reloaded, ids, mask, 6), greedy(base, ids, mask, 6))
+
+    data = pickle.dumps(model)
+    assert b"retro" not in data
+    loaded = pickle.loads(data)
+    assert "forward" not in vars(loaded) and not hasattr(loaded, "retro_config")
+    assert loaded.config._attn_implementation == base.config._attn_implementation
+    assert torch.equal(greedy(loaded, ids, mask, 6), greedy(base, ids, mask, 6))
+    assert model.config._attn_implementation == "retro_sdpa"  # the live model is still compiled
+    assert torch.equal(greedy(retro_compile(loaded, SMALL), ids, mask, 6), greedy(model, ids, mask, 6))
+
+
+def test_many_batch_shapes_on_one_model_stay_sparse_and_exact(caplog):
+    """Fourteen requests, batch sizes 1-7 padded and not (Dynamo's recompile limit is 8 per compiled
+    function): every one equals the hand-driven reference, and nothing falls back to dense."""
+    base = tiny_model(seed=5)
+    model = retro_compile(copy.deepcopy(base), SMALL)
+    with caplog.at_level(logging.WARNING):
+        for batch in range(1, 8):
+            for padded in (False, True):
+                ids, mask = prompts(batch, 40, pad=(5, 0, 2, 7)[:batch] if padded else (), seed=batch)
+                expected, _, _ = HandDriven(copy.deepcopy(base), SMALL).generate(ids, mask, 5)
+                assert torch.equal(greedy(model, ids, mask, 5), expected), (batch, padded)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert set(model.retro_state.dense_reasons.values()) == {"layer 0 is in dense_layers"}
+    assert len(model.retro_driver._compiled) <= model.retro_driver.max_compiled_batches
+
+
+def test_a_recompile_limit_reached_compiles_afresh_instead_of_running_dense(caplog):
+    """With Dynamo's recompile limit at 1, every new variant of a batch size (padded after unpadded)
+    reaches it: the driver compiles that batch size afresh, and the tokens stay the reference's."""
+    base = tiny_model(seed=6)
+    model = retro_compile(copy.deepcopy(base), SMALL)
+    with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level(logging.INFO, logger="retro_compile"):
+        for padded in (False, True, False):
+            ids, mask = prompts(2, 40, pad=(3,) if padded else (), seed=7)
+            expected, _, _ = HandDriven(copy.deepcopy(base), SMALL).generate(ids, mask, 4)
+            assert torch.equal(greedy(model, ids, mask, 4), expected)
+    assert "reached Dynamo's recompile limit; compiling it afresh" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("retro_compile")]
+
+
+def test_compiled_batches_are_bounded_and_release_their_state():
+    model = retro_compile(tiny_model(seed=8), SMALL)
+    driver = model.retro_driver
+    driver.max_compiled_batches = 2
+    for batch in (1, 2, 3, 1):
+        ids, mask = prompts(batch, 24, seed=batch)
+        greedy(model, ids, mask, 2)
+    assert list(driver._compiled) == [3, 1]
+    assert {key[1].batch for key in model.retro_state._states} == {1, 3}
+
+
+@pytest.mark.parametrize("first", ["inference_mode", "no_grad", "plain"])
+def test_inference_mode_no_grad_and_plain_calls_in_any_order(first):
+    base = tiny_model(seed=9)
+    model = retro_compile(copy.deepcopy(base), SMALL)
+    ids, mask = prompts(2, 40, pad=(0, 4), seed=10)
+    expected, _, _ = HandDriven(copy.deepcopy(base), SMALL).generate(ids, mask, 5)
+    contexts = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad, "plain": torch.enable_grad}
+    order = [first] + [name for name in contexts if name != first] + [first]
+    for name in order:
+        with contexts[name]():
+            assert torch.equal(greedy(model, ids, mask, 5), expected), name
+
+
+@pytest.mark.parametrize("option", [dict(prompt_lookup_num_tokens=3), dict(assistant_early_exit=2)])
+def test_assisted_decoding_is_refused_up_front(option):
+    model = retro_compile(tiny_model(), FULL)
+    ids, mask = prompts(1, 100)
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=rf"generate\({name}=...\) \(assisted or speculative decoding\) is not supported"):
+        greedy(model, ids, mask, 10, **option)
+    assert model.retro_state.layers() == [], "the refused request compiled or ran something"
+
+
+def test_assistant_model_is_refused_up_front():
+    model = retro_compile(tiny_model(), FULL)
+    ids, mask = prompts(1, 100)
+    with pytest.raises(ValueError, match=r"generate\(assistant_model=...\)"):
+        greedy(model, ids, mask, 10, assistant_model=tiny_model(seed=1))
