@@ -53,7 +53,8 @@ class StateShape:
         cached_rows = self.batch * self.q_heads * (self.window - 1) * (self.value_dim + 1) * 4
         counts = self.batch * self.kv_heads * 4
         summary_scale = self.batch * self.kv_heads * self.head_dim * 4
-        return summaries + last + cached_rows + counts + summary_scale
+        start = self.batch * 4
+        return summaries + last + cached_rows + counts + summary_scale + start
 
 
 @torch.inference_mode(False)
@@ -70,6 +71,7 @@ def allocate(shape: StateShape) -> LayerState:
         lse_cache=torch.full((b, hq, w1), float("-inf"), dtype=torch.float32, **kw),
         counts=torch.zeros(b, hkv, dtype=torch.int32, **kw),
         summary_scale=torch.ones(b, hkv, shape.head_dim, dtype=torch.float32, **kw),
+        start=torch.zeros(b, dtype=torch.int32, **kw),
     )
 
 

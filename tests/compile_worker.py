@@ -75,7 +75,8 @@ def record_launches() -> list[tuple]:
         state = ref.LayerState(torch.zeros(b, hkv, pages, d, dtype=table_dtype),
                                torch.zeros(b, hkv, pages, d, dtype=table_dtype),
                                torch.zeros(b, hkv, pages, dtype=torch.int32), torch.zeros(b, hq, n - 1, d),
-                               torch.zeros(b, hq, n - 1), torch.zeros(b, hkv, dtype=torch.int32), torch.ones(b, hkv, d))
+                               torch.zeros(b, hq, n - 1), torch.zeros(b, hkv, dtype=torch.int32), torch.ones(b, hkv, d),
+                               torch.zeros(b, dtype=torch.int32))
         decode.summarize_pages(state.kmax, state.kmin, k, allowed[:, -1], position[:, 0], 2, page, state.summary_scale)
         for as_products in (False, True):
             for refresh in (None, ref.PageRefresh(k, position[:, 0], 2)):

@@ -25,17 +25,29 @@ def on_steps(values, step, rounding):
                         dtype=torch.float64)
 
 
+def first_valid(valid) -> int:
+    """The row's first valid position: its pages are counted from there (0 for a row with none)."""
+    for j in range(valid.shape[0]):
+        if valid[j]:
+            return j
+    return 0
+
+
 def naive_quest_pages(q_group, k, valid, t, page_size, budget_pages, sink_pages=0, local_pages=1, step=None):
     """Quest's page set for the query at position t of one KV head.
 
     q_group (G, D): the group's query vectors; k (L, D); valid (L,) bool (written, not padding).
+    Page ``i`` holds positions ``start + i * page_size ..`` from the row's first valid position
+    ``start``, so left padding never moves a page boundary.
     ``step`` (D,): summaries kept as whole multiples of it (int8 summaries), each max rounded up
     and each min down, within +-127 steps. Returns the sorted list of selected page indices.
     """
-    own = t // page_size
+    start = first_valid(valid)
+    own = (t - start) // page_size
     candidates, scores = [], {}
     for page in range(own + 1):
-        positions = [j for j in range(page * page_size, min((page + 1) * page_size, t + 1)) if valid[j]]
+        first = start + page * page_size
+        positions = [j for j in range(first, min(first + page_size, t + 1)) if valid[j]]
         if not positions:
             continue
         keys = torch.stack([k[j].double() for j in positions])
@@ -51,9 +63,11 @@ def naive_quest_pages(q_group, k, valid, t, page_size, budget_pages, sink_pages=
 
 
 def page_positions(pages, page_size, t, valid):
-    """Visible-position mask (L,) for a page set, positions <= t, valid only."""
+    """Visible-position mask (L,) for a page set (pages counted from the row's first valid
+    position, as :func:`naive_quest_pages` counts them), positions <= t, valid only."""
     visible = torch.zeros_like(valid)
+    start = first_valid(valid)
     for page in pages:
-        for j in range(page * page_size, min((page + 1) * page_size, t + 1)):
+        for j in range(start + page * page_size, min(start + (page + 1) * page_size, t + 1)):
             visible[j] = bool(valid[j])
     return visible

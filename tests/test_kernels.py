@@ -213,6 +213,7 @@ def test_attend_window_kernel(dtype, q_heads, kv_heads, n, window, pages_per_spl
         lse_cache=torch.randn(b, q_heads, window - 1, generator=g),
         counts=torch.zeros(b, kv_heads, dtype=torch.int32),
         summary_scale=torch.zeros(0),  # not read by this stage
+        start=torch.zeros(b, dtype=torch.int32),
     )
     want_state = ref.LayerState(*(t.clone() for t in state))
     want = ref.attend_window(q, k, v, allowed, None, indices, chosen, want_state, position, 0.25, page)
@@ -244,7 +245,8 @@ def test_attention_ablation_variants_apply_and_run(tmp_path):
     def attend(module):
         state = ref.LayerState(torch.zeros(0), torch.zeros(0), torch.full((b, hkv, 4), 55, dtype=torch.int32),
                                torch.randn(b, hq, 1, d, generator=torch.Generator().manual_seed(4)),
-                               torch.zeros(b, hq, 1), torch.zeros(b, hkv, dtype=torch.int32), torch.zeros(0))
+                               torch.zeros(b, hq, 1), torch.zeros(b, hkv, dtype=torch.int32), torch.zeros(0),
+                               torch.zeros(b, dtype=torch.int32))
         state = ref.LayerState(*(t.to(DEVICE) for t in state))
         return module.attend_window(q, k, v, allowed, None, indices, chosen, state, position, 0.25, page)
 

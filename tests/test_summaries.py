@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from retro_compile import RetroConfig
 from retro_compile.kernels import reference as ref
@@ -62,10 +63,14 @@ def test_int8_scores_bound_every_key_and_stay_within_a_step_of_the_exact_bound(d
         q = problem.q[:, head, 10].float()  # (B, D): one query head; the group's max over one head is itself
         q_row = torch.zeros_like(problem.q[:, :, 10]).index_copy(1, torch.tensor([head]), problem.q[:, [head], 10])
         kv = head // 2
-        got = ref.page_scores(q_row, int8.kmax, int8.kmin, valid, 8, summary_scale=int8.summary_scale)[:, kv]
-        tight = ref.page_scores(q_row, exact.kmax, exact.kmin, valid, 8)[:, kv]
+        got = ref.page_scores(q_row, int8.kmax, int8.kmin, valid, 8, summary_scale=int8.summary_scale,
+                              start=int8.start)[:, kv]
+        tight = ref.page_scores(q_row, exact.kmax, exact.kmin, valid, 8, start=exact.start)[:, kv]
         keys = problem.k[:, kv].float()  # (B, L, D)
-        direct = (keys @ q[:, :, None])[..., 0].masked_fill(~valid, float("-inf")).view(2, 12, 8).amax(-1)
+        dots = (keys @ q[:, :, None])[..., 0].masked_fill(~valid, float("-inf"))
+        # Pages count from each row's first valid position (after 0 and 5 positions of padding).
+        direct = torch.stack([F.pad(dots[b, pad:], (0, pad), value=float("-inf")) for b, pad in enumerate((0, 5))])
+        direct = direct.view(2, 12, 8).amax(-1)
         slack = (q.abs() * int8.summary_scale[:, kv]).sum(-1, keepdim=True)  # (B, 1)
         live = direct > float("-inf")
         tol = 1e-4 if dtype == torch.float32 else 0.05 * slack

@@ -81,7 +81,7 @@ def _stored_summary(kmax, kmin, scale, QUANTIZED: tl.constexpr):
 
 @triton.jit
 def _summarize_pages_kernel(
-    K, VALID, FIRST, KMAX, KMIN, SCALE,
+    K, VALID, FIRST, START, KMAX, KMIN, SCALE,
     stride_kb, stride_kh, stride_kl, stride_vb, stride_first,
     stride_sb, stride_sh, stride_sp, stride_cb, stride_ch,
     length, num_pages,
@@ -89,7 +89,7 @@ def _summarize_pages_kernel(
 ):
     b, h, t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     page = tl.minimum(tl.load(FIRST + b * stride_first) // P + t, num_pages - 1)
-    keys = page * P + tl.arange(0, P)
+    keys = tl.load(START + b) + page * P + tl.arange(0, P)  # a row's pages start at its first valid slot
     dims = tl.arange(0, D)
     # The keys load beside the valid bytes, not under them: a load whose mask waits on another
     # load waits on it too (the summary leaves out the rows that are not valid).
@@ -116,6 +116,7 @@ def summarize_pages(
     count: int,
     page_size: int,
     summary_scale: torch.Tensor | None = None,
+    start: torch.Tensor | None = None,
 ) -> None:
     """Same as ``reference.summarize_pages``: one program per (batch row, KV head, page) reads the
     page's keys once and writes its max and min rows in place (int8 tables: as steps of
@@ -125,12 +126,22 @@ def summarize_pages(
     _check_summary_layout(kmax, kmin, "summarize_pages")
     k, valid = _unit_last_stride(k, valid)
     summary_scale = _summary_scale(kmax, summary_scale, "summarize_pages")
+    start = _row_starts(start, b, k.device)
     wrap_triton(_summarize_pages_kernel)[(b, hkv, count)](
-        k, valid, first_position, kmax, kmin, summary_scale,
+        k, valid, first_position, start, kmax, kmin, summary_scale,
         k.stride(0), k.stride(1), k.stride(2), valid.stride(0), first_position.stride(0),
         kmax.stride(0), kmax.stride(1), kmax.stride(2), summary_scale.stride(0), summary_scale.stride(1),
         length, kmax.shape[2], P=page_size, D=d, QUANTIZED=kmax.dtype == torch.int8,
     )
+
+
+def _row_starts(start: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+    """Each row's first valid slot (B,) int32, contiguous, as the kernels read it (None: slot 0)."""
+    if start is None:
+        return torch.zeros(batch, dtype=torch.int32, device=device)
+    if start.dtype != torch.int32 or start.shape != (batch,):
+        raise ValueError(f"kernels.decode: start must be int32 of shape ({batch},), got {start.dtype} {tuple(start.shape)}")
+    return start.contiguous()
 
 
 def _summary_scale(kmax: torch.Tensor, summary_scale: torch.Tensor | None, caller: str) -> torch.Tensor:
@@ -144,7 +155,7 @@ def _summary_scale(kmax: torch.Tensor, summary_scale: torch.Tensor | None, calle
 
 @triton.jit
 def _page_scores_kernel(
-    Q, KMAX, KMIN, VALID, OUT, K, FIRST, SCALE,
+    Q, KMAX, KMIN, VALID, OUT, K, FIRST, START, SCALE,
     stride_qb, stride_qh,
     stride_sb, stride_sh, stride_sp,
     stride_vb,
@@ -166,6 +177,7 @@ def _page_scores_kernel(
     b, hkv, program = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     dims = tl.arange(0, D)
     heads = tl.arange(0, HEADS)
+    row_start = tl.load(START + b)  # the row's pages start at its first valid slot
     scale = 1.0
     if QUANTIZED:
         scale = tl.load(SCALE + b * stride_cb + hkv * stride_ch + dims)
@@ -178,7 +190,7 @@ def _page_scores_kernel(
         first = tl.load(FIRST + b * stride_first) // P
         if program < REFRESH:  # the page and loads of _summarize_pages_kernel (see the note on helpers)
             page = tl.minimum(first + program, num_pages - 1)
-            page_keys = page * P + tl.arange(0, P)
+            page_keys = row_start + page * P + tl.arange(0, P)
             inside = page_keys < length
             written = inside & (tl.load(VALID + b * stride_vb + page_keys, mask=inside, other=0) != 0)
             x = tl.load(K + b * stride_kb + hkv * stride_kh + page_keys[:, None] * stride_kl + dims[None, :],
@@ -228,7 +240,7 @@ def _page_scores_kernel(
                 q_head = tl.sum(tl.where((heads == g)[:, None], q_group, 0.0), axis=0)  # row g of the (scaled) group
                 bound = tl.sum(tl.maximum(q_head[None, :] * kmax, q_head[None, :] * kmin), axis=1)
                 best = tl.maximum(best, bound)
-        keys = pages[:, None] * P + tl.arange(0, P)[None, :]
+        keys = row_start + pages[:, None] * P + tl.arange(0, P)[None, :]
         valid = tl.load(VALID + b * stride_vb + keys, mask=keys < length, other=0) != 0
         any_valid = tl.max(valid.to(tl.int32), axis=1) > 0
         others = ok & ((pages < first) | (pages >= first + REFRESH))  # a written page's score is its refresher's
@@ -274,6 +286,7 @@ def page_scores(
     blocks_per_program: int | None = None,
     num_stages: int = 3,
     tables_as_b: bool | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same as ``reference.page_scores``: q_row (B, Hq, D) -> (B, Hkv, NP) fp32.
 
@@ -316,13 +329,14 @@ def page_scores(
         _check_summary_layout(kmax, kmin, "page_scores")  # written in place
         (k,), first_position, count = _unit_last_stride(refresh.k), refresh.first_position, refresh.count
     q_row, valid = _unit_last_stride(q_row, valid)  # q_row: a strided view of the query's newest row
+    start = _row_starts(start, b, q_row.device)
     out = torch.empty(b, hkv, num_pages, dtype=torch.float32, device=q_row.device)
     block = min(block_pages, triton.next_power_of_2(num_pages))
     group = hq // hkv
     dot = as_products and block >= 16 and kmax.dtype in (q_row.dtype, torch.int8) and kmin.dtype == kmax.dtype
     grid = (b, hkv, count + triton.cdiv(triton.cdiv(num_pages, block), blocks_per_program))
     wrap_triton(_page_scores_kernel)[grid](
-        q_row, kmax, kmin, valid, out, k, first_position, summary_scale,
+        q_row, kmax, kmin, valid, out, k, first_position, start, summary_scale,
         q_row.stride(0), q_row.stride(1),
         kmax.stride(0), kmax.stride(1), kmax.stride(2),
         valid.stride(0),
@@ -620,7 +634,7 @@ def _selected_pages(index, chosen):
 
 @triton.jit
 def _window_attention_kernel(
-    Q, K, V, ALLOWED, INDICES, CHOSEN, LAST, POS, OUT, LSE,
+    Q, K, V, ALLOWED, INDICES, CHOSEN, LAST, POS, START, OUT, LSE,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
@@ -640,10 +654,12 @@ def _window_attention_kernel(
     dims, vdims = tl.arange(0, D), tl.arange(0, DV)
     q = tl.load(Q + b * stride_qb + (hkv * G + head)[:, None] * stride_qh + win[:, None] * stride_qn + dims[None, :],
                 mask=live[:, None], other=0.0)
+    row_start = 0  # dense: the cache's pages from slot 0
     if not DENSE:
         position = tl.load(POS + b * N + win, mask=live, other=0)
         newest = win == N - 1
         newest_position = tl.load(POS + b * N + N - 1).to(tl.int32)  # stamped into `last` at the end
+        row_start = tl.load(START + b)  # the row's pages start at its first valid slot
 
     m = tl.full((ROWS,), float("-inf"), tl.float32)
     l = tl.zeros((ROWS,), tl.float32)
@@ -668,7 +684,7 @@ def _window_attention_kernel(
         # Key offsets as (page, offset in page), so loads of the byte mask below see runs of P
         # contiguous bytes (as one flat vector they looked like single bytes: too small for the
         # asynchronous copies Triton pipelines loads into).
-        page_keys = page[:, None] * P + within[None, :]  # (TILE, P)
+        page_keys = row_start + page[:, None] * P + within[None, :]  # (TILE, P)
         page_inside = (page[:, None] >= 0) & (page_keys < length)
         keys = tl.reshape(page_keys, (TILE * P,))
         inside = tl.reshape(page_inside, (TILE * P,))
@@ -816,7 +832,8 @@ def attend_window(
     if any(t.stride(-1) != 1 for t in (state.last, state.out_cache, state.lse_cache)):
         raise ValueError("kernels.decode.attend_window: last, out_cache and lse_cache are written in place "
                          "and must have unit last stride")
-    selection = (indices.contiguous(), chosen.contiguous(), state.last, position.contiguous())
+    selection = (indices.contiguous(), chosen.contiguous(), state.last, position.contiguous(),
+                 _row_starts(state.start, q.shape[0], q.device))
     num_pages = indices.shape[-1]
     pages_per_split = pages_per_split or _split_pages(num_pages, q.shape[0], k.shape[1])
     programs = q.shape[0] * k.shape[1] * triton.cdiv(num_pages, pages_per_split)
@@ -889,21 +906,21 @@ def _split_pages(num_pages: int, batch: int, kv_heads: int) -> int:
 def _attend(q, k, v, allowed, selection, out_cache, lse_cache, scale, page_size, num_pages, pages_per_split,
             tile_pages, num_warps, num_stages) -> torch.Tensor:
     """The split attention and merge launches of :func:`attend_window` (``selection``: indices,
-    chosen, last, position) and :func:`dense_window` (``selection`` None: every one of
+    chosen, last, position, start) and :func:`dense_window` (``selection`` None: every one of
     ``num_pages`` pages, no output cache), splits and tiles as their callers chose them."""
     q, k, v, allowed = _unit_last_stride(q, k, v, allowed)
     b, hq, n, d = q.shape
     hkv, length, dv = k.shape[1], k.shape[2], v.shape[3]
     group = hq // hkv
     dense = selection is None
-    indices, chosen, last, position = (allowed,) * 4 if dense else selection  # dense: never read, any strides do
+    indices, chosen, last, position, start = (allowed,) * 5 if dense else selection  # dense: never read, any strides do
     splits = triton.cdiv(num_pages, pages_per_split)
     tile = min(tile_pages, triton.next_power_of_2(pages_per_split))
     rows = max(16, triton.next_power_of_2(group * n))
     part_out = torch.empty(b, hkv, splits, group * n, dv, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, hkv, splits, group * n, dtype=torch.float32, device=q.device)
     wrap_triton(_window_attention_kernel)[(b, hkv, splits)](
-        q, k, v, allowed, indices, chosen, last, position, part_out, part_lse,
+        q, k, v, allowed, indices, chosen, last, position, start, part_out, part_lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),

@@ -23,7 +23,7 @@ from . import reference
 from .reference import LayerState, SparseParams
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-STATE_ARGS = ("kmax", "kmin", "last", "out_cache", "lse_cache", "counts", "summary_scale")
+STATE_ARGS = ("kmax", "kmin", "last", "out_cache", "lse_cache", "counts", "summary_scale", "start")
 
 
 def unservable(
@@ -80,7 +80,7 @@ def check_inputs(
         error, why = problem
         raise error(f"retro::attention: {why}")
     b, hq, d, length = q.shape[0], q.shape[1], q.shape[3], k.shape[2]
-    kmax, kmin, last, out_cache, lse_cache, counts, summary_scale = state
+    kmax, kmin, last, out_cache, lse_cache, counts, summary_scale, start = state
     capacity = kmax.shape[2] * params.page_size
     if length > capacity:
         raise ValueError(
@@ -95,13 +95,14 @@ def check_inputs(
         "lse_cache": (b, hq, params.window - 1),
         "counts": (b, k.shape[1]),
         "summary_scale": (b, k.shape[1], d),
+        "start": (b,),
     }
     for name, t in zip(STATE_ARGS, state):
         if tuple(t.shape) != expected[name]:
             raise ValueError(f"retro::attention: state {name} has shape {tuple(t.shape)}, expected {expected[name]}")
         if t.device != q.device:
             raise ValueError(f"retro::attention: state {name} is on {t.device}, query on {q.device}")
-    for name, t in (("last", last), ("counts", counts)):
+    for name, t in (("last", last), ("counts", counts), ("start", start)):
         if t.dtype != torch.int32:
             raise TypeError(f"retro::attention: state {name} has dtype {t.dtype}, expected torch.int32")
     if kmax.dtype not in (k.dtype, torch.int8) or kmin.dtype != kmax.dtype:
@@ -154,6 +155,7 @@ def attention(
     lse_cache: torch.Tensor,
     counts: torch.Tensor,
     summary_scale: torch.Tensor,
+    start: torch.Tensor,
     is_causal: bool,
     scale: Optional[float],
     page_size: int,
@@ -170,7 +172,7 @@ def attention(
     ``reference.mask_positions(attn_mask, B, n)``. The rewrite computes them once per graph for
     all layers sharing a mask; without them each call reduces its mask itself.
     """
-    state = LayerState(kmax, kmin, last, out_cache, lse_cache, counts, summary_scale)
+    state = LayerState(kmax, kmin, last, out_cache, lse_cache, counts, summary_scale, start)
     params = SparseParams(page_size, budget_pages, budget_fraction, sink_pages, local_pages, window)
     check_inputs(q, k, v, attn_mask, state, params, positions)
     stages = None

@@ -59,6 +59,9 @@ class LayerState(NamedTuple):
     # (B, Hkv, D) fp32: int8 summaries stand for table x summary_scale (set by the prefill,
     # :func:`prompt_summary_scale`); tables in the key dtype never read it (:func:`table_scale`).
     summary_scale: torch.Tensor
+    # (B,) int32: each row's first valid cache slot, set by the prefill (:func:`first_slots`). A
+    # row's pages are counted from it, so that its left padding never moves a page boundary.
+    start: torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,16 +125,40 @@ def mask_positions(attn_mask: torch.Tensor, batch: int, n: int) -> torch.Tensor:
     return query_positions(allowed)
 
 
-def pages_to_tokens(per_page: torch.Tensor, page_size: int, length: int) -> torch.Tensor:
-    """Expand a (..., NP) per-page tensor to (..., L) per-position."""
-    return per_page.repeat_interleave(page_size, dim=-1)[..., :length]
+def first_slots(valid: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool -> (B,) int32: each row's first valid slot (0 for a row with none)."""
+    return valid.to(torch.int8).argmax(dim=-1).to(torch.int32)
 
 
-def page_any(valid: torch.Tensor, page_size: int) -> torch.Tensor:
-    """(B, L) bool -> (B, NP) bool: does the page hold any valid position."""
+def row_pages(start: torch.Tensor | None, batch: int, length: int, page_size: int,
+              device: torch.device) -> torch.Tensor:
+    """(B, L) int64: the page of each cache slot, counted from its row's first valid slot ``start``
+    (B,) (None: slot 0). Slots before it (left padding, never valid) map to page 0 and count for
+    nothing: every caller masks them out."""
+    slots = torch.arange(length, device=device).expand(batch, length)
+    if start is not None:
+        slots = (slots - start[:, None]).clamp(min=0)
+    return slots // page_size
+
+
+def pages_to_tokens(per_page: torch.Tensor, page_size: int, length: int,
+                    start: torch.Tensor | None = None) -> torch.Tensor:
+    """Expand a (B, H, NP) per-page tensor to (B, H, L) per slot (pages counted from ``start``)."""
+    b, h, num_pages = per_page.shape
+    pages = row_pages(start, b, length, page_size, per_page.device).clamp(max=num_pages - 1)
+    return per_page.gather(-1, pages[:, None, :].expand(b, h, length))
+
+
+def page_any(valid: torch.Tensor, page_size: int, start: torch.Tensor | None = None,
+             num_pages: int | None = None) -> torch.Tensor:
+    """(B, L) bool -> (B, NP) bool: does the page (counted from ``start``) hold any valid slot.
+    NP is ``num_pages``, or as many pages as the cache spans."""
     batch, length = valid.shape
-    pad = (-length) % page_size
-    return F.pad(valid, (0, pad)).view(batch, -1, page_size).any(dim=-1)
+    num_pages = num_pages or -(-length // page_size)
+    pages = row_pages(start, batch, length, page_size, valid.device)
+    inside = pages < num_pages
+    out = torch.zeros(batch, num_pages, dtype=torch.int32, device=valid.device)
+    return out.scatter_reduce(1, pages.clamp(max=num_pages - 1), (valid & inside).to(torch.int32), "amax") > 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,11 +193,13 @@ def summarize_pages(
     count: int,
     page_size: int,
     summary_scale: torch.Tensor | None = None,
+    start: torch.Tensor | None = None,
 ) -> None:
     """Recompute, in place, the summaries of ``count`` pages from the one holding
     ``first_position[b]`` on (clamped to the last page), from those pages' keys alone, never the
     whole cache. int8 tables store them as :func:`quantize_summary` steps of ``summary_scale``
-    (B, Hkv, D), which they need; tables in the key dtype store them as they are.
+    (B, Hkv, D), which they need; tables in the key dtype store them as they are. Pages and
+    ``first_position`` are counted from each row's first valid slot ``start`` (B,) (None: slot 0).
 
     A decode step refreshes the pages its rows were written to (from its first row's position);
     a prefill builds every page (from position 0).
@@ -178,6 +207,8 @@ def summarize_pages(
     _, heads, length, dim = k.shape
     pages = summarized_pages(first_position, count, page_size, kmax.shape[2])
     positions = (pages[:, :, None] * page_size + torch.arange(page_size, device=k.device)).flatten(1)  # (B, m*P)
+    if start is not None:
+        positions = positions + start[:, None]
     inside = positions < length
     positions = positions.clamp(max=length - 1)
     keys = k.gather(2, positions[:, None, :, None].expand(-1, heads, -1, dim))
@@ -247,22 +278,26 @@ def put_pages(table: torch.Tensor, pages: torch.Tensor, values: torch.Tensor) ->
 # --------------------------------------------------------------------------------------------
 class PageRefresh(NamedTuple):
     """Pages whose summaries a step refreshes before it scores them (see :func:`summarize_pages`):
-    ``count`` pages from the one holding ``first_position[b]``, from the keys ``k``."""
+    ``count`` pages from the one holding ``first_position[b]`` (counted from the row's first valid
+    slot), from the keys ``k``."""
 
     k: torch.Tensor  # (B, Hkv, L, D)
     first_position: torch.Tensor  # (B,)
     count: int
 
     @classmethod
-    def of_window(cls, k: torch.Tensor, position: torch.Tensor, page_size: int) -> "PageRefresh":
-        """The pages a decode window's rows, at the consecutive positions ``position`` (B, n), were
-        written to: from the first row's page on, as many as a run of n positions can straddle."""
-        return cls(k, position[:, 0], (position.shape[1] - 1) // page_size + 2)
+    def of_window(cls, k: torch.Tensor, position: torch.Tensor, page_size: int,
+                  start: torch.Tensor | None = None) -> "PageRefresh":
+        """The pages a decode window's rows, at the consecutive slots ``position`` (B, n), were
+        written to: from the first row's page on, as many as a run of n positions can straddle.
+        ``start`` (B,): the rows' first valid slots (None: slot 0)."""
+        first = position[:, 0] if start is None else position[:, 0] - start
+        return cls(k, first, (position.shape[1] - 1) // page_size + 2)
 
 
 def page_scores(
     q_row: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor, valid: torch.Tensor, page_size: int,
-    refresh: PageRefresh | None = None, summary_scale: torch.Tensor | None = None,
+    refresh: PageRefresh | None = None, summary_scale: torch.Tensor | None = None, start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Upper bound of ``q . k`` over each page, maxed over each KV head's query group; ``-inf`` for
     a page with no position in ``valid`` (B, L) (beyond the query, or all padding).
@@ -271,10 +306,12 @@ def page_scores(
     summaries of the pages it names are first recomputed in place (a decode step's written pages),
     so that the kernel can do both in one pass. For int8 tables ``summary_scale`` (B, Hkv, D) is
     folded into the query: each head's ``q * scale``, rounded to the query's dtype as the kernels'
-    matrix products take it, scores the tables' steps (:func:`table_scale`).
+    matrix products take it, scores the tables' steps (:func:`table_scale`). Pages are counted
+    from each row's first valid slot ``start`` (B,) (None: slot 0).
     """
     if refresh is not None:
-        summarize_pages(kmax, kmin, refresh.k, valid, refresh.first_position, refresh.count, page_size, summary_scale)
+        summarize_pages(kmax, kmin, refresh.k, valid, refresh.first_position, refresh.count, page_size, summary_scale,
+                        start)
     b, hq, d = q_row.shape
     hkv = kmax.shape[1]
     q = q_row.float().view(b, hkv, hq // hkv, 1, d)
@@ -282,7 +319,7 @@ def page_scores(
     if step is not None:
         q = (q * step[:, :, None, None]).to(q_row.dtype).float()
     upper = torch.maximum(q * kmax.float()[:, :, None], q * kmin.float()[:, :, None]).sum(-1)  # (B, Hkv, G, NP)
-    return upper.amax(dim=2).masked_fill(~page_any(valid, page_size)[:, None, :], NEG_INF)
+    return upper.amax(dim=2).masked_fill(~page_any(valid, page_size, start, kmax.shape[2])[:, None, :], NEG_INF)
 
 
 def budget_pages_for(params: SparseParams, position: torch.Tensor) -> torch.Tensor:
@@ -298,6 +335,7 @@ def top_pages(
     scores: torch.Tensor, position: torch.Tensor, params: SparseParams, counts: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The selection as a page list: (indices (B, Hkv, K), chosen (B, Hkv, K) bool), K = the page cap.
+    ``position`` (B,) is the query's, counted from its row's first valid slot, as the pages are.
     ``counts`` (the layer state's, for the kernels) is not read.
 
     Always kept: the sink pages and the ``local_pages`` pages ending with the query's own page.
@@ -418,10 +456,11 @@ def prefill(
     position = query_positions(allowed)[:, -1]
     stages = stages or reference_stages()
     first = torch.zeros_like(position)
+    state.start.copy_(first_slots(allowed[:, -1]))
     if table_scale(state.kmax, state.summary_scale, "prefill") is not None:  # int8 tables: the prompt sets it
         state.summary_scale.copy_(prompt_summary_scale(k, allowed[:, -1]))
     stages.summarize_pages(state.kmax, state.kmin, k, allowed[:, -1], first, state.kmax.shape[2], params.page_size,
-                           state.summary_scale)
+                           state.summary_scale, state.start)
     state.last.copy_(position[:, None, None].to(state.last.dtype).expand_as(state.last))
     if rows:
         o, lse = attend(q[:, :, -rows:], k, v, allowed[:, None, -rows:], default_scale(q, scale),
@@ -442,20 +481,22 @@ def window_attention(
     position: torch.Tensor,
     scale: float,
     page_size: int,
+    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The step's attention, before any merge: (out (B, Hq, n, Dv) fp32, lse (B, Hq, n) fp32).
 
-    ``pages`` (B, Hkv, K) int lists the newest row's selected pages (-1: none). The newest row
-    attends over all of them; past row ``p`` only over those whose ``last`` (as it was before this
-    step) is below ``p``: the pages it has not seen. Every row keeps to the keys ``allowed`` (B, n, L).
+    ``pages`` (B, Hkv, K) int lists the newest row's selected pages (-1: none), counted from each
+    row's first valid slot ``start`` (B,) (None: slot 0). The newest row attends over all of them;
+    past row ``p`` only over those whose ``last`` (as it was before this step) is below ``p``: the
+    pages it has not seen. Every row keeps to the keys ``allowed`` (B, n, L).
     """
     length = k.shape[2]
     num_pages = last.shape[-1]
     slot = torch.where(pages >= 0, pages, num_pages).long()  # unused entries go to a spare slot
     selected = torch.zeros(*last.shape[:-1], num_pages + 1, dtype=torch.bool, device=last.device)
     selected = selected.scatter(-1, slot, True)[..., :num_pages]  # (B, Hkv, NP)
-    selected_keys = pages_to_tokens(selected, page_size, length)[:, :, None]  # (B, Hkv, 1, L)
-    last_keys = pages_to_tokens(last, page_size, length)[:, :, None]
+    selected_keys = pages_to_tokens(selected, page_size, length, start)[:, :, None]  # (B, Hkv, 1, L)
+    last_keys = pages_to_tokens(last, page_size, length, start)[:, :, None]
     newest = torch.arange(q.shape[2], device=q.device) == q.shape[2] - 1  # (n,)
     unseen = newest[:, None] | (last_keys < position[:, None, :, None])  # (B, Hkv, n, L)
     return attend(q, k, v, selected_keys & unseen & allowed[:, None], scale, bias)
@@ -482,7 +523,7 @@ def attend_window(
     the selected ones.
     """
     out, lse = window_attention(q, k, v, allowed, bias, torch.where(chosen, indices, -1), state.last, position,
-                                scale, page_size)
+                                scale, page_size, state.start)
     newest = position[:, -1, None, None].to(state.last.dtype)
     put_pages(state.last, indices, torch.where(chosen, newest, state.last.gather(-1, indices)))
     return merge_window(out, lse, state.out_cache, state.lse_cache).to(q.dtype)
@@ -525,6 +566,7 @@ def decode_step(
 
     The newest row attends to its selected pages; each past row attends to the selected pages it
     has not seen yet and merges that into its cached output. Then the state moves one step on.
+    Pages are counted from each row's first valid slot (``state.start``, set by the prefill).
     ``stages`` defaults to this module's (:func:`reference_stages`). ``positions`` (B, n) are the
     rows' :func:`query_positions` if the caller has them already (:func:`mask_positions`).
     """
@@ -536,10 +578,10 @@ def decode_step(
     newest = position[:, -1]
     valid = allowed[:, -1]  # every key the newest row may see: written, not padding, <= newest
 
-    written = PageRefresh.of_window(k, position, page_size)
+    written = PageRefresh.of_window(k, position, page_size, state.start)
     scores = stages.page_scores(q[:, :, -1], state.kmax, state.kmin, valid, page_size, refresh=written,
-                                summary_scale=state.summary_scale)
-    indices, chosen = stages.top_pages(scores, newest, params, state.counts)
+                                summary_scale=state.summary_scale, start=state.start)
+    indices, chosen = stages.top_pages(scores, newest - state.start, params, state.counts)
     return stages.attend_window(q, k, v, allowed, bias, indices, chosen, state, position,
                                 default_scale(q, scale), page_size)
 
