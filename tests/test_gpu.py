@@ -77,6 +77,22 @@ def test_generate_small_budget_runs_on_cuda():
     assert out.shape == (2, 110)
 
 
+def test_padded_rows_decode_as_their_prompts_alone_on_cuda():
+    """Kernels, Inductor and CUDA graphs: at a small budget each row of a left-padded batch gets
+    the tokens of its prompt alone and unpadded (pages count from each row's first position)."""
+    model = tiny_model("llama").cuda()
+    config = RetroConfig(mode="retro", budget=32, page_size=16, dense_layers=1, max_context=128)
+    compiled = retro_compile(copy.deepcopy(model), config)
+    lengths, width = (70, 90, 53), 95
+    ids, mask = prompts(3, width, pad=tuple(width - n for n in lengths), seed=12)
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
+    batch = compiled.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), **kw)[:, width:]
+    for row, n in enumerate(lengths):
+        alone = compiled.generate(input_ids=ids[row:row + 1, width - n:].cuda(),
+                                  attention_mask=mask[row:row + 1, width - n:].cuda(), **kw)[:, n:]
+        assert torch.equal(batch[row], alone[0]), row
+
+
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("context", [4096, 32768, 131072])
 @pytest.mark.parametrize("kv_heads", [8, 4])
