@@ -2,6 +2,7 @@
 # The GPU side of the project, in one go on a CUDA machine; logs and JSON land in $OUT.
 #   bash scripts/gpu_suite.sh speed            # GPU tests, the op benchmark, the step's kernel profile
 #   bash scripts/gpu_suite.sh quality [MODEL [ARGS...]]  # perplexity + exposure and passkey, side by side
+#   bash scripts/gpu_suite.sh ruler MODEL [ARGS...]  # RULER's synthetic tasks (python -m retro_compile.eval ruler ARGS)
 #   bash scripts/gpu_suite.sh tests            # the GPU tests alone
 #   bash scripts/gpu_suite.sh tune [ARGS...]   # each stage's launch parameters timed (scripts/tune_stages.py ARGS)
 #   bash scripts/gpu_suite.sh e2e [ARGS...]    # python -m retro_compile.bench e2e ARGS, rows added to a copy of
@@ -34,6 +35,16 @@ case "${1:-}" in
     wait $ppl || status=1
     wait $passkey || status=1
     tail -n 5 "$OUT/ppl.log" "$OUT/passkey.log"
+    ;;
+  ruler)
+    model=${2:?usage: $0 ruler MODEL [ARGS...]}
+    shift 2
+    name=$(basename "$model" .gguf | tr '[:upper:]' '[:lower:]')
+    gpu=$(python -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
+    python -c "from retro_compile.data import load_model; load_model('$model')" || exit 1  # convert once
+    timeout "${RULER_TIMEOUT:-540}" python -m retro_compile.eval ruler --model "$model" --jobs "${JOBS:-5}" \
+      --inductor off --out "$OUT/ruler_${name}_${gpu}.json" "$@" >"$OUT/ruler.log" 2>&1 || status=1
+    tail -n 5 "$OUT/ruler.log"
     ;;
   tests)
     timeout "$TESTS_TIMEOUT" python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py \

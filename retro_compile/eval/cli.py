@@ -1,9 +1,11 @@
-"""``python -m retro_compile.eval ppl|passkey|exposure``: quality per mode, budget and window.
+"""``python -m retro_compile.eval ppl|passkey|exposure|ruler``: quality per mode, budget and window.
 
     python -m retro_compile.eval ppl --budgets 64 128 256 512 --modes dense quest retro --window 2 4 \\
         --context 4096 --prefill 512 --passages 3 --out results/ppl.json
     python -m retro_compile.eval passkey --lengths 2048 4096 8000 --out results/passkey.json
     python -m retro_compile.eval exposure --context 2048 --out results/exposure.json
+    python -m retro_compile.eval ruler --model qwen2.5-coder --lengths 4096 8192 --samples 20 \\
+        --budgets 512 1024 2048 --out results/ruler.json
 
 Every configuration runs through ``retro_compile(model, RetroConfig(...))``, the path users run.
 ``ppl`` also measures the effective KV exposure of its sparse runs; ``exposure`` is the same run
@@ -30,6 +32,8 @@ from ..config import SUMMARIES
 from ..data import DEFAULT_MODEL, load_model, passage
 from .decode import ExposureMeter, perplexity, teacher_forced_nll
 from .passkey import is_correct, passkey_answers, passkey_prompt, random_keys
+from .ruler import TASKS as RULER_TASKS
+from .ruler import DENSE_FLOOR, Generator, add_averages, string_match_all
 
 log = logging.getLogger("retro_compile.eval")
 BOOKS = ("hamlet", "lear", "macbeth", "othello", "tempest", "twelfth_night")
@@ -38,12 +42,14 @@ DEPTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m retro_compile.eval", description=__doc__.splitlines()[0])
-    p.add_argument("task", choices=["ppl", "passkey", "exposure"],
-                   help="ppl: long-decode perplexity; passkey: retrieval accuracy; exposure: pages seen per row")
+    p.add_argument("task", choices=["ppl", "passkey", "exposure", "ruler"],
+                   help="ppl: long-decode perplexity; passkey: retrieval accuracy; exposure: pages seen per row; "
+                        "ruler: RULER's synthetic tasks (needles, variable tracking, word extraction)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="'smollm2' (default), 'qwen2.5-coder', a .gguf file, a folder or a model id")
     p.add_argument("--modes", nargs="+", default=["dense", "quest", "retro"], choices=["dense", "quest", "retro"],
                    help="attention modes compared (default: all three)")
-    p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256, 512], help="sparse budgets, in tokens")
+    p.add_argument("--budgets", nargs="+", type=int, default=None,
+                   help="sparse budgets, in tokens (default 64 128 256 512; ruler: 512 1024 2048)")
     p.add_argument("--window", type=int, nargs="+", default=[2, 4], help="retro windows w")
     p.add_argument("--sink-pages", type=int, nargs="+", default=[0],
                    help="RetroConfig.sink_pages values compared (0: Quest's and the paper's selection; "
@@ -51,10 +57,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=4096, help="ppl/exposure: tokens per passage (prefill + decoded)")
     p.add_argument("--prefill", type=int, default=512, help="ppl/exposure: tokens prefilled densely")
     p.add_argument("--passages", type=int, default=3, help=f"ppl/exposure: passages, one per book of {BOOKS}")
-    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000], help="passkey: prompt lengths")
+    p.add_argument("--lengths", type=int, nargs="+", default=None,
+                   help="passkey: prompt lengths (default 2048 4096 8000); ruler: prompt plus answer lengths "
+                        "(default 4096 8192)")
+    p.add_argument("--tasks", nargs="+", default=list(RULER_TASKS), choices=list(RULER_TASKS),
+                   help="ruler: the tasks run (default: all)")
+    p.add_argument("--samples", type=int, default=20, help="ruler: samples per task and length")
     p.add_argument("--depths", type=float, nargs="+", default=list(DEPTHS), help="passkey: needle depths")
-    p.add_argument("--seed", type=int, default=0, help="passkey: seed of the random keys")
-    p.add_argument("--batch", type=int, default=3, help="passkey: prompts decoded together")
+    p.add_argument("--seed", type=int, default=0, help="passkey, ruler: seed of the random keys and words")
+    p.add_argument("--batch", type=int, default=3, help="passkey, ruler: prompts decoded together")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda (the default where there is one) or cpu")
     p.add_argument("--inductor", choices=["auto", "on", "off"], default="auto",
@@ -66,13 +77,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="configurations run at once, each in its own process")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default results/<task>.json); PNG beside it")
     args = p.parse_args(argv)
+    args.budgets = args.budgets or ([512, 1024, 2048] if args.task == "ruler" else [64, 128, 256, 512])
+    args.lengths = args.lengths or ([4096, 8192] if args.task == "ruler" else [2048, 4096, 8000])
     if args.task == "exposure" and "dense" in args.modes:
         args.modes = [m for m in args.modes if m != "dense"]  # dense selects nothing
     if any(b <= 0 for b in args.budgets) or any(w < 1 for w in args.window) or args.jobs < 1:
         p.error("--budgets must be positive, --window and --jobs at least 1")
+    if args.samples < 1 or args.batch < 1 or any(n < 256 for n in args.lengths):
+        p.error("--samples and --batch must be at least 1, --lengths at least 256")
     if any(s < 0 for s in args.sink_pages):
         p.error("--sink-pages must be at least 0")
-    if args.task != "passkey" and not 0 < args.prefill < args.context:
+    if args.task in ("ppl", "exposure") and not 0 < args.prefill < args.context:
         p.error(f"--prefill={args.prefill} must lie in (0, --context={args.context})")
     args.out = args.out or Path("results") / f"{args.task}.json"
     return args
@@ -113,6 +128,33 @@ def run_passkey(model, args, tokenizer) -> dict:
     return dict(accuracy=sum(hits) / len(hits), correct_per_length=per_length)
 
 
+def run_ruler(model, args, samples: dict[tuple[str, int], list], tokenizer) -> dict:
+    """RULER's score (``string_match_all``, in %) of every task and length: greedy answers of
+    ``task.tokens_to_generate`` tokens, ``args.batch`` prompts a ``generate()`` call."""
+    scores: dict[str, dict[str, list[float]]] = {}
+    for (task, length), items in samples.items():
+        new_tokens = RULER_TASKS[task].tokens_to_generate
+        for i in range(0, len(items), args.batch):
+            batch = items[i:i + args.batch]
+            inputs = tokenizer([s.prompt for s in batch], return_tensors="pt", padding=True,
+                               add_special_tokens=False).to(args.device)
+            out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            scores.setdefault(str(length), {}).setdefault(task, []).extend(
+                100.0 * string_match_all(a, s.answers) for a, s in zip(answers, batch))
+    accuracy = {length: {task: sum(v) / len(v) for task, v in per_task.items()} for length, per_task in scores.items()}
+    return dict(accuracy=accuracy, scores=scores)
+
+
+def ruler_samples(tokenizer, args) -> dict[tuple[str, int], list]:
+    """The samples of every task and length, made once per process (seeded)."""
+    generator = Generator(tokenizer, seed=args.seed)
+    return {(task, length): generator.samples(task, length, args.samples)
+            for length in args.lengths for task in tqdm(args.tasks, desc=f"ruler samples ({length} tokens)",
+                                                         leave=False)}
+
+
 _LOADED: dict = {}  # this process's model, tokenizer and texts, keyed by what they depend on
 
 
@@ -120,7 +162,12 @@ def load(args) -> tuple:
     """(model, tokenizer, passages or None, max_context): loaded once per process."""
     if _LOADED.get("key") != (args.model, args.device, args.task):
         model, tokenizer = load_model(args.model, device=args.device)
-        if args.task == "passkey":
+        if args.task == "ruler":
+            tokenizer.padding_side = "left"
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            passages, max_context = ruler_samples(tokenizer, args), max(args.lengths)
+        elif args.task == "passkey":
             passages, max_context = None, max(args.lengths) + 16
         else:
             passages = torch.tensor([passage(tokenizer, book, args.context, offset_tokens=1000)
@@ -141,7 +188,12 @@ def evaluate(args, run: Run) -> dict:
     model = retro_compile(copy.deepcopy(base), config, inductor=inductor,
                           cuda_graphs=False if args.no_cuda_graphs else None)
     start = time.perf_counter()
-    row = run_passkey(model, args, tokenizer) if args.task == "passkey" else run_ppl(model, args, passages, window)
+    if args.task == "ruler":
+        row = run_ruler(model, args, passages, tokenizer)
+    elif args.task == "passkey":
+        row = run_passkey(model, args, tokenizer)
+    else:
+        row = run_ppl(model, args, passages, window)
     row = dict(mode=mode, budget=budget, window=window, sink_pages=sink_pages, **row,
                seconds=round(time.perf_counter() - start, 1))
     log.info("%s", {k: v for k, v in row.items() if not isinstance(v, (list, dict))})
@@ -164,7 +216,7 @@ def main(argv=None) -> None:
     defaults = RetroConfig()
     setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     setup.update(page_size=defaults.page_size, dense_layers=defaults.dense_layers, max_context=max_context,
-                 books=list(BOOKS[:args.passages]) if args.task != "passkey" else None,
+                 books=list(BOOKS[:args.passages]) if args.task in ("ppl", "exposure") else None,
                  torch=torch.__version__, gpu=torch.cuda.get_device_name() if args.device.startswith("cuda") else None)
     runs = configurations(args)
     results: list[dict] = []
@@ -173,7 +225,11 @@ def main(argv=None) -> None:
         results.append(row)
         results.sort(key=lambda r: runs.index((r["mode"], r["budget"], r["window"], r["sink_pages"])))
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(dict(task=args.task, setup=setup, results=results), indent=2))
+        data = dict(task=args.task, setup=setup, results=results)
+        if args.task == "ruler":  # averages over the tasks dense scores above the floor on
+            data["averaged_tasks"] = add_averages(results)
+            data["dense_floor"] = DENSE_FLOOR
+        args.out.write_text(json.dumps(data, indent=2))
 
     if args.jobs == 1:
         for run in tqdm(runs, desc=args.task):

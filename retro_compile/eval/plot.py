@@ -10,7 +10,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 METRICS = {"ppl": [("ppl", "perplexity"), ("exposure", "effective KV exposure")],
            "passkey": [("accuracy", "passkey accuracy")],
-           "exposure": [("exposure", "effective KV exposure")]}
+           "exposure": [("exposure", "effective KV exposure")],
+           "ruler": [("average", "RULER average (%)")]}
 
 
 def label(row: dict) -> str:
@@ -61,6 +62,8 @@ def plot(path: Path) -> Path | None:
     data = json.loads(Path(path).read_text())
     metrics = METRICS[data["task"]]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    if data["task"] == "ruler":
+        return _plot_by_length(plt, data, path)
     for ax, (key, name) in zip(axes[0], metrics):
         lines: dict[str, list[tuple[int, float]]] = {}
         for row in data["results"]:
@@ -83,6 +86,31 @@ def plot(path: Path) -> Path | None:
         f"lengths {setup['lengths']}" if data["task"] == "passkey" else
         f"{setup['passages']} passages x {setup['context']} tokens, {setup['prefill']} prefilled")
     fig.suptitle(textwrap.fill(title, width=60 * len(metrics)), fontsize=9)
+    fig.tight_layout()
+    png = Path(path).with_suffix(".png")
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
+
+
+def _plot_by_length(plt, data: dict, path: Path) -> Path:
+    """RULER: the average accuracy against the context length, one line per configuration."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in data["results"]:
+        points = sorted((int(n), v) for n, v in row.get("average", {}).items() if v is not None)
+        if not points:
+            continue
+        name = label(row) + ("" if row["budget"] is None else f", {row['budget']} tokens")
+        style = dict(color="black", linestyle="--") if row["mode"] == "dense" else {}
+        ax.plot(*zip(*points), marker="o", label=name, **style)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("RULER average (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    setup = data["setup"]
+    ax.set_title(textwrap.fill(f"RULER: {setup['model']}, {setup['samples']} samples a task, tasks "
+                               f"{', '.join(setup['tasks'])}", width=80), fontsize=8)
     fig.tight_layout()
     png = Path(path).with_suffix(".png")
     fig.savefig(png, dpi=120)

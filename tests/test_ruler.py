@@ -1,0 +1,77 @@
+"""RULER's synthetic tasks (retro_compile.eval.ruler): sizes, answers and the score, checked by hand."""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+
+import pytest
+
+from retro_compile.eval import ruler
+from retro_compile.eval.ruler import FAMILIES, TASKS, Generator, add_averages, string_match_all
+
+pytest.importorskip("wonderwords")
+
+
+class WordTokenizer:
+    """One token per whitespace-separated word; no chat template (RULER's ``base`` template)."""
+
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+
+def test_string_match_all_is_the_fraction_of_answers_found_case_insensitively():
+    assert string_match_all("The numbers are 123 and 456.", ["123", "456"]) == 1.0
+    assert string_match_all("the value is ABC", ["abc", "def", "ghi", "jkl"]) == 0.25
+    assert string_match_all("nothing", ["x1"]) == 0.0
+
+
+def test_zeta_of_two_is_pi_squared_over_six():
+    assert ruler._zeta(2.0) == pytest.approx(math.pi ** 2 / 6, rel=1e-10)
+    assert ruler._zeta(3.0) == pytest.approx(1.2020569031595942, rel=1e-10)
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+@pytest.mark.parametrize("length", [1024, 4096])
+def test_samples_fit_the_length_and_hold_their_answers(name, length):
+    """Each sample's prompt plus the task's generated tokens fits the length and fills most of it;
+    the prompt ends with the task's answer prefix, and the answers are where the task says."""
+    samples = Generator(WordTokenizer(), seed=3).samples(name, length, 3)
+    family = TASKS[name].family
+    for sample in samples:
+        tokens = len(sample.prompt.split())
+        assert tokens + TASKS[name].tokens_to_generate == sample.length <= length
+        assert sample.length >= 0.8 * length, sample.length
+        prefix = FAMILIES[family][1]  # the answer prefix, its placeholders filled in: its last words are fixed
+        ending = "mentioned in the provided text" if family == "niah" else prefix[prefix.rfind("}") + 1:].strip()
+        assert ending in sample.prompt[-len(ending) - 5:]
+        question = sample.prompt[:sample.prompt.rfind("Answer:") if family != "niah" else len(sample.prompt)]
+        if family == "niah":
+            for value in sample.answers:
+                assert re.search(rf"One of the special magic \w+ for [^:]+ is: {re.escape(value)}\.", sample.prompt)
+        elif family == "vt":
+            # the chain: the first name holds the value the question asks about, each next one the one before
+            first, *rest = sample.answers
+            value = re.search(rf"VAR {first} = (\d+)", question).group(1)
+            assert f"assigned the value {value}" in sample.prompt
+            for before, after in zip(sample.answers, rest):
+                assert f"VAR {after} = VAR {before}" in question
+        elif family == "cwe":
+            listed = re.findall(r"\d+\. ([^\s]+)", question.split("\n")[-2])  # the last list: the question's
+            counts = collections.Counter(listed)
+            top = {w for w, _ in counts.most_common(len(sample.answers))}
+            assert top == set(sample.answers)
+        else:  # fwe: the answers are the most frequent words after the noise word "..."
+            counts = collections.Counter(question.split(". ", 1)[-1].split())
+            ranked = [w for w, _ in counts.most_common() if re.fullmatch(r"[a-z]{6}", w)]
+            assert ranked[:3] == sample.answers
+
+
+def test_averages_leave_out_the_tasks_dense_fails():
+    rows = [dict(mode="dense", accuracy={"4096": {"a": 90.0, "b": 5.0, "c": 60.0}}),
+            dict(mode="quest", accuracy={"4096": {"a": 70.0, "b": 50.0, "c": 40.0}})]
+    assert add_averages(rows) == {"4096": ["a", "c"]}
+    assert rows[0]["average"] == {"4096": 75.0} and rows[1]["average"] == {"4096": 55.0}
