@@ -280,13 +280,16 @@ def test_compared_kernels_run_the_same_stages(tmp_path):
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("window", [1, 2])
+@pytest.mark.parametrize("window", [1, 2, 4])
 @pytest.mark.parametrize("summaries", ["exact", "int8"])
-def test_decode_step_with_kernels_matches_reference(window, summaries, monkeypatch):
-    """The whole op with the kernel stages, against the reference op, over a decode sequence."""
+@pytest.mark.parametrize("prompt,pad", [(50, 7), (6, 4)], ids=["padded", "two-token-row"])
+def test_decode_step_with_kernels_matches_reference(window, summaries, prompt, pad, monkeypatch):
+    """The whole op with the kernel stages, against the reference op, over a decode sequence. Row
+    1's padding puts its page boundaries off the cache's; with a prompt of two tokens after 4 of
+    padding, its first windows reach back into the padding, before its first page."""
     from retro_compile.kernels import op
 
-    problem = make_problem(batch=2, q_heads=4, kv_heads=2, length=80, prompt=50, pad=(0, 7))
+    problem = make_problem(batch=2, q_heads=4, kv_heads=2, length=80, prompt=prompt, pad=(0, pad))
     problem = type(problem)(*(t.to(DEVICE) for t in (problem.q, problem.k, problem.v, problem.valid)), problem.prompt)
     p = ref.SparseParams(16, 2, 0.0, 0, 1, window)
     expected = [out for _, out in run(problem, p, steps=4, summaries=summaries)]

@@ -228,3 +228,15 @@ def test_bad_positions_are_refused_by_name():
     with pytest.raises(ValueError, match="positions are for decode steps"):
         retro_attention(problem.q[:, :, prompt], problem.k, problem.v, mask_for(problem, prompt), state, p,
                         positions=torch.zeros(2, 10, dtype=torch.long))
+
+
+@pytest.mark.parametrize("window", [2, 4])
+def test_a_row_with_fewer_tokens_than_the_window(window):
+    """Row 1 holds two prompt tokens after 4 of padding, so its first windows reach back into the
+    padding, before the slot its pages count from (and that slot lies inside the cache's first
+    page): full budget stays dense SDPA, and small budgets stay finite."""
+    problem = make_problem(batch=2, q_heads=4, kv_heads=2, prompt=6, pad=(0, 4), seed=5)
+    for positions, out in run(problem, params(window=window), steps=8):
+        torch.testing.assert_close(out, dense_rows(problem, positions), atol=2e-5, rtol=2e-5)
+    for _, out in run(problem, params(window=window, budget_pages=2), steps=8):
+        assert torch.isfinite(out).all()

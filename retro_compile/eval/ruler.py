@@ -317,6 +317,7 @@ class Generator:
             args["vocab_size"] = max(length // 50, 4)
             make = lambda n: self.fwe(n, **args)  # noqa: E731
             step = max(length // 32, 1)
+
         def prompted(n: int) -> tuple[str, list[str]]:
             text, answers = make(n)
             return self.prompt(text, prefix_start), answers
@@ -329,8 +330,11 @@ class Generator:
                 text, answers = make(used)
                 prompt = self.prompt(text, prefix_start)
                 tokens = self.tokens(prompt)
-                if tokens <= budget or used <= step:
+                if tokens <= budget:
                     break
+                if used <= step:
+                    raise ValueError(f"ruler: a {name} prompt needs {tokens + task.tokens_to_generate} tokens at the "
+                                     f"least, more than length={length}")
                 used -= step
             out.append(Sample(name, prompt, answers, tokens + task.tokens_to_generate))
         return out

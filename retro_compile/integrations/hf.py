@@ -129,11 +129,17 @@ def is_hf_causal_lm(model: torch.nn.Module) -> bool:
 
 
 def check_sdpa_support(model: torch.nn.Module) -> None:
-    """Raise if the architecture cannot run SDPA attention (so there would be nothing to rewrite)."""
-    if not getattr(model, "_supports_sdpa", False):
+    """Raise if the architecture cannot run SDPA attention (so there would be nothing to rewrite).
+
+    Attention logit softcapping (Gemma 2) is refused whatever the model class says: transformers
+    before 5.24 declared SDPA support for Gemma 2 and dropped the softcap there."""
+    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    softcap = getattr(text, "attn_logit_softcapping", None)
+    if not getattr(model, "_supports_sdpa", False) or softcap:
+        why = f"it caps attention logits (attn_logit_softcapping={softcap})" if softcap else "its attention is eager-only"
         raise ValueError(
             f"retro_compile: {type(model).__name__} does not support SDPA attention in transformers "
-            "(its attention is eager-only), so there is no SDPA call site to rewrite. "
+            f"({why}), so there is no SDPA call site to rewrite. "
             "Use an architecture that supports attn_implementation='sdpa'."
         )
 

@@ -291,7 +291,9 @@ class PageRefresh(NamedTuple):
         """The pages a decode window's rows, at the consecutive slots ``position`` (B, n), were
         written to: from the first row's page on, as many as a run of n positions can straddle.
         ``start`` (B,): the rows' first valid slots (None: slot 0)."""
-        first = position[:, 0] if start is None else position[:, 0] - start
+        # A window row before its row's first valid slot is padding (a prompt shorter than the
+        # window): it writes no page of the row's, so the refresh starts at the row's first page.
+        first = position[:, 0] if start is None else (position[:, 0] - start).clamp(min=0)
         return cls(k, first, (position.shape[1] - 1) // page_size + 2)
 
 
@@ -581,7 +583,7 @@ def decode_step(
     written = PageRefresh.of_window(k, position, page_size, state.start)
     scores = stages.page_scores(q[:, :, -1], state.kmax, state.kmin, valid, page_size, refresh=written,
                                 summary_scale=state.summary_scale, start=state.start)
-    indices, chosen = stages.top_pages(scores, newest - state.start, params, state.counts)
+    indices, chosen = stages.top_pages(scores, (newest - state.start).clamp(min=0), params, state.counts)
     return stages.attend_window(q, k, v, allowed, bias, indices, chosen, state, position,
                                 default_scale(q, scale), page_size)
 
