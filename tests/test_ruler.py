@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import math
 import re
 
@@ -10,6 +11,8 @@ import pytest
 
 from retro_compile.eval import ruler
 from retro_compile.eval.ruler import FAMILIES, TASKS, Generator, add_averages, string_match_all
+
+from .test_real_model import needs_model
 
 pytest.importorskip("wonderwords")
 
@@ -75,3 +78,24 @@ def test_averages_leave_out_the_tasks_dense_fails():
             dict(mode="quest", accuracy={"4096": {"a": 70.0, "b": 50.0, "c": 40.0}})]
     assert add_averages(rows) == {"4096": ["a", "c"]}
     assert rows[0]["average"] == {"4096": 75.0} and rows[1]["average"] == {"4096": 55.0}
+
+
+@pytest.mark.slow
+@needs_model
+def test_the_ruler_command_scores_a_real_model(tmp_path, monkeypatch):
+    """``python -m retro_compile.eval ruler`` on SmolLM2 (two needle prompts of 512 tokens): one
+    row per configuration with per-task accuracy and the average, a plot beside the JSON, and a
+    budget covering the prompt scoring exactly what dense scores (full budget is dense attention)."""
+    from retro_compile.eval.cli import main
+
+    monkeypatch.setenv("RETRO_COMPILE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "ruler.json"
+    main(["ruler", "--lengths", "512", "--samples", "2", "--tasks", "niah_single_1", "--modes", "dense", "retro",
+          "--budgets", "64", "512", "--window", "2", "--device", "cpu", "--out", str(out)])
+    data = json.loads(out.read_text())
+    rows = {(r["mode"], r["budget"]): r for r in data["results"]}
+    assert set(rows) == {("dense", None), ("retro", 64), ("retro", 512)}
+    for row in rows.values():
+        assert set(row["accuracy"]) == {"512"} and len(row["scores"]["512"]["niah_single_1"]) == 2
+    assert rows[("retro", 512)]["scores"] == rows[("dense", None)]["scores"]
+    assert out.with_suffix(".png").exists()

@@ -65,7 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=20, help="ruler: samples per task and length")
     p.add_argument("--depths", type=float, nargs="+", default=list(DEPTHS), help="passkey: needle depths")
     p.add_argument("--seed", type=int, default=0, help="passkey, ruler: seed of the random keys and words")
-    p.add_argument("--batch", type=int, default=3, help="passkey, ruler: prompts decoded together")
+    p.add_argument("--batch", type=int, default=None,
+                   help="prompts decoded together (passkey: 3; ruler: 1, since prompts of different lengths are "
+                        "left-padded, and a padded prefill builds an (n x n) mask per row)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda (the default where there is one) or cpu")
     p.add_argument("--inductor", choices=["auto", "on", "off"], default="auto",
@@ -79,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.budgets = args.budgets or ([512, 1024, 2048] if args.task == "ruler" else [64, 128, 256, 512])
     args.lengths = args.lengths or ([4096, 8192] if args.task == "ruler" else [2048, 4096, 8000])
+    args.batch = args.batch or (1 if args.task == "ruler" else 3)
     if args.task == "exposure" and "dense" in args.modes:
         args.modes = [m for m in args.modes if m != "dense"]  # dense selects nothing
     if any(b <= 0 for b in args.budgets) or any(w < 1 for w in args.window) or args.jobs < 1:
@@ -148,11 +151,28 @@ def run_ruler(model, args, samples: dict[tuple[str, int], list], tokenizer) -> d
 
 
 def ruler_samples(tokenizer, args) -> dict[tuple[str, int], list]:
-    """The samples of every task and length, made once per process (seeded)."""
-    generator = Generator(tokenizer, seed=args.seed)
-    return {(task, length): generator.samples(task, length, args.samples)
-            for length in args.lengths for task in tqdm(args.tasks, desc=f"ruler samples ({length} tokens)",
-                                                         leave=False)}
+    """The samples of every task and length (seeded), made once and kept in the cache directory, so
+    that worker processes and later runs read them instead of tokenizing haystacks again."""
+    from dataclasses import asdict
+
+    from ..data import cache_dir
+    from .ruler import Sample
+
+    folder = cache_dir() / "ruler"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = Path(str(getattr(tokenizer, "name_or_path", "tokenizer"))).name or "tokenizer"
+    out, generator = {}, None
+    for length in args.lengths:
+        for task in args.tasks:
+            path = folder / f"{name}-{task}-{length}-{args.samples}-seed{args.seed}.json"
+            if path.exists():
+                out[(task, length)] = [Sample(**row) for row in json.loads(path.read_text())]
+                continue
+            generator = generator or Generator(tokenizer, seed=args.seed)
+            log.info("making %d %s samples of %d tokens", args.samples, task, length)
+            out[(task, length)] = generator.samples(task, length, args.samples)
+            path.write_text(json.dumps([asdict(s) for s in out[(task, length)]]))
+    return out
 
 
 _LOADED: dict = {}  # this process's model, tokenizer and texts, keyed by what they depend on
