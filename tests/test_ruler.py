@@ -48,7 +48,7 @@ def test_samples_fit_the_length_and_hold_their_answers(name, length):
         tokens = len(sample.prompt.split())
         assert tokens + TASKS[name].tokens_to_generate == sample.length <= length
         assert sample.length >= 0.8 * length, sample.length
-        prefix = FAMILIES[family][1]  # the answer prefix, its placeholders filled in: its last words are fixed
+        prefix = FAMILIES[family].answer_prefix  # the answer prefix, its placeholders filled in: its last words are fixed
         ending = "mentioned in the provided text" if family == "niah" else prefix[prefix.rfind("}") + 1:].strip()
         assert ending in sample.prompt[-len(ending) - 5:]
         question = sample.prompt[:sample.prompt.rfind("Answer:") if family != "niah" else len(sample.prompt)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -29,11 +30,11 @@ from tqdm.auto import tqdm
 
 from .. import RetroConfig, retro_compile
 from ..config import SUMMARIES
-from ..data import DEFAULT_MODEL, load_model, passage
+from ..data import DEFAULT_MODEL, cache_dir, load_model, passage
 from .decode import ExposureMeter, perplexity, teacher_forced_nll
 from .passkey import is_correct, passkey_answers, passkey_prompt, random_keys
 from .ruler import TASKS as RULER_TASKS
-from .ruler import DENSE_FLOOR, Generator, add_averages, string_match_all
+from .ruler import DENSE_FLOOR, Generator, Sample, add_averages, string_match_all
 
 log = logging.getLogger("retro_compile.eval")
 BOOKS = ("hamlet", "lear", "macbeth", "othello", "tempest", "twelfth_night")
@@ -150,28 +151,24 @@ def run_ruler(model, args, samples: dict[tuple[str, int], list], tokenizer) -> d
     return dict(accuracy=accuracy, scores=scores)
 
 
-def ruler_samples(tokenizer, args) -> dict[tuple[str, int], list]:
-    """The samples of every task and length (seeded), made once and kept in the cache directory, so
-    that worker processes and later runs read them instead of tokenizing haystacks again."""
-    from dataclasses import asdict
-
-    from ..data import cache_dir
-    from .ruler import Sample
-
+def ruler_samples(tokenizer, args) -> dict[tuple[str, int], list[Sample]]:
+    """The samples of every task and length, made once and kept in the cache directory, so that
+    worker processes and later runs read them instead of tokenizing haystacks again. Each task
+    and length draws from a generator of its own seeded with ``--seed`` (as RULER runs each task's
+    script with the same seed), so a cached file is what a fresh run would make."""
     folder = cache_dir() / "ruler"
     folder.mkdir(parents=True, exist_ok=True)
     name = Path(str(getattr(tokenizer, "name_or_path", "tokenizer"))).name or "tokenizer"
-    out, generator = {}, None
+    out = {}
     for length in args.lengths:
         for task in args.tasks:
             path = folder / f"{name}-{task}-{length}-{args.samples}-seed{args.seed}.json"
             if path.exists():
                 out[(task, length)] = [Sample(**row) for row in json.loads(path.read_text())]
                 continue
-            generator = generator or Generator(tokenizer, seed=args.seed)
             log.info("making %d %s samples of %d tokens", args.samples, task, length)
-            out[(task, length)] = generator.samples(task, length, args.samples)
-            path.write_text(json.dumps([asdict(s) for s in out[(task, length)]]))
+            out[(task, length)] = Generator(tokenizer, seed=args.seed).samples(task, length, args.samples)
+            path.write_text(json.dumps([dataclasses.asdict(s) for s in out[(task, length)]]))
     return out
 
 

@@ -10,8 +10,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 METRICS = {"ppl": [("ppl", "perplexity"), ("exposure", "effective KV exposure")],
            "passkey": [("accuracy", "passkey accuracy")],
-           "exposure": [("exposure", "effective KV exposure")],
-           "ruler": [("average", "RULER average (%)")]}
+           "exposure": [("exposure", "effective KV exposure")]}
 
 
 def label(row: dict) -> str:
@@ -60,10 +59,10 @@ def plot(path: Path) -> Path | None:
     if plt is None:
         return None
     data = json.loads(Path(path).read_text())
-    metrics = METRICS[data["task"]]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     if data["task"] == "ruler":
         return _plot_by_length(plt, data, path)
+    metrics = METRICS[data["task"]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for ax, (key, name) in zip(axes[0], metrics):
         lines: dict[str, list[tuple[int, float]]] = {}
         for row in data["results"]:
@@ -86,6 +85,11 @@ def plot(path: Path) -> Path | None:
         f"lengths {setup['lengths']}" if data["task"] == "passkey" else
         f"{setup['passages']} passages x {setup['context']} tokens, {setup['prefill']} prefilled")
     fig.suptitle(textwrap.fill(title, width=60 * len(metrics)), fontsize=9)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    """``fig`` as a PNG beside ``path``, closed; returns the PNG's path."""
     fig.tight_layout()
     png = Path(path).with_suffix(".png")
     fig.savefig(png, dpi=120)
@@ -111,8 +115,4 @@ def _plot_by_length(plt, data: dict, path: Path) -> Path:
     setup = data["setup"]
     ax.set_title(textwrap.fill(f"RULER: {setup['model']}, {setup['samples']} samples a task, tasks "
                                f"{', '.join(setup['tasks'])}", width=80), fontsize=8)
-    fig.tight_layout()
-    png = Path(path).with_suffix(".png")
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return png
+    return _save(plt, fig, path)

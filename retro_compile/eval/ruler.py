@@ -24,35 +24,47 @@ import random
 import string
 import uuid
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any, Callable
+from functools import cache, cached_property
+from typing import Any, Callable, NamedTuple
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 
-#: RULER's scripts/data/synthetic/constants.py: (template, answer prefix, tokens to generate) per family.
-FAMILIES: dict[str, tuple[str, str, int]] = {
-    "niah": (
+class Family(NamedTuple):
+    """A RULER task family (scripts/data/synthetic/constants.py)."""
+
+    template: str
+    answer_prefix: str
+    tokens_to_generate: int
+
+    @property
+    def text(self) -> str:
+        """The task text as RULER formats it: the template, then the answer prefix."""
+        return self.template + self.answer_prefix
+
+
+FAMILIES: dict[str, Family] = {
+    "niah": Family(
         "Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
         "I will quiz you about the {type_needle_v} afterwards.\n{context}\nWhat are all the special magic "
         "{type_needle_v} for {query} mentioned in the provided text?",
         " The special magic {type_needle_v} for {query} mentioned in the provided text are",
         128,
     ),
-    "vt": (
+    "vt": Family(
         "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
         "Question: Find all variables that are assigned the value {query} in the text above.",
         " Answer: According to the chain(s) of variable assignment in the text above, {num_v} variables are "
         "assigned the value {query}, they are: ",
         30,
     ),
-    "cwe": (
+    "cwe": Family(
         "Below is a numbered list of words. In these words, some appear more often than others. Memorize the "
         "ones that appear most often.\n{context}\nQuestion: What are the 10 most common words in the above list?",
         " Answer: The top 10 words that appear most often in the list are:",
         120,
     ),
-    "fwe": (
+    "fwe": Family(
         "Read the following coded text and track the frequency of each coded word. Find the three most "
         "frequently appeared coded words. {context}\nQuestion: Do not provide any explanation. Please ignore "
         "the dots '....'. What are the three most frequently appeared words in the above coded text?",
@@ -71,7 +83,7 @@ class Task:
 
     @property
     def tokens_to_generate(self) -> int:
-        return FAMILIES[self.family][2]
+        return FAMILIES[self.family].tokens_to_generate
 
 
 def _niah(haystack: str, key: str, value: str, keys: int = 1, values: int = 1, queries: int = 1) -> Task:
@@ -117,6 +129,20 @@ def _wonderwords(name: str) -> list[str]:
     return list(random_word._get_words_from_text_file(name))
 
 
+@cache
+def _needle_words() -> tuple[str, ...]:
+    """niah's word keys: adjective-noun pairs (about 6 million; built once per process)."""
+    nouns, adjectives = _wonderwords("nounlist.txt"), _wonderwords("adjectivelist.txt")
+    return tuple(sorted({f"{a}-{n}" for a in adjectives for n in nouns}))
+
+
+@cache
+def _common_words() -> tuple[str, ...]:
+    """cwe's words, sorted: nouns, adjectives and verbs."""
+    return tuple(sorted(set(_wonderwords("nounlist.txt") + _wonderwords("adjectivelist.txt")
+                            + _wonderwords("verblist.txt"))))
+
+
 def _zeta(alpha: float) -> float:
     """Riemann's zeta at ``alpha`` > 1 (RULER's fwe takes it from SciPy): a partial sum plus the
     Euler-Maclaurin tail, exact to about 1e-12."""
@@ -143,16 +169,9 @@ class Generator:
     # Word lists (as RULER builds them from wonderwords)
     # ---------------------------------------------------------------------------------------------
     @cached_property
-    def needle_words(self) -> list[str]:
-        """niah's word keys: adjective-noun pairs."""
-        nouns, adjectives = _wonderwords("nounlist.txt"), _wonderwords("adjectivelist.txt")
-        return sorted({f"{a}-{n}" for a in adjectives for n in nouns})
-
-    @cached_property
     def common_words(self) -> list[str]:
-        """cwe's words: nouns, adjectives and verbs, shuffled with the seed."""
-        words = sorted(set(_wonderwords("nounlist.txt") + _wonderwords("adjectivelist.txt")
-                           + _wonderwords("verblist.txt")))
+        """cwe's words, shuffled with the seed."""
+        words = list(_common_words())
         random.Random(self.seed).shuffle(words)
         return words
 
@@ -160,7 +179,7 @@ class Generator:
         if kind == "numbers":
             return str(self.rng.randint(10**6, 10**7 - 1))
         if kind == "words":
-            return self.rng.choice(self.needle_words)
+            return self.rng.choice(_needle_words())
         if kind == "uuids":
             return str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
         raise ValueError(f"needle type {kind!r} is not one of 'numbers', 'words', 'uuids'")
@@ -190,8 +209,7 @@ class Generator:
         queries = [keys[i] for i in asked]
         answers = [v for i in asked for v in values[i]]
         query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
-        template, prefix, _ = FAMILIES["niah"]
-        template += prefix
+        template = FAMILIES["niah"].text
         if num_needle_q * num_needle_v == 1:  # RULER's singular wording for one answer
             template = (template.replace("Some", "A").replace("are all", "is").replace("are", "is")
                         .replace("answers", "answer"))
@@ -216,13 +234,12 @@ class Generator:
             for j, (position, statement) in enumerate(zip(at, chain)):
                 sentences.insert(position + j, statement)
         context = "\n".join(sentences).replace(". \n", ".\n")
-        template, prefix, _ = FAMILIES["vt"]
         value = chains[0][0].split("=")[-1].strip()
-        return (template + prefix).format(context=context, query=value, num_v=num_hops + 1), chain_names[0]
+        return FAMILIES["vt"].text.format(context=context, query=value, num_v=num_hops + 1), chain_names[0]
 
     def _vt_example(self, num_chains: int, num_hops: int) -> str:
         """RULER's in-context example for vt: a short chain (3-letter names, value 12345) with its
-        answer, made once per sample's size search and then given fresh names and a fresh value."""
+        answer, made once per generator and given fresh names and a fresh value for each sample."""
         if self._vt_icl is None:
             size = self._fit(lambda n: self.vt(n, num_chains, num_hops, icl=True), 500, 5)
             text, answer = self.vt(size, num_chains, num_hops, icl=True)
@@ -243,8 +260,7 @@ class Generator:
 
     def cwe(self, size: int, freq_cw: int, freq_ucw: int, num_cw: int, num_fewshot: int,
             short: bool = False) -> tuple[str, list[str]]:
-        template, prefix, _ = FAMILIES["cwe"]
-        template += prefix
+        template = FAMILIES["cwe"].text
         shots = []
         for _ in range(num_fewshot):
             context, answer = self._cwe_list(20, 3, 1, num_cw) if short else self._cwe_list(40, 10, 3, num_cw)
@@ -263,8 +279,7 @@ class Generator:
         norm = _zeta(alpha)
         text = [w for k, w in enumerate(ranked, start=1) for _ in range(int(size * k ** -alpha / norm))]
         random.Random(self.seed).shuffle(text)
-        template, prefix, _ = FAMILIES["fwe"]
-        return (template + prefix).format(context=" ".join(text)), ranked[1:4]
+        return FAMILIES["fwe"].text.format(context=" ".join(text)), ranked[1:4]
 
     # ---------------------------------------------------------------------------------------------
     # Prompts of a target length
@@ -302,7 +317,7 @@ class Generator:
         """``count`` samples of task ``name`` whose prompt plus generated tokens fit ``length`` tokens."""
         task = TASKS[name]
         family, args = task.family, dict(task.args)
-        prefix_start = FAMILIES[family][1][:10]
+        prefix_start = FAMILIES[family].answer_prefix[:10]
         budget = length - task.tokens_to_generate
         if family == "niah":
             make = lambda n: self.niah(n, **args)  # noqa: E731

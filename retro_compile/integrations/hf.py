@@ -24,7 +24,6 @@ Where the time goes in a decode step, and so how the driver is built:
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 import logging
@@ -128,13 +127,17 @@ def is_hf_causal_lm(model: torch.nn.Module) -> bool:
     return isinstance(model, PreTrainedModel) and isinstance(model, GenerationMixin)
 
 
+def text_config(hf_config: Any) -> Any:
+    """The decoder's own config: ``hf_config`` itself, or its text sub-config for a multimodal model."""
+    return hf_config.get_text_config(decoder=True) if hasattr(hf_config, "get_text_config") else hf_config
+
+
 def check_sdpa_support(model: torch.nn.Module) -> None:
     """Raise if the architecture cannot run SDPA attention (so there would be nothing to rewrite).
 
     Attention logit softcapping (Gemma 2) is refused whatever the model class says: transformers
     before 5.24 declared SDPA support for Gemma 2 and dropped the softcap there."""
-    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    softcap = getattr(text, "attn_logit_softcapping", None)
+    softcap = getattr(text_config(model.config), "attn_logit_softcapping", None)
     if not getattr(model, "_supports_sdpa", False) or softcap:
         why = f"it caps attention logits (attn_logit_softcapping={softcap})" if softcap else "its attention is eager-only"
         raise ValueError(
@@ -177,7 +180,7 @@ def slot_mask(valid: torch.Tensor | None, rows: torch.Tensor, keys: int) -> torc
 
 def sliding_layers(hf_config: Any) -> SlidingLayers | None:
     """The sliding-window layers of a transformers config (None if it has none)."""
-    text = hf_config.get_text_config(decoder=True) if hasattr(hf_config, "get_text_config") else hf_config
+    text = text_config(hf_config)
     window = getattr(text, "sliding_window", None)
     types = getattr(text, "layer_types", None)
     if types:
@@ -423,13 +426,13 @@ class DecodeWindowDriver:
     # Compiled functions, per batch size
     # ---------------------------------------------------------------------------------------------
     def _compiled_for(self, batch: int) -> CompiledBatch:
-        compiled = self._compiled.pop(batch, None)
-        if compiled is None:
+        if batch in self._compiled:
+            self._compiled.move_to_end(batch)
+        else:
             while len(self._compiled) >= self.max_compiled_batches:
                 self._forget_compiled(next(iter(self._compiled)))
-            compiled = CompiledBatch(self.compile_prefill(), self.compile_step())
-        self._compiled[batch] = compiled
-        return compiled
+            self._compiled[batch] = CompiledBatch(self.compile_prefill(), self.compile_step())
+        return self._compiled[batch]
 
     def _forget_compiled(self, batch: int) -> None:
         """Drop ``batch``'s compiled functions, the CUDA graph recorded from them, and the decode
@@ -469,8 +472,15 @@ class DecodeWindowDriver:
         return self._run_compiled(kwargs["input_ids"].shape[0], "prefill", **kwargs)
 
     def run_step(self, ids: torch.Tensor, cache: Any, buffers: WindowBuffers) -> torch.Tensor:
-        """One decode step (:func:`window_step`) through the compiled step of its batch size."""
-        return self._run_compiled(ids.shape[0], "step", ids, cache, buffers.valid, buffers.next_pos, buffers.recent)
+        """One decode step (:func:`window_step`) through the compiled step of its batch size.
+
+        Only a request's first step can compile: later ones feed the same tensors, so they call the
+        compiled step directly, without the recompile-limit guard (entering ``config.patch`` costs
+        about 80 us on the host, a few percent of a step where no CUDA graph replays it)."""
+        args = (ids, cache, buffers.valid, buffers.next_pos, buffers.recent)
+        if self.steps > 0:
+            return self._compiled_for(ids.shape[0]).step(*args)
+        return self._run_compiled(ids.shape[0], "step", *args)
 
     def _buffers_for(self, batch: int, device: torch.device) -> WindowBuffers:
         buffers = self._buffers.get(batch)
@@ -675,9 +685,11 @@ def check_generate_options(generation: Any, kwargs: dict[str, Any]) -> None:
                              "some, which the decode state does not follow; generate without it")
 
 
-def install(model: torch.nn.Module, config: RetroConfig, store: StateStore, compile_prefill: Callable[[], Callable],
-            compile_step: Callable[[], Callable], cuda_graphs: bool, sliding: SlidingLayers | None) -> DecodeWindowDriver:
-    """Install the driver and a generate() that runs every request on the driver's static cache."""
+def driver_methods(model: torch.nn.Module, config: RetroConfig, store: StateStore,
+                   compile_prefill: Callable[[], Callable], compile_step: Callable[[], Callable], cuda_graphs: bool,
+                   sliding: SlidingLayers | None) -> tuple[DecodeWindowDriver, dict[str, Callable]]:
+    """The driver, and the ``forward``, ``generate`` and ``create_masks_for_generate`` that route the
+    model's calls through it (a generate() that runs every request on the driver's static cache)."""
     from transformers import masking_utils
 
     driver = DecodeWindowDriver(model, config, store, compile_prefill, compile_step, cuda_graphs, sliding)
@@ -724,10 +736,8 @@ def install(model: torch.nn.Module, config: RetroConfig, store: StateStore, comp
             return None
         return original_masks(*args, **kwargs)
 
-    model.forward = forward
-    model.generate = generate
-    model.create_masks_for_generate = create_masks_for_generate  # generate() looks it up on the model
-    return driver
+    # generate() looks create_masks_for_generate up on the model
+    return driver, dict(forward=forward, generate=generate, create_masks_for_generate=create_masks_for_generate)
 
 
 def compile_causal_lm(model: torch.nn.Module, config: RetroConfig, store: StateStore, *, inductor: bool,
@@ -745,7 +755,7 @@ def compile_causal_lm(model: torch.nn.Module, config: RetroConfig, store: StateS
 
     def recompile(clone: torch.nn.Module) -> torch.nn.Module:  # a deep copy's own compilation
         return compile_causal_lm(clone, config, StateStore(), inductor=inductor, cuda_graphs=cuda_graphs, mode=mode,
-                                 **copy.copy(compile_kwargs))
+                                 **compile_kwargs)
 
     original_attention = installed.attention_implementations(model)
     sliding = sliding_layers(model.config)
@@ -761,7 +771,7 @@ def compile_causal_lm(model: torch.nn.Module, config: RetroConfig, store: StateS
         use_graphs = graphs_in_mode or (mode is None and any(p.is_cuda for p in model.parameters()))
     register_attention()
     model.set_attn_implementation(ATTENTION_NAME)
-    own_forward = model.forward  # the class's, bound: install() replaces the attribute with the driver's
+    own_forward = model.forward  # the class's, bound: the driver's forward replaces the attribute
 
     def compile_prefill() -> Callable:
         return torch.compile(own_frame(own_forward), backend=backend_for(config, store, inductor=False),
@@ -772,12 +782,10 @@ def compile_causal_lm(model: torch.nn.Module, config: RetroConfig, store: StateS
             own_frame(fn), backend=backend_for(config, store, inductor=inductor), dynamic=False,
             options=options or None, **step_kwargs))
 
-    driver = install(model, config, store, compile_prefill, compile_step, cuda_graphs=bool(use_graphs),
-                     sliding=sliding)
-    model.retro_config = config
-    model.retro_state = store
-    model.retro_driver = driver
-    installed.install_copy_rules(model, original_attention, recompile)
+    driver, methods = driver_methods(model, config, store, compile_prefill, compile_step, cuda_graphs=bool(use_graphs),
+                                     sliding=sliding)
+    installed.install(model, dict(methods, retro_config=config, retro_state=store, retro_driver=driver),
+                      original_attention, recompile)
     return model
 
 

@@ -22,10 +22,6 @@ from typing import Any, Callable
 
 import torch
 
-#: The instance attributes ``retro_compile`` sets on a Hugging Face model.
-INSTALLED = ("forward", "generate", "create_masks_for_generate", "retro_config", "retro_state", "retro_driver",
-             "__deepcopy__", "__reduce_ex__")
-
 
 def model_configs(model: torch.nn.Module) -> list[Any]:
     """Every transformers config object the model's attention reads: its own, those of its
@@ -49,10 +45,10 @@ def attention_implementations(model: torch.nn.Module) -> list[tuple[Any, Any]]:
     return [(config, config._attn_implementation_internal) for config in model_configs(model)]
 
 
-def untouched_clone(model: torch.nn.Module, original_attention: list[tuple[Any, Any]], memo: dict[int, Any],
-                    share_tensors: bool) -> torch.nn.Module:
-    """A new instance of ``model``'s class with ``model``'s state minus :data:`INSTALLED`, deep-copied,
-    its configs' attention implementations as they were before ``retro_compile``. With
+def untouched_clone(model: torch.nn.Module, installed: tuple[str, ...], original_attention: list[tuple[Any, Any]],
+                    memo: dict[int, Any], share_tensors: bool) -> torch.nn.Module:
+    """A new instance of ``model``'s class with ``model``'s state minus the ``installed`` attributes,
+    deep-copied, its configs' attention implementations as they were before ``retro_compile``. With
     ``share_tensors`` the parameters and buffers are the model's own objects (for pickling)."""
     configs = [config for config, _ in original_attention]
     clean = copy.deepcopy(configs)  # one copy, so sub-configs stay shared as they were
@@ -63,21 +59,23 @@ def untouched_clone(model: torch.nn.Module, original_attention: list[tuple[Any, 
         memo.update({id(t): t for t in [*model.parameters(), *model.buffers()]})
     clone = object.__new__(type(model))
     memo[id(model)] = clone
-    state = {name: value for name, value in model.__dict__.items() if name not in INSTALLED}
+    state = {name: value for name, value in model.__dict__.items() if name not in installed}
     clone.__dict__.update(copy.deepcopy(state, memo))
     return clone
 
 
-def install_copy_rules(model: torch.nn.Module, original_attention: list[tuple[Any, Any]],
-                       recompile: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
-    """Make ``copy.deepcopy(model)`` return ``recompile(untouched copy)`` and pickling write the
-    untouched model (see the module docstring). Both hooks are looked up on the instance."""
+def install(model: torch.nn.Module, attributes: dict[str, Any], original_attention: list[tuple[Any, Any]],
+            recompile: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
+    """Set ``attributes`` on ``model`` (the one place ``retro_compile`` adds attributes to it), and make
+    ``copy.deepcopy(model)`` return ``recompile(untouched copy)`` and pickling write the untouched
+    model (see the module docstring). Both hooks are looked up on the instance."""
+    names = (*attributes, "__deepcopy__", "__reduce_ex__")
 
     def deepcopy(memo: dict[int, Any]) -> torch.nn.Module:
-        return recompile(untouched_clone(model, original_attention, memo, share_tensors=False))
+        return recompile(untouched_clone(model, names, original_attention, memo, share_tensors=False))
 
     def reduce_ex(protocol: int) -> Any:
-        return untouched_clone(model, original_attention, {}, share_tensors=True).__reduce_ex__(protocol)
+        return untouched_clone(model, names, original_attention, {}, share_tensors=True).__reduce_ex__(protocol)
 
-    model.__deepcopy__ = deepcopy
-    model.__reduce_ex__ = reduce_ex
+    for name, value in {**attributes, "__deepcopy__": deepcopy, "__reduce_ex__": reduce_ex}.items():
+        setattr(model, name, value)

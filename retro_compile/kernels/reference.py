@@ -149,16 +149,13 @@ def pages_to_tokens(per_page: torch.Tensor, page_size: int, length: int,
     return per_page.gather(-1, pages[:, None, :].expand(b, h, length))
 
 
-def page_any(valid: torch.Tensor, page_size: int, start: torch.Tensor | None = None,
-             num_pages: int | None = None) -> torch.Tensor:
-    """(B, L) bool -> (B, NP) bool: does the page (counted from ``start``) hold any valid slot.
-    NP is ``num_pages``, or as many pages as the cache spans."""
+def page_any(valid: torch.Tensor, page_size: int, start: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L) bool -> (B, NP) bool, NP the pages the cache spans: does the page (counted from
+    ``start``) hold any valid slot."""
     batch, length = valid.shape
-    num_pages = num_pages or -(-length // page_size)
     pages = row_pages(start, batch, length, page_size, valid.device)
-    inside = pages < num_pages
-    out = torch.zeros(batch, num_pages, dtype=torch.int32, device=valid.device)
-    return out.scatter_reduce(1, pages.clamp(max=num_pages - 1), (valid & inside).to(torch.int32), "amax") > 0
+    out = torch.zeros(batch, -(-length // page_size), dtype=torch.int32, device=valid.device)
+    return out.scatter_reduce(1, pages, valid.to(torch.int32), "amax") > 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,7 +318,7 @@ def page_scores(
     if step is not None:
         q = (q * step[:, :, None, None]).to(q_row.dtype).float()
     upper = torch.maximum(q * kmax.float()[:, :, None], q * kmin.float()[:, :, None]).sum(-1)  # (B, Hkv, G, NP)
-    return upper.amax(dim=2).masked_fill(~page_any(valid, page_size, start, kmax.shape[2])[:, None, :], NEG_INF)
+    return upper.amax(dim=2).masked_fill(~page_any(valid, page_size, start)[:, None, :], NEG_INF)
 
 
 def budget_pages_for(params: SparseParams, position: torch.Tensor) -> torch.Tensor:
@@ -583,7 +580,7 @@ def decode_step(
     written = PageRefresh.of_window(k, position, page_size, state.start)
     scores = stages.page_scores(q[:, :, -1], state.kmax, state.kmin, valid, page_size, refresh=written,
                                 summary_scale=state.summary_scale, start=state.start)
-    indices, chosen = stages.top_pages(scores, (newest - state.start).clamp(min=0), params, state.counts)
+    indices, chosen = stages.top_pages(scores, newest - state.start, params, state.counts)
     return stages.attend_window(q, k, v, allowed, bias, indices, chosen, state, position,
                                 default_scale(q, scale), page_size)
 
