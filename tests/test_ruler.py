@@ -80,6 +80,19 @@ def test_averages_leave_out_the_tasks_dense_fails():
     assert rows[0]["average"] == {"4096": 75.0} and rows[1]["average"] == {"4096": 55.0}
 
 
+def test_the_difference_to_dense_is_paired_by_sample():
+    """Per task the differences sample by sample, averaged over the tasks dense passes; the
+    standard error is that of the mean of the per-task means (hand-computed here)."""
+    dense = dict(mode="dense", accuracy={"4096": {"a": 50.0, "b": 0.0}},
+                 scores={"4096": {"a": [100.0, 0.0, 100.0, 0.0], "b": [0.0] * 4}})
+    quest = dict(mode="quest", accuracy={"4096": {"a": 25.0, "b": 0.0}},
+                 scores={"4096": {"a": [100.0, 0.0, 0.0, 0.0], "b": [0.0] * 4}})
+    add_averages([dense, quest])
+    # task a only (dense fails b): diffs 0, 0, -100, 0, mean -25, sample variance 2500, SE 25
+    assert quest["vs_dense"] == {"4096": {"difference": -25.0, "standard_error": 25.0}}
+    assert dense["vs_dense"] == {"4096": {"difference": 0.0, "standard_error": 0.0}}
+
+
 @pytest.mark.slow
 @needs_model
 def test_the_ruler_command_scores_a_real_model(tmp_path, monkeypatch):

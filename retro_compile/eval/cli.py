@@ -34,7 +34,7 @@ from ..data import DEFAULT_MODEL, cache_dir, code_files, code_passage, load_mode
 from .decode import ExposureMeter, perplexity, teacher_forced_nll
 from .passkey import is_correct, passkey_answers, passkey_prompt, random_keys
 from .ruler import TASKS as RULER_TASKS
-from .ruler import DENSE_FLOOR, Generator, Sample, add_averages, string_match_all
+from .ruler import DENSE_FLOOR, Generator, Sample, add_averages, markdown_table, string_match_all
 
 log = logging.getLogger("retro_compile.eval")
 BOOKS = ("hamlet", "lear", "macbeth", "othello", "tempest", "twelfth_night")
@@ -276,4 +276,7 @@ def main(argv=None) -> None:
     from .plot import plot
 
     plot(args.out)
+    if args.task == "ruler":
+        for length in map(str, args.lengths):
+            log.info("RULER at %s tokens (%%, %d samples a task):\n%s", length, args.samples, markdown_table(results, length))
     log.info("wrote %s", args.out)

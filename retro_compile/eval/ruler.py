@@ -375,4 +375,40 @@ def add_averages(rows: list[dict], dense_floor: float = DENSE_FLOOR) -> dict[str
             tasks = [t for t in per_task if dense is None or dense["accuracy"].get(length, {}).get(t, 0.0) > dense_floor]
             averaged[length] = tasks
             row["average"][length] = sum(per_task[t] for t in tasks) / len(tasks) if tasks else None
+        if dense is not None and "scores" in row:
+            row["vs_dense"] = {length: paired_difference(row["scores"][length], dense["scores"][length], tasks)
+                               for length, tasks in averaged.items() if length in row["scores"]}
     return averaged
+
+
+def paired_difference(scores: dict[str, list[float]], dense: dict[str, list[float]], tasks: list[str]) -> dict:
+    """The average's difference to dense over ``tasks`` (points) and its standard error, from the
+    per-sample differences (both rows scored the same samples, so their noise partly cancels)."""
+    if not tasks:
+        return dict(difference=None, standard_error=None)
+    means, variances = [], []
+    for task in tasks:
+        diffs = [a - b for a, b in zip(scores[task], dense[task], strict=True)]
+        mean = sum(diffs) / len(diffs)
+        means.append(mean)
+        variances.append(sum((d - mean) ** 2 for d in diffs) / max(len(diffs) - 1, 1) / len(diffs))
+    return dict(difference=sum(means) / len(tasks), standard_error=sum(variances) ** 0.5 / len(tasks))
+
+
+def markdown_table(rows: list[dict], length: str) -> str:
+    """One length's results as a Markdown table: a row per configuration, a column per task, then
+    the average (tasks dense passes) and its paired difference to dense with its standard error."""
+    tasks = list(next(iter(rows))["accuracy"][length])
+    lines = ["| configuration | " + " | ".join(tasks) + " | average | vs dense |",
+             "|---" * (len(tasks) + 3) + "|"]
+    for row in rows:
+        name = row["mode"] if row["mode"] == "dense" else (
+            f"{row['mode']}{' w=' + str(row['window']) if row['mode'] == 'retro' else ''} @ {row['budget']}"
+            + (f", {row['sink_pages']} sink" if row.get("sink_pages") else ""))
+        cells = [f"{row['accuracy'][length][t]:.1f}" for t in tasks]
+        average = row.get("average", {}).get(length)
+        diff = row.get("vs_dense", {}).get(length, {})
+        versus = ("" if row["mode"] == "dense" or diff.get("difference") is None
+                  else f"{diff['difference']:+.1f} ± {diff['standard_error']:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'' if average is None else f'{average:.1f}'} | {versus} |")
+    return "\n".join(lines)
