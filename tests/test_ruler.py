@@ -10,7 +10,7 @@ import re
 import pytest
 
 from retro_compile.eval import ruler
-from retro_compile.eval.ruler import FAMILIES, TASKS, Generator, add_averages, string_match_all
+from retro_compile.eval.ruler import FAMILIES, TASKS, Generator, add_averages, markdown_table, string_match_all
 
 from .test_real_model import needs_model
 
@@ -91,6 +91,9 @@ def test_the_difference_to_dense_is_paired_by_sample():
     # task a only (dense fails b): diffs 0, 0, -100, 0, mean -25, sample variance 2500, SE 25
     assert quest["vs_dense"] == {"4096": {"difference": -25.0, "standard_error": 25.0}}
     assert dense["vs_dense"] == {"4096": {"difference": 0.0, "standard_error": 0.0}}
+    quest.update(budget=512, window=1)
+    assert markdown_table([dense, quest], "4096").splitlines()[2:] == [
+        "| dense | 50.0 | 0.0 | 50.0 |  |", "| quest @ 512 | 25.0 | 0.0 | 25.0 | -25.0 ± 25.0 |"]
 
 
 @pytest.mark.slow
