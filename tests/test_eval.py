@@ -15,7 +15,7 @@ from retro_compile.eval.decode import ExposureMeter, perplexity, teacher_forced_
 from retro_compile.eval.passkey import is_correct, passkey_answers, passkey_prompt, random_keys
 
 from .hf_models import VOCAB, prompts, tiny_model
-from .scripts import load_script
+from .benchmark_scripts import load_script
 
 
 def sparse(mode: str, budget: int, window: int | None = None, max_context: int = 128) -> RetroConfig:
@@ -186,7 +186,7 @@ def test_parallel_configurations_share_the_cpu_threads():
 
 
 def test_summary_precision_rounds_outward_to_e4m3():
-    """``scripts/summary_precision.py`` stores a summary's max row rounded up and its min row
+    """``benchmarks/summary_precision.py`` stores a summary's max row rounded up and its min row
     rounded down to float8 e4m3 values, so a page's score stays an upper bound. Against torch's
     own e4m3 conversion (round to nearest): the result is that value or its neighbour on the
     outward side, and brackets the input; beyond e4m3's range it is +-inf."""

@@ -13,7 +13,7 @@ import torch
 from retro_compile.kernels import decode  # needs triton (the test extra)
 from retro_compile.kernels import reference as ref
 
-from .scripts import load_script
+from .benchmark_scripts import load_script
 from .sequences import dense_rows, make_problem, mask_for, run
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -230,7 +230,7 @@ def test_attend_window_kernel(dtype, q_heads, kv_heads, n, window, pages_per_spl
 
 
 def test_attention_ablation_variants_apply_and_run(tmp_path):
-    """``scripts/ablate_attention.py`` times copies of decode.py with parts of the attention taken
+    """``benchmarks/ablate_attention.py`` times copies of decode.py with parts of the attention taken
     out, as text replacements: each must still find its text once in the kernels as they are, and
     each copy's attention must run. The copy with nothing replaced gives the shipped result exactly."""
     script = load_script("ablate_attention")
@@ -259,7 +259,7 @@ def test_attention_ablation_variants_apply_and_run(tmp_path):
 
 
 def test_compared_kernels_run_the_same_stages(tmp_path):
-    """``scripts/compare_stages.py`` times each stage of two versions of the kernels: a copy built
+    """``benchmarks/compare_stages.py`` times each stage of two versions of the kernels: a copy built
     from decode.py's own source is a module of its own (its own kernels) and computes what
     decode.py does, stage by stage and over a whole step, state updates included."""
     from retro_compile.bench import kernels_module, op_case, stage_inputs

@@ -115,3 +115,28 @@ def test_the_ruler_command_scores_a_real_model(tmp_path, monkeypatch):
         assert set(row["accuracy"]) == {"512"} and len(row["scores"]["512"]["niah_single_1"]) == 2
     assert rows[("retro", 512)]["scores"] == rows[("dense", None)]["scores"]
     assert out.with_suffix(".png").exists()
+
+
+def test_merging_runs_joins_a_configurations_lengths_and_refuses_a_length_twice():
+    from .benchmark_scripts import load_script
+
+    merge = load_script("merge_results").merge
+
+    def run(length, rows):
+        return dict(task="ruler", setup=dict(lengths=[int(length)], samples=2, tasks=["a"], model="m"),
+                    results=[dict(mode=m, budget=b, window=w, sink_pages=0, seconds=1.0,
+                                  accuracy={length: {"a": sum(s) / 2}}, scores={length: {"a": s}})
+                             for m, b, w, s in rows])
+
+    short = run("4096", [("dense", None, 1, [100.0, 100.0]), ("quest", 512, 1, [100.0, 0.0])])
+    long = run("8192", [("dense", None, 1, [100.0, 0.0]), ("quest", 512, 1, [0.0, 0.0]),
+                        ("quest", 1024, 1, [100.0, 0.0])])
+    merged = merge([short, long], ["short.json", "long.json"])
+    rows = {(r["mode"], r["budget"]): r for r in merged["results"]}
+    assert rows["quest", 512]["accuracy"] == {"4096": {"a": 50.0}, "8192": {"a": 0.0}}
+    assert rows["quest", 512]["seconds"] == 2.0 and set(rows["quest", 1024]["accuracy"]) == {"8192"}
+    assert rows["quest", 512]["vs_dense"]["8192"] == {"difference": -50.0, "standard_error": 50.0}
+    assert merged["setup"]["lengths"] == [4096, 8192]
+    assert [i["file"] for i in merged["setup"]["invocations"]] == ["short.json", "long.json"]
+    with pytest.raises(ValueError, match="lengths \\['4096'\\] in two files"):
+        merge([short, short], ["a", "b"])

@@ -81,7 +81,7 @@ def plot(path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend()
     setup = data["setup"]
-    title = f"{data['task']}: {setup['model']}, " + (
+    title = f"{data['task']}: {model_name(setup)}, " + (
         f"lengths {setup['lengths']}" if data["task"] == "passkey" else
         f"{setup['passages']} passages x {setup['context']} tokens, {setup['prefill']} prefilled")
     fig.suptitle(textwrap.fill(title, width=60 * len(metrics)), fontsize=9)
@@ -98,21 +98,33 @@ def _save(plt, fig, path: Path) -> Path:
 
 
 def _plot_by_length(plt, data: dict, path: Path) -> Path:
-    """RULER: the average accuracy against the context length, one line per configuration."""
+    """RULER: the average accuracy against the context length, one line per configuration: a
+    colour per budget, a line style per mode and window."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    budgets = sorted({row["budget"] for row in data["results"] if row["budget"] is not None})
+    colours = dict(zip(budgets, plt.get_cmap("viridis")([i / max(1, len(budgets) - 1) * 0.9 for i in range(len(budgets))])))
     for row in data["results"]:
         points = sorted((int(n), v) for n, v in row.get("average", {}).items() if v is not None)
         if not points:
             continue
         name = label(row) + ("" if row["budget"] is None else f", {row['budget']} tokens")
-        style = dict(color="black", linestyle="--") if row["mode"] == "dense" else {}
-        ax.plot(*zip(*points), marker="o", label=name, **style)
+        if row["mode"] == "dense":
+            style = dict(color="black", linestyle="--", marker="o")
+        else:
+            style = dict(color=colours[row["budget"]], marker="s" if row["mode"] == "quest" else "o",
+                         linestyle=":" if row["mode"] == "quest" else ("-" if row["window"] > 2 else "-."))
+        ax.plot(*zip(*points), label=name, **style)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("RULER average (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     setup = data["setup"]
-    ax.set_title(textwrap.fill(f"RULER: {setup['model']}, {setup['samples']} samples a task, tasks "
+    ax.set_title(textwrap.fill(f"RULER: {model_name(setup)}, {setup['samples']} samples a task, tasks "
                                f"{', '.join(setup['tasks'])}", width=80), fontsize=8)
     return _save(plt, fig, path)
+
+
+def model_name(setup: dict) -> str:
+    """The model as the title names it: a file or folder by its name, not its full path."""
+    return Path(setup["model"]).name

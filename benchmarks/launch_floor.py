@@ -1,6 +1,6 @@
 """What a chain of dependent kernels costs on this GPU before any real work (CUDA).
 
-    python scripts/launch_floor.py --out launch_floor.json
+    python benchmarks/launch_floor.py --out launch_floor.json
 
 A decode step is a chain of kernels, each reading what the one before wrote: at B=1 the query
 positions (two kernels), the scoring, the selection, the attention and the merge. Each link costs

@@ -1,7 +1,7 @@
 """Where the attention stage's time goes, part by part: the stage beside copies of itself each with
 one part taken out (CUDA).
 
-    python scripts/ablate_attention.py --out ablate_attention.json
+    python benchmarks/ablate_attention.py --out ablate_attention.json
 
 Each variant is ``retro_compile/kernels/decode.py`` with a few lines of its source replaced (see
 ``VARIANTS``), imported as a module of its own, so the kernels as they ship are never touched and

@@ -1,6 +1,6 @@
 """Host time per decode token of ``generate()`` through the driver, the decode step itself stubbed out.
 
-    python scripts/host_time.py [--tokens 1024] [--runs 5]
+    python benchmarks/host_time.py [--tokens 1024] [--runs 5]
 
 On a GPU a decode step is one CUDA graph replay, so what the host does between replays
 (transformers' generate loop and the driver) adds to every token. This times that part alone on
