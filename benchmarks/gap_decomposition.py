@@ -17,7 +17,9 @@ with a Quest written here, independently of the package (per KV head: page score
 ``sum_d max(q_d kmax_d, q_d kmin_d)`` maximised over the group's query heads, the query's own page
 always kept, the top remaining pages up to ``budget // page_size`` pages, the first
 ``dense_layers`` layers dense), and beside them the package's own ``quest`` and ``retro`` modes
-through ``retro_compile`` (its quest must equal the probe's quest).
+through ``retro_compile`` (its quest must equal the probe's quest). ``--per-head`` lets every
+query head choose its own pages instead (probe modes only), to see how much of the query's own
+loss comes from a KV head's query heads sharing one selection.
 
     python benchmarks/gap_decomposition.py --model qwen2.5-coder --text code --budgets 64 256 \\
         --context 2048 --prefill 1024 --out results/gap_decomposition_qwen2.5-coder.json
@@ -55,14 +57,17 @@ class Probe:
         self.position = 0  # the decoded token's position
         self.budget_pages: int | None = None  # None: the newest row attends densely
         self.keep_own = False  # write the decoded row's key and value into ``past``
+        self.per_head = False  # each query head selects its own pages (a diagnostic: not what the package does)
 
 
 PROBE = Probe(page_size=16, dense_layers=2)
 
 
-def quest_mask(q: torch.Tensor, k: torch.Tensor, page_size: int, budget_pages: int) -> torch.Tensor | None:
+def quest_mask(q: torch.Tensor, k: torch.Tensor, page_size: int, budget_pages: int,
+               per_head: bool = False) -> torch.Tensor | None:
     """(B, Hq, 1, T) bool mask of the positions in the pages Quest selects for the one query ``q``
-    (B, Hq, 1, D) over keys ``k`` (B, Hkv, T, D); None when every page fits the budget."""
+    (B, Hq, 1, D) over keys ``k`` (B, Hkv, T, D); None when every page fits the budget. A KV head's
+    pages are shared by its group of query heads, or with ``per_head`` chosen by each query head."""
     b, hq, _, d = q.shape
     hkv, t = k.shape[1], k.shape[2]
     pages = -(-t // page_size)
@@ -72,11 +77,12 @@ def quest_mask(q: torch.Tensor, k: torch.Tensor, page_size: int, budget_pages: i
     kmax = F.pad(k, (0, 0, 0, pad), value=-math.inf).view(b, hkv, pages, page_size, d).amax(3)
     kmin = F.pad(k, (0, 0, 0, pad), value=math.inf).view(b, hkv, pages, page_size, d).amin(3)
     qg = q.view(b, hkv, hq // hkv, 1, d)
-    score = torch.maximum(qg * kmax[:, :, None], qg * kmin[:, :, None]).sum(-1).amax(2)  # (B, Hkv, pages)
+    score = torch.maximum(qg * kmax[:, :, None], qg * kmin[:, :, None]).sum(-1)  # (B, Hkv, G, pages)
+    score = score.flatten(1, 2) if per_head else score.amax(2)
     score[..., -1] = math.inf  # the query's own page (only it can hold padding)
     chosen = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(budget_pages, -1).indices, True)
     tokens = chosen.repeat_interleave(page_size, -1)[..., :t]
-    return tokens.repeat_interleave(hq // hkv, 1)[:, :, None, :]
+    return (tokens if per_head else tokens.repeat_interleave(hq // hkv, 1))[:, :, None, :]
 
 
 def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -94,7 +100,7 @@ def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     v = torch.cat([past_v[:, :, :t], value], 2)
     mask = None
     if PROBE.budget_pages is not None and layer >= PROBE.dense_layers:
-        mask = quest_mask(query, k, PROBE.page_size, PROBE.budget_pages)
+        mask = quest_mask(query, k, PROBE.page_size, PROBE.budget_pages, PROBE.per_head)
     out = F.scaled_dot_product_attention(query, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
                                          attn_mask=mask, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
@@ -138,7 +144,7 @@ def mean(nll: torch.Tensor) -> float:
 def run(args) -> dict:
     base, tokenizer = load_model(args.model)
     defaults = RetroConfig()
-    PROBE.page_size, PROBE.dense_layers = defaults.page_size, defaults.dense_layers
+    PROBE.page_size, PROBE.dense_layers, PROBE.per_head = defaults.page_size, defaults.dense_layers, args.per_head
     if args.text == "code":
         rows = [code_passage(tokenizer, i, args.context) for i in range(args.passages)]
     else:
@@ -162,7 +168,7 @@ def run(args) -> dict:
             past_only.append(probe_nll(probe, one, args.prefill, first, own, None, keep_own=False))
         row.update(quest=mean(torch.cat(quest)), query_only=mean(torch.cat(query_only)),
                    past_only=mean(torch.cat(past_only)))
-        for mode, window in [("quest", 1)] + [("retro", w) for w in args.window]:
+        for mode, window in [] if args.per_head else [("quest", 1)] + [("retro", w) for w in args.window]:
             config = RetroConfig(mode=mode, budget=budget, window=window, max_context=args.context + 16)
             model = retro_compile(copy.deepcopy(base), config)
             row[f"{mode}_w{window}_package"] = mean(teacher_forced_nll(model, ids, args.prefill))
@@ -170,7 +176,8 @@ def run(args) -> dict:
         row["shares_of_gap"] = dict(
             query_only=(row["query_only"] - row["dense"]) / gap,
             past_only=(row["past_only"] - row["dense"]) / gap,
-            **{f"retro_w{w}_closed": (row["quest"] - row[f"retro_w{w}_package"]) / gap for w in args.window})
+            **{f"retro_w{w}_closed": (row["quest"] - row[f"retro_w{w}_package"]) / gap
+               for w in args.window if f"retro_w{w}_package" in row})
         result["rows"].append(row)
         log.info("%s", json.dumps(row))
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +194,9 @@ def main() -> None:
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--prefill", type=int, default=1024)
     p.add_argument("--passages", type=int, default=2)
+    p.add_argument("--per-head", action="store_true",
+                   help="each query head selects its own pages (the probe's modes only; the package shares a "
+                        "KV head's pages across its query heads)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -83,7 +83,7 @@ def test_averages_leave_out_the_tasks_dense_fails():
 def test_the_difference_to_dense_is_paired_by_sample():
     """Per task the differences sample by sample, averaged over the tasks dense passes; the
     standard error is that of the mean of the per-task means (hand-computed here)."""
-    dense = dict(mode="dense", accuracy={"4096": {"a": 50.0, "b": 0.0}},
+    dense = dict(mode="dense", budget=None, window=1, accuracy={"4096": {"a": 50.0, "b": 0.0}},
                  scores={"4096": {"a": [100.0, 0.0, 100.0, 0.0], "b": [0.0] * 4}})
     quest = dict(mode="quest", accuracy={"4096": {"a": 25.0, "b": 0.0}},
                  scores={"4096": {"a": [100.0, 0.0, 0.0, 0.0], "b": [0.0] * 4}})

@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "1: the first page is always kept)")
     p.add_argument("--context", type=int, default=4096, help="ppl/exposure: tokens per passage (prefill + decoded)")
     p.add_argument("--prefill", type=int, default=512, help="ppl/exposure: tokens prefilled densely")
-    p.add_argument("--passages", type=int, default=3, help=f"ppl/exposure: passages, one per book or source file")
+    p.add_argument("--passages", type=int, default=3, help="ppl/exposure: passages, one per book or source file")
     p.add_argument("--text", choices=["books", "code"], default="books",
                    help=f"ppl/exposure: 'books' (Shakespeare: {', '.join(BOOKS)}) or 'code' (the longest Python "
                         "modules of the installed SymPy, from their first line)")

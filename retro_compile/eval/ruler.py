@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from functools import cache, cached_property
 from typing import Any, Callable, NamedTuple
 
+from .plot import label
+
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 
@@ -402,9 +404,7 @@ def markdown_table(rows: list[dict], length: str) -> str:
     lines = ["| configuration | " + " | ".join(tasks) + " | average | vs dense |",
              "|---" * (len(tasks) + 3) + "|"]
     for row in rows:
-        name = row["mode"] if row["mode"] == "dense" else (
-            f"{row['mode']}{' w=' + str(row['window']) if row['mode'] == 'retro' else ''} @ {row['budget']}"
-            + (f", {row['sink_pages']} sink" if row.get("sink_pages") else ""))
+        name = label(row) + ("" if row["budget"] is None else f" @ {row['budget']}")
         cells = [f"{row['accuracy'][length][t]:.1f}" for t in tasks]
         average = row.get("average", {}).get(length)
         diff = row.get("vs_dense", {}).get(length, {})
