@@ -1,4 +1,4 @@
-"""Hugging Face transformers glue: attention function, masks, static caches, and the decode-window driver.
+"""The decode-window driver that a ``retro_compile``d model's ``generate()`` runs on.
 
 What ``generate()`` sees does not change: every forward call still takes the newest token and
 returns its logits. Inside, each decode step feeds the last ``w`` tokens (the ``w - 1`` already
@@ -32,218 +32,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
-from ..config import RetroConfig
-from ..state import StateStore
-from . import installed
+from ...config import RetroConfig
+from ...state import StateStore
+from .attention import ATTENTION_NAME
+from .cache import SlidingLayers, cache_argument, causal_lm_output, prefill_chunks, rewind, slot_mask, static_cache
 
 log = logging.getLogger(__name__)
-
-ATTENTION_NAME = "retro_sdpa"
-
-def retro_sdpa_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """Plain SDPA with grouped-query heads left unexpanded (``enable_gqa``), so the rewrite sees
-    the real KV heads and selects pages per KV head. Same result as transformers' "sdpa".
-
-    Two cases read fewer keys than the static cache holds, both for queries that start at cache
-    position 0 (a prefill): no mask with several rows means causal attention (SDPA's top-left
-    alignment), so keys past the last row are never visible and are cut off; a mask narrower than
-    the cache covers the first ``mask.shape[-1]`` keys, the rest being unwritten.
-    """
-    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
-        raise ValueError("retro-compile: softcapping and position biases are not supported by SDPA attention")
-    rows = query.shape[2]
-    if attention_mask is None:
-        if is_causal is None:
-            is_causal = rows > 1 and getattr(module, "is_causal", True)
-        if is_causal:
-            key, value = key[:, :, :rows], value[:, :, :rows]
-    else:
-        is_causal = False
-        if attention_mask.shape[-1] < key.shape[2]:
-            key, value = key[:, :, :attention_mask.shape[-1]], value[:, :, :attention_mask.shape[-1]]
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-        is_causal=is_causal, enable_gqa=query.shape[1] != key.shape[1],
-    )
-    return out.transpose(1, 2).contiguous(), None
-
-
-def retro_sdpa_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """transformers' ``sdpa_mask``, minus the L x L mask of a long prompt.
-
-    Several query rows from cache position 0 with no padding need no mask at all (SDPA's causal
-    flag), where ``sdpa_mask`` would build a (B, 1, n, max_cache_len) one for a static cache (16 GiB
-    for a 128K prompt). While tracing, the cache's write position cannot be read; a mask-less call
-    with several rows is then taken as starting at position 0, which is what the decode driver's
-    prefill guarantees (a later chunk gets an explicit 4D mask from it).
-    """
-    from transformers.masking_utils import causal_mask_function, sdpa_mask
-
-    causal_rows = (
-        not args and kwargs.get("q_length", 1) > 1 and kwargs.get("allow_is_causal_skip", True)
-        and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
-        and kwargs.get("local_size") is None and kwargs.get("kv_offset", 0) == 0
-    )
-    if not causal_rows:  # one row (a decode step) among them: never read q_offset, a device tensor
-        return sdpa_mask(*args, **kwargs)
-    padding = kwargs.get("attention_mask")
-    q_offset = kwargs.get("q_offset", 0)
-    if _traced(q_offset):
-        from_start = padding is None  # the driver's prefill (see above)
-    else:
-        from_start = int(q_offset) == 0 and (padding is None or (not _traced(padding) and bool(padding.all())))
-    return None if from_start else sdpa_mask(*args, **kwargs)
-
-
-def _traced(x: Any) -> bool:
-    """Whether reading ``x``'s value would need a concrete tensor that tracing does not have."""
-    return isinstance(x, torch.Tensor) and torch.compiler.is_compiling()
-
-
-def register_attention() -> None:
-    from transformers import AttentionInterface, AttentionMaskInterface
-
-    AttentionInterface.register(ATTENTION_NAME, retro_sdpa_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, retro_sdpa_mask)
-
-
-def is_hf_causal_lm(model: torch.nn.Module) -> bool:
-    try:
-        from transformers import GenerationMixin, PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    return isinstance(model, PreTrainedModel) and isinstance(model, GenerationMixin)
-
-
-def text_config(hf_config: Any) -> Any:
-    """The decoder's own config: ``hf_config`` itself, or its text sub-config for a multimodal model."""
-    return hf_config.get_text_config(decoder=True) if hasattr(hf_config, "get_text_config") else hf_config
-
-
-def check_sdpa_support(model: torch.nn.Module) -> None:
-    """Raise if the architecture cannot run SDPA attention (so there would be nothing to rewrite).
-
-    Attention logit softcapping (Gemma 2) is refused whatever the model class says: transformers
-    before 5.24 declared SDPA support for Gemma 2 and dropped the softcap there."""
-    softcap = getattr(text_config(model.config), "attn_logit_softcapping", None)
-    if not getattr(model, "_supports_sdpa", False) or softcap:
-        why = f"it caps attention logits (attn_logit_softcapping={softcap})" if softcap else "its attention is eager-only"
-        raise ValueError(
-            f"retro_compile: {type(model).__name__} does not support SDPA attention in transformers "
-            f"({why}), so there is no SDPA call site to rewrite. "
-            "Use an architecture that supports attn_implementation='sdpa'."
-        )
-
-
-@dataclass(frozen=True)
-class SlidingLayers:
-    """A model's sliding-window attention layers, which stay dense SDPA.
-
-    The driver gives them full-length static cache layers (a ring buffer cannot be rewound to
-    overwrite the window's past rows) and masks of their own: a query at cache slot ``q`` sees the
-    slots ``q - window < k <= q`` that it may see at all, as transformers' sliding-window mask does.
-    ``by_type``: the forward takes ``{"full_attention": mask, "sliding_attention": mask}``
-    (models with ``layer_types``); otherwise every layer slides and takes one mask.
-    """
-
-    window: int
-    layers: tuple[int, ...]
-    by_type: bool
-
-    def masks(self, full: torch.Tensor | None, rows: torch.Tensor, keys: int) -> Any:
-        """The forward's ``attention_mask`` for query rows at cache slots ``rows`` (n,), given the
-        full-attention mask ``full`` ((B or 1, 1, n, keys) bool, or None: causal from slot 0)."""
-        near = torch.arange(keys, device=rows.device) > rows[:, None] - self.window
-        sliding = (slot_mask(None, rows, keys) if full is None else full) & near
-        return {"full_attention": full, "sliding_attention": sliding} if self.by_type else sliding
-
-
-def slot_mask(valid: torch.Tensor | None, rows: torch.Tensor, keys: int) -> torch.Tensor:
-    """(B or 1, 1, n, keys) bool: query rows at cache slots ``rows`` (n,) see the slots up to their
-    own that ``valid`` ((B or 1, >= keys) bool; None: every slot) marks. The one place the driver's
-    masks are built (prefill chunks, decode window, sliding layers)."""
-    causal = torch.arange(keys, device=rows.device) <= rows[:, None]
-    return causal[None, None] if valid is None else valid[:, None, None, :keys] & causal
-
-
-def sliding_layers(hf_config: Any) -> SlidingLayers | None:
-    """The sliding-window layers of a transformers config (None if it has none)."""
-    text = text_config(hf_config)
-    window = getattr(text, "sliding_window", None)
-    types = getattr(text, "layer_types", None)
-    if types:
-        other = sorted(set(types) - {"full_attention", "sliding_attention"})
-        if other:
-            raise ValueError(f"retro_compile: layer types {other} are not supported (full_attention and "
-                             "sliding_attention are)")
-        layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
-        return SlidingLayers(window, layers, by_type=True) if layers else None
-    if window and getattr(text, "use_sliding_window", True):
-        return SlidingLayers(window, tuple(range(text.num_hidden_layers)), by_type=False)
-    return None
-
-
-def cache_argument(model: torch.nn.Module) -> str:
-    """transformers 5.24 renamed forward's ``past_key_values`` to ``cache``."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
-def compiled_window_step(model: torch.nn.Module, forward: Callable, sliding: SlidingLayers | None,
-                         compile: Callable[[Callable], Callable]) -> Callable:
-    """:func:`window_step` bound to ``forward`` (``model``'s own), compiled by ``compile``."""
-    forward_kwargs: dict[str, Any] = {"use_cache": True}
-    if "logits_to_keep" in inspect.signature(type(model).forward).parameters:
-        forward_kwargs["logits_to_keep"] = 1  # the window's older rows need no logits
-    return compile(functools.partial(window_step, forward, forward_kwargs, cache_argument(model), sliding))
-
-
-def tp_size(model: torch.nn.Module) -> int:
-    """Processes the model's heads are sharded over (transformers' tensor parallelism,
-    ``from_pretrained(distributed_config=DistributedConfig(tp_plan=...))``); 1 unsharded."""
-    return getattr(model, "tp_size", None) or 1
-
-
-@torch.inference_mode(False)  # updated in place by calls in and out of inference mode
-def static_cache(model: torch.nn.Module, batch: int, length: int, device: torch.device,
-                 full_length: bool = False) -> Any:
-    """A ``StaticCache`` of ``length`` positions for ``batch`` rows, allocated now.
-
-    Allocated up front (not lazily inside a compiled prefill), its tensors keep fixed addresses for
-    CUDA graphs, and transformers marks them static for its own compiled decode. ``full_length``
-    gives sliding-window layers ``length`` positions too (see :class:`SlidingLayers`).
-    """
-    from transformers import StaticCache
-    from transformers.cache_utils import StaticLayer
-
-    hf = model.config
-    cache = StaticCache(config=hf, max_cache_len=length)
-    if full_length:
-        cache.layers = [layer if not layer.is_sliding else StaticLayer(max_cache_len=length) for layer in cache.layers]
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-    cache.early_initialization(batch, kv_heads // tp_size(model), head_dim, model.dtype, device)  # this rank's share
-    return cache
-
-
-def causal_lm_output(logits: torch.Tensor, cache: Any) -> Any:
-    """What a causal LM's forward returns, with its cache under the field name of this transformers."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-    return CausalLMOutputWithPast(logits=logits, **{field: cache})
-
 
 @dataclass
 class WindowBuffers:
@@ -296,6 +91,15 @@ def window_step(forward: Callable, forward_kwargs: dict[str, Any], cache_arg: st
     recent.copy_(window_ids[:, 1:])
     next_pos.add_(1)
     return out.logits[:, -1]
+
+
+def compiled_window_step(model: torch.nn.Module, forward: Callable, sliding: SlidingLayers | None,
+                         compile: Callable[[Callable], Callable]) -> Callable:
+    """:func:`window_step` bound to ``forward`` (``model``'s own), compiled by ``compile``."""
+    forward_kwargs: dict[str, Any] = {"use_cache": True}
+    if "logits_to_keep" in inspect.signature(type(model).forward).parameters:
+        forward_kwargs["logits_to_keep"] = 1  # the window's older rows need no logits
+    return compile(functools.partial(window_step, forward, forward_kwargs, cache_argument(model), sliding))
 
 
 class RecordedStep:
@@ -619,33 +423,6 @@ class DecodeWindowDriver:
         return causal_lm_output(logits[:, None], self.cache)
 
 
-def prefill_chunks(n: int, batch: int, max_tokens: int, window: int) -> list[tuple[int, int]]:
-    """Split ``n`` prompt positions into [begin, end) chunks of at most ``max_tokens // batch``
-    positions, none of ``window`` positions or fewer (such a call would be a decode step): a short
-    tail joins the chunk before it."""
-    size = max(window + 1, max_tokens // batch)
-    bounds = list(range(0, n, size)) + [n]
-    if len(bounds) > 2 and bounds[-1] - bounds[-2] <= window:
-        del bounds[-2]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def rewind(cache: Any, tokens: int) -> None:
-    """Move a static cache's write position back by ``tokens``, so the next forward overwrites them.
-
-    Static layers keep their write position in a device tensor, ``cumulative_length``, on
-    transformers 5.17 through 5.24; ``StaticLayer.crop`` (5.24 only) does the same subtraction.
-    Rewinding in place keeps the tensor's static address, so CUDA graphs stay valid.
-    """
-    if tokens == 0:
-        return
-    for layer in cache.layers:
-        position = getattr(layer, "cumulative_length", None)
-        if not isinstance(position, torch.Tensor):
-            raise TypeError(f"retro_compile: cannot rewind a {type(layer).__name__} cache layer; use a StaticCache")
-        position.sub_(tokens)
-
-
 def requested_positions(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int] | None:
     """(prompt tokens, new tokens) a ``generate(*args, **kwargs)`` call asks for, as generate()
     itself resolves them (``max_new_tokens`` wins over ``max_length``); None without token ids."""
@@ -738,68 +515,3 @@ def driver_methods(model: torch.nn.Module, config: RetroConfig, store: StateStor
 
     # generate() looks create_masks_for_generate up on the model
     return driver, dict(forward=forward, generate=generate, create_masks_for_generate=create_masks_for_generate)
-
-
-def compile_causal_lm(model: torch.nn.Module, config: RetroConfig, store: StateStore, *, inductor: bool,
-                      cuda_graphs: bool | None, mode: str | None, **compile_kwargs: Any) -> torch.nn.Module:
-    """:func:`retro_compile.retro_compile` for a Hugging Face causal LM (see its docstring).
-
-    Switches the attention to grouped SDPA, marks sliding-window layers dense, compiles the prefill
-    (rewrite only, dynamic prompt length) and the decode step (rewrite + Inductor with ``mode``'s
-    options, minus its CUDA graphs: the driver records its own) per batch size, as the driver
-    meets them, and installs the driver.
-    """
-    from ..backend import backend_for
-
-    check_sdpa_support(model)
-
-    def recompile(clone: torch.nn.Module) -> torch.nn.Module:  # a deep copy's own compilation
-        return compile_causal_lm(clone, config, StateStore(), inductor=inductor, cuda_graphs=cuda_graphs, mode=mode,
-                                 **compile_kwargs)
-
-    original_attention = installed.attention_implementations(model)
-    sliding = sliding_layers(model.config)
-    if sliding is not None:
-        for layer in sliding.layers:
-            store.model_dense[layer] = f"sliding-window attention (window {sliding.window})"
-    options = dict(torch._inductor.list_mode_options(mode)) if mode else {}
-    graphs_in_mode = options.pop("triton.cudagraphs", False)
-    step_kwargs = dict(compile_kwargs)
-    options.update(step_kwargs.pop("options", None) or {})
-    use_graphs = cuda_graphs
-    if use_graphs is None:
-        use_graphs = graphs_in_mode or (mode is None and any(p.is_cuda for p in model.parameters()))
-    register_attention()
-    model.set_attn_implementation(ATTENTION_NAME)
-    own_forward = model.forward  # the class's, bound: the driver's forward replaces the attribute
-
-    def compile_prefill() -> Callable:
-        return torch.compile(own_frame(own_forward), backend=backend_for(config, store, inductor=False),
-                             dynamic=False)
-
-    def compile_step() -> Callable:
-        return compiled_window_step(model, own_forward, sliding, lambda fn: torch.compile(
-            own_frame(fn), backend=backend_for(config, store, inductor=inductor), dynamic=False,
-            options=options or None, **step_kwargs))
-
-    driver, methods = driver_methods(model, config, store, compile_prefill, compile_step, cuda_graphs=bool(use_graphs),
-                                     sliding=sliding)
-    installed.install(model, dict(methods, retro_config=config, retro_state=store, retro_driver=driver),
-                      original_attention, recompile)
-    return model
-
-
-def own_frame(fn: Callable) -> Callable:
-    """``fn`` behind a function with a code object of its own.
-
-    Dynamo keeps compiled graphs, and counts recompiles against ``recompile_limit``, per code
-    object. Compiling ``model.forward`` directly would share one count among every model of the
-    class in the process; past the limit Dynamo silently runs the model eagerly, with the SDPA
-    calls un-rewritten. A fresh code object per compiled callable keeps each model's count its own.
-    """
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return fn(*args, **kwargs)
-
-    call.__code__ = call.__code__.replace()  # a new code object, not the one shared by every `call`
-    return call

@@ -1,0 +1,111 @@
+"""Hugging Face transformers integration: ``retro_compile`` for a causal LM.
+
+This module installs the parts: the attention function (:mod:`.attention`), the static caches
+and masks (:mod:`.cache`) and the decode-window driver that ``generate()`` runs on (:mod:`.driver`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ...config import RetroConfig
+from ...state import StateStore
+from .. import installed
+from .attention import ATTENTION_NAME, register_attention, retro_sdpa_attention, retro_sdpa_mask
+from .cache import (SlidingLayers, cache_argument, causal_lm_output, prefill_chunks, rewind, sliding_layers,
+                    static_cache, text_config, tp_size)
+from .driver import DecodeWindowDriver, compiled_window_step, driver_methods, window_step
+
+__all__ = ["ATTENTION_NAME", "DecodeWindowDriver", "SlidingLayers", "cache_argument", "causal_lm_output",
+           "check_sdpa_support", "compile_causal_lm", "is_hf_causal_lm", "prefill_chunks", "register_attention",
+           "retro_sdpa_attention", "retro_sdpa_mask", "rewind", "static_cache", "text_config", "tp_size",
+           "window_step"]
+
+def is_hf_causal_lm(model: torch.nn.Module) -> bool:
+    try:
+        from transformers import GenerationMixin, PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel) and isinstance(model, GenerationMixin)
+
+
+def check_sdpa_support(model: torch.nn.Module) -> None:
+    """Raise if the architecture cannot run SDPA attention (so there would be nothing to rewrite).
+
+    Attention logit softcapping (Gemma 2) is refused whatever the model class says: transformers
+    before 5.24 declared SDPA support for Gemma 2 and dropped the softcap there."""
+    softcap = getattr(text_config(model.config), "attn_logit_softcapping", None)
+    if not getattr(model, "_supports_sdpa", False) or softcap:
+        why = f"it caps attention logits (attn_logit_softcapping={softcap})" if softcap else "its attention is eager-only"
+        raise ValueError(
+            f"retro_compile: {type(model).__name__} does not support SDPA attention in transformers "
+            f"({why}), so there is no SDPA call site to rewrite. "
+            "Use an architecture that supports attn_implementation='sdpa'."
+        )
+
+
+def compile_causal_lm(model: torch.nn.Module, config: RetroConfig, store: StateStore, *, inductor: bool,
+                      cuda_graphs: bool | None, mode: str | None, **compile_kwargs: Any) -> torch.nn.Module:
+    """:func:`retro_compile.retro_compile` for a Hugging Face causal LM (see its docstring).
+
+    Switches the attention to grouped SDPA, marks sliding-window layers dense, compiles the prefill
+    (rewrite only, dynamic prompt length) and the decode step (rewrite + Inductor with ``mode``'s
+    options, minus its CUDA graphs: the driver records its own) per batch size, as the driver
+    meets them, and installs the driver.
+    """
+    from ...backend import backend_for
+
+    check_sdpa_support(model)
+
+    def recompile(clone: torch.nn.Module) -> torch.nn.Module:  # a deep copy's own compilation
+        return compile_causal_lm(clone, config, StateStore(), inductor=inductor, cuda_graphs=cuda_graphs, mode=mode,
+                                 **compile_kwargs)
+
+    original_attention = installed.attention_implementations(model)
+    sliding = sliding_layers(model.config)
+    if sliding is not None:
+        for layer in sliding.layers:
+            store.model_dense[layer] = f"sliding-window attention (window {sliding.window})"
+    options = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    graphs_in_mode = options.pop("triton.cudagraphs", False)
+    step_kwargs = dict(compile_kwargs)
+    options.update(step_kwargs.pop("options", None) or {})
+    use_graphs = cuda_graphs
+    if use_graphs is None:
+        use_graphs = graphs_in_mode or (mode is None and any(p.is_cuda for p in model.parameters()))
+    register_attention()
+    model.set_attn_implementation(ATTENTION_NAME)
+    own_forward = model.forward  # the class's, bound: the driver's forward replaces the attribute
+
+    def compile_prefill() -> Callable:
+        return torch.compile(own_frame(own_forward), backend=backend_for(config, store, inductor=False),
+                             dynamic=False)
+
+    def compile_step() -> Callable:
+        return compiled_window_step(model, own_forward, sliding, lambda fn: torch.compile(
+            own_frame(fn), backend=backend_for(config, store, inductor=inductor), dynamic=False,
+            options=options or None, **step_kwargs))
+
+    driver, methods = driver_methods(model, config, store, compile_prefill, compile_step, cuda_graphs=bool(use_graphs),
+                                     sliding=sliding)
+    installed.install(model, dict(methods, retro_config=config, retro_state=store, retro_driver=driver),
+                      original_attention, recompile)
+    return model
+
+
+def own_frame(fn: Callable) -> Callable:
+    """``fn`` behind a function with a code object of its own.
+
+    Dynamo keeps compiled graphs, and counts recompiles against ``recompile_limit``, per code
+    object. Compiling ``model.forward`` directly would share one count among every model of the
+    class in the process; past the limit Dynamo silently runs the model eagerly, with the SDPA
+    calls un-rewritten. A fresh code object per compiled callable keeps each model's count its own.
+    """
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    call.__code__ = call.__code__.replace()  # a new code object, not the one shared by every `call`
+    return call
