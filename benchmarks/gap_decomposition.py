@@ -41,7 +41,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
 from retro_compile import RetroConfig, retro_compile
-from retro_compile.data import code_passage, load_model, passage
+from retro_compile.data import load_model, passages
 from retro_compile.eval.decode import teacher_forced_nll
 
 log = logging.getLogger("gap_decomposition")
@@ -145,15 +145,11 @@ def run(args) -> dict:
     base, tokenizer = load_model(args.model)
     defaults = RetroConfig()
     PROBE.page_size, PROBE.dense_layers, PROBE.per_head = defaults.page_size, defaults.dense_layers, args.per_head
-    if args.text == "code":
-        rows = [code_passage(tokenizer, i, args.context) for i in range(args.passages)]
-    else:
-        rows = [passage(tokenizer, b, args.context, offset_tokens=1000) for b in ("hamlet", "lear", "macbeth")[:args.passages]]
-    ids = torch.tensor(rows)
+    ids = torch.tensor(list(passages(tokenizer, args.text, args.passages, args.context).values()))
     probe = copy.deepcopy(base)
     probe.set_attn_implementation("gap_probe")
     result: dict = dict(setup={k: str(v) for k, v in vars(args).items()}, rows=[])
-    dense_nll, captured = zip(*(dense_pass(probe, ids[i:i + 1], args.prefill) for i in range(len(rows))))
+    dense_nll, captured = zip(*(dense_pass(probe, ids[i:i + 1], args.prefill) for i in range(len(ids))))
     dense_nll = torch.cat(dense_nll)
     result["dense_nll"] = mean(dense_nll)
     for budget in args.budgets:

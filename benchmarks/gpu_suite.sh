@@ -66,6 +66,6 @@ case "${1:-}" in
       || status=1
     grep -v "end-to-end benchmark" "$OUT/${run[0]}.log" | tail -n 12
     ;;
-  *) echo "usage: $0 speed|quality [MODEL [ARGS...]]|tests|tune|e2e [ARGS...]|tp [ARGS...]" >&2; exit 2 ;;
+  *) echo "usage: $0 speed|quality [MODEL [ARGS...]]|ruler MODEL [ARGS...]|tests|tune|e2e [ARGS...]|tp [ARGS...]" >&2; exit 2 ;;
 esac
 exit $status

@@ -12,6 +12,7 @@ dense are computed again over the merged rows, and the plot is drawn again.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def merge(datas: list[dict], names: list[str]) -> dict:
     for data in datas:
         for row in data["results"]:
             if key(row) not in rows:
-                rows[key(row)] = json.loads(json.dumps(row))
+                rows[key(row)] = copy.deepcopy(row)
                 continue
             if task != "ruler":
                 raise ValueError(f"merge: {key(row)} is in two {task} files; only RULER rows join by length")

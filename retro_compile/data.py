@@ -129,6 +129,10 @@ def book_texts() -> dict[str, str]:
     return texts
 
 
+#: The books ``passages(text="books")`` draws from, in order.
+BOOKS = ("hamlet", "lear", "macbeth", "othello", "tempest", "twelfth_night")
+
+
 def code_files(count: int) -> list[Path]:
     """The ``count`` longest Python modules of the installed SymPy (tests and benchmarks left out):
     long, real source code that every torch installation carries (torch depends on SymPy)."""
@@ -142,13 +146,25 @@ def code_files(count: int) -> list[Path]:
     return files[:count]
 
 
-def code_passage(tokenizer, index: int, tokens: int) -> list[int]:
-    """The first ``tokens`` token ids of the ``index``-th longest SymPy module (``code_files``)."""
-    path = code_files(index + 1)[index]
-    ids = tokenizer(path.read_text(), add_special_tokens=False)["input_ids"]
-    if len(ids) < tokens:
-        raise ValueError(f"{path.name} has {len(ids)} tokens; {tokens} were asked for")
-    return ids[:tokens]
+def passages(tokenizer, text: str, count: int, tokens: int) -> dict[str, list[int]]:
+    """``count`` passages of ``tokens`` token ids each, by name. ``text="books"``: Shakespeare plays
+    (:data:`BOOKS`), from 1000 tokens past the Gutenberg header; ``"code"``: the longest SymPy
+    modules (:func:`code_files`) from their first line, named ``sympy-<version>/<path>``."""
+    if text == "books":
+        if count > len(BOOKS):
+            raise ValueError(f"passages: {count} books were asked for; there are {len(BOOKS)}: {BOOKS}")
+        return {book: passage(tokenizer, book, tokens, offset_tokens=1000) for book in BOOKS[:count]}
+    if text != "code":
+        raise ValueError(f"passages: text={text!r} must be 'books' or 'code'")
+    import sympy
+
+    root, out = Path(sympy.__file__).parent, {}
+    for path in code_files(count):
+        ids = tokenizer(path.read_text(), add_special_tokens=False)["input_ids"]
+        if len(ids) < tokens:
+            raise ValueError(f"{path.name} has {len(ids)} tokens; {tokens} were asked for")
+        out[f"sympy-{sympy.__version__}/{path.relative_to(root)}"] = ids[:tokens]
+    return out
 
 
 def passage(tokenizer, title: str, tokens: int, offset_tokens: int = 0) -> list[int]:

@@ -49,14 +49,31 @@ def test_code_files_are_sympys_longest_modules_without_tests_in_size_order():
     assert max(f.stat().st_size for f in others if f not in files) <= sizes[-1]
 
 
-def test_code_passage_is_the_start_of_the_module_and_refuses_a_longer_ask():
-    from retro_compile.data import code_files, code_passage
+class Chars:
+    """A tokenizer with one token a character."""
 
-    class Chars:  # a tokenizer with one token a character
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [ord(c) for c in text]}
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
 
-    text = code_files(2)[1].read_text()
-    assert code_passage(Chars(), 1, 100) == [ord(c) for c in text[:100]]
+
+def test_code_passages_are_the_start_of_each_module_named_by_sympy_version_and_path():
+    import sympy
+
+    from retro_compile.data import code_files, passages
+
+    out = passages(Chars(), "code", 2, 100)
+    root = Path(sympy.__file__).parent
+    assert list(out) == [f"sympy-{sympy.__version__}/{f.relative_to(root)}" for f in code_files(2)]
+    assert list(out.values()) == [[ord(c) for c in f.read_text()[:100]] for f in code_files(2)]
+
+
+def test_passages_refuse_a_longer_ask_more_books_than_there_are_and_an_unknown_text():
+    from retro_compile.data import BOOKS, code_files, passages
+
+    longest = len(code_files(2)[1].read_text())
     with pytest.raises(ValueError, match="tokens; .* were asked for"):
-        code_passage(Chars(), 1, len(text) + 1)
+        passages(Chars(), "code", 2, longest + 1)
+    with pytest.raises(ValueError, match="books were asked for"):
+        passages(Chars(), "books", len(BOOKS) + 1, 10)
+    with pytest.raises(ValueError, match="must be 'books' or 'code'"):
+        passages(Chars(), "poems", 1, 10)

@@ -224,17 +224,3 @@ def test_eval_runs_bfloat16_on_cuda_and_float32_on_the_cpu_unless_told():
     assert parse_args(["ruler", "--device", "cpu"]).dtype == "float32"
     assert parse_args(["ruler", "--device", "cuda"]).dtype == "bfloat16"
     assert parse_args(["ppl", "--device", "cuda", "--dtype", "float32"]).dtype == "float32"
-
-
-def test_code_text_names_the_sympy_modules_its_passages_come_from():
-    from pathlib import Path
-
-    import sympy
-
-    from retro_compile.data import code_files
-    from retro_compile.eval.cli import parse_args, text_names
-
-    names = text_names(parse_args(["ppl", "--text", "code", "--passages", "2"]))
-    version, root = f"sympy-{sympy.__version__}/", Path(sympy.__file__).parent
-    assert all(name.startswith(version) for name in names)
-    assert [root / name.removeprefix(version) for name in names] == code_files(2)

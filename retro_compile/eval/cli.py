@@ -30,14 +30,13 @@ from tqdm.auto import tqdm
 
 from .. import RetroConfig, retro_compile
 from ..config import SUMMARIES
-from ..data import DEFAULT_MODEL, cache_dir, code_files, code_passage, load_model, passage
+from ..data import BOOKS, DEFAULT_MODEL, cache_dir, load_model, passages
 from .decode import ExposureMeter, perplexity, teacher_forced_nll
 from .passkey import is_correct, passkey_answers, passkey_prompt, random_keys
 from .ruler import TASKS as RULER_TASKS
 from .ruler import DENSE_FLOOR, Generator, Sample, add_averages, markdown_table, string_match_all
 
 log = logging.getLogger("retro_compile.eval")
-BOOKS = ("hamlet", "lear", "macbeth", "othello", "tempest", "twelfth_night")
 DEPTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -182,30 +181,28 @@ _LOADED: dict = {}  # this process's model, tokenizer and texts, keyed by what t
 
 
 def load(args) -> tuple:
-    """(model, tokenizer, passages or None, max_context): loaded once per process."""
+    """(model, tokenizer, inputs, max_context), loaded once per process; the inputs are RULER's
+    samples, None for passkey, and for ppl/exposure the passages by name (:func:`~retro_compile.data.passages`)."""
     if _LOADED.get("key") != (args.model, args.device, args.task):
         model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
         if args.task == "ruler":
             tokenizer.padding_side = "left"
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
-            passages, max_context = ruler_samples(tokenizer, args), max(args.lengths)
+            inputs, max_context = ruler_samples(tokenizer, args), max(args.lengths)
         elif args.task == "passkey":
-            passages, max_context = None, max(args.lengths) + 16
+            inputs, max_context = None, max(args.lengths) + 16
         else:
-            rows = ([code_passage(tokenizer, i, args.context) for i in range(args.passages)] if args.text == "code"
-                    else [passage(tokenizer, book, args.context, offset_tokens=1000) for book in BOOKS[:args.passages]])
-            passages = torch.tensor(rows, device=args.device)
-            max_context = args.context + 8
+            inputs, max_context = passages(tokenizer, args.text, args.passages, args.context), args.context + 8
         _LOADED.update(key=(args.model, args.device, args.task),
-                       value=(model, tokenizer, passages, -(-max_context // 256) * 256))
+                       value=(model, tokenizer, inputs, -(-max_context // 256) * 256))
     return _LOADED["value"]
 
 
 def evaluate(args, run: Run) -> dict:
     """One configuration, on a fresh copy of the model, through ``retro_compile``."""
     mode, budget, window, sink_pages = run
-    base, tokenizer, passages, max_context = load(args)
+    base, tokenizer, inputs, max_context = load(args)
     config = RetroConfig(mode=mode, window=window, budget=budget or max_context, max_context=max_context,
                          sink_pages=sink_pages, summaries=args.summaries)
     inductor = None if args.inductor == "auto" else args.inductor == "on"
@@ -213,25 +210,15 @@ def evaluate(args, run: Run) -> dict:
                           cuda_graphs=False if args.no_cuda_graphs else None)
     start = time.perf_counter()
     if args.task == "ruler":
-        row = run_ruler(model, args, passages, tokenizer)
+        row = run_ruler(model, args, inputs, tokenizer)
     elif args.task == "passkey":
         row = run_passkey(model, args, tokenizer)
     else:
-        row = run_ppl(model, args, passages, window)
+        row = run_ppl(model, args, torch.tensor(list(inputs.values()), device=args.device), window)
     row = dict(mode=mode, budget=budget, window=window, sink_pages=sink_pages, **row,
                seconds=round(time.perf_counter() - start, 1))
     log.info("%s", {k: v for k, v in row.items() if not isinstance(v, (list, dict))})
     return row
-
-
-def text_names(args) -> list[str]:
-    """What the ppl/exposure passages were cut from (SymPy's version names its files' contents)."""
-    if args.text == "books":
-        return list(BOOKS[:args.passages])
-    import sympy
-
-    root = Path(sympy.__file__).parent
-    return [f"sympy-{sympy.__version__}/{f.relative_to(root)}" for f in code_files(args.passages)]
 
 
 def worker_pool(jobs: int) -> ProcessPoolExecutor:
@@ -246,11 +233,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("retro_compile.passes.rewrite").setLevel(logging.WARNING)
-    _, _, _, max_context = load(args)  # here first, so a GGUF is converted once, not once per worker
+    _, _, inputs, max_context = load(args)  # here first, so a GGUF is converted once, not once per worker
     defaults = RetroConfig()
     setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     setup.update(page_size=defaults.page_size, dense_layers=defaults.dense_layers, max_context=max_context,
-                 texts=text_names(args) if args.task in ("ppl", "exposure") else None,
+                 texts=list(inputs) if args.task in ("ppl", "exposure") else None,
                  torch=torch.__version__, gpu=torch.cuda.get_device_name() if args.device.startswith("cuda") else None)
     runs = configurations(args)
     results: list[dict] = []

@@ -100,9 +100,11 @@ def _save(plt, fig, path: Path) -> Path:
 def _plot_by_length(plt, data: dict, path: Path) -> Path:
     """RULER: the average accuracy against the context length, one line per configuration: a
     colour per budget, a line style per mode and window."""
+    import numpy as np
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     budgets = sorted({row["budget"] for row in data["results"] if row["budget"] is not None})
-    colours = dict(zip(budgets, plt.get_cmap("viridis")([i / max(1, len(budgets) - 1) * 0.9 for i in range(len(budgets))])))
+    colours = dict(zip(budgets, plt.get_cmap("viridis")(np.linspace(0, 0.9, len(budgets)))))
     for row in data["results"]:
         points = sorted((int(n), v) for n, v in row.get("average", {}).items() if v is not None)
         if not points:

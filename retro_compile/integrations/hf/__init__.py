@@ -13,15 +13,16 @@ import torch
 from ...config import RetroConfig
 from ...state import StateStore
 from .. import installed
-from .attention import ATTENTION_NAME, register_attention, retro_sdpa_attention, retro_sdpa_mask
-from .cache import (SlidingLayers, cache_argument, causal_lm_output, prefill_chunks, rewind, sliding_layers,
-                    static_cache, text_config, tp_size)
-from .driver import DecodeWindowDriver, compiled_window_step, driver_methods, window_step
+from .attention import ATTENTION_NAME, register_attention, retro_sdpa_mask
+from .cache import (cache_argument, causal_lm_output, prefill_chunks, rewind, sliding_layers, static_cache,
+                    text_config, tp_size)
+from .driver import DecodeWindowDriver, compiled_window_step, driver_methods
 
-__all__ = ["ATTENTION_NAME", "DecodeWindowDriver", "SlidingLayers", "cache_argument", "causal_lm_output",
-           "check_sdpa_support", "compile_causal_lm", "is_hf_causal_lm", "prefill_chunks", "register_attention",
-           "retro_sdpa_attention", "retro_sdpa_mask", "rewind", "static_cache", "text_config", "tp_size",
-           "window_step"]
+# The package's surface: what code outside it uses.
+__all__ = ["ATTENTION_NAME", "DecodeWindowDriver", "cache_argument", "causal_lm_output", "check_sdpa_support",
+           "compile_causal_lm", "is_hf_causal_lm", "prefill_chunks", "register_attention", "retro_sdpa_mask", "rewind",
+           "static_cache", "tp_size"]
+
 
 def is_hf_causal_lm(model: torch.nn.Module) -> bool:
     try:
