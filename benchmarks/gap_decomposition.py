@@ -17,7 +17,12 @@ with a Quest written here, independently of the package (per KV head: page score
 ``sum_d max(q_d kmax_d, q_d kmin_d)`` maximised over the group's query heads, the query's own page
 always kept, the top remaining pages up to ``budget // page_size`` pages, the first
 ``dense_layers`` layers dense), and beside them the package's own ``quest`` and ``retro`` modes
-through ``retro_compile`` (its quest must equal the probe's quest). ``--per-head`` lets every
+through ``retro_compile`` (its quest must equal the probe's quest). ``--retro-probe`` adds the
+probe's own RetroAttention at each window, twice: ``retro_merge`` merges a past row's cached
+output (computed with the query the row had then) with its current query's attention over the
+newly loaded pages, the package's rule (it must equal the package's retro); ``retro_recompute``
+attends afresh with the current query over every page the row has seen, which removes the
+merge's drift (docs/algorithm.md, section 4) and isolates what it costs. ``--per-head`` lets every
 query head choose its own pages instead (probe modes only), to see how much of the query's own
 loss comes from a KV head's query heads sharing one selection.
 
@@ -58,6 +63,9 @@ class Probe:
         self.budget_pages: int | None = None  # None: the newest row attends densely
         self.keep_own = False  # write the decoded row's key and value into ``past``
         self.per_head = False  # each query head selects its own pages (a diagnostic: not what the package does)
+        self.window = 1  # rows per call: > 1 runs the retro probe (the newest row plus w - 1 past rows)
+        self.merge = True  # retro probe: merge a past row's cached output (the package) or recompute it
+        self.rows: dict[int, dict[int, tuple]] = {}  # retro probe: layer -> position -> (pages seen, out, lse)
 
 
 PROBE = Probe(page_size=16, dense_layers=2)
@@ -85,8 +93,78 @@ def quest_mask(q: torch.Tensor, k: torch.Tensor, page_size: int, budget_pages: i
     return (tokens if per_head else tokens.repeat_interleave(hq // hkv, 1))[:, :, None, :]
 
 
+def quest_pages(q: torch.Tensor, k: torch.Tensor, page_size: int, budget_pages: int) -> torch.Tensor:
+    """(B, Hkv, pages) bool: the pages Quest selects for the one query ``q`` (B, Hq, 1, D) over ``k``."""
+    mask = quest_mask(q, k, page_size, budget_pages)
+    b, hkv, t = k.shape[0], k.shape[1], k.shape[2]
+    pages = -(-t // page_size)
+    if mask is None:
+        return torch.ones(b, hkv, pages, dtype=torch.bool, device=k.device)
+    return mask[:, ::q.shape[1] // hkv, 0, ::page_size]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, upto: int,
+           scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, Hq, D), lse (B, Hq)) in float32 of the one query ``q`` (B, Hq, D) over the keys at
+    positions ``<= upto`` in ``pages`` (B, Hkv, pages) bool; an empty set gives (0, -inf)."""
+    group = q.shape[1] // k.shape[1]
+    tokens = pages.repeat_interleave(PROBE.page_size, -1)[..., :upto + 1].repeat_interleave(group, 1)
+    scores = torch.einsum("bhd,bhtd->bht", q.float(), k[:, :, :upto + 1].float().repeat_interleave(group, 1)) * scaling
+    scores = scores.masked_fill(~tokens, -math.inf)
+    lse = scores.logsumexp(-1)
+    out = torch.einsum("bht,bhtd->bhd", (scores - lse[..., None]).exp().nan_to_num(),
+                       v[:, :, :upto + 1].float().repeat_interleave(group, 1))
+    return out, lse
+
+
+def window_attention(layer: int, query, key, value, scaling: float) -> torch.Tensor:
+    """The retro probe: rows ``t - w + 1 .. t`` of one decode call, (B, w, Hq, D).
+
+    The newest row attends over its Quest pages. A past row ``p`` keeps the pages it has seen (its
+    own selection and every later row's) and its output: with ``merge`` (the package's rule) the
+    cached output, computed with the row's query of that time, is merged with its current query's
+    attention over the pages newly selected; without, its current query attends afresh over every
+    page it has seen (no stale query: the merge's drift removed, at the cost of re-reading them)."""
+    t, w = PROBE.position, query.shape[2]
+    past_k, past_v = PROBE.past[layer]
+    past_k[:, :, t - w + 1:t + 1], past_v[:, :, t - w + 1:t + 1] = key, value
+    k, v = past_k[:, :, :t + 1], past_v[:, :, :t + 1]
+    pages = -(-(t + 1) // PROBE.page_size)
+    everything = torch.ones(k.shape[0], k.shape[1], pages, dtype=torch.bool, device=k.device)
+    sparse = PROBE.budget_pages is not None and layer >= PROBE.dense_layers
+    newest = quest_pages(query[:, :, -1:], k, PROBE.page_size, PROBE.budget_pages) if sparse else everything
+    rows = PROBE.rows.setdefault(layer, {})
+    outs = []
+    for i in range(w):
+        p, q = t - w + 1 + i, query[:, :, i]
+        if p == t or not sparse:
+            seen = newest if p == t else everything
+            out, lse = attend(q, k, v, seen, p, scaling)
+        else:
+            if p not in rows:  # a prompt row: the prefill attended densely
+                rows[p] = (everything, *attend(q, k, v, everything, p, scaling))
+            seen, out, lse = rows[p]
+            seen = F.pad(seen, (0, pages - seen.shape[-1]))
+            new = newest & ~seen
+            seen = seen | newest
+            if not PROBE.merge:
+                out, lse = attend(q, k, v, seen, p, scaling)
+            elif new[..., :p // PROBE.page_size + 1].any():
+                out_new, lse_new = attend(q, k, v, new, p, scaling)
+                merged = torch.logaddexp(lse, lse_new)
+                out = (lse - merged).exp()[..., None] * out + (lse_new - merged).exp()[..., None] * out_new
+                lse = merged
+        rows[p] = (seen, out, lse)
+        outs.append(out)
+    for p in [p for p in rows if p <= t - w + 1]:
+        del rows[p]  # the oldest row got its last correction
+    return torch.stack(outs, 1).to(query.dtype)
+
+
 def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     layer, group = module.layer_idx, query.shape[1] // key.shape[1]
+    if PROBE.window > 1 and PROBE.capture is None:
+        return window_attention(layer, query, key, value, scaling), None
     if PROBE.capture is not None:  # the dense pass over the whole text
         PROBE.capture[layer] = (key, value)
         out = F.scaled_dot_product_attention(query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1),
@@ -137,15 +215,37 @@ def probe_nll(model, ids: torch.Tensor, prefill: int, first: torch.Tensor, past:
     return torch.stack(nll, 1)
 
 
+@torch.no_grad()
+def retro_probe_nll(model, ids: torch.Tensor, prefill: int, first: torch.Tensor, past: dict, budget_pages: int,
+                    window: int, merge: bool) -> torch.Tensor:
+    """As :func:`probe_nll` for the retro probe: each call feeds the ``window`` newest tokens
+    again, writes their keys and values over ``past``, and corrects the past rows (merging their
+    cached outputs, or with ``merge=False`` recomputing them; see :func:`window_attention`)."""
+    PROBE.past, PROBE.budget_pages, PROBE.window, PROBE.merge, PROBE.rows = past, budget_pages, window, merge, {}
+    nll = [first]
+    try:
+        for t in range(prefill, ids.shape[1] - 1):
+            PROBE.position = t
+            positions = torch.arange(t - window + 1, t + 1, device=ids.device).expand(ids.shape[0], -1)
+            logits = model(input_ids=ids[:, t - window + 1:t + 1], position_ids=positions, use_cache=False,
+                           logits_to_keep=1).logits
+            nll.append(F.cross_entropy(logits[:, -1].float(), ids[:, t + 1], reduction="none"))
+    finally:
+        PROBE.window, PROBE.rows = 1, {}
+    return torch.stack(nll, 1)
+
+
 def mean(nll: torch.Tensor) -> float:
     return float(nll.float().mean())
 
 
 def run(args) -> dict:
-    base, tokenizer = load_model(args.model)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    base, tokenizer = load_model(args.model, dtype=dtype, device=args.device)
     defaults = RetroConfig()
     PROBE.page_size, PROBE.dense_layers, PROBE.per_head = defaults.page_size, defaults.dense_layers, args.per_head
-    ids = torch.tensor(list(passages(tokenizer, args.text, args.passages, args.context).values()))
+    texts = passages(tokenizer, args.text, args.passages, args.context)
+    ids = torch.tensor(list(texts.values()), device=args.device)
     probe = copy.deepcopy(base)
     probe.set_attn_implementation("gap_probe")
     result: dict = dict(setup={k: str(v) for k, v in vars(args).items()}, rows=[])
@@ -155,25 +255,38 @@ def run(args) -> dict:
     for budget in args.budgets:
         pages = budget // PROBE.page_size
         row: dict = dict(budget=budget, dense=mean(dense_nll))
-        quest, query_only, past_only = [], [], []
+        nll: dict[str, list[torch.Tensor]] = {}
         for i, kv in enumerate(captured):
             one, first = ids[i:i + 1], dense_nll[i:i + 1, 0]
-            own = {layer: (k.clone(), v.clone()) for layer, (k, v) in kv.items()}
-            quest.append(probe_nll(probe, one, args.prefill, first, own, pages, keep_own=True))
-            query_only.append(probe_nll(probe, one, args.prefill, first, kv, pages, keep_own=False))
-            past_only.append(probe_nll(probe, one, args.prefill, first, own, None, keep_own=False))
-        row.update(quest=mean(torch.cat(quest)), query_only=mean(torch.cat(query_only)),
-                   past_only=mean(torch.cat(past_only)))
+
+            def own() -> dict:
+                return {layer: (k.clone(), v.clone()) for layer, (k, v) in kv.items()}
+
+            # quest over its own keys and values; the newest row sparse over a dense past; dense over quest's past
+            nll.setdefault("quest", []).append(probe_nll(probe, one, args.prefill, first, own(), pages, keep_own=True))
+            if not args.retro_only:
+                nll.setdefault("query_only", []).append(
+                    probe_nll(probe, one, args.prefill, first, kv, pages, keep_own=False))
+                nll.setdefault("past_only", []).append(
+                    probe_nll(probe, one, args.prefill, first, own(), None, keep_own=False))
+            for w in args.window if args.retro_probe else []:
+                for merge in (True, False):
+                    nll.setdefault(f"retro_{'merge' if merge else 'recompute'}_w{w}", []).append(
+                        retro_probe_nll(probe, one, args.prefill, first, own(), pages, w, merge))
+        row.update({name: mean(torch.cat(values)) for name, values in nll.items()})
+        row["per_passage"] = {name: [mean(v) for v in values] for name, values in nll.items()}
         for mode, window in [] if args.per_head else [("quest", 1)] + [("retro", w) for w in args.window]:
             config = RetroConfig(mode=mode, budget=budget, window=window, max_context=args.context + 16)
-            model = retro_compile(copy.deepcopy(base), config)
-            row[f"{mode}_w{window}_package"] = mean(teacher_forced_nll(model, ids, args.prefill))
+            model = retro_compile(copy.deepcopy(base), config, inductor=False)
+            package = teacher_forced_nll(model, ids, args.prefill)
+            row[f"{mode}_w{window}_package"] = mean(package)
+            row["per_passage"][f"{mode}_w{window}_package"] = [mean(v) for v in package]
         gap = row["quest"] - row["dense"]
-        row["shares_of_gap"] = dict(
-            query_only=(row["query_only"] - row["dense"]) / gap,
-            past_only=(row["past_only"] - row["dense"]) / gap,
-            **{f"retro_w{w}_closed": (row["quest"] - row[f"retro_w{w}_package"]) / gap
-               for w in args.window if f"retro_w{w}_package" in row})
+        # shares of the quest-to-dense gap: what each probe leaves, and what each retro closes
+        shares = {name: (row[name] - row["dense"]) / gap for name in ("query_only", "past_only") if name in row}
+        shares.update({f"{name.removesuffix('_package')}_closed": (row["quest"] - row[name]) / gap
+                       for name in row if name.startswith("retro")})
+        row["shares_of_gap"] = shares
         result["rows"].append(row)
         log.info("%s", json.dumps(row))
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -193,6 +306,13 @@ def main() -> None:
     p.add_argument("--per-head", action="store_true",
                    help="each query head selects its own pages (the probe's modes only; the package shares a "
                         "KV head's pages across its query heads)")
+    p.add_argument("--retro-probe", action="store_true",
+                   help="also run the probe's retro at each window, merging past rows' outputs (the package's "
+                        "rule) and recomputing them with their current queries (no merge drift)")
+    p.add_argument("--retro-only", action="store_true", help="skip the query_only and past_only probes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="default: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
