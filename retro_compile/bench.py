@@ -32,7 +32,7 @@ import shlex
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -198,30 +198,6 @@ def measure(row: dict, key: str, timed: Callable[[], float]) -> None:
     except Exception as error:
         log.warning("%s failed at B=%d, context %d: %s", key, row["batch"], row["context"], error)
         row[f"{key}_error"] = f"{type(error).__name__}: {error}"[:300]
-
-
-def kernels_module(source: str, name: str, folder: Path, replacements: Sequence[tuple[str, str]] = ()):
-    """A copy of ``kernels/decode.py`` from ``source`` (another commit's), with each (old, new) of
-    ``replacements`` applied (each old text must occur exactly once), imported as the sibling
-    module ``retro_compile.kernels._<name>`` (its relative imports work), so that versions of the
-    kernels can be timed side by side in one process. The source is written to ``folder``: Triton
-    reads each kernel's source back from its file."""
-    import importlib.util
-
-    from .kernels import decode
-
-    for old, new in replacements:
-        if source.count(old) != 1:
-            raise ValueError(f"kernels {name}: {old!r} occurs {source.count(old)} times in the source, not once")
-        source = source.replace(old, new)
-    path = folder / f"{name}.py"
-    path.write_text(source)
-    module_name = f"{decode.__package__}._{name}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def measure_call(row: dict, key: str, fn: Callable[[], object]) -> None:

@@ -1,4 +1,4 @@
-"""Check every launch of kernels/decode.py as a GPU build would see it, on a machine without one.
+"""Check every launch of the Triton stages (kernels/decode.py) as a GPU build would see it, on a machine without one.
 
     python tests/compile_worker.py   # run by tests/test_kernels.py::test_kernels_compile_for_sm90
 
@@ -63,7 +63,8 @@ def record_launches() -> list[tuple]:
             launches.append((kernel, {**dict(zip(kernel.arg_names, args)), **kwargs}, options))
         return type("Launcher", (), {"__getitem__": lambda self, grid: launch})()
 
-    decode.wrap_triton = recorded
+    for module in decode.STAGE_MODULES:
+        module.wrap_triton = recorded
     b, hq, hkv, n, d, page, pages = 2, 8, 2, 2, 64, 16, 4096
     length = pages * page
     for dtype, table_dtype in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),

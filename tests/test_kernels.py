@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from retro_compile.kernels import decode  # needs triton (the test extra)
+from retro_compile.kernels import decode, launch  # needs triton (the test extra)
 from retro_compile.kernels import reference as ref
 
-from .benchmark_scripts import load_script
 from .sequences import dense_rows, make_problem, mask_for, run
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -107,9 +106,9 @@ def test_scoring_blocks_per_program_fills_one_wave(monkeypatch):
     its grid, refresh programs included, into one wave of 2 programs an SM; int8 tables, no
     refresh, a grid no count up to 8 brings in, or no GPU keep as many as leave 256 programs."""
     def pick(rows, blocks_per_row, refreshers, quantized=False):
-        return decode._scoring_blocks_per_program(rows, blocks_per_row, refreshers, quantized, torch.device("cpu"))
+        return launch.scoring_blocks_per_program(rows, blocks_per_row, refreshers, quantized, torch.device("cpu"))
 
-    monkeypatch.setattr(decode, "_sm_count", lambda device: 132)  # an H200: 264 programs a wave
+    monkeypatch.setattr(launch, "sm_count", lambda device: 132)  # an H200: 264 programs a wave
     assert pick(8, 128, 2) == 5  # B=1/128K: 8 x (2 + 128/4) = 272 programs; 8 x (2 + 26) = 224
     assert pick(8, 32, 2) == 2  # B=1/32K: 8 x (2 + 32) = 272; 8 x (2 + 16) = 144
     assert pick(64, 8, 2) == 4  # B=8/8K: 64 x (2 + 4) = 384; 3 blocks: 64 x (2 + 3) = 320; 4: 256
@@ -117,7 +116,7 @@ def test_scoring_blocks_per_program_fills_one_wave(monkeypatch):
     assert pick(8, 128, 0) == 4
     assert pick(16, 128, 2) == 8  # 16 x (2 + 128/8) = 288 at the most blocks a program
     assert pick(2, 8, 2) == 1  # 2 x (2 + 8) = 20: fits as it is
-    monkeypatch.setattr(decode, "_sm_count", lambda device: 0)
+    monkeypatch.setattr(launch, "sm_count", lambda device: 0)
     assert pick(8, 128, 2) == 4
 
 
@@ -125,11 +124,11 @@ def test_page_scores_kernel_with_blocks_raised_to_fit_a_wave_matches_reference(m
     """The refresh and scores stay exact where the grid is fitted to a wave: on a pretend GPU of
     2 SMs (4 programs a wave), 4 blocks of 2 pages beside 2 refresh programs become 2 programs of
     2 blocks."""
-    monkeypatch.setattr(decode, "_sm_count", lambda device: 2)
+    monkeypatch.setattr(launch, "sm_count", lambda device: 2)
     g = torch.Generator().manual_seed(5)
     b, hq, hkv, length, d, page = 1, 4, 1, 120, 16, 16
     num_pages = -(-length // page)  # 8, the last one ragged
-    assert decode._scoring_blocks_per_program(b * hkv, num_pages // 2, 2, False, torch.device(DEVICE)) == 2
+    assert launch.scoring_blocks_per_program(b * hkv, num_pages // 2, 2, False, torch.device(DEVICE)) == 2
     k = torch.randn(b, hkv, length, d, generator=g)
     valid = torch.rand(b, length, generator=g) > 0.2
     q = torch.randn(b, hq, d, generator=g)
@@ -227,57 +226,6 @@ def test_attend_window_kernel(dtype, q_heads, kv_heads, n, window, pages_per_spl
     for name in ("out_cache", "lse_cache"):
         torch.testing.assert_close(getattr(got_state, name).cpu(), getattr(want_state, name),
                                    atol=TOL[dtype], rtol=TOL[dtype])
-
-
-def test_attention_ablation_variants_apply_and_run(tmp_path):
-    """``benchmarks/ablate_attention.py`` times copies of decode.py with parts of the attention taken
-    out, as text replacements: each must still find its text once in the kernels as they are, and
-    each copy's attention must run. The copy with nothing replaced gives the shipped result exactly."""
-    script = load_script("ablate_attention")
-    g = torch.Generator().manual_seed(3)
-    b, hq, hkv, n, length, d, page = 1, 4, 2, 2, 64, 16, 16
-    q, k, v = (torch.randn(b, h, rows, d, generator=g).to(DEVICE) for h, rows in ((hq, n), (hkv, length), (hkv, length)))
-    position = torch.tensor([[60, 61]], device=DEVICE)
-    allowed = torch.arange(length, device=DEVICE) <= position[:, :, None]
-    indices = torch.tensor([[[3, 0, 2], [1, 3, 0]]], device=DEVICE)
-    chosen = torch.tensor([[[True, True, False], [True, False, True]]], device=DEVICE)
-
-    def attend(module):
-        state = ref.LayerState(torch.zeros(0), torch.zeros(0), torch.full((b, hkv, 4), 55, dtype=torch.int32),
-                               torch.randn(b, hq, 1, d, generator=torch.Generator().manual_seed(4)),
-                               torch.zeros(b, hq, 1), torch.zeros(b, hkv, dtype=torch.int32), torch.zeros(0),
-                               torch.zeros(b, dtype=torch.int32))
-        state = ref.LayerState(*(t.to(DEVICE) for t in state))
-        return module.attend_window(q, k, v, allowed, None, indices, chosen, state, position, 0.25, page)
-
-    shipped = attend(decode)
-    for name in script.VARIANTS:
-        out = attend(script.variant_module(name, tmp_path))
-        assert out.shape == shipped.shape, name
-        if name == "as_is":
-            assert torch.equal(out, shipped)
-
-
-def test_compared_kernels_run_the_same_stages(tmp_path):
-    """``benchmarks/compare_stages.py`` times each stage of two versions of the kernels: a copy built
-    from decode.py's own source is a module of its own (its own kernels) and computes what
-    decode.py does, stage by stage and over a whole step, state updates included."""
-    from retro_compile.bench import kernels_module, op_case, stage_inputs
-
-    script = load_script("compare_stages")
-    copy = kernels_module(Path(decode.__file__).read_text(), "compare_copy", tmp_path)
-    assert copy._window_attention_kernel is not decode._window_attention_kernel
-    # the dependent-launch version's replacements each still find their text once (it runs on Hopper only)
-    kernels_module(Path(decode.__file__).read_text(), "compare_dependent", tmp_path, script.DEPENDENT_LAUNCH)
-    results = []
-    for module in (copy, decode):
-        state, params, inputs = op_case(1, 320, 2, device=DEVICE, dtype=torch.float32)
-        calls = script.stage_calls(module, state, params, inputs, stage_inputs(state, params, inputs))
-        assert list(calls) == ["scores_refresh", "select", "attend", "step"]
-        outputs = [calls["scores_refresh"](), *calls["select"](), calls["attend"](), calls["step"]()]
-        results.append(outputs + list(state))
-    for got, want in zip(*results):
-        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("window", [1, 2, 4])

@@ -246,7 +246,7 @@ def autograd_cache_off():
 
 
 def _declare_kernels() -> None:
-    """Name kernels/decode.py's Triton kernels as the ops' own, so that compile caches key on their
+    """Name the Triton stages' kernels (kernels/decode.py) as the ops' own, so that compile caches key on their
     source.
 
     AOTAutograd's cache keys a graph by its ops; for a ``triton_op`` it adds the source of the
@@ -268,7 +268,7 @@ def _declare_kernels() -> None:
     registry = getattr(triton_library, "triton_ops_to_kernels", None)  # PyTorch versions whose cache reads it
     if registry is None:
         return
-    kernels = [f for f in vars(decode).values()
+    kernels = [f for module in decode.STAGE_MODULES for f in vars(module).values()
                if isinstance(f, triton.runtime.JITFunction) and f.__name__.endswith("_kernel")]
     for name in ("retro::attention", "retro::dense_window"):
         registry[name] = kernels

@@ -106,8 +106,7 @@ def query_positions(allowed: torch.Tensor) -> torch.Tensor:
     of every chunk, then of the chunks) spread the first, long one over many programs. The second
     reduces at least 8 chunks: Inductor unrolls a reduction of fewer (its
     ``unroll_reductions_threshold``) into an expression each consumer recomputes, and a step's
-    kernels take several views of the positions (on an H200 at 8K keys, 4 chunks of 2048 cost a
-    retro step three extra 1 us kernels).
+    kernels take several views of the positions (each an extra kernel a step).
     """
     length = allowed.shape[-1]
     seen = torch.where(allowed, torch.arange(length, device=allowed.device), -1)
@@ -417,8 +416,8 @@ def sdpa_row_by_row(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     and what it runs where its kernel does not apply.
 
     A dense layer's decode step with ``w > 1`` rows and a mask over a long cache is otherwise sent
-    to a prefill kernel: on an H200 (torch 2.11) cuDNN's took 2.6 ms per layer for 2 rows over 128K
-    keys, where the one-row decode kernel takes 0.12 ms. Each row reads the cache once more.
+    to a prefill kernel with little parallelism, an order of magnitude slower than one row's decode
+    kernel over a long cache. Each row reads the cache once more.
     """
     per_row_mask = attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] > 1
     outs = []
