@@ -17,14 +17,9 @@ import json
 from pathlib import Path
 
 from retro_compile.eval.plot import plot
-from retro_compile.eval.ruler import DENSE_FLOOR, add_averages
+from retro_compile.eval.ruler import DENSE_FLOOR, add_averages, configuration, join_lengths
 
-PER_LENGTH = ("accuracy", "scores")  # RULER's per-length fields
 ORDER = {"dense": 0, "quest": 1, "retro": 2}
-
-
-def key(row: dict) -> tuple:
-    return row["mode"], row["budget"], row["window"], row["sink_pages"]
 
 
 def merge(datas: list[dict], names: list[str]) -> dict:
@@ -35,18 +30,12 @@ def merge(datas: list[dict], names: list[str]) -> dict:
     rows: dict[tuple, dict] = {}
     for data in datas:
         for row in data["results"]:
-            if key(row) not in rows:
-                rows[key(row)] = copy.deepcopy(row)
-                continue
-            if task != "ruler":
-                raise ValueError(f"merge: {key(row)} is in two {task} files; only RULER rows join by length")
-            merged = rows[key(row)]
-            for field in PER_LENGTH:
-                clash = set(merged[field]) & set(row[field])
-                if clash:
-                    raise ValueError(f"merge: {key(row)} has lengths {sorted(clash)} in two files")
-                merged[field].update(row[field])
-            merged["seconds"] += row["seconds"]
+            if configuration(row) not in rows:
+                rows[configuration(row)] = copy.deepcopy(row)
+            elif task != "ruler":
+                raise ValueError(f"merge: {configuration(row)} is in two {task} files; only RULER rows join by length")
+            else:
+                join_lengths(rows[configuration(row)], row)
     results = sorted(rows.values(), key=lambda r: (r["budget"] or 0, ORDER[r["mode"]], r["window"], r["sink_pages"]))
     setup = dict(datas[0]["setup"])
     setup["lengths"] = sorted({int(n) for r in results for n in r.get("accuracy", {})}) or setup.get("lengths")

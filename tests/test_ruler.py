@@ -138,5 +138,43 @@ def test_merging_runs_joins_a_configurations_lengths_and_refuses_a_length_twice(
     assert rows["quest", 512]["vs_dense"]["8192"] == {"difference": -50.0, "standard_error": 50.0}
     assert merged["setup"]["lengths"] == [4096, 8192]
     assert [i["file"] for i in merged["setup"]["invocations"]] == ["short.json", "long.json"]
-    with pytest.raises(ValueError, match="lengths \\['4096'\\] in two files"):
+    with pytest.raises(ValueError, match="lengths \\['4096'\\] in two results"):
         merge([short, short], ["a", "b"])
+
+
+def test_a_ruler_run_records_each_length_as_it_finishes(tmp_path, monkeypatch):
+    """The command's unit of work is a configuration at one length, shortest length first: a run
+    joins each configuration's lengths into one row, and a run stopped during its longer length
+    keeps the shorter one, scored against dense."""
+    from retro_compile.eval import cli
+
+    stop_at = None
+    calls = []
+
+    def evaluate(args, run, length):
+        if length == stop_at:
+            raise KeyboardInterrupt  # the run is stopped here
+        calls.append((run[0], length))
+        scores = [100.0, 100.0] if run[0] == "dense" else [100.0, 0.0]
+        return dict(mode=run[0], budget=run[1], window=run[2], sink_pages=run[3], seconds=1.0,
+                    accuracy={str(length): {"a": sum(scores) / 2}}, scores={str(length): {"a": scores}})
+
+    monkeypatch.setattr(cli, "evaluate", evaluate)
+    monkeypatch.setattr(cli, "load", lambda args: (None, None, {}, 8192))
+    monkeypatch.setattr("retro_compile.eval.plot.plot", lambda path: None)
+    out = tmp_path / "ruler.json"
+    argv = ["ruler", "--lengths", "8192", "4096", "--samples", "2", "--modes", "dense", "quest", "--budgets", "512",
+            "--device", "cpu", "--out", str(out)]
+    cli.main(argv)
+    assert calls == [("dense", 4096), ("quest", 4096), ("dense", 8192), ("quest", 8192)]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["mode"], sorted(r["accuracy"]), r["seconds"]) for r in rows] == [
+        ("dense", ["4096", "8192"], 2.0), ("quest", ["4096", "8192"], 2.0)]
+    assert rows[1]["vs_dense"]["8192"]["difference"] == -50.0
+
+    stop_at = 8192
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv)
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["mode"], list(r["accuracy"])) for r in rows] == [("dense", ["4096"]), ("quest", ["4096"])]
+    assert rows[1]["average"] == {"4096": 50.0} and rows[1]["vs_dense"]["4096"]["difference"] == -50.0

@@ -34,7 +34,8 @@ from ..data import BOOKS, DEFAULT_MODEL, cache_dir, load_model, passages
 from .decode import ExposureMeter, perplexity, teacher_forced_nll
 from .passkey import is_correct, passkey_answers, passkey_prompt, random_keys
 from .ruler import TASKS as RULER_TASKS
-from .ruler import DENSE_FLOOR, Generator, Sample, add_averages, markdown_table, string_match_all
+from .ruler import (DENSE_FLOOR, Generator, Sample, add_averages, configuration, join_lengths, markdown_table,
+                    string_match_all)
 
 log = logging.getLogger("retro_compile.eval")
 DEPTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -199,8 +200,9 @@ def load(args) -> tuple:
     return _LOADED["value"]
 
 
-def evaluate(args, run: Run) -> dict:
-    """One configuration, on a fresh copy of the model, through ``retro_compile``."""
+def evaluate(args, run: Run, length: int | None = None) -> dict:
+    """One configuration (for RULER at one ``length``; None: every length), on a fresh copy of the
+    model, through ``retro_compile``."""
     mode, budget, window, sink_pages = run
     base, tokenizer, inputs, max_context = load(args)
     config = RetroConfig(mode=mode, window=window, budget=budget or max_context, max_context=max_context,
@@ -210,7 +212,7 @@ def evaluate(args, run: Run) -> dict:
                           cuda_graphs=False if args.no_cuda_graphs else None)
     start = time.perf_counter()
     if args.task == "ruler":
-        row = run_ruler(model, args, inputs, tokenizer)
+        row = run_ruler(model, args, {key: items for key, items in inputs.items() if key[1] == length}, tokenizer)
     elif args.task == "passkey":
         row = run_passkey(model, args, tokenizer)
     else:
@@ -240,11 +242,19 @@ def main(argv=None) -> None:
                  texts=list(inputs) if args.task in ("ppl", "exposure") else None,
                  torch=torch.__version__, gpu=torch.cuda.get_device_name() if args.device.startswith("cuda") else None)
     runs = configurations(args)
+    # RULER's unit of work is a configuration at one length, shortest first, so that a run stopped
+    # early keeps every length it finished; the other tasks run a configuration at once.
+    units = [(run, length) for length in sorted(args.lengths) for run in runs] if args.task == "ruler" else \
+        [(run, None) for run in runs]
     results: list[dict] = []
 
     def record(row: dict) -> None:
-        results.append(row)
-        results.sort(key=lambda r: runs.index((r["mode"], r["budget"], r["window"], r["sink_pages"])))
+        same = next((r for r in results if configuration(r) == configuration(row)), None)
+        if same is None:
+            results.append(row)
+        else:  # another length of a configuration already recorded
+            join_lengths(same, row)
+        results.sort(key=lambda r: runs.index(configuration(r)))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         data = dict(task=args.task, setup=setup, results=results)
         if args.task == "ruler":  # averages over the tasks dense scores above the floor on
@@ -253,11 +263,11 @@ def main(argv=None) -> None:
         args.out.write_text(json.dumps(data, indent=2))
 
     if args.jobs == 1:
-        for run in tqdm(runs, desc=args.task):
-            record(evaluate(args, run))
+        for run, length in tqdm(units, desc=args.task):
+            record(evaluate(args, run, length))
     else:  # several configurations at once: a decode step of this small model leaves the device mostly idle
         with worker_pool(args.jobs) as pool:
-            futures = [pool.submit(evaluate, args, run) for run in runs]
+            futures = [pool.submit(evaluate, args, run, length) for run, length in units]
             for future in tqdm(as_completed(futures), total=len(futures), desc=args.task):
                 record(future.result())
     from .plot import plot

@@ -365,6 +365,22 @@ class Generator:
 DENSE_FLOOR = 10.0  # a task dense scores at most this on (in %) says nothing about sparse attention
 
 
+def configuration(row: dict) -> tuple[str, int | None, int, int]:
+    """The configuration a result row was measured with: (mode, budget, window, sink_pages)."""
+    return row["mode"], row["budget"], row["window"], row["sink_pages"]
+
+
+def join_lengths(into: dict, row: dict) -> None:
+    """Add the lengths of ``row`` to ``into``, a result row of the same configuration (from another
+    unit of work or another run); a length both hold is an error."""
+    for name in ("accuracy", "scores"):
+        clash = set(into[name]) & set(row[name])
+        if clash:
+            raise ValueError(f"{configuration(row)} has lengths {sorted(clash)} in two results")
+        into[name].update(row[name])
+    into["seconds"] = round(into["seconds"] + row["seconds"], 1)
+
+
 def add_averages(rows: list[dict], dense_floor: float = DENSE_FLOOR) -> dict[str, list[str]]:
     """Give each result row (``accuracy``: {length: {task: %}}) an ``average`` per length over the
     tasks the dense row scores above ``dense_floor`` on (every task without a dense row); returns
@@ -377,9 +393,10 @@ def add_averages(rows: list[dict], dense_floor: float = DENSE_FLOOR) -> dict[str
             tasks = [t for t in per_task if dense is None or dense["accuracy"].get(length, {}).get(t, 0.0) > dense_floor]
             averaged[length] = tasks
             row["average"][length] = sum(per_task[t] for t in tasks) / len(tasks) if tasks else None
-        if dense is not None and "scores" in row:
+        if dense is not None and "scores" in row:  # the lengths both rows have (a run may stop early)
             row["vs_dense"] = {length: paired_difference(row["scores"][length], dense["scores"][length], tasks)
-                               for length, tasks in averaged.items() if length in row["scores"]}
+                               for length, tasks in averaged.items()
+                               if length in row["scores"] and length in dense["scores"]}
     return averaged
 
 
