@@ -33,17 +33,22 @@ def retro_backend(
     inductor: bool = True,
     mode: str | None = None,
     options: dict[str, Any] | None = None,
+    phase: str | None = None,
 ) -> Callable:
     """Rewrite ``gm``'s SDPA call sites into ``retro::attention``, then compile with Inductor.
 
     ``inductor=False`` runs the rewritten graph as it is (fast to compile; used for prefill).
+    ``phase`` (or ``options["retro_phase"]``): ``"prefill"`` or ``"decode"`` when every call of the
+    compiled function is one (the Hugging Face driver's prefill and decode step); None infers each
+    call site's phase from its query rows (more than the window: prefill).
     """
     options = dict(options or {})
     config = options.pop("retro_config", None) or config or RetroConfig()
+    phase = options.pop("retro_phase", None) or phase
     if not isinstance(config, RetroConfig):
         raise TypeError(f"retro backend: retro_config must be a RetroConfig, got {type(config).__name__}")
     store = DEFAULT_STORE if store is None else store
-    plan = rewrite_sdpa(gm, config, store)
+    plan = rewrite_sdpa(gm, config, store, phase)
     if not inductor:
         return guard_state(gm.forward, plan, store)
     from torch._inductor.compile_fx import compile_fx

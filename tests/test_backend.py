@@ -198,7 +198,7 @@ def test_decode_sites_sharing_a_mask_share_one_positions_node():
     shared = [n for n in step.graph.nodes if n.target is mask_positions]
     calls = [n for n in step.graph.nodes if n.target is torch.ops.retro.attention.default]
     assert len(shared) == 1 and len(calls) == 3
-    assert all(call.args[-1] is shared[0] for call in calls)
+    assert all(call.args[-2] is shared[0] and call.args[-1] is None for call in calls)  # positions; no phase said
     with torch.no_grad():
         prefill(*prefill_inputs)  # builds the state the step reads
         torch.testing.assert_close(step(*step_inputs), expected)
@@ -265,3 +265,35 @@ def test_the_backend_compiles_with_the_autograd_cache_off(monkeypatch):
     retro_backend(gm, inputs, config=RetroConfig(mode="retro", budget=32, page_size=16, dense_layers=0, max_context=64),
                   store=StateStore())
     assert seen == [False]
+
+
+def test_a_said_phase_decides_what_a_site_is_whatever_its_rows():
+    """The same 2-row graph (rows <= window): by its rows a decode site (with no prefill before it,
+    left dense); said to be a prefill, its sparse layer builds state, and the op call carries the
+    phase; said to be a decode step after that prefill, it reads that state; a decode phase with
+    more rows than the window, or an unknown phase, is refused naming it."""
+    import pytest
+
+    from retro_compile.passes.rewrite import rewrite_sdpa
+
+    model = Decoder(layers=2, max_len=64).eval()
+    two_rows = (torch.randint(0, 97, (1, 2)), torch.arange(30, 32))
+    config = RetroConfig(mode="retro", window=2, budget=32, page_size=16, dense_layers=1, max_context=64)
+    store = StateStore()
+    (graph, _), = captured_graphs(model, two_rows)
+    assert rewrite_sdpa(graph, config, store).layers == []
+    (graph, _), = captured_graphs(model, two_rows)
+    prefill = rewrite_sdpa(graph, config, store, phase="prefill")
+    assert prefill.layers == ["layers.1.attn"] and prefill.reads == {}  # layer 0 is dense: builds nothing
+    ops = [n for n in graph.graph.nodes if n.target is torch.ops.retro.attention.default]
+    assert [n.args[-1] for n in ops] == [True]  # prefill=True
+    (graph, _), = captured_graphs(model, two_rows)
+    decode = rewrite_sdpa(graph, config, store, phase="decode")
+    assert decode.builds == {} and decode.reads["layers.1.attn"] is prefill.builds["layers.1.attn"]
+    ops = [n for n in graph.graph.nodes if n.target is torch.ops.retro.attention.default]
+    assert [n.args[-1] for n in ops] == [False]
+    (graph, _), = captured_graphs(model, (torch.randint(0, 97, (1, 5)), torch.arange(0, 5)))
+    with pytest.raises(ValueError, match="has 5 query rows in a graph compiled as a decode step"):
+        rewrite_sdpa(graph, config, store, phase="decode")
+    with pytest.raises(ValueError, match="phase='chunk' is not one of"):
+        rewrite_sdpa(graph, config, store, phase="chunk")

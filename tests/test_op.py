@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from retro_compile.kernels import reference as ref
-from retro_compile.kernels.op import retro_attention
+from retro_compile.kernels.op import STATE_ARGS, retro_attention
 from retro_compile.kernels.reference import SparseParams
 from retro_compile.state import StateShape, allocate
 
@@ -240,3 +240,30 @@ def test_a_row_with_fewer_tokens_than_the_window(window):
         torch.testing.assert_close(out, dense_rows(problem, positions), atol=2e-5, rtol=2e-5)
     for _, out in run(problem, params(window=window, budget_pages=2), steps=8):
         assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("chunks", [[40], [16, 16, 8], [37, 1, 2], [1, 38, 1]], ids=str)
+@pytest.mark.parametrize("window", [2, 4])
+def test_a_prompt_prefilled_in_chunks_leaves_the_state_of_one_piece(chunks, window):
+    """A prompt prefilled in chunks (each told it is a prefill, whatever its rows, over the keys
+    written so far) gives dense outputs and leaves the same state as one piece: summaries, `last`,
+    the row starts, and the output cache's last w - 1 prompt rows, even where the last chunk has
+    fewer rows than that (it keeps the rows of the chunk before)."""
+    problem = make_problem(length=48, prompt=40, pad=(0, 5))
+    params = SparseParams(16, 2, 0.0, 0, 1, window)
+    states = []
+    for pieces in ([40], chunks):
+        state = allocate(StateShape.of_call(problem.q, problem.k, problem.v, 3, window))
+        begin, outs = 0, []
+        for n in pieces:
+            rows = list(range(begin, begin + n))
+            keys = begin + n
+            part = type(problem)(problem.q, problem.k[:, :, :keys], problem.v[:, :, :keys], problem.valid[:, :keys],
+                                 problem.prompt)
+            outs.append(retro_attention(problem.q[:, :, rows], part.k, part.v, mask_for(part, rows), state, params,
+                                        prefill=True))
+            begin += n
+        torch.testing.assert_close(torch.cat(outs, 2), dense_rows(problem, list(range(40))), atol=1e-5, rtol=1e-5)
+        states.append(state)
+    for name, one_piece, chunked in zip(STATE_ARGS, *states):
+        torch.testing.assert_close(chunked, one_piece, atol=1e-6, rtol=1e-6, msg=name)

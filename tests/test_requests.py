@@ -163,46 +163,64 @@ def test_decode_refuses_state_its_prefill_did_not_build():
     assert greedy(model, ids, mask, 4).shape == (1, 4)
 
 
-def test_prefill_chunks_cover_the_prompt_and_none_passes_for_a_decode_step():
+def test_prefill_chunks_cover_the_prompt_in_pieces_of_the_asked_size():
     from retro_compile.integrations.hf import prefill_chunks
 
-    assert prefill_chunks(10, 1, 4, 2) == [(0, 4), (4, 10)]  # a tail of 2 <= window joins the chunk before
-    assert prefill_chunks(11, 2, 8, 2) == [(0, 4), (4, 8), (8, 11)]
-    for batch, max_tokens, window in ((1, 7, 2), (2, 16, 4), (3, 5, 2), (1, 1000, 2)):
-        for n in range(window + 1, 60):  # a prompt of window tokens or fewer is refused before this
-            chunks = prefill_chunks(n, batch, max_tokens, window)
+    assert prefill_chunks(10, 1, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert prefill_chunks(11, 2, 8) == [(0, 4), (4, 8), (8, 11)]
+    for batch, max_tokens in ((1, 7), (2, 16), (3, 5), (1, 1000), (4, 2)):
+        size = max(1, max_tokens // batch)
+        for n in range(1, 60):
+            chunks = prefill_chunks(n, batch, max_tokens)
             assert chunks[0][0] == 0 and chunks[-1][1] == n
             assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
-            assert all(end - begin > window for begin, end in chunks)
-            assert all(end - begin <= max(window + 1, max_tokens // batch) + window for begin, end in chunks)
+            assert all(end - begin == size for begin, end in chunks[:-1]) and 0 < chunks[-1][1] - chunks[-1][0] <= size
 
 
-@pytest.mark.parametrize("length,pad", [(70, (0, 5)), (66, ())], ids=["padded", "short-tail"])
-def test_chunked_prefill_gives_the_tokens_of_one_piece(length, pad):
-    """RetroConfig.prefill_tokens small enough for 3-5 chunks: full budget still gives the untouched
+def chunk_sizes(model) -> list[int]:
+    """Record the rows of each prefill call the driver makes (returned list, filled as it runs)."""
+    sizes: list[int] = []
+    run = model.retro_driver.run_prefill
+    model.retro_driver.run_prefill = lambda **kw: sizes.append(kw["input_ids"].shape[1]) or run(**kw)
+    return sizes
+
+
+@pytest.mark.parametrize("length,pad,window", [(70, (0, 5), 2), (66, (), 2), (66, (0, 3), 4)],
+                         ids=["padded", "tail-of-2", "w4-tail-shorter-than-the-window"])
+def test_chunked_prefill_gives_the_tokens_of_one_piece(length, pad, window):
+    """RetroConfig.prefill_tokens small enough for 5 chunks: full budget still gives the untouched
     model's tokens, and a small budget the tokens of an unchunked prefill and of the hand-driven
-    reference (which never chunks)."""
+    reference (which never chunks), also where the last chunk has fewer rows than the window
+    (the phase is said, so it is a prefill, and it keeps the output cache rows of the chunk before)."""
     model = tiny_model("llama", seed=6)
     ids, mask = prompts(2, length, pad=pad, seed=7)
-    chunked = dict(prefill_tokens=2 * 16)  # 16 positions per chunk; 66 = 4 x 16 + a tail of 2 <= window
-    full = RetroConfig(mode="retro", window=2, budget=128, page_size=8, dense_layers=1, max_context=128)
+    chunked = dict(prefill_tokens=2 * 16)  # 16 positions per chunk
+    full = RetroConfig(mode="retro", window=window, budget=128, page_size=8, dense_layers=1, max_context=128)
     expected = greedy(model, ids, mask, 12)
     assert torch.equal(greedy(retro_compile(copy.deepcopy(model), dataclasses.replace(full, **chunked)), ids, mask, 12),
                        expected)
-    small = RetroConfig(mode="retro", window=2, budget=16, page_size=8, dense_layers=1, max_context=128)
+    small = RetroConfig(mode="retro", window=window, budget=16, page_size=8, dense_layers=1, max_context=128)
     one_piece = greedy(retro_compile(copy.deepcopy(model), small), ids, mask, 12)
     reference, _, _ = HandDriven(copy.deepcopy(model), small).generate(ids, mask, 12)
     assert torch.equal(one_piece, reference)
     compiled = retro_compile(copy.deepcopy(model), dataclasses.replace(small, **chunked))
-    chunks = []
-    step = compiled.retro_driver.run_prefill
-    compiled.retro_driver.run_prefill = lambda **kw: chunks.append(kw["input_ids"].shape[1]) or step(**kw)
+    sizes = chunk_sizes(compiled)
     assert torch.equal(greedy(compiled, ids, mask, 12), one_piece)
-    assert chunks == {70: [16, 16, 16, 16, 6], 66: [16, 16, 16, 18]}[length]
+    assert sizes == [16, 16, 16, 16, length - 64]
 
 
-def test_generate_prefill_chunk_size_is_refused_with_the_alternative():
-    model = retro_compile(tiny_model("llama"), CONFIG)
-    ids, mask = prompts(1, 40)
-    with pytest.raises(ValueError, match="prefill_chunk_size.*RetroConfig.prefill_tokens"):
-        greedy(model, ids, mask, 4, prefill_chunk_size=16)
+def test_generate_prefill_chunk_size_gives_the_tokens_of_one_piece():
+    """generate(prefill_chunk_size=...) chunks the prompt into pieces of that many positions (the
+    driver's own chunking, as transformers would split it), with the tokens of a one-piece prefill;
+    a later request without it prefills in one piece; a size that is no positive int is refused."""
+    model = tiny_model("llama", seed=3)
+    ids, mask = prompts(1, 34, seed=4)
+    config = RetroConfig(mode="retro", window=4, budget=16, page_size=8, dense_layers=1, max_context=128)
+    one_piece = greedy(retro_compile(copy.deepcopy(model), config), ids, mask, 8)
+    compiled = retro_compile(copy.deepcopy(model), config)
+    sizes = chunk_sizes(compiled)
+    assert torch.equal(greedy(compiled, ids, mask, 8, prefill_chunk_size=16), one_piece)
+    assert sizes == [16, 16, 2]
+    assert torch.equal(greedy(compiled, ids, mask, 8), one_piece) and sizes[3:] == [34]
+    with pytest.raises(ValueError, match=r"prefill_chunk_size=0\) must be an int >= 1"):
+        greedy(compiled, ids, mask, 8, prefill_chunk_size=0)

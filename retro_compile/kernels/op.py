@@ -1,9 +1,11 @@
 """``retro::attention``: SDPA's contract plus per-layer decode state, as one torch.library op.
 
 The op takes SDPA's arguments (q, k, v, mask, is_causal, scale), the layer's state tensors
-(mutated in place) and the layer's sparse parameters. A call with more query rows than the
-window is a prefill: dense attention, exactly SDPA, and the state is rebuilt from it. Any other
-call is one decode step (docs/algorithm.md, section 4).
+(mutated in place), the layer's sparse parameters and the call's phase. A prefill is dense
+attention, exactly SDPA, and rebuilds the state; a decode step is one step of the window
+(docs/algorithm.md, section 4). The phase is said by whoever compiled the call (``prefill``);
+where nobody said it, a call with more query rows than the window is a prefill and any other a
+decode step.
 
 It is a ``torch.library.triton_op``: eagerly it runs its body; under ``torch.compile`` Inductor
 traces the body (PyTorch ops and the Triton kernels of kernels/decode.py, launched through
@@ -73,6 +75,7 @@ def check_inputs(
     state: LayerState,
     params: SparseParams,
     positions: Optional[torch.Tensor] = None,
+    prefill: Optional[bool] = None,
 ) -> None:
     """Raise ValueError/TypeError naming the argument if the op cannot serve this call."""
     problem = unservable(q, k, v, attn_mask)
@@ -110,9 +113,11 @@ def check_inputs(
                         f"dtype {k.dtype} or torch.int8")
     if summary_scale.dtype != torch.float32:
         raise TypeError(f"retro::attention: state summary_scale has dtype {summary_scale.dtype}, expected torch.float32")
+    n = q.shape[2]
+    if prefill is False and n > params.window:
+        raise ValueError(f"retro::attention: a decode step has at most window={params.window} query rows, got {n}")
     if positions is not None:
-        n = q.shape[2]
-        if n > params.window:
+        if prefill or n > params.window:
             raise ValueError(f"retro::attention: positions are for decode steps (at most window={params.window} "
                              f"query rows), got {n} rows")
         if tuple(positions.shape) != (b, n) or positions.dtype != torch.int64 or positions.device != q.device:
@@ -165,22 +170,25 @@ def attention(
     local_pages: int,
     window: int,
     positions: Optional[torch.Tensor] = None,
+    prefill: Optional[bool] = None,
 ) -> torch.Tensor:
     """Sparse + retrospective attention with SDPA's output: (B, Hq, n, Dv), contiguous.
 
     ``positions`` (decode steps only): the query rows' cache positions, exactly
     ``reference.mask_positions(attn_mask, B, n)``. The rewrite computes them once per graph for
     all layers sharing a mask; without them each call reduces its mask itself.
+    ``prefill``: the call's phase, True for a prefill (any number of rows), False for a decode
+    step (at most ``window`` rows); None infers it from the rows (more than ``window``: prefill).
     """
     state = LayerState(kmax, kmin, last, out_cache, lse_cache, counts, summary_scale, start)
     params = SparseParams(page_size, budget_pages, budget_fraction, sink_pages, local_pages, window)
-    check_inputs(q, k, v, attn_mask, state, params, positions)
+    check_inputs(q, k, v, attn_mask, state, params, positions, prefill)
     stages = None
     if use_kernels(q, attn_mask, params):
         from . import decode
 
         stages = decode.kernel_stages()
-    if q.shape[2] > window:
+    if q.shape[2] > window if prefill is None else prefill:
         return reference.prefill(q, k, v, attn_mask, is_causal, scale, state, params, stages)
     return reference.decode_step(q, k, v, attn_mask, is_causal, scale, state, params, stages, positions)
 
@@ -195,9 +203,10 @@ def retro_attention(
     is_causal: bool = False,
     scale: Optional[float] = None,
     positions: Optional[torch.Tensor] = None,
+    prefill: Optional[bool] = None,
 ) -> torch.Tensor:
     """Call ``retro::attention`` with named state and parameters."""
-    return torch.ops.retro.attention(q, k, v, attn_mask, *state, is_causal, scale, *params, positions)
+    return torch.ops.retro.attention(q, k, v, attn_mask, *state, is_causal, scale, *params, positions, prefill)
 
 
 def dense_window_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],

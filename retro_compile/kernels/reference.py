@@ -444,7 +444,11 @@ def prefill(
     params: SparseParams,
     stages: Stages | None = None,
 ) -> torch.Tensor:
-    """Dense causal attention (SDPA itself) and the state the first decode step needs."""
+    """Dense causal attention (SDPA itself) and the state the first decode step needs.
+
+    A prompt may come in chunks, each a call over the keys written so far: every call rebuilds the
+    summaries and ``last`` from the whole cache, and moves the output cache on by its rows, so a
+    chunk of fewer than ``w - 1`` rows keeps the rows of the chunks before it."""
     batch, _, n, _ = q.shape
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=True
@@ -463,6 +467,10 @@ def prefill(
     if rows:
         o, lse = attend(q[:, :, -rows:], k, v, allowed[:, None, -rows:], default_scale(q, scale),
                         None if bias is None else bias[:, -rows:])
+        kept = state.out_cache.shape[2] - rows  # rows of earlier chunks that stay, moved up
+        if kept:
+            state.out_cache[:, :, :kept] = state.out_cache[:, :, rows:].clone()
+            state.lse_cache[:, :, :kept] = state.lse_cache[:, :, rows:].clone()
         state.out_cache[:, :, -rows:] = o
         state.lse_cache[:, :, -rows:] = lse
     return out.contiguous()
@@ -582,18 +590,3 @@ def decode_step(
     indices, chosen = stages.top_pages(scores, newest - state.start, params, state.counts)
     return stages.attend_window(q, k, v, allowed, bias, indices, chosen, state, position,
                                 default_scale(q, scale), page_size)
-
-
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float | None,
-    state: LayerState,
-    params: SparseParams,
-) -> torch.Tensor:
-    """The op: a call with more rows than the window is a prefill, otherwise a decode step."""
-    step = prefill if q.shape[2] > params.window else decode_step
-    return step(q, k, v, attn_mask, is_causal, scale, state, params)

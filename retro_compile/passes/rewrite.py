@@ -6,9 +6,12 @@ as buffers and read with ``get_attr``, so AOTAutograd lifts them like any module
 addresses for CUDA graphs) and the op's in-place updates are functionalised and re-inplaced by
 Inductor.
 
-A site with more query rows than the window (or a dynamic number of rows) is a *prefill* site:
-the op builds the layer's state there. A site with at most ``window`` static rows is a *decode*
-site: the op reads that state. A decode site is rewritten only if a prefill site of the same layer
+A *prefill* site builds the layer's state; a *decode* site reads it. Which one a graph's sites are
+is said by whoever compiled the graph (``phase``: the Hugging Face driver compiles its prefill and
+its decode step as functions of their own), and the op is told too. Where nobody says it (the
+generic ``backend="retro"`` path), a site with more query rows than the window (or a dynamic
+number of rows) is a prefill site and one with at most ``window`` static rows a decode site, and
+the op decides the same way from its call's rows. A decode site is rewritten only if a prefill site of the same layer
 and state was rewritten before it, and :class:`Rewrite` records which states a graph builds and
 reads, so that the backend can check at run time that a decode step never reads state its own
 prefill did not build (:func:`retro_compile.backend.guard_state`).
@@ -73,10 +76,20 @@ def query_rows(site: SdpaSite) -> int | torch.SymInt | None:
     return query.shape[-2] if isinstance(query, torch.Tensor) else None
 
 
-def is_decode_site(site: SdpaSite, config: RetroConfig) -> bool:
-    """A decode site has at most ``window`` query rows, fixed at compile time; any other is a prefill."""
+PHASES = ("prefill", "decode")
+
+
+def is_decode_site(site: SdpaSite, config: RetroConfig, phase: str | None = None) -> bool:
+    """Whether a site is a decode site: as ``phase`` says (a decode graph's sites must have at most
+    ``window`` query rows, fixed at compile time), or where it is None, by those rows."""
     rows = query_rows(site)
-    return isinstance(rows, int) and rows <= config.window
+    fits = isinstance(rows, int) and rows <= config.window
+    if phase is None:
+        return fits
+    if phase == "decode" and not fits:
+        raise ValueError(f"retro-compile: {site.layer_name} has {rows} query rows in a graph compiled as a decode "
+                         f"step, which has at most window={config.window}")
+    return phase == "decode"
 
 
 def attend_dense_window(graph: fx.Graph, site: SdpaSite) -> None:
@@ -118,14 +131,17 @@ class Rewrite:
         return [name for name, state in self.builds.items() if state is not None] + list(self.reads)
 
 
-def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore) -> Rewrite:
-    """Rewrite ``gm`` in place; returns which layers' state the graph builds and reads."""
+def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore, phase: str | None = None) -> Rewrite:
+    """Rewrite ``gm`` in place; returns which layers' state the graph builds and reads. ``phase``
+    (``"prefill"`` or ``"decode"``) is what every call of the graph is; None: each site's rows say."""
+    if phase not in (None, *PHASES):
+        raise ValueError(f"retro-compile: phase={phase!r} is not one of {PHASES} or None")
     graph = gm.graph
     plan = Rewrite()
     params = sparse_params(config)
     shared_positions: dict[tuple, fx.Node] = {}
     for site in find_sdpa_sites(graph):
-        decode = is_decode_site(site, config)
+        decode = is_decode_site(site, config, phase)
         chosen = chosen_dense(site, config, store.model_dense)
         reason = chosen or unsupported_reason(site)
         state = None
@@ -160,7 +176,7 @@ def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore) -> 
             new = graph.call_function(
                 torch.ops.retro.attention.default,
                 (site.query, site.key, site.value, site.attn_mask, *state_nodes,
-                 bool(site.is_causal), site.scale, *params, positions),
+                 bool(site.is_causal), site.scale, *params, positions, None if phase is None else not decode),
             )
         new.meta = dict(site.node.meta)
         site.node.replace_all_uses_with(new)

@@ -81,12 +81,12 @@ def compile_causal_lm(model: torch.nn.Module, config: RetroConfig, store: StateS
     own_forward = model.forward  # the class's, bound: the driver's forward replaces the attribute
 
     def compile_prefill() -> Callable:
-        return torch.compile(own_frame(own_forward), backend=backend_for(config, store, inductor=False),
-                             dynamic=False)
+        return torch.compile(own_frame(own_forward), dynamic=False,
+                             backend=backend_for(config, store, inductor=False, phase="prefill"))
 
     def compile_step() -> Callable:
         return compiled_window_step(model, own_forward, sliding, lambda fn: torch.compile(
-            own_frame(fn), backend=backend_for(config, store, inductor=inductor), dynamic=False,
+            own_frame(fn), backend=backend_for(config, store, inductor=inductor, phase="decode"), dynamic=False,
             options=options or None, **step_kwargs))
 
     driver, methods = driver_methods(model, config, store, compile_prefill, compile_step, cuda_graphs=bool(use_graphs),

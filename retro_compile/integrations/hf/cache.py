@@ -120,12 +120,9 @@ def rewind(cache: Any, tokens: int) -> None:
         position.sub_(tokens)
 
 
-def prefill_chunks(n: int, batch: int, max_tokens: int, window: int) -> list[tuple[int, int]]:
+def prefill_chunks(n: int, batch: int, max_tokens: int) -> list[tuple[int, int]]:
     """Split ``n`` prompt positions into [begin, end) chunks of at most ``max_tokens // batch``
-    positions, none of ``window`` positions or fewer (such a call would be a decode step): a short
-    tail joins the chunk before it."""
-    size = max(window + 1, max_tokens // batch)
+    positions (at least one)."""
+    size = max(1, max_tokens // batch)
     bounds = list(range(0, n, size)) + [n]
-    if len(bounds) > 2 and bounds[-1] - bounds[-2] <= window:
-        del bounds[-2]
     return list(zip(bounds[:-1], bounds[1:]))

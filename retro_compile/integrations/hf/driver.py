@@ -18,12 +18,16 @@ Where the time goes in a decode step, and so how the driver is built:
   replay: no Dynamo guards, no per-step mask building, no kernel launches from Python.
 * The prefill never builds an L x L mask: a prompt without padding attends causally with no mask
   at all (keys cut to the prompt), and a padded one gets a (B, 1, n, n) mask over the prompt's keys.
-  A prompt longer than ``RetroConfig.prefill_tokens`` (summed over the batch) goes in chunks; a
-  later chunk's mask covers only the keys written so far, with one batch row when nothing is padded.
+  A prompt longer than ``RetroConfig.prefill_tokens`` (summed over the batch), or than
+  ``generate(prefill_chunk_size=...)``, goes in chunks; a later chunk's mask covers only the keys
+  written so far, with one batch row when nothing is padded. The prefill and the decode step are
+  compiled as functions of their own, each telling the rewrite its phase, so a chunk of any
+  length is a prefill.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import logging
@@ -165,6 +169,7 @@ class DecodeWindowDriver:
         # function runs (it cuts the cache to the mask); a model that calls SDPA itself needs them full width.
         self.cuts_keys = getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME
         self.generating = False  # inside the wrapped generate(): every forward call is the driver's
+        self.chunk_positions: int | None = None  # generate(prefill_chunk_size=...) of the request in progress
         self._caches: OrderedDict[int, Any] = OrderedDict()  # batch size -> the driver's own static cache
         self._buffers: dict[int, WindowBuffers] = {}
         self._recorded: dict[int, RecordedStep] = {}
@@ -319,7 +324,8 @@ class DecodeWindowDriver:
 
     def _prefill(self, input_ids, attention_mask, position_ids, cache, kwargs):
         """Write the prompt into the cache and build the decode state, in chunks of at most
-        ``RetroConfig.prefill_tokens`` tokens (summed over the batch); returns the last chunk's output."""
+        ``RetroConfig.prefill_tokens`` tokens (summed over the batch) and at most ``chunk_positions``
+        positions; returns the last chunk's output."""
         batch, n = input_ids.shape
         if cache is not self.cache:
             self.reset(self.request_mask)
@@ -327,7 +333,10 @@ class DecodeWindowDriver:
             self.length = int(cache.get_seq_length())
         self.check_request(self.length + n)
         out = None
-        for begin, end in prefill_chunks(n, batch, self.config.prefill_tokens, self.window):
+        max_tokens = self.config.prefill_tokens
+        if self.chunk_positions:
+            max_tokens = min(max_tokens, self.chunk_positions * batch)
+        for begin, end in prefill_chunks(n, batch, max_tokens):
             out = self._prefill_chunk(input_ids[:, begin:end], attention_mask,
                                       None if position_ids is None else position_ids[..., begin:end], kwargs)
         return out
@@ -360,7 +369,10 @@ class DecodeWindowDriver:
         out = self.run_prefill(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
         self.length += n
         buffers.next_pos.copy_(position_ids[:, -1] + 1)
-        buffers.recent.copy_(input_ids[:, n - (self.window - 1):])
+        kept = self.window - 1 - n  # a chunk shorter than the window keeps the ids of the chunks before
+        if kept > 0:
+            buffers.recent[:, :kept] = buffers.recent[:, n:].clone()
+        buffers.recent[:, max(kept, 0):] = input_ids[:, max(-kept, 0):]
         return out
 
     def _padding_mask(self, attention_mask: Any, batch: int, length: int, device) -> torch.Tensor | None:
@@ -451,15 +463,29 @@ def check_generate_options(generation: Any, kwargs: dict[str, Any]) -> None:
     if (kwargs.get("num_beams") or generation.num_beams or 1) > 1:
         raise ValueError("retro_compile: beam search (num_beams > 1) is not supported: it reorders the cache "
                          "between steps, which the decode state does not follow")
-    if kwargs.get("prefill_chunk_size") or getattr(generation, "prefill_chunk_size", None):
-        raise ValueError("retro_compile: generate(prefill_chunk_size=...) is not supported (a chunk of window "
-                         "tokens or fewer would pass for a decode step); set RetroConfig.prefill_tokens, "
-                         "the driver's own chunking, instead")
     for name in ASSISTED_DECODING:
         if kwargs.get(name) is not None or getattr(generation, name, None) is not None:
             raise ValueError(f"retro_compile: generate({name}=...) (assisted or speculative decoding) is not "
                              "supported: it feeds several new tokens a step and crops the cache when it rejects "
                              "some, which the decode state does not follow; generate without it")
+
+
+def take_prefill_chunk_size(generation: Any, kwargs: dict[str, Any]) -> int | None:
+    """Take ``prefill_chunk_size`` out of generate()'s arguments (and out of a copy of its
+    generation config) for the driver to chunk the prompt with: transformers would feed the chunks
+    as forward calls of their own, and the driver chunks a prompt itself, into the same pieces."""
+    chunk = kwargs.pop("prefill_chunk_size", None)
+    if chunk is None:
+        chunk = getattr(generation, "prefill_chunk_size", None)
+    if chunk is None:
+        return None
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"retro_compile: generate(prefill_chunk_size={chunk!r}) must be an int >= 1")
+    if getattr(generation, "prefill_chunk_size", None) is not None:
+        generation = copy.deepcopy(generation)
+        generation.prefill_chunk_size = None
+        kwargs["generation_config"] = generation
+    return chunk
 
 
 def driver_methods(model: torch.nn.Module, config: RetroConfig, store: StateStore,
@@ -479,7 +505,7 @@ def driver_methods(model: torch.nn.Module, config: RetroConfig, store: StateStor
         try:
             return _generate(*args, **kwargs)
         finally:
-            driver.generating = False
+            driver.generating, driver.chunk_positions = False, None
 
     def _generate(*args: Any, **kwargs: Any) -> Any:
         request = requested_positions(model, args, kwargs)
@@ -487,6 +513,7 @@ def driver_methods(model: torch.nn.Module, config: RetroConfig, store: StateStor
             driver.check_request(*request)
         generation = kwargs.get("generation_config") or model.generation_config
         check_generate_options(generation, kwargs)
+        driver.chunk_positions = take_prefill_chunk_size(generation, kwargs)
         driver.reset(kwargs.get("attention_mask"))
         ids = _prompt_ids(args, kwargs)
         if kwargs.get(cache_arg) is None and kwargs.get("past_key_values") is None and ids is not None:
