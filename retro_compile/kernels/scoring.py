@@ -11,7 +11,7 @@ from torch.library import wrap_triton
 
 from . import reference
 from .launch import SCORING_BLOCK_PAGES, row_starts, scoring_blocks_per_program, unit_last_stride
-from .summaries import _page_summary, _stored_summary, check_summary_layout, scale_argument
+from .summaries import check_summary_layout, page_summary, scale_argument, stored_summary
 
 
 @triton.jit
@@ -49,15 +49,15 @@ def _page_scores_kernel(
     first = -1
     if REFRESH > 0:  # a kernel without the refresh holds none of its code, nor its stores
         first = tl.load(FIRST + b * stride_first) // P
-        if program < REFRESH:  # the page and loads of _summarize_pages_kernel (see the note on helpers)
+        if program < REFRESH:  # the page and loads of _summarize_pages_kernel (see the note on helpers in summaries.py)
             page = tl.minimum(first + program, num_pages - 1)
             page_keys = row_start + page * P + tl.arange(0, P)
             inside = page_keys < length
             written = inside & (tl.load(VALID + b * stride_vb + page_keys, mask=inside, other=0) != 0)
             x = tl.load(K + b * stride_kb + hkv * stride_kh + page_keys[:, None] * stride_kl + dims[None, :],
                         mask=inside[:, None], other=0.0).to(tl.float32)
-            page_max, page_min, page_valid = _page_summary(x, written)
-            page_max, page_min = _stored_summary(page_max, page_min, scale, QUANTIZED)
+            page_max, page_min, page_valid = page_summary(x, written)
+            page_max, page_min = stored_summary(page_max, page_min, scale, QUANTIZED)
             page_max, page_min = page_max.to(KMAX.dtype.element_ty), page_min.to(KMIN.dtype.element_ty)
             row = b * stride_sb + hkv * stride_sh + page * stride_sp + dims
             tl.store(KMAX + row, page_max)

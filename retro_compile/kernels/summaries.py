@@ -16,7 +16,7 @@ from .launch import row_starts, unit_last_stride
 def check_summary_layout(kmax: torch.Tensor, kmin: torch.Tensor, caller: str) -> None:
     """Summaries written in place are indexed with kmax's strides for both tables."""
     if kmax.stride(-1) != 1 or kmin.stride(-1) != 1 or kmax.stride() != kmin.stride():
-        raise ValueError(f"kernels.decode.{caller}: kmax and kmin must share a layout with unit last stride")
+        raise ValueError(f"{caller}: kmax and kmin must share a layout with unit last stride")
 
 
 def scale_argument(kmax: torch.Tensor, summary_scale: torch.Tensor | None, caller: str) -> torch.Tensor:
@@ -35,7 +35,7 @@ def scale_argument(kmax: torch.Tensor, summary_scale: torch.Tensor | None, calle
 
 
 @triton.jit
-def _page_summary(x, ok):
+def page_summary(x, ok):
     """Max and min rows (fp32) of a page's keys ``x`` (P, D) over its valid rows ``ok`` (P,), and
     whether it has any; a page with no valid key summarizes to zeros."""
     written = tl.max(ok.to(tl.int32), axis=0) > 0
@@ -45,7 +45,7 @@ def _page_summary(x, ok):
 
 
 @triton.jit
-def _stored_summary(kmax, kmin, scale, QUANTIZED: tl.constexpr):
+def stored_summary(kmax, kmin, scale, QUANTIZED: tl.constexpr):
     """A page's max and min rows (fp32) as the tables store them: for int8 tables
     (``QUANTIZED``) steps of ``scale`` (D,), rounded outward and saturated
     (``reference.quantize_summary``; correctly rounded division, as PyTorch's); otherwise as they
@@ -74,11 +74,11 @@ def _summarize_pages_kernel(
     ok = inside & (tl.load(VALID + b * stride_vb + keys, mask=inside, other=0) != 0)
     x = tl.load(K + b * stride_kb + h * stride_kh + keys[:, None] * stride_kl + dims[None, :],
                 mask=inside[:, None], other=0.0).to(tl.float32)
-    kmax, kmin, _ = _page_summary(x, ok)
+    kmax, kmin, _ = page_summary(x, ok)
     scale = 1.0
     if QUANTIZED:
         scale = tl.load(SCALE + b * stride_cb + h * stride_ch + dims)
-    kmax, kmin = _stored_summary(kmax, kmin, scale, QUANTIZED)
+    kmax, kmin = stored_summary(kmax, kmin, scale, QUANTIZED)
     offs = b * stride_sb + h * stride_sh + page * stride_sp + dims
     tl.store(KMAX + offs, kmax.to(KMAX.dtype.element_ty))
     tl.store(KMIN + offs, kmin.to(KMIN.dtype.element_ty))
