@@ -224,3 +224,31 @@ def test_eval_runs_bfloat16_on_cuda_and_float32_on_the_cpu_unless_told():
     assert parse_args(["ruler", "--device", "cpu"]).dtype == "float32"
     assert parse_args(["ruler", "--device", "cuda"]).dtype == "bfloat16"
     assert parse_args(["ppl", "--device", "cuda", "--dtype", "float32"]).dtype == "float32"
+
+
+def test_the_gap_probe_is_an_independent_quest_and_retro():
+    """``benchmarks/gap_decomposition.py``'s probe, written apart from the package, teacher forced
+    on the same text: its quest gives the package's quest NLL, its retro merging past rows' cached
+    outputs gives the package's retro NLL (w=2 and w=4), and recomputing them with the rows'
+    current queries (no merge drift) gives something else."""
+    script = load_script("gap_decomposition")
+    script.PROBE.page_size, script.PROBE.dense_layers = 8, 1
+    model = tiny_model("llama", seed=2)
+    ids, _ = prompts(1, 96, seed=3)
+    probe = copy.deepcopy(model)
+    probe.set_attn_implementation("gap_probe")
+    dense, captured = script.dense_pass(probe, ids, 64)
+
+    def past() -> dict:
+        return {layer: (k.clone(), v.clone()) for layer, (k, v) in captured.items()}
+
+    def package(mode: str, window: int) -> torch.Tensor:
+        return teacher_forced_nll(retro_compile(copy.deepcopy(model), sparse(mode, 16, window), inductor=False), ids, 64)
+
+    quest = script.probe_nll(probe, ids, 64, dense[:, 0], past(), 2, keep_own=True)
+    torch.testing.assert_close(quest, package("quest", 1), atol=1e-4, rtol=1e-4)
+    for window in (2, 4):
+        merged = script.retro_probe_nll(probe, ids, 64, dense[:, 0], past(), 2, window, merge=True)
+        torch.testing.assert_close(merged, package("retro", window), atol=1e-4, rtol=1e-4)
+        recomputed = script.retro_probe_nll(probe, ids, 64, dense[:, 0], past(), 2, window, merge=False)
+        assert (recomputed - merged).abs().max() > 1e-4
