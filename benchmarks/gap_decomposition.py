@@ -71,11 +71,11 @@ class Probe:
 PROBE = Probe(page_size=16, dense_layers=2)
 
 
-def quest_mask(q: torch.Tensor, k: torch.Tensor, page_size: int, budget_pages: int,
-               per_head: bool = False) -> torch.Tensor | None:
-    """(B, Hq, 1, T) bool mask of the positions in the pages Quest selects for the one query ``q``
-    (B, Hq, 1, D) over keys ``k`` (B, Hkv, T, D); None when every page fits the budget. A KV head's
-    pages are shared by its group of query heads, or with ``per_head`` chosen by each query head."""
+def quest_pages(q: torch.Tensor, k: torch.Tensor, page_size: int, budget_pages: int,
+                per_head: bool = False) -> torch.Tensor | None:
+    """(B, Hkv, pages) bool: the pages Quest selects for the one query ``q`` (B, Hq, 1, D) over keys
+    ``k`` (B, Hkv, T, D), a KV head's pages shared by its group of query heads, or with
+    ``per_head`` chosen by each query head ((B, Hq, pages)); None when every page fits the budget."""
     b, hq, _, d = q.shape
     hkv, t = k.shape[1], k.shape[2]
     pages = -(-t // page_size)
@@ -88,19 +88,18 @@ def quest_mask(q: torch.Tensor, k: torch.Tensor, page_size: int, budget_pages: i
     score = torch.maximum(qg * kmax[:, :, None], qg * kmin[:, :, None]).sum(-1)  # (B, Hkv, G, pages)
     score = score.flatten(1, 2) if per_head else score.amax(2)
     score[..., -1] = math.inf  # the query's own page (only it can hold padding)
-    chosen = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(budget_pages, -1).indices, True)
-    tokens = chosen.repeat_interleave(page_size, -1)[..., :t]
-    return (tokens if per_head else tokens.repeat_interleave(hq // hkv, 1))[:, :, None, :]
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(budget_pages, -1).indices, True)
 
 
-def quest_pages(q: torch.Tensor, k: torch.Tensor, page_size: int, budget_pages: int) -> torch.Tensor:
-    """(B, Hkv, pages) bool: the pages Quest selects for the one query ``q`` (B, Hq, 1, D) over ``k``."""
-    mask = quest_mask(q, k, page_size, budget_pages)
-    b, hkv, t = k.shape[0], k.shape[1], k.shape[2]
-    pages = -(-t // page_size)
-    if mask is None:
-        return torch.ones(b, hkv, pages, dtype=torch.bool, device=k.device)
-    return mask[:, ::q.shape[1] // hkv, 0, ::page_size]
+def quest_mask(q: torch.Tensor, k: torch.Tensor, page_size: int, budget_pages: int,
+               per_head: bool = False) -> torch.Tensor | None:
+    """(B, Hq, 1, T) bool mask of the positions in the pages :func:`quest_pages` selects; None when
+    every page fits the budget."""
+    chosen = quest_pages(q, k, page_size, budget_pages, per_head)
+    if chosen is None:
+        return None
+    tokens = chosen.repeat_interleave(page_size, -1)[..., :k.shape[2]]
+    return (tokens if per_head else tokens.repeat_interleave(q.shape[1] // k.shape[1], 1))[:, :, None, :]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor, upto: int,
@@ -132,7 +131,8 @@ def window_attention(layer: int, query, key, value, scaling: float) -> torch.Ten
     pages = -(-(t + 1) // PROBE.page_size)
     everything = torch.ones(k.shape[0], k.shape[1], pages, dtype=torch.bool, device=k.device)
     sparse = PROBE.budget_pages is not None and layer >= PROBE.dense_layers
-    newest = quest_pages(query[:, :, -1:], k, PROBE.page_size, PROBE.budget_pages) if sparse else everything
+    chosen = quest_pages(query[:, :, -1:], k, PROBE.page_size, PROBE.budget_pages) if sparse else None
+    newest = everything if chosen is None else chosen
     rows = PROBE.rows.setdefault(layer, {})
     outs = []
     for i in range(w):

@@ -188,7 +188,9 @@ def attention(
         from . import decode
 
         stages = decode.kernel_stages()
-    if q.shape[2] > window if prefill is None else prefill:
+    if prefill is None:  # nobody said the phase: the rows say it
+        prefill = q.shape[2] > window
+    if prefill:
         return reference.prefill(q, k, v, attn_mask, is_causal, scale, state, params, stages)
     return reference.decode_step(q, k, v, attn_mask, is_causal, scale, state, params, stages, positions)
 

@@ -467,12 +467,8 @@ def prefill(
     if rows:
         o, lse = attend(q[:, :, -rows:], k, v, allowed[:, None, -rows:], default_scale(q, scale),
                         None if bias is None else bias[:, -rows:])
-        kept = state.out_cache.shape[2] - rows  # rows of earlier chunks that stay, moved up
-        if kept:
-            state.out_cache[:, :, :kept] = state.out_cache[:, :, rows:].clone()
-            state.lse_cache[:, :, :kept] = state.lse_cache[:, :, rows:].clone()
-        state.out_cache[:, :, -rows:] = o
-        state.lse_cache[:, :, -rows:] = lse
+        push_rows(state.out_cache, o)
+        push_rows(state.lse_cache, lse)
     return out.contiguous()
 
 
@@ -549,11 +545,16 @@ def merge_window(
     cached = slice(cache_rows - past, None)
     out[:, :, :past], lse[:, :, :past] = merge(out_cache[:, :, cached], lse_cache[:, :, cached],
                                                out[:, :, :past], lse[:, :, :past])
-    keep = min(cache_rows, n)  # drop the oldest rows; the newest join
-    if keep:
-        out_cache.copy_(torch.cat([out_cache[:, :, keep:], out[:, :, n - keep:]], dim=2))
-        lse_cache.copy_(torch.cat([lse_cache[:, :, keep:], lse[:, :, n - keep:]], dim=2))
+    push_rows(out_cache, out)
+    push_rows(lse_cache, lse)
     return out
+
+
+def push_rows(cache: torch.Tensor, rows: torch.Tensor) -> None:
+    """Move ``cache`` on along dim 2, in place: ``rows`` join at the end and as many of its oldest
+    rows drop (all of them, if ``rows`` has more than it holds)."""
+    joined = torch.cat([cache, rows], dim=2)
+    cache.copy_(joined[:, :, joined.shape[2] - cache.shape[2]:])
 
 
 def decode_step(

@@ -369,10 +369,8 @@ class DecodeWindowDriver:
         out = self.run_prefill(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
         self.length += n
         buffers.next_pos.copy_(position_ids[:, -1] + 1)
-        kept = self.window - 1 - n  # a chunk shorter than the window keeps the ids of the chunks before
-        if kept > 0:
-            buffers.recent[:, :kept] = buffers.recent[:, n:].clone()
-        buffers.recent[:, max(kept, 0):] = input_ids[:, max(-kept, 0):]
+        recent = torch.cat([buffers.recent, input_ids], dim=1)  # a chunk shorter than w - 1 keeps earlier ids
+        buffers.recent.copy_(recent[:, recent.shape[1] - buffers.recent.shape[1]:])
         return out
 
     def _padding_mask(self, attention_mask: Any, batch: int, length: int, device) -> torch.Tensor | None:
