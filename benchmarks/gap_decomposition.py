@@ -245,10 +245,21 @@ def run(args) -> dict:
     defaults = RetroConfig()
     PROBE.page_size, PROBE.dense_layers, PROBE.per_head = defaults.page_size, defaults.dense_layers, args.per_head
     texts = passages(tokenizer, args.text, args.passages, args.context)
+    if args.passage is not None:
+        if not 0 <= args.passage < len(texts):
+            raise SystemExit(f"--passage {args.passage}: must be 0..{len(texts) - 1} (--passages {args.passages})")
+        texts = dict([list(texts.items())[args.passage]])
     ids = torch.tensor(list(texts.values()), device=args.device)
     probe = copy.deepcopy(base)
     probe.set_attn_implementation("gap_probe")
-    result: dict = dict(setup={k: str(v) for k, v in vars(args).items()}, rows=[])
+    result: dict = dict(setup={k: str(v) for k, v in vars(args).items()}, passages=list(texts), rows=[])
+
+    def save(partial: dict | None = None) -> None:
+        # after every mode, so a run stopped at a time limit keeps what finished
+        out = dict(result, partial_row=partial) if partial else result
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2))
+
     dense_nll, captured = zip(*(dense_pass(probe, ids[i:i + 1], args.prefill) for i in range(len(ids))))
     dense_nll = torch.cat(dense_nll)
     result["dense_nll"] = mean(dense_nll)
@@ -264,6 +275,7 @@ def run(args) -> dict:
 
             # quest over its own keys and values; the newest row sparse over a dense past; dense over quest's past
             nll.setdefault("quest", []).append(probe_nll(probe, one, args.prefill, first, own(), pages, keep_own=True))
+            save(dict(budget=budget, passage=i, done={name: [mean(v) for v in values] for name, values in nll.items()}))
             if not args.retro_only:
                 nll.setdefault("query_only", []).append(
                     probe_nll(probe, one, args.prefill, first, kv, pages, keep_own=False))
@@ -273,9 +285,12 @@ def run(args) -> dict:
                 for merge in (True, False):
                     nll.setdefault(f"retro_{'merge' if merge else 'recompute'}_w{w}", []).append(
                         retro_probe_nll(probe, one, args.prefill, first, own(), pages, w, merge))
+                    save(dict(budget=budget, passage=i,
+                              done={name: [mean(v) for v in values] for name, values in nll.items()}))
         row.update({name: mean(torch.cat(values)) for name, values in nll.items()})
         row["per_passage"] = {name: [mean(v) for v in values] for name, values in nll.items()}
-        for mode, window in [] if args.per_head else [("quest", 1)] + [("retro", w) for w in args.window]:
+        package = [] if args.per_head or args.no_package else [("quest", 1)] + [("retro", w) for w in args.window]
+        for mode, window in package:
             config = RetroConfig(mode=mode, budget=budget, window=window, max_context=args.context + 16)
             model = retro_compile(copy.deepcopy(base), config, inductor=False)
             package = teacher_forced_nll(model, ids, args.prefill)
@@ -289,8 +304,7 @@ def run(args) -> dict:
         row["shares_of_gap"] = shares
         result["rows"].append(row)
         log.info("%s", json.dumps(row))
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        save()
     return result
 
 
@@ -303,6 +317,10 @@ def main() -> None:
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--prefill", type=int, default=1024)
     p.add_argument("--passages", type=int, default=2)
+    p.add_argument("--passage", type=int, default=None,
+                   help="run only this one of the --passages passages (0-based), to split a long run")
+    p.add_argument("--no-package", action="store_true",
+                   help="skip the package's own modes (the probe's quest and retro_merge equal them)")
     p.add_argument("--per-head", action="store_true",
                    help="each query head selects its own pages (the probe's modes only; the package shares a "
                         "KV head's pages across its query heads)")
