@@ -125,6 +125,39 @@ def test_decode_steps_build_no_attention_mask_on_the_host():
     assert all(rows > 1 for _, rows in built), built  # ...and no decode step did
 
 
+def test_decode_step_hands_its_window_slots_to_every_sparse_layer(monkeypatch):
+    """The decode step says its rows' cache slots (``window_slots``); the rewritten step hands them,
+    broadcast over the batch, to every sparse layer's op and reduces no mask to find them. At a
+    small budget with a padded row the tokens equal the reference op driven by hand, which reads
+    its positions off the mask."""
+    from retro_compile import backend
+    from retro_compile.kernels.reference import mask_positions
+
+    rewritten = []
+
+    def recording(gm, config, store, phase=None):
+        plan = backend_rewrite(gm, config, store, phase)
+        rewritten.append((phase, gm.graph))
+        return plan
+
+    backend_rewrite = backend.rewrite_sdpa
+    monkeypatch.setattr(backend, "rewrite_sdpa", recording)
+    model = tiny_model("llama", seed=3)
+    ids, mask = prompts(2, 60, pad=(0, 7), seed=4)
+    config = RetroConfig(mode="retro", window=3, budget=24, page_size=8, dense_layers=1, max_context=MAX_CONTEXT)
+    tokens_ref, _, _ = HandDriven(copy.deepcopy(model), config).generate(ids, mask, 8)
+    assert torch.equal(greedy(compiled_copy(model, config), ids, mask, 8)[:, 60:], tokens_ref)
+    steps = [graph for phase, graph in rewritten if phase == "decode"]
+    assert len(steps) == 1
+    nodes = list(steps[0].nodes)
+    ops = [n for n in nodes if n.target is torch.ops.retro.attention.default]
+    assert len(ops) == 3  # layers 1-3
+    positions = {op.args[-2] for op in ops}
+    assert len(positions) == 1 and next(iter(positions)).target is torch.broadcast_to
+    assert next(iter(positions)).args[1] == (2, 3)  # (batch, window)
+    assert not [n for n in nodes if n.target in (mask_positions, torch.ops.retro.window_slots.default)]
+
+
 def test_sampling_streamer_and_new_request_resets_state():
     from transformers.generation.streamers import BaseStreamer
 

@@ -15,6 +15,10 @@ the op decides the same way from its call's rows. A decode site is rewritten onl
 and state was rewritten before it, and :class:`Rewrite` records which states a graph builds and
 reads, so that the backend can check at run time that a decode step never reads state its own
 prefill did not build (:func:`retro_compile.backend.guard_state`).
+
+A decode site's query rows' cache positions are data: a decode step that knows them (the Hugging
+Face driver does) passes them through :func:`window_slots`, and the rewrite hands that tensor to
+every layer's op. Where no step said them, they are read off the mask, once per graph.
 """
 
 from __future__ import annotations
@@ -79,6 +83,35 @@ def query_rows(site: SdpaSite) -> int | torch.SymInt | None:
 PHASES = ("prefill", "decode")
 
 
+@torch.library.custom_op("retro::window_slots", mutates_args=())
+def window_slots(slots: torch.Tensor) -> torch.Tensor:
+    """Say a decode step's window rows' cache slots (n,) int64, the same for every batch row, to the
+    rewrite: a step builds its mask from what this returns, and the rewrite of its graph hands the
+    slots to each sparse layer's op as ``positions`` and drops this call. Unrewritten, a copy."""
+    if slots.dim() != 1 or slots.dtype != torch.int64:
+        raise ValueError(f"retro::window_slots: slots must be 1-D int64, got {slots.dtype} {tuple(slots.shape)}")
+    return slots.clone()
+
+
+@window_slots.register_fake
+def _(slots: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(slots)
+
+
+def said_slots(graph: fx.Graph) -> fx.Node | None:
+    """The slots a decode step said with :func:`window_slots` (the call is removed, its users read
+    the slots directly), or None if it said none."""
+    calls = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.retro.window_slots.default]
+    if len(calls) > 1:
+        raise ValueError(f"retro-compile: a decode graph says its window slots {len(calls)} times; once is the rule")
+    if not calls:
+        return None
+    slots = calls[0].args[0]
+    calls[0].replace_all_uses_with(slots)
+    graph.erase_node(calls[0])
+    return slots
+
+
 def is_decode_site(site: SdpaSite, config: RetroConfig, phase: str | None = None) -> bool:
     """Whether a site is a decode site: as ``phase`` says (a decode graph's sites must have at most
     ``window`` query rows, fixed at compile time), or where it is None, by those rows."""
@@ -140,6 +173,7 @@ def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore, pha
     plan = Rewrite()
     params = sparse_params(config)
     shared_positions: dict[tuple, fx.Node] = {}
+    slots = said_slots(graph)
     for site in find_sdpa_sites(graph):
         decode = is_decode_site(site, config, phase)
         chosen = chosen_dense(site, config, store.model_dense)
@@ -172,7 +206,7 @@ def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore, pha
                 node = graph.get_attr(attr)
                 node.meta["example_value"] = tensor
                 state_nodes.append(node)
-            positions = _positions_node(graph, site, shared_positions) if decode else None
+            positions = _positions_node(graph, site, slots, shared_positions) if decode else None
             new = graph.call_function(
                 torch.ops.retro.attention.default,
                 (site.query, site.key, site.value, site.attn_mask, *state_nodes,
@@ -188,15 +222,25 @@ def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore, pha
     return plan
 
 
-def _positions_node(graph: fx.Graph, site: SdpaSite, shared: dict[tuple, fx.Node]) -> fx.Node | None:
-    """The decode site's query positions, one node per (mask, batch, rows) for the whole graph:
-    every layer's step would otherwise reduce the same mask again (a reduction over the cache per
-    layer, which Inductor does not merge across op calls). None without a mask node; the op
-    then finds the positions itself. Called with the graph's insertion point before the site."""
+def _positions_node(graph: fx.Graph, site: SdpaSite, slots: fx.Node | None,
+                    shared: dict[tuple, fx.Node]) -> fx.Node | None:
+    """The decode site's query positions (B, n), one node per (source, batch, rows) for the whole
+    graph: the ``slots`` the step said (:func:`said_slots`), broadcast over the batch, where their
+    number matches the site's rows; else read off the site's mask (:func:`mask_positions`: a
+    reduction over the cache, once per graph rather than once a layer, as Inductor does not merge
+    it across op calls). None with neither; the op then reads its own mask. Called with the
+    graph's insertion point before the site."""
+    q = example_value(site.query)
+    batch, rows = q.shape[0], q.shape[2]
+    said = example_value(slots) if slots is not None else None
+    if isinstance(said, torch.Tensor) and said.shape == (rows,):
+        key = (slots, batch, rows)
+        if key not in shared:
+            shared[key] = graph.call_function(torch.broadcast_to, (slots, (batch, rows)))
+        return shared[key]
     if not isinstance(site.attn_mask, fx.Node):
         return None
-    q = example_value(site.query)
-    key = (site.attn_mask, q.shape[0], q.shape[2])
+    key = (site.attn_mask, batch, rows)
     if key not in shared:
         shared[key] = graph.call_function(mask_positions, key)
     return shared[key]

@@ -38,6 +38,7 @@ from typing import Any, Callable
 import torch
 
 from ...config import RetroConfig
+from ...passes.rewrite import window_slots
 from ...state import StateStore
 from .attention import ATTENTION_NAME
 from .cache import SlidingLayers, cache_argument, causal_lm_output, prefill_chunks, rewind, slot_mask, static_cache
@@ -74,7 +75,8 @@ def window_step(forward: Callable, forward_kwargs: dict[str, Any], cache_arg: st
 
     The cache's write position (a device tensor in every layer) is the newest token's slot. The
     window's ``w`` rows sit at the ``w`` slots ending there, with position ids ending at
-    ``next_pos``; each row sees the valid keys up to its own slot. Rewinding the cache by
+    ``next_pos``; each row sees the valid keys up to its own slot. The slots are said to the
+    rewrite (:func:`window_slots`), which hands them to the sparse layers as their rows' positions. Rewinding the cache by
     ``w - 1`` makes the forward overwrite the past rows' K/V with values computed from their
     corrected hidden states.
     """
@@ -83,7 +85,7 @@ def window_step(forward: Callable, forward_kwargs: dict[str, Any], cache_arg: st
     device = ids.device
     slot = cache.layers[0].cumulative_length
     valid.index_fill_(1, slot.reshape(1), True)
-    rows = slot + torch.arange(1 - w, 1, device=device)  # (w,) cache slots of the window
+    rows = window_slots(slot + torch.arange(1 - w, 1, device=device))  # (w,) cache slots, said to the rewrite
     mask = slot_mask(valid, rows, length)  # (B, 1, w, L)
     positions = next_pos[:, None] + torch.arange(1 - w, 1, device=device)
     window_ids = torch.cat([recent, ids], dim=1)
