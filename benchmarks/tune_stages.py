@@ -77,9 +77,9 @@ def tune(batch: int, context: int, stages=STAGES, summaries: str = "exact") -> d
                         + [dict(chunk_pages=c, num_warps=w) for c, w in ((512, 2), (512, 4), (512, 8), (1024, 2),
                                                                          (1024, 8), (2048, 8), (0, 1), (0, 2), (0, 4), (0, 8),
                                                                          (1024, 1), (0, 16))]):
-            timed(_key("select", choices), lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts,
+            timed(_key("select", choices), lambda: decode.top_pages(x.scores, x.position[:, -1], params,
                                                                     **choices))
-        timed("select_default", lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts))
+        timed("select_default", lambda: decode.top_pages(x.scores, x.position[:, -1], params))
     if "attend" in stages:
         for choices in ([dict(pages_per_split=s) for s in (None, 1, 2, 4, 8, 16)]
                         + [dict(pages_per_split=s, tile_pages=t, num_warps=w)
@@ -91,9 +91,8 @@ def tune(batch: int, context: int, stages=STAGES, summaries: str = "exact") -> d
                 x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen, state, x.position, x.scale, page, **choices))
     if "floors" in stages:  # each stage beside itself less its own work: what the search and the loads cost
         every_page_kept = params._replace(sink_pages=x.scores.shape[-1])  # all +inf: no threshold search
-        timed("floors_select", lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts))
-        timed("floors_select_no_search", lambda: decode.top_pages(x.scores, x.position[:, -1], every_page_kept,
-                                                                  state.counts))
+        timed("floors_select", lambda: decode.top_pages(x.scores, x.position[:, -1], params))
+        timed("floors_select_no_search", lambda: decode.top_pages(x.scores, x.position[:, -1], every_page_kept))
         no_page = torch.zeros_like(x.chosen)  # every slot unchosen: no key or value is loaded
         for choices in ({}, dict(num_stages=1), dict(tile_pages=8, num_stages=1), dict(tile_pages=8, num_stages=2),
                         dict(pages_per_split=4, num_stages=1)):

@@ -137,7 +137,7 @@ def stage_inputs(state, params, inputs) -> SimpleNamespace:
     valid, q_row = allowed[:, -1], q[:, :, -1].contiguous()
     scores = decode.page_scores(q_row, state.kmax, state.kmin, valid, params.page_size,
                                 summary_scale=state.summary_scale)
-    indices, chosen = decode.top_pages(scores, position[:, -1], params, state.counts)
+    indices, chosen = decode.top_pages(scores, position[:, -1], params)
     return SimpleNamespace(q=q, k=k, v=v, allowed=allowed, position=position, valid=valid, q_row=q_row,
                            refresh=ref.PageRefresh.of_window(k, position, params.page_size), scores=scores,
                            indices=indices, chosen=chosen, scale=q.shape[-1] ** -0.5)
@@ -161,7 +161,7 @@ def stage_times(state, params, inputs) -> dict[str, float]:
                                                                  summary_scale=scale)),
         "stage_scores_refresh_us": graphed_us(lambda: decode.page_scores(  # a step's: the summary refresh fused
             x.q_row, state.kmax, state.kmin, x.valid, page, refresh=x.refresh, summary_scale=scale)),
-        "stage_select_us": graphed_us(lambda: decode.top_pages(x.scores, x.position[:, -1], params, state.counts)),
+        "stage_select_us": graphed_us(lambda: decode.top_pages(x.scores, x.position[:, -1], params)),
         "stage_select_torch_topk_us": graphed_us(lambda: ref.top_pages(x.scores, x.position[:, -1], params)),
         "stage_attend_us": graphed_us(lambda: decode.attend_window(x.q, x.k, x.v, x.allowed, None, x.indices, x.chosen,
                                                                    state, x.position, x.scale, page)),

@@ -54,6 +54,7 @@ def record_launches() -> list[tuple]:
     """(kernel, arguments by name, options) of every launch the wrappers make over their variants."""
     from retro_compile.kernels import decode
     from retro_compile.kernels import reference as ref
+    from retro_compile.state import LayerState
 
     launches = []
 
@@ -73,10 +74,10 @@ def record_launches() -> list[tuple]:
         k = v = torch.zeros(b, hkv, length, d, dtype=dtype)
         allowed = torch.ones(b, n, length, dtype=torch.bool)
         position = torch.full((b, n), length - 1)
-        state = ref.LayerState(torch.zeros(b, hkv, pages, d, dtype=table_dtype),
+        state = LayerState(torch.zeros(b, hkv, pages, d, dtype=table_dtype),
                                torch.zeros(b, hkv, pages, d, dtype=table_dtype),
                                torch.zeros(b, hkv, pages, dtype=torch.int32), torch.zeros(b, hq, n - 1, d),
-                               torch.zeros(b, hq, n - 1), torch.zeros(b, hkv, dtype=torch.int32), torch.ones(b, hkv, d),
+                               torch.zeros(b, hq, n - 1), torch.ones(b, hkv, d),
                                torch.zeros(b, dtype=torch.int32))
         decode.summarize_pages(state.kmax, state.kmin, k, allowed[:, -1], position[:, 0], 2, page, state.summary_scale)
         for as_products in (False, True):

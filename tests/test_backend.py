@@ -52,15 +52,15 @@ def test_backend_rewrites_sdpa_fullgraph_without_recompiles():
     assert store.layers() == ["layers.1.attn", "layers.2.attn"]
 
 
-def test_string_backend_full_budget_equals_dense(caplog):
+def test_string_backend_full_budget_equals_dense(caplog, monkeypatch):
     torch.manual_seed(0)
     model = Decoder(layers=3, max_len=128).eval()
     prompt = torch.randint(0, 97, (1, 60))
     dense = greedy(model, prompt, 10)
     config = RetroConfig(mode="retro", budget=128, page_size=16, dense_layers=1, max_context=128)
-    from retro_compile.backend import DEFAULT_STORE
+    from retro_compile import backend
 
-    DEFAULT_STORE.dense_reasons.clear()
+    monkeypatch.setattr(backend, "DEFAULT_STORE", StateStore())  # a fresh one logs every reason again
     with caplog.at_level(logging.INFO, logger="retro_compile"):
         retro = greedy(torch.compile(model, backend="retro", options={"retro_config": config}), prompt, 10, window=2)
     assert torch.equal(dense, retro)

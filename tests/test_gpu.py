@@ -189,9 +189,8 @@ def test_int8_summaries_match_the_reference_bf16(batch, context, monkeypatch):
 @pytest.mark.parametrize("batch", [1, 4])
 def test_split_selection_over_steps_matches_one_program_a_row_bf16(batch):
     """At 128K the default selection splits each row into chunks whose last program picks, found
-    through the layer state's counter (B=1: 8 chunks of 1024 pages, B=4: 4 of 2048). Step after
-    step on one state, its page sets equal one program a row's on the same scores, and the counter
-    is back at zero."""
+    through a counter of finished chunks (B=1: 8 chunks of 1024 pages, B=4: 4 of 2048). Step after
+    step, its page sets equal one program a row's on the same scores."""
     from retro_compile.bench import op_case, stage_inputs
     from retro_compile.kernels import decode
 
@@ -200,10 +199,9 @@ def test_split_selection_over_steps_matches_one_program_a_row_bf16(batch):
     g = torch.Generator(device="cuda").manual_seed(0)
     for step in range(4):
         scores = x.scores + step * torch.randn(x.scores.shape, generator=g, device="cuda")  # -inf stays
-        split = decode.top_pages(scores, x.position[:, -1], params, state.counts)
+        split = decode.top_pages(scores, x.position[:, -1], params)
         whole = decode.top_pages(scores, x.position[:, -1], params, chunk_pages=0)
         assert chosen_sets(*split) == chosen_sets(*whole)
-        assert (state.counts == 0).all()
 
 
 @pytest.mark.parametrize("batch,kv_heads,rows", [(1, 8, 2), (4, 8, 2), (2, 4, 4)])

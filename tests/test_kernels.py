@@ -12,6 +12,7 @@ import torch
 
 from retro_compile.kernels import decode, launch  # needs triton (the test extra)
 from retro_compile.kernels import reference as ref
+from retro_compile.state import LayerState
 
 from .sequences import dense_rows, make_problem, mask_for, run
 
@@ -205,18 +206,17 @@ def test_attend_window_kernel(dtype, q_heads, kv_heads, n, window, pages_per_spl
     allowed[torch.arange(b)[:, None], torch.arange(n), position] = True
     indices = torch.stack([torch.randperm(num_pages, generator=g)[:6] for _ in range(b * kv_heads)]).view(b, kv_heads, 6)
     chosen = torch.rand(b, kv_heads, 6, generator=g) > 0.25
-    state = ref.LayerState(
+    state = LayerState(
         kmax=torch.zeros(0), kmin=torch.zeros(0),  # not read by this stage
         last=torch.randint(95, 118, (b, kv_heads, num_pages), generator=g, dtype=torch.int32),
         out_cache=torch.randn(b, q_heads, window - 1, d, generator=g),
         lse_cache=torch.randn(b, q_heads, window - 1, generator=g),
-        counts=torch.zeros(b, kv_heads, dtype=torch.int32),
         summary_scale=torch.zeros(0),  # not read by this stage
         start=torch.zeros(b, dtype=torch.int32),
     )
-    want_state = ref.LayerState(*(t.clone() for t in state))
+    want_state = LayerState(*(t.clone() for t in state))
     want = ref.attend_window(q, k, v, allowed, None, indices, chosen, want_state, position, 0.25, page)
-    got_state = ref.LayerState(*(t.to(DEVICE) for t in state))
+    got_state = LayerState(*(t.to(DEVICE) for t in state))
     got = decode.attend_window(*(t.to(DEVICE) for t in (q, k, v, allowed)), None, indices.to(DEVICE),
                                chosen.to(DEVICE), got_state, position.to(DEVICE), 0.25, page,
                                pages_per_split, tile_pages)
@@ -332,11 +332,9 @@ def test_top_pages_kernel_selects_the_reference_page_set(num_pages, budget_pages
     page_valid[1, 0] = False  # ... which is also a sink
     scores = scores_for(torch.randn(b, hkv, num_pages, generator=g).to(DEVICE), page_valid)
     params = ref.SparseParams(page, budget_pages, fraction, sink, local, 2)
-    counts = torch.zeros(b, hkv, dtype=torch.int32, device=DEVICE)
-    got = decode.top_pages(scores, position, params, counts, chunk_pages=chunk_pages)
+    got = decode.top_pages(scores, position, params, chunk_pages=chunk_pages)
     want = ref.top_pages(scores, position, params)
     assert chosen_sets(*got) == chosen_sets(*want)
-    assert (counts == 0).all()  # ready for the next step
     k = got[0].shape[-1]
     assert all(len(set(row.tolist())) == k for row in got[0].reshape(-1, k))  # every slot a distinct page...
     assert ((got[0] >= 0) & (got[0] < num_pages)).all()  # ...written, not left as allocated

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from retro_compile.kernels import reference as ref
-from retro_compile.kernels.op import STATE_ARGS, retro_attention
+from retro_compile.kernels.op import retro_attention
 from retro_compile.kernels.reference import SparseParams
-from retro_compile.state import StateShape, allocate
+from retro_compile.state import STATE_FIELDS, StateShape, allocate
 
 from .oracles import naive_dense, naive_quest_pages, page_positions
 from .sequences import dense_rows, make_problem, mask_for, run
@@ -265,5 +265,5 @@ def test_a_prompt_prefilled_in_chunks_leaves_the_state_of_one_piece(chunks, wind
             begin += n
         torch.testing.assert_close(torch.cat(outs, 2), dense_rows(problem, list(range(40))), atol=1e-5, rtol=1e-5)
         states.append(state)
-    for name, one_piece, chunked in zip(STATE_ARGS, *states):
+    for name, one_piece, chunked in zip(STATE_FIELDS, *states):
         torch.testing.assert_close(chunked, one_piece, atol=1e-6, rtol=1e-6, msg=name)

@@ -100,15 +100,18 @@ def test_state_for_another_window_raises():
         retro_attention(problem.q[:, :, [40, 41]], problem.k, problem.v, mask_for(problem, [40, 41]), state, PARAMS)
 
 
-def test_state_counts_of_another_shape_or_dtype_raise():
-    """The selection kernel counts through ``counts`` with 32-bit atomics: any other layout is refused."""
+def test_state_fields_of_another_shape_or_dtype_raise():
+    """The kernels index ``last`` and ``start`` as 32-bit integers and ``start`` per batch row: any
+    other layout is refused, naming the field."""
     problem = make_problem()
     args = (problem.q[:, :, [40, 41]], problem.k, problem.v, mask_for(problem, [40, 41]))
     state = fresh_state(problem)
-    with pytest.raises(TypeError, match="state counts has dtype torch.int64, expected torch.int32"):
-        retro_attention(*args, state._replace(counts=state.counts.long()), PARAMS)
-    with pytest.raises(ValueError, match="state counts has shape"):
-        retro_attention(*args, state._replace(counts=state.counts[..., None]), PARAMS)
+    with pytest.raises(TypeError, match="state last has dtype torch.int64, expected torch.int32"):
+        retro_attention(*args, state._replace(last=state.last.long()), PARAMS)
+    with pytest.raises(TypeError, match="state start has dtype torch.int64, expected torch.int32"):
+        retro_attention(*args, state._replace(start=state.start.long()), PARAMS)
+    with pytest.raises(ValueError, match=r"state start has shape \(2, 1\), expected \(2,\)"):
+        retro_attention(*args, state._replace(start=state.start[:, None]), PARAMS)
 
 
 def test_summaries_of_another_dtype_or_a_bad_scale_raise():

@@ -21,11 +21,11 @@ from typing import Optional
 
 import torch
 
+from ..state import STATE_FIELDS, LayerState, StateShape
 from . import reference
-from .reference import LayerState, SparseParams
+from .reference import SparseParams
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-STATE_ARGS = ("kmax", "kmin", "last", "out_cache", "lse_cache", "counts", "summary_scale", "start")
 
 
 def unservable(
@@ -82,38 +82,22 @@ def check_inputs(
     if problem is not None:
         error, why = problem
         raise error(f"retro::attention: {why}")
-    b, hq, d, length = q.shape[0], q.shape[1], q.shape[3], k.shape[2]
-    kmax, kmin, last, out_cache, lse_cache, counts, summary_scale, start = state
-    capacity = kmax.shape[2] * params.page_size
+    length, num_pages = k.shape[2], state.kmax.shape[2]
+    capacity = num_pages * params.page_size
     if length > capacity:
         raise ValueError(
             f"retro::attention: context of {length} positions exceeds the state's max_context ({capacity}); "
             "raise RetroConfig.max_context"
         )
-    expected = {
-        "kmax": (b, k.shape[1], kmax.shape[2], d),
-        "kmin": (b, k.shape[1], kmax.shape[2], d),
-        "last": (b, k.shape[1], kmax.shape[2]),
-        "out_cache": (b, hq, params.window - 1, v.shape[3]),
-        "lse_cache": (b, hq, params.window - 1),
-        "counts": (b, k.shape[1]),
-        "summary_scale": (b, k.shape[1], d),
-        "start": (b,),
-    }
-    for name, t in zip(STATE_ARGS, state):
-        if tuple(t.shape) != expected[name]:
-            raise ValueError(f"retro::attention: state {name} has shape {tuple(t.shape)}, expected {expected[name]}")
-        if t.device != q.device:
-            raise ValueError(f"retro::attention: state {name} is on {t.device}, query on {q.device}")
-    for name, t in (("last", last), ("counts", counts), ("start", start)):
-        if t.dtype != torch.int32:
-            raise TypeError(f"retro::attention: state {name} has dtype {t.dtype}, expected torch.int32")
-    if kmax.dtype not in (k.dtype, torch.int8) or kmin.dtype != kmax.dtype:
-        raise TypeError(f"retro::attention: summaries dtypes ({kmax.dtype}, {kmin.dtype}) must both be the key "
-                        f"dtype {k.dtype} or torch.int8")
-    if summary_scale.dtype != torch.float32:
-        raise TypeError(f"retro::attention: state summary_scale has dtype {summary_scale.dtype}, expected torch.float32")
-    n = q.shape[2]
+    if state.kmax.dtype not in (k.dtype, torch.int8) or state.kmin.dtype != state.kmax.dtype:
+        raise TypeError(f"retro::attention: summaries dtypes ({state.kmax.dtype}, {state.kmin.dtype}) must both be "
+                        f"the key dtype {k.dtype} or torch.int8")
+    summaries = "int8" if state.kmax.dtype == torch.int8 else "exact"
+    problem = StateShape.of_call(q, k, v, num_pages, params.window, summaries).mismatch(state)
+    if problem is not None:
+        error, why = problem
+        raise error(f"retro::attention: {why}")
+    b, n = q.shape[0], q.shape[2]
     if prefill is False and n > params.window:
         raise ValueError(f"retro::attention: a decode step has at most window={params.window} query rows, got {n}")
     if positions is not None:
@@ -147,7 +131,7 @@ def _triton_available() -> bool:
     return True
 
 
-@torch.library.triton_op("retro::attention", mutates_args=STATE_ARGS)
+@torch.library.triton_op("retro::attention", mutates_args=STATE_FIELDS)
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -158,7 +142,6 @@ def attention(
     last: torch.Tensor,
     out_cache: torch.Tensor,
     lse_cache: torch.Tensor,
-    counts: torch.Tensor,
     summary_scale: torch.Tensor,
     start: torch.Tensor,
     is_causal: bool,
@@ -180,7 +163,7 @@ def attention(
     ``prefill``: the call's phase, True for a prefill (any number of rows), False for a decode
     step (at most ``window`` rows); None infers it from the rows (more than ``window``: prefill).
     """
-    state = LayerState(kmax, kmin, last, out_cache, lse_cache, counts, summary_scale, start)
+    state = LayerState(kmax, kmin, last, out_cache, lse_cache, summary_scale, start)
     params = SparseParams(page_size, budget_pages, budget_fraction, sink_pages, local_pages, window)
     check_inputs(q, k, v, attn_mask, state, params, positions, prefill)
     stages = None

@@ -28,6 +28,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..state import LayerState
+
 NEG_INF = float("-inf")
 
 
@@ -40,28 +42,6 @@ class SparseParams(NamedTuple):
     sink_pages: int
     local_pages: int
     window: int
-
-
-class LayerState(NamedTuple):
-    """Per-layer decode state (fixed shapes, updated in place). See state.py for allocation."""
-
-    # (B, Hkv, NP, D), the key dtype or int8: element-wise max of each page's valid keys, and min.
-    # int8 tables hold each element as a multiple of its (batch row, KV head, dim)'s summary_scale.
-    kmax: torch.Tensor
-    kmin: torch.Tensor
-    last: torch.Tensor  # (B, Hkv, NP) int32: last step (position) whose query loaded the page
-    out_cache: torch.Tensor  # (B, Hq, w-1, D) fp32: outputs of the last w-1 rows, oldest first
-    lse_cache: torch.Tensor  # (B, Hq, w-1) fp32: their log-sum-exp
-    # (B, Hkv) int32, zero between steps: the selection kernel's count of a row's finished chunks,
-    # so that the last one picks from their candidates (kernels/decode.py, top_pages); the
-    # reference never reads it.
-    counts: torch.Tensor
-    # (B, Hkv, D) fp32: int8 summaries stand for table x summary_scale (set by the prefill,
-    # :func:`prompt_summary_scale`); tables in the key dtype never read it (:func:`table_scale`).
-    summary_scale: torch.Tensor
-    # (B,) int32: each row's first valid cache slot, set by the prefill (:func:`first_slots`). A
-    # row's pages are counted from it, so that its left padding never moves a page boundary.
-    start: torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,11 +310,10 @@ def budget_pages_for(params: SparseParams, position: torch.Tensor) -> torch.Tens
 
 
 def top_pages(
-    scores: torch.Tensor, position: torch.Tensor, params: SparseParams, counts: torch.Tensor | None = None
+    scores: torch.Tensor, position: torch.Tensor, params: SparseParams
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The selection as a page list: (indices (B, Hkv, K), chosen (B, Hkv, K) bool), K = the page cap.
     ``position`` (B,) is the query's, counted from its row's first valid slot, as the pages are.
-    ``counts`` (the layer state's, for the kernels) is not read.
 
     Always kept: the sink pages and the ``local_pages`` pages ending with the query's own page.
     Then the top-scoring pages until the budget is met. A page scored ``-inf`` (no valid position
@@ -588,6 +567,6 @@ def decode_step(
     written = PageRefresh.of_window(k, position, page_size, state.start)
     scores = stages.page_scores(q[:, :, -1], state.kmax, state.kmin, valid, page_size, refresh=written,
                                 summary_scale=state.summary_scale, start=state.start)
-    indices, chosen = stages.top_pages(scores, newest - state.start, params, state.counts)
+    indices, chosen = stages.top_pages(scores, newest - state.start, params)
     return stages.attend_window(q, k, v, allowed, bias, indices, chosen, state, position,
                                 default_scale(q, scale), page_size)

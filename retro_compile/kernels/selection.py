@@ -157,7 +157,7 @@ def _top_pages_kernel(
     one program per chunk of CHUNK pages keeps its chunk's K best pages as candidates (ranked
     scores, in page order; NaN and page -1 fill the rest of its slots), and the last of a row's
     programs to finish picks from them (any page of the row's top K is among its chunk's top K).
-    COUNTS counts the finished chunks and is left at zero."""
+    COUNTS (zero at launch) counts each row's finished chunks."""
     row = tl.program_id(0)
     b, h = row // kv_heads, row % kv_heads
     position = tl.load(POS + b * stride_pos)
@@ -184,7 +184,6 @@ def _top_pages_kernel(
         counter = COUNTS + b * stride_nb + h * stride_nh
         if tl.atomic_add(counter, 1) != tl.num_programs(1) - 1:
             return
-        tl.store(counter, 0)  # every chunk of this step has counted: ready for the next step
         at = tl.arange(0, BLOCK)
         inside = at < tl.num_programs(1) * K
         ranked = tl.load(CAND_SCORE + candidates + at, mask=inside, other=float("nan"), cache_modifier=".cg")
@@ -207,7 +206,7 @@ def _top_pages_kernel(
 
 
 def top_pages(
-    scores: torch.Tensor, position: torch.Tensor, params: SparseParams, counts: torch.Tensor | None = None,
+    scores: torch.Tensor, position: torch.Tensor, params: SparseParams,
     chunk_pages: int | None = None, num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same selection as ``reference.top_pages`` without a sort: per (batch row, KV head), a
@@ -217,8 +216,7 @@ def top_pages(
     At small batch the selection is split: programs over chunks of ``chunk_pages`` pages keep each
     chunk's best ``K`` (the page cap), and the last of a row's programs picks from those
     candidates, in the same launch. ``chunk_pages`` None picks it
-    (:func:`~.launch.selection_chunk_pages`); 0 forces one program a row. ``counts`` (B, Hkv) int32, zero (the layer state's)
-    counts a row's finished chunks; None allocates them. ``num_warps`` None picks them from the
+    (:func:`~.launch.selection_chunk_pages`); 0 forces one program a row. ``num_warps`` None picks them from the
     values each program ranks (:func:`~.launch.selection_warps`).
 
     The page set equals the reference's (ties at the threshold aside, where either choice is a
@@ -233,8 +231,6 @@ def top_pages(
     if chunk_pages and (chunk_pages & (chunk_pages - 1) or chunk_pages < k):
         raise ValueError(f"top_pages: chunk_pages={chunk_pages} must be 0 or a power of two >= {k}")
     chunks = triton.cdiv(num_pages, chunk_pages) if chunk_pages else 1
-    if counts is None:
-        counts = torch.zeros(b, hkv, dtype=torch.int32, device=scores.device)
     # A fixed budget (no budget_fraction) is the kernel's argument; only a fraction of the context needs a tensor.
     budget = None if params.budget_fraction == 0.0 else \
         reference.budget_pages_for(params, position).clamp(max=k).to(torch.int32)
@@ -247,8 +243,9 @@ def top_pages(
     if chunk_pages:
         cand_score = torch.empty(b * hkv, chunks * k, dtype=torch.float32, device=scores.device)
         cand_page = torch.empty(b * hkv, chunks * k, dtype=torch.int32, device=scores.device)
+        counts = torch.zeros(b, hkv, dtype=torch.int32, device=scores.device)  # each row's finished chunks
     else:
-        cand_score, cand_page = scores, scores  # unused by one program a row (read-only here)
+        cand_score, cand_page, counts = scores, scores, scores  # unused by one program a row (read-only here)
     wrap_triton(_top_pages_kernel)[(b * hkv, chunks)](
         scores, position, indices if budget is None else budget,  # FIXED_BUDGET never reads it
         cand_score, cand_page, counts, indices, chosen,

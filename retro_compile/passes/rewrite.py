@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 import torch.fx as fx
 
 from ..config import RetroConfig
-from ..kernels.op import STATE_ARGS, unservable
-from ..kernels.reference import LayerState, SparseParams, mask_positions, sdpa_row_by_row
-from ..state import StateShape, StateStore
+from ..kernels.op import unservable
+from ..kernels.reference import SparseParams, mask_positions, sdpa_row_by_row
+from ..state import STATE_FIELDS, LayerState, StateShape, StateStore
 from .sdpa import SdpaSite, example_value, find_sdpa_sites
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def sparse_params(config: RetroConfig) -> SparseParams:
                         config.sink_pages, config.local_pages, config.window)
 
 
-def chosen_dense(site: SdpaSite, config: RetroConfig, model_dense: dict[int, str]) -> str | None:
+def chosen_dense(site: SdpaSite, config: RetroConfig, model_dense: Mapping[int, str]) -> str | None:
     """Why this site stays dense by choice (the mode, ``dense_layers``) or by the model's design
     (``model_dense``: layer index -> why, such as sliding-window layers); None otherwise."""
     if config.mode == "dense":
@@ -145,8 +146,7 @@ def attend_dense_window(graph: fx.Graph, site: SdpaSite) -> None:
 
 def _note_dense(store: StateStore, layer: str, reason: str, chosen: bool) -> None:
     """Record why a layer stays dense; log it the first time for this model (WARNING unless chosen)."""
-    if store.dense_reasons.get(layer) != reason:
-        store.dense_reasons[layer] = reason
+    if store.note_dense(layer, reason):
         log.log(logging.INFO if chosen else logging.WARNING, "retro-compile: %s stays dense SDPA: %s", layer, reason)
 
 
@@ -200,7 +200,7 @@ def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore, pha
             store.mark_prefilled(site.layer_name, shape)
         with graph.inserting_before(site.node):
             state_nodes = []
-            for name, tensor in zip(STATE_ARGS, state):
+            for name, tensor in zip(STATE_FIELDS, state):
                 attr = _buffer_name(gm, site.layer_name, name)
                 _register_state(gm, attr, tensor)
                 node = graph.get_attr(attr)

@@ -68,7 +68,7 @@ def compile_causal_lm(model: torch.nn.Module, config: RetroConfig, store: StateS
     sliding = sliding_layers(model.config)
     if sliding is not None:
         for layer in sliding.layers:
-            store.model_dense[layer] = f"sliding-window attention (window {sliding.window})"
+            store.declare_model_dense(layer, f"sliding-window attention (window {sliding.window})")
     options = dict(torch._inductor.list_mode_options(mode)) if mode else {}
     graphs_in_mode = options.pop("triton.cudagraphs", False)
     step_kwargs = dict(compile_kwargs)
