@@ -36,6 +36,21 @@ def torch_config_left_as_found():
 
 
 @pytest.fixture(autouse=True)
+def package_log_levels_restored():
+    """The command-line entry points a test runs set the package's log levels (the eval CLI quiets
+    the rewrite's logger): each test gets them back as they were, so a later test's ``caplog`` sees
+    the records it expects whatever ran before it."""
+    def package_loggers():
+        return [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+                if name.split(".")[0] == "retro_compile"]
+
+    levels = {logger.name: logger.level for logger in package_loggers()}
+    yield
+    for logger in package_loggers():
+        logger.setLevel(levels.get(logger.name, logging.NOTSET))
+
+
+@pytest.fixture(autouse=True)
 def fresh_dynamo():
     """Every test compiles from scratch: no cache entries or recompile counts leak between tests."""
     torch._dynamo.reset()
