@@ -216,8 +216,8 @@ def top_pages(
     At small batch the selection is split: programs over chunks of ``chunk_pages`` pages keep each
     chunk's best ``K`` (the page cap), and the last of a row's programs picks from those
     candidates, in the same launch. ``chunk_pages`` None picks it
-    (:func:`~.launch.selection_chunk_pages`); 0 forces one program a row. ``num_warps`` None picks them from the
-    values each program ranks (:func:`~.launch.selection_warps`).
+    (:func:`~.launch.selection_chunk_pages`); 0 forces one program a row. ``num_warps`` None picks
+    them from the values each program ranks (:func:`~.launch.selection_warps`).
 
     The page set equals the reference's (ties at the threshold aside, where either choice is a
     valid top-k); the slot order differs, which nothing downstream depends on.
