@@ -273,20 +273,19 @@ def run(args) -> dict:
             def own() -> dict:
                 return {layer: (k.clone(), v.clone()) for layer, (k, v) in kv.items()}
 
+            def add(name: str, values: torch.Tensor) -> None:
+                nll.setdefault(name, []).append(values)
+                save(dict(budget=budget, passage=i, done={n: [mean(v) for v in vs] for n, vs in nll.items()}))
+
             # quest over its own keys and values; the newest row sparse over a dense past; dense over quest's past
-            nll.setdefault("quest", []).append(probe_nll(probe, one, args.prefill, first, own(), pages, keep_own=True))
-            save(dict(budget=budget, passage=i, done={name: [mean(v) for v in values] for name, values in nll.items()}))
+            add("quest", probe_nll(probe, one, args.prefill, first, own(), pages, keep_own=True))
             if not args.retro_only:
-                nll.setdefault("query_only", []).append(
-                    probe_nll(probe, one, args.prefill, first, kv, pages, keep_own=False))
-                nll.setdefault("past_only", []).append(
-                    probe_nll(probe, one, args.prefill, first, own(), None, keep_own=False))
+                add("query_only", probe_nll(probe, one, args.prefill, first, kv, pages, keep_own=False))
+                add("past_only", probe_nll(probe, one, args.prefill, first, own(), None, keep_own=False))
             for w in args.window if args.retro_probe else []:
                 for merge in (True, False):
-                    nll.setdefault(f"retro_{'merge' if merge else 'recompute'}_w{w}", []).append(
+                    add(f"retro_{'merge' if merge else 'recompute'}_w{w}",
                         retro_probe_nll(probe, one, args.prefill, first, own(), pages, w, merge))
-                    save(dict(budget=budget, passage=i,
-                              done={name: [mean(v) for v in values] for name, values in nll.items()}))
         row.update({name: mean(torch.cat(values)) for name, values in nll.items()})
         row["per_passage"] = {name: [mean(v) for v in values] for name, values in nll.items()}
         package = [] if args.per_head or args.no_package else [("quest", 1)] + [("retro", w) for w in args.window]
