@@ -16,7 +16,8 @@ from .. import installed
 from .attention import ATTENTION_NAME, register_attention, retro_sdpa_mask
 from .cache import (cache_argument, causal_lm_output, prefill_chunks, rewind, sliding_layers, static_cache,
                     text_config, tp_size)
-from .driver import DecodeWindowDriver, compiled_window_step, driver_methods
+from .driver import DecodeWindowDriver, compiled_window_step
+from .generate import driver_methods
 
 # The package's surface: what code outside it uses.
 __all__ = ["ATTENTION_NAME", "DecodeWindowDriver", "cache_argument", "causal_lm_output", "check_sdpa_support",
