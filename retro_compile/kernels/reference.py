@@ -104,6 +104,13 @@ def mask_positions(attn_mask: torch.Tensor, batch: int, n: int) -> torch.Tensor:
     return query_positions(allowed)
 
 
+def slot_positions(slots: torch.Tensor, batch: int) -> torch.Tensor:
+    """The positions (B, n) of ``batch`` rows whose ``n`` queries sit at the cache slots ``slots``
+    (n,), as a decode step says them: one contiguous tensor for every layer of the graph, since the
+    attention stage reads positions contiguously and would otherwise copy a broadcast view a layer."""
+    return slots.expand(batch, -1).contiguous()
+
+
 def first_slots(valid: torch.Tensor) -> torch.Tensor:
     """(B, L) bool -> (B,) int32: each row's first valid slot (0 for a row with none)."""
     return valid.to(torch.int8).argmax(dim=-1).to(torch.int32)

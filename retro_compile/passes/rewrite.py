@@ -32,7 +32,7 @@ import torch.fx as fx
 
 from ..config import RetroConfig
 from ..kernels.op import unservable
-from ..kernels.reference import SparseParams, mask_positions, sdpa_row_by_row
+from ..kernels.reference import SparseParams, mask_positions, sdpa_row_by_row, slot_positions
 from ..state import STATE_FIELDS, LayerState, StateShape, StateStore
 from .sdpa import SdpaSite, example_value, find_sdpa_sites
 
@@ -225,8 +225,8 @@ def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore, pha
 def _positions_node(graph: fx.Graph, site: SdpaSite, slots: fx.Node | None,
                     shared: dict[tuple, fx.Node]) -> fx.Node | None:
     """The decode site's query positions (B, n), one node per (source, batch, rows) for the whole
-    graph: the ``slots`` the step said (:func:`said_slots`), broadcast over the batch, where their
-    number matches the site's rows; else read off the site's mask (:func:`mask_positions`: a
+    graph: the ``slots`` the step said (:func:`said_slots`), for every batch row
+    (:func:`slot_positions`), where their number matches the site's rows; else read off the site's mask (:func:`mask_positions`: a
     reduction over the cache, once per graph rather than once a layer, as Inductor does not merge
     it across op calls). None with neither; the op then reads its own mask. Called with the
     graph's insertion point before the site."""
@@ -236,7 +236,7 @@ def _positions_node(graph: fx.Graph, site: SdpaSite, slots: fx.Node | None,
     if isinstance(said, torch.Tensor) and said.shape == (rows,):
         key = (slots, batch, rows)
         if key not in shared:
-            shared[key] = graph.call_function(torch.broadcast_to, (slots, (batch, rows)))
+            shared[key] = graph.call_function(slot_positions, (slots, batch))
         return shared[key]
     if not isinstance(site.attn_mask, fx.Node):
         return None
