@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 
 from .config import SUMMARIES
 from .kernels.op import autograd_cache_off, retro_attention
-from .kernels.reference import SparseParams, mask_positions
+from .kernels.masks import mask_positions
+from .kernels.reference import SparseParams
 from .state import StateShape, allocate
 
 log = logging.getLogger("retro_compile.bench")
@@ -129,11 +130,12 @@ def op_case(batch: int, context: int, window: int, seed: int = 0, summaries: str
 def stage_inputs(state, params, inputs) -> SimpleNamespace:
     """What each heavy stage of a decode step takes, computed once by the stages before it."""
     from .kernels import decode
+    from .kernels import masks
     from .kernels import reference as ref
 
     q, k, v, mask = inputs
-    allowed, _ = ref.mask_to_allowed(mask, False, q.shape[0], q.shape[2], k.shape[2], q.device)
-    position = ref.query_positions(allowed)
+    allowed, _ = masks.mask_to_allowed(mask, False, q.shape[0], q.shape[2], k.shape[2], q.device)
+    position = masks.query_positions(allowed)
     valid, q_row = allowed[:, -1], q[:, :, -1].contiguous()
     scores = decode.page_scores(q_row, state.kmax, state.kmin, valid, params.page_size,
                                 summary_scale=state.summary_scale)
@@ -146,6 +148,7 @@ def stage_inputs(state, params, inputs) -> SimpleNamespace:
 def stage_times(state, params, inputs) -> dict[str, float]:
     """Each heavy stage alone (kernel stages as they are, no Inductor): where a step's time goes."""
     from .kernels import decode
+    from .kernels import masks
     from .kernels import reference as ref
 
     def graphed_us(fn) -> float:
@@ -154,7 +157,7 @@ def stage_times(state, params, inputs) -> dict[str, float]:
     x = stage_inputs(state, params, inputs)
     page, scale = params.page_size, state.summary_scale
     return {
-        "stage_positions_us": graph_us(ref.query_positions, (x.allowed,)),  # compiled, as a step runs it
+        "stage_positions_us": graph_us(masks.query_positions, (x.allowed,)),  # compiled, as a step runs it
         "stage_summarize_us": graphed_us(lambda: decode.summarize_pages(  # a step's written pages, alone
             state.kmax, state.kmin, x.k, x.valid, x.refresh.first_position, x.refresh.count, page, scale)),
         "stage_scores_us": graphed_us(lambda: decode.page_scores(x.q_row, state.kmax, state.kmin, x.valid, page,

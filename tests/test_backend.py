@@ -180,7 +180,7 @@ def test_decode_sites_sharing_a_mask_share_one_positions_node():
     """The decode graph finds its query positions once: one ``mask_positions`` node from the shared
     mask feeds every layer's ``retro::attention`` (without it, each layer reduces the mask itself),
     and the rewritten step gives what the graph gave before at full budget (dense attention)."""
-    from retro_compile.kernels.reference import mask_positions
+    from retro_compile.kernels.masks import mask_positions
     from retro_compile.passes.rewrite import rewrite_sdpa
 
     torch.manual_seed(0)

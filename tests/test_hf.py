@@ -131,7 +131,7 @@ def test_decode_step_hands_its_window_slots_to_every_sparse_layer(monkeypatch):
     small budget with a padded row the tokens equal the reference op driven by hand, which reads
     its positions off the mask."""
     from retro_compile import backend
-    from retro_compile.kernels.reference import mask_positions, slot_positions
+    from retro_compile.kernels.masks import mask_positions, slot_positions
 
     rewritten = []
 

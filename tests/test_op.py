@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from retro_compile.kernels import masks
 from retro_compile.kernels import reference as ref
 from retro_compile.kernels.op import retro_attention
 from retro_compile.kernels.reference import SparseParams
@@ -122,7 +123,7 @@ def test_selection_properties(seed, sink, local, budget):
     valid &= torch.arange(num_pages * page_size) <= position[:, None]
     valid[:, 8:12] = False  # a fully padded page
     valid[torch.arange(batch), position] = True  # a query sees itself
-    page_valid = ref.page_any(valid, page_size)
+    page_valid = masks.page_any(valid, page_size)
     scores = scores.masked_fill(~page_valid[:, None], float("-inf"))  # as page_scores marks them
     p = SparseParams(page_size, budget, 0.0, sink, local, 1)
     indices, chosen = ref.top_pages(scores, position, p)
@@ -186,13 +187,13 @@ def test_query_positions_is_the_last_allowed_key(length):
     allowed[1, 2, length - 1] = True  # the very last key
     expected = torch.tensor([[max((j for j in range(length) if row[j]), default=-1) for row in rows.tolist()]
                              for rows in allowed])
-    assert torch.equal(ref.query_positions(allowed), expected)
-    compiled = torch.compile(ref.query_positions, dynamic=False)
+    assert torch.equal(masks.query_positions(allowed), expected)
+    compiled = torch.compile(masks.query_positions, dynamic=False)
     assert torch.equal(compiled(allowed), expected)
 
 
 def test_shared_positions_give_the_steps_own_result():
-    """A decode step handed its rows' positions (``reference.mask_positions``, which the rewrite
+    """A decode step handed its rows' positions (``masks.mask_positions``, which the rewrite
     computes once per graph for all layers) gives exactly the step that finds them itself, output
     and state, over a padded batch and a window of 2; and those positions are the rows' own."""
     problem = make_problem(pad=(0, 5))
@@ -204,7 +205,7 @@ def test_shared_positions_give_the_steps_own_result():
     for t in range(problem.prompt, problem.prompt + 6):
         rows = [t - 1, t]
         mask = mask_for(problem, rows)
-        positions = ref.mask_positions(mask, 2, 2)
+        positions = masks.mask_positions(mask, 2, 2)
         assert torch.equal(positions, torch.tensor([rows, rows]))
         q = problem.q[:, :, rows]
         own = retro_attention(q, problem.k, problem.v, mask, states[0], p)

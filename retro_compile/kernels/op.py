@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from ..state import STATE_FIELDS, LayerState, StateShape
-from . import reference
+from . import masks, reference
 from .reference import SparseParams
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -158,7 +158,7 @@ def attention(
     """Sparse + retrospective attention with SDPA's output: (B, Hq, n, Dv), contiguous.
 
     ``positions`` (decode steps only): the query rows' cache positions, exactly
-    ``reference.mask_positions(attn_mask, B, n)``. The rewrite computes them once per graph for
+    ``masks.mask_positions(attn_mask, B, n)``. The rewrite computes them once per graph for
     all layers sharing a mask; without them each call reduces its mask itself.
     ``prefill``: the call's phase, True for a prefill (any number of rows), False for a decode
     step (at most ``window`` rows); None infers it from the rows (more than ``window``: prefill).
@@ -222,7 +222,7 @@ def dense_window(
     if dense_window_kernel_applies(q, k, v, attn_mask, enable_gqa):
         from . import decode
 
-        allowed, _ = reference.mask_to_allowed(attn_mask, False, q.shape[0], q.shape[2], k.shape[2], q.device)
+        allowed, _ = masks.mask_to_allowed(attn_mask, False, q.shape[0], q.shape[2], k.shape[2], q.device)
         return decode.dense_window(q, k, v, allowed, reference.default_scale(q, scale))
     return reference.sdpa_row_by_row(q, k, v, attn_mask, scale=scale, enable_gqa=enable_gqa)
 

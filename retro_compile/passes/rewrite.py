@@ -32,7 +32,8 @@ import torch.fx as fx
 
 from ..config import RetroConfig
 from ..kernels.op import unservable
-from ..kernels.reference import SparseParams, mask_positions, sdpa_row_by_row, slot_positions
+from ..kernels.masks import mask_positions, slot_positions
+from ..kernels.reference import SparseParams, sdpa_row_by_row
 from ..state import STATE_FIELDS, LayerState, StateShape, StateStore
 from .sdpa import SdpaSite, example_value, find_sdpa_sites
 
