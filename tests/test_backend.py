@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from retro_compile import RetroConfig
@@ -33,6 +34,7 @@ def captured_graphs(model: torch.nn.Module, *calls: tuple) -> list[tuple[torch.f
     return graphs
 
 
+@pytest.mark.slow
 def test_backend_rewrites_sdpa_fullgraph_without_recompiles():
     torch.manual_seed(0)
     model = Decoder(layers=3, max_len=128).eval()
@@ -52,6 +54,7 @@ def test_backend_rewrites_sdpa_fullgraph_without_recompiles():
     assert store.layers() == ["layers.1.attn", "layers.2.attn"]
 
 
+@pytest.mark.slow
 def test_string_backend_full_budget_equals_dense(caplog, monkeypatch):
     torch.manual_seed(0)
     model = Decoder(layers=3, max_len=128).eval()

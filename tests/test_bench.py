@@ -6,9 +6,12 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from retro_compile.bench import main
 
 
+@pytest.mark.slow
 def test_e2e_benchmark_smoke_on_cpu(tmp_path):
     out = tmp_path / "e2e.json"
     argv = ["e2e", "--shape", "smoke", "--device", "cpu", "--batches", "2", "--contexts", "256", "--new-tokens", "6",
@@ -30,6 +33,7 @@ def test_e2e_benchmark_smoke_on_cpu(tmp_path):
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_e2e_benchmark_tensor_parallel_smoke_on_cpu(tmp_path):
     """--tp 2: each configuration runs as two gloo processes over a checkpoint sharded by its tp_plan."""
     out = tmp_path / "e2e_tp.json"
@@ -43,6 +47,7 @@ def test_e2e_benchmark_tensor_parallel_smoke_on_cpu(tmp_path):
     assert row["target_vs_dense"] is None  # the targets are for one GPU
 
 
+@pytest.mark.slow
 def test_a_configuration_out_of_time_is_stopped_with_all_its_processes(tmp_path):
     """A configuration out of time leaves an error row, no figure, and none of its processes behind
     (its launcher's workers would hold the GPUs the next configuration needs)."""

@@ -37,6 +37,7 @@ def retro_nodes(program) -> int:
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_exported_programs_rewritten_match_the_compiled_path():
     """Prefill and decode programs exported from one module and rewritten with one store give
     the compiled path's tokens and logits for 20 steps; the programs given stay as they were."""
@@ -71,6 +72,7 @@ def test_a_decode_program_without_its_prefill_stays_dense(caplog):
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_aot_inductor_packages_a_rewritten_program_on_cpu(tmp_path):
     torch.manual_seed(0)
     model = Decoder(layers=2, max_len=64).eval()
@@ -98,6 +100,7 @@ class CountingPass(CustomGraphPass):
 
 @pytest.mark.parametrize("dynamic", [None, False])
 @torch.no_grad()
+@pytest.mark.slow
 def test_user_inductor_pass_still_runs_and_the_rewrite_still_happens(dynamic):
     """backend="retro" with mode="max-autotune-no-cudagraphs" and fullgraph=True: the custom pass
     the user configured sees every graph, with retro::attention in it, and the tokens equal a

@@ -34,6 +34,7 @@ def test_dense_nll_equals_one_forward_loss_per_sequence():
     torch.testing.assert_close(nll, direct, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_full_budget_ppl_is_the_same_in_every_mode():
     model = tiny_model("llama", seed=9)
     ids, _ = prompts(2, 80, seed=10)
@@ -44,6 +45,7 @@ def test_full_budget_ppl_is_the_same_in_every_mode():
         assert ppl == pytest.approx(dense, rel=1e-4), (mode, window)
 
 
+@pytest.mark.slow
 def test_small_budget_changes_ppl():
     model = tiny_model("llama", seed=9)
     ids, _ = prompts(1, 100, seed=10)
@@ -54,6 +56,7 @@ def test_small_budget_changes_ppl():
 
 
 @pytest.mark.parametrize("mode,window", [("quest", 1), ("retro", 2), ("retro", 4)])
+@pytest.mark.slow
 def test_exposure_equals_the_union_of_the_selected_page_sets(monkeypatch, mode, window):
     """Oracle: the page sets the selection itself returns, recorded call by call, unioned by hand."""
     calls = []
@@ -97,6 +100,7 @@ def test_exposure_needs_enough_steps():
         meter.value
 
 
+@pytest.mark.slow
 def test_exposure_refuses_a_model_that_decoded_at_two_batch_sizes():
     model = retro_compile(tiny_model("llama", seed=3), sparse("retro", 24, 2), inductor=False)
     teacher_forced_nll(model, prompts(1, 43, seed=4)[0], prefill=40)
@@ -137,6 +141,7 @@ def test_is_correct_is_an_exact_match_of_the_first_number():
     assert not is_correct(" the key", "12345") and not is_correct(" 99 is 12345", "12345")
 
 
+@pytest.mark.slow
 def test_passkey_answers_equal_generate_on_the_untouched_model():
     """Dense: the hand-driven question-then-answer decode gives what HF's own generate() gives."""
     tok = CharTokenizer()
@@ -226,6 +231,7 @@ def test_eval_runs_bfloat16_on_cuda_and_float32_on_the_cpu_unless_told():
     assert parse_args(["ppl", "--device", "cuda", "--dtype", "float32"]).dtype == "float32"
 
 
+@pytest.mark.slow
 def test_the_gap_probe_is_an_independent_quest_and_retro():
     """``benchmarks/gap_decomposition.py``'s probe, written apart from the package, teacher forced
     on the same text: its quest gives the package's quest NLL, its retro merging past rows' cached

@@ -24,7 +24,8 @@ def greedy(model, ids, mask, new_tokens, **kw):
                           pad_token_id=0, **kw)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", pytest.param("qwen2", marks=pytest.mark.slow),
+                                  pytest.param("mistral", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("mode,batch", [("retro", 3), ("quest", 3), ("retro", 1)])
 def test_full_budget_matches_untouched_model(arch, mode, batch):
     model = tiny_model(arch)
@@ -96,6 +97,7 @@ def test_retro_overwrites_past_kv_with_corrected_values():
     torch.testing.assert_close(after.layers[0].keys[:, :, 68], before.layers[0].keys[:, :, 68])
 
 
+@pytest.mark.slow
 def test_decode_steps_build_no_attention_mask_on_the_host():
     """generate() builds attention masks for each request's prefill only: the decode steps build
     theirs on the device, and the one transformers would build (after reading the cache position
@@ -125,6 +127,7 @@ def test_decode_steps_build_no_attention_mask_on_the_host():
     assert all(rows > 1 for _, rows in built), built  # ...and no decode step did
 
 
+@pytest.mark.slow
 def test_decode_step_hands_its_window_slots_to_every_sparse_layer(monkeypatch):
     """The decode step says its rows' cache slots (``window_slots``); the rewritten step hands them,
     once for every batch row (``slot_positions``), to every sparse layer's op and reduces no mask to find them. At a
@@ -217,6 +220,7 @@ def test_eager_only_architecture_is_refused():
         del type(model)._supports_sdpa
 
 
+@pytest.mark.slow
 def test_many_models_in_one_process_all_stay_rewritten():
     """Dynamo counts recompiles per code object; six models of one class (twelve graphs) must not
     push a later model past the limit into silent eager, un-rewritten execution."""
@@ -235,6 +239,7 @@ def test_many_models_in_one_process_all_stay_rewritten():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.slow
 def test_the_model_stays_a_model_for_losses_and_features(arch):
     """Forward calls that are not decoding (a full sequence with labels, hidden states, no cache)
     give the untouched model's loss, logits and hidden states, before and after generate(), and

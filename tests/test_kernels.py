@@ -231,6 +231,7 @@ def test_attend_window_kernel(dtype, q_heads, kv_heads, n, window, pages_per_spl
 @pytest.mark.parametrize("window", [1, 2, 4])
 @pytest.mark.parametrize("summaries", ["exact", "int8"])
 @pytest.mark.parametrize("prompt,pad", [(50, 7), (6, 4)], ids=["padded", "two-token-row"])
+@pytest.mark.slow
 def test_decode_step_with_kernels_matches_reference(window, summaries, prompt, pad, monkeypatch):
     """The whole op with the kernel stages, against the reference op, over a decode sequence. Row
     1's padding puts its page boundaries off the cache's; with a prompt of two tokens after 4 of
@@ -252,6 +253,7 @@ def test_decode_step_with_kernels_matches_reference(window, summaries, prompt, p
 
 @pytest.mark.parametrize("window,local", [(2, 1), (4, 1), (2, 0), (4, 2)])
 @pytest.mark.parametrize("summaries", ["exact", "int8"])
+@pytest.mark.slow
 def test_decode_steps_over_rewritten_keys_match_reference(window, local, summaries, monkeypatch):
     """As a model runs the window: every step writes new keys and values at all its rows'
     positions (the past rows' corrected ones), so the written pages' summaries change at each
@@ -396,6 +398,7 @@ def test_top_pages_kernel_on_adjacent_floats(seed):
                 assert_a_top_k(indices[i], chosen[i], scores[i], budget, kept={own})
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # "wide": the guess's overflow
 @pytest.mark.parametrize("case", ["wide", "tiny", "equal", "kept_over_budget", "skewed"])
 @pytest.mark.parametrize("chunk_pages", [0, 32])
@@ -478,6 +481,7 @@ def test_dense_window_kernel_matches_sdpa(dtype, q_heads, kv_heads, n, length, p
     torch.testing.assert_close(got.float(), want, atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """Every kernel launch, as the wrappers make it, compiles to an sm_90 cubin with Triton's own
     compiler, and Inductor finds it writes exactly its outputs; the compile cache keys on every

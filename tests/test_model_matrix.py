@@ -78,6 +78,7 @@ def build(family: str):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.slow
 def test_family(family):
     model = build(family)
     ids, mask = prompts(2, 40, pad=(0, 5))
@@ -100,6 +101,7 @@ def test_family(family):
 
 
 @pytest.mark.parametrize("family", ["qwen2-sliding", "gemma3"])
+@pytest.mark.slow
 def test_sliding_window_family_against_the_hand_driven_reference(family):
     """A small budget on a sliding/global mix: the tokens of the hand-driven reference, whose
     sliding layers are dense over the last WINDOW slots of a cache that keeps every position."""

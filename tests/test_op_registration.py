@@ -24,6 +24,7 @@ def call_args(problem, positions, state, params=PARAMS):
 
 @pytest.mark.parametrize("phase", ["prefill", "decode", "decode with positions"])
 @pytest.mark.parametrize("summaries", ["exact", "int8"])
+@pytest.mark.slow
 def test_opcheck(phase, summaries):
     problem = make_problem()
     state = fresh_state(problem, summaries=summaries)
@@ -142,6 +143,7 @@ def test_bad_input_fails_while_tracing():
                                                             problem.v, mask_for(problem, [40, 41]))
 
 
+@pytest.mark.slow
 def test_compiled_decode_step_updates_the_summaries_in_place():
     """The summary refresh writes a few pages of the state; compiled, it must not copy the whole table.
 

@@ -23,6 +23,7 @@ SMALL = RetroConfig(mode="retro", budget=32, page_size=8, window=2, max_context=
 FULL = RetroConfig(mode="retro", budget=256, page_size=8, window=2, max_context=256, dense_layers=1)
 
 
+@pytest.mark.slow
 def test_deepcopy_is_an_independent_compiled_model():
     """A deep copy runs its own weights (zeroed here: the untouched model's zeroed copy's tokens),
     with its own driver and state; the original is unchanged."""
@@ -43,6 +44,7 @@ def test_deepcopy_is_an_independent_compiled_model():
     assert any(p.abs().sum() > 0 for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_deepcopy_of_a_fresh_compiled_model_decodes_as_the_original():
     model = retro_compile(tiny_model(seed=3), SMALL)
     ids, mask = prompts(1, 60, seed=4)
@@ -61,6 +63,7 @@ def _saved_files(model, folder: Path) -> dict[str, object]:
     return files
 
 
+@pytest.mark.slow
 def test_save_pretrained_and_pickle_leave_nothing_of_the_package(tmp_path):
     """save_pretrained writes what the untouched model writes, byte for byte in its weights and
     equal JSON in its configs; a pickle loads as the untouched model (its own forward, SDPA
@@ -86,6 +89,7 @@ def test_save_pretrained_and_pickle_leave_nothing_of_the_package(tmp_path):
     assert torch.equal(greedy(retro_compile(loaded, SMALL), ids, mask, 6), greedy(model, ids, mask, 6))
 
 
+@pytest.mark.slow
 def test_many_batch_shapes_on_one_model_stay_sparse_and_exact(caplog):
     """Fourteen requests, batch sizes 1-7 padded and not (Dynamo's recompile limit is 8 per compiled
     function): every one equals the hand-driven reference, and nothing falls back to dense."""
@@ -102,6 +106,7 @@ def test_many_batch_shapes_on_one_model_stay_sparse_and_exact(caplog):
     assert len(model.retro_driver._compiled) <= model.retro_driver.max_compiled_batches
 
 
+@pytest.mark.slow
 def test_a_recompile_limit_reached_compiles_afresh_instead_of_running_dense(caplog):
     """With Dynamo's recompile limit at 1, every new variant of a batch size (padded after unpadded)
     reaches it: the driver compiles that batch size afresh, and the tokens stay the reference's."""
@@ -116,6 +121,7 @@ def test_a_recompile_limit_reached_compiles_afresh_instead_of_running_dense(capl
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("retro_compile")]
 
 
+@pytest.mark.slow
 def test_compiled_batches_are_bounded_and_release_their_state():
     model = retro_compile(tiny_model(seed=8), SMALL)
     driver = model.retro_driver
@@ -128,6 +134,7 @@ def test_compiled_batches_are_bounded_and_release_their_state():
 
 
 @pytest.mark.parametrize("first", ["inference_mode", "no_grad", "plain"])
+@pytest.mark.slow
 def test_inference_mode_no_grad_and_plain_calls_in_any_order(first):
     base = tiny_model(seed=9)
     model = retro_compile(copy.deepcopy(base), SMALL)
@@ -161,6 +168,7 @@ def test_assistant_model_is_refused_up_front():
 @given(lengths=st.lists(st.integers(20, 44), min_size=2, max_size=3), extra=st.integers(0, 13),
        window=st.sampled_from([1, 2, 4]), budget=st.sampled_from([16, 24, 40]), sink=st.integers(0, 1),
        seed=st.integers(0, 3))
+@pytest.mark.slow
 def test_a_rows_tokens_do_not_depend_on_its_padding(lengths, extra, window, budget, sink, seed):
     """Prompts of different lengths left-padded into one batch (plus ``extra`` padding for all):
     each row's tokens equal its prompt decoded alone, unpadded, at small budgets. Pages are
@@ -177,6 +185,7 @@ def test_a_rows_tokens_do_not_depend_on_its_padding(lengths, extra, window, budg
         assert torch.equal(batch[row], alone[0]), (row, n, width)
 
 
+@pytest.mark.slow
 def test_compiled_rows_do_not_depend_on_their_padding():
     """The compiled path: a padded batch gives each row the tokens of its prompt alone."""
     model = retro_compile(tiny_model(seed=11), SMALL)

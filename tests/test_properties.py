@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from unittest import mock
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -117,6 +118,7 @@ def test_past_row_after_its_last_correction_is_attention_over_the_union(case, bu
 
 
 @settings(max_examples=8, **CHECKS)
+@pytest.mark.slow
 @given(case=problems(max_batch=2, max_group=4, head_dims=(16, 32), max_length=160, page_sizes=(16, 32),
                      dtypes=("fp32", "fp16")),
        budget=st.integers(1, 6))

@@ -36,6 +36,7 @@ def test_request_beyond_max_context_is_refused_before_any_work():
 
 @pytest.mark.parametrize("window,length", [(2, 3), (4, 5), (2, 64), (4, 63)],
                          ids=["w2-prompt-w+1", "w4-prompt-w+1", "w2-page-boundary", "w4-page-boundary-1"])
+@pytest.mark.slow
 def test_short_prompts_and_page_boundaries(window, length):
     """A prompt of exactly window + 1 tokens, and prompts ending on or just before a page boundary:
     full budget gives the untouched model's tokens, a small budget the hand-driven reference's."""
@@ -55,6 +56,7 @@ def test_prompt_of_window_tokens_is_refused():
         greedy(model, ids, mask, 4)
 
 
+@pytest.mark.slow
 def test_exception_from_a_streamer_leaves_the_model_usable():
     class Boom(BaseStreamer):
         def __init__(self):
@@ -91,6 +93,7 @@ print(json.dumps(out[:, 70:].tolist()))
 
 
 @pytest.mark.parametrize("summaries", ["exact", "int8"])
+@pytest.mark.slow
 def test_consecutive_requests_equal_fresh_process_runs(summaries):
     """Two requests of different batch sizes on one model give what each gives in a new process."""
     config = dict(mode="retro", window=2, budget=24, page_size=8, dense_layers=1, max_context=128, summaries=summaries)
@@ -187,6 +190,7 @@ def chunk_sizes(model) -> list[int]:
 
 @pytest.mark.parametrize("length,pad,window", [(70, (0, 5), 2), (66, (), 2), (66, (0, 3), 4)],
                          ids=["padded", "tail-of-2", "w4-tail-shorter-than-the-window"])
+@pytest.mark.slow
 def test_chunked_prefill_gives_the_tokens_of_one_piece(length, pad, window):
     """RetroConfig.prefill_tokens small enough for 5 chunks: full budget still gives the untouched
     model's tokens, and a small budget the tokens of an unchunked prefill and of the hand-driven
@@ -209,6 +213,7 @@ def test_chunked_prefill_gives_the_tokens_of_one_piece(length, pad, window):
     assert sizes == [16, 16, 16, 16, length - 64]
 
 
+@pytest.mark.slow
 def test_generate_prefill_chunk_size_gives_the_tokens_of_one_piece():
     """generate(prefill_chunk_size=...) chunks the prompt into pieces of that many positions (the
     driver's own chunking, as transformers would split it), with the tokens of a one-piece prefill;

@@ -37,6 +37,7 @@ def base():
 
 @pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "left-padding"])
 @pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.slow
 def test_batch_equals_rows_alone_and_permutations_on_one_model(base, name, padded):
     config = CONFIGS[name]
     ids, mask = prompts(3, PROMPT, pad=(0, 13, 5) if padded else (), seed=12)
@@ -57,6 +58,7 @@ def test_batch_equals_rows_alone_and_permutations_on_one_model(base, name, padde
     assert not torch.equal(greedy(base, ids, mask), batch)
 
 
+@pytest.mark.slow
 def test_fresh_models_in_any_order_of_batch_sizes(base):
     """The first reported failure: each request on a fresh model, batch size 1 first, then 3. The
     automatic-dynamic memory that made the second prefill's batch dynamic is shared by every model
@@ -70,6 +72,7 @@ def test_fresh_models_in_any_order_of_batch_sizes(base):
     assert set(model.retro_state.dense_reasons.values()) == {"layer 0 is in dense_layers"}
 
 
+@pytest.mark.slow
 def test_two_models_in_one_process_never_share_state(base):
     """Two compiled models decoding interleaved requests give what each gives alone."""
     config = CONFIGS["retro-w2"]

@@ -39,6 +39,7 @@ def test_zeta_of_two_is_pi_squared_over_six():
 
 @pytest.mark.parametrize("name", list(TASKS))
 @pytest.mark.parametrize("length", [1024, 4096])
+@pytest.mark.slow
 def test_samples_fit_the_length_and_hold_their_answers(name, length):
     """Each sample's prompt plus the task's generated tokens fits the length and fills most of it;
     the prompt ends with the task's answer prefix, and the answers are where the task says."""

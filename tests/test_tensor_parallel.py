@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from retro_compile import RetroConfig, retro_compile
 
@@ -24,6 +25,7 @@ CONFIGS = {
 }
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_single_process_tokens(tmp_path):
     """Full budget: the single-process untouched model's greedy tokens; small budgets: the
     single-process retro_compile run's tokens. Each rank holds half the KV heads, in its cache and
