@@ -24,7 +24,12 @@ newly loaded pages, the package's rule (it must equal the package's retro); ``re
 attends afresh with the current query over every page the row has seen, which removes the
 merge's drift (docs/algorithm.md, section 4) and isolates what it costs. ``--per-head`` lets every
 query head choose its own pages instead (probe modes only), to see how much of the query's own
-loss comes from a KV head's query heads sharing one selection.
+loss comes from a KV head's query heads sharing one selection. ``--selections`` ranks pages by
+other scores too, each run as ``quest_<score>`` and ``query_only_<score>``: ``oracle``, the page's
+true attention mass for the query (what no score computed from summaries can beat at this budget),
+and ``meanstd``, an estimate from each page's key mean and spread (:func:`page_scores`). Whether
+the newest row's loss comes from Quest's bound ranking the pages poorly or from the budget itself
+is the difference between ``query_only`` and ``query_only_oracle``.
 
     python benchmarks/gap_decomposition.py --model qwen2.5-coder --text code --budgets 64 256 \\
         --context 2048 --prefill 1024 --out results/gap_decomposition_qwen2.5-coder.json
@@ -66,26 +71,50 @@ class Probe:
         self.window = 1  # rows per call: > 1 runs the retro probe (the newest row plus w - 1 past rows)
         self.merge = True  # retro probe: merge a past row's cached output (the package) or recompute it
         self.rows: dict[int, dict[int, tuple]] = {}  # retro probe: layer -> position -> (pages seen, out, lse)
+        self.selection = "bound"  # how pages are ranked: see page_scores
 
 
 PROBE = Probe(page_size=16, dense_layers=2)
 
 
-def quest_pages(q: torch.Tensor, k: torch.Tensor, page_size: int, budget_pages: int,
-                per_head: bool = False) -> torch.Tensor | None:
-    """(B, Hkv, pages) bool: the pages Quest selects for the one query ``q`` (B, Hq, 1, D) over keys
-    ``k`` (B, Hkv, T, D), a KV head's pages shared by its group of query heads, or with
-    ``per_head`` chosen by each query head ((B, Hq, pages)); None when every page fits the budget."""
+SPREAD = 1.77  # meanstd: the expected largest of 16 normal draws (a page), in standard deviations
+
+
+def page_scores(q: torch.Tensor, k: torch.Tensor, page_size: int, selection: str) -> torch.Tensor:
+    """(B, Hkv, G, pages) fp32: how much each page matters to each query head of ``q`` (B, Hq, 1, D)
+    over keys ``k`` (B, Hkv, T, D), by ``selection``:
+
+    ``bound``    Quest's upper bound of the page's largest logit, ``sum_d max(q_d kmax_d, q_d kmin_d)``;
+    ``meanstd``  an estimate of it from the page's per-dim key mean and standard deviation,
+                 ``q . mean + SPREAD * sqrt(sum_d q_d^2 var_d)`` (the dims taken as independent);
+    ``oracle``   the page's true attention mass, the log-sum-exp of its logits (scale ``D**-0.5``).
+    """
     b, hq, _, d = q.shape
     hkv, t = k.shape[1], k.shape[2]
     pages = -(-t // page_size)
+    qg = q.float().view(b, hkv, hq // hkv, 1, d)
+    pad = pages * page_size - t
+    paged = F.pad(k.float(), (0, 0, 0, pad), value=math.nan).view(b, hkv, pages, page_size, d)
+    if selection == "oracle":
+        logits = torch.einsum("bhgxd,bhptd->bhgpt", qg, paged.nan_to_num(0.0)) * d ** -0.5
+        return logits.masked_fill(paged[:, :, None, :, :, 0].isnan(), -math.inf).logsumexp(-1)
+    if selection == "meanstd":
+        mean, var = paged.nanmean(3), (paged - paged.nanmean(3, keepdim=True)).square().nanmean(3)
+        return (qg * mean[:, :, None]).sum(-1) + SPREAD * (qg.square() * var[:, :, None]).sum(-1).sqrt()
+    kmax, kmin = paged.nan_to_num(-math.inf).amax(3), paged.nan_to_num(math.inf).amin(3)
+    return torch.maximum(qg * kmax[:, :, None], qg * kmin[:, :, None]).sum(-1)
+
+
+def quest_pages(q: torch.Tensor, k: torch.Tensor, page_size: int, budget_pages: int,
+                per_head: bool = False) -> torch.Tensor | None:
+    """(B, Hkv, pages) bool: the pages Quest selects for the one query ``q`` (B, Hq, 1, D) over keys
+    ``k`` (B, Hkv, T, D), ranked by :func:`page_scores` (``PROBE.selection``), a KV head's pages
+    shared by its group of query heads, or with ``per_head`` chosen by each query head ((B, Hq,
+    pages)); None when every page fits the budget."""
+    pages = -(-k.shape[2] // page_size)
     if pages <= budget_pages:
         return None
-    pad = pages * page_size - t
-    kmax = F.pad(k, (0, 0, 0, pad), value=-math.inf).view(b, hkv, pages, page_size, d).amax(3)
-    kmin = F.pad(k, (0, 0, 0, pad), value=math.inf).view(b, hkv, pages, page_size, d).amin(3)
-    qg = q.view(b, hkv, hq // hkv, 1, d)
-    score = torch.maximum(qg * kmax[:, :, None], qg * kmin[:, :, None]).sum(-1)  # (B, Hkv, G, pages)
+    score = page_scores(q, k, page_size, PROBE.selection)  # (B, Hkv, G, pages)
     score = score.flatten(1, 2) if per_head else score.amax(2)
     score[..., -1] = math.inf  # the query's own page (only it can hold padding)
     return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(budget_pages, -1).indices, True)
@@ -282,6 +311,13 @@ def run(args) -> dict:
             if not args.retro_only:
                 add("query_only", probe_nll(probe, one, args.prefill, first, kv, pages, keep_own=False))
                 add("past_only", probe_nll(probe, one, args.prefill, first, own(), None, keep_own=False))
+            for selection in args.selections:  # the same two runs with pages ranked by another score
+                PROBE.selection = selection
+                try:
+                    add(f"quest_{selection}", probe_nll(probe, one, args.prefill, first, own(), pages, keep_own=True))
+                    add(f"query_only_{selection}", probe_nll(probe, one, args.prefill, first, kv, pages, keep_own=False))
+                finally:
+                    PROBE.selection = "bound"
             for w in args.window if args.retro_probe else []:
                 for merge in (True, False):
                     add(f"retro_{'merge' if merge else 'recompute'}_w{w}",
@@ -297,7 +333,8 @@ def run(args) -> dict:
             row["per_passage"][f"{mode}_w{window}_package"] = [mean(v) for v in package]
         gap = row["quest"] - row["dense"]
         # shares of the quest-to-dense gap: what each probe leaves, and what each retro closes
-        shares = {name: (row[name] - row["dense"]) / gap for name in ("query_only", "past_only") if name in row}
+        shares = {name: (row[name] - row["dense"]) / gap for name in row
+                  if name.startswith(("query_only", "past_only", "quest_"))}
         shares.update({f"{name.removesuffix('_package')}_closed": (row["quest"] - row[name]) / gap
                        for name in row if name.startswith("retro")})
         row["shares_of_gap"] = shares
@@ -326,6 +363,8 @@ def main() -> None:
     p.add_argument("--retro-probe", action="store_true",
                    help="also run the probe's retro at each window, merging past rows' outputs (the package's "
                         "rule) and recomputing them with their current queries (no merge drift)")
+    p.add_argument("--selections", nargs="+", choices=["oracle", "meanstd"], default=[],
+                   help="also rank pages by these scores (quest_<score> and query_only_<score>; see page_scores)")
     p.add_argument("--retro-only", action="store_true", help="skip the query_only and past_only probes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,

@@ -258,3 +258,28 @@ def test_the_gap_probe_is_an_independent_quest_and_retro():
         torch.testing.assert_close(merged, package("retro", window), atol=1e-4, rtol=1e-4)
         recomputed = script.retro_probe_nll(probe, ids, 64, dense[:, 0], past(), 2, window, merge=False)
         assert (recomputed - merged).abs().max() > 1e-4
+
+
+def test_the_gap_probes_page_scores_against_a_page_by_page_computation():
+    """The probe's three page rankings, each checked against its definition computed one page at a
+    time (the last page partial: 40 keys in pages of 16), and the oracle picking the page that
+    holds one dominant key."""
+    script = load_script("gap_decomposition")
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 40, 8)  # 2 query heads per KV head
+    qg = q.view(2, 2, 2, 8)
+    for selection in ("bound", "meanstd", "oracle"):
+        got = script.page_scores(q, k, 16, selection)
+        assert got.shape == (2, 2, 2, 3)
+        for page, start in enumerate((0, 16, 32)):
+            keys = k[:, :, start:start + 16]  # (B, Hkv, <=16, D)
+            if selection == "bound":
+                want = torch.maximum(qg * keys.amax(2)[:, :, None], qg * keys.amin(2)[:, :, None]).sum(-1)
+            elif selection == "meanstd":
+                mean, var = keys.mean(2), keys.var(2, unbiased=False)
+                want = (qg * mean[:, :, None]).sum(-1) + script.SPREAD * (qg ** 2 * var[:, :, None]).sum(-1).sqrt()
+            else:
+                want = (torch.einsum("bhgd,bhtd->bhgt", qg, keys) / 8 ** 0.5).logsumexp(-1)
+            torch.testing.assert_close(got[..., page], want, msg=f"{selection}, page {page}")
+    k[:, :, 20] = 50 * q.view(2, 2, 2, 8)[:, :, 0]  # page 1 holds the key the first query head of a group matches
+    assert (script.page_scores(q, k, 16, "oracle").amax(2).argmax(-1) == 1).all()
