@@ -55,6 +55,7 @@ SHAPES = {
                   num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0),
 }
 MODES = ("stock", "dense", "driver-dense", "quest", "retro-w2", "retro-w4")
+SPARSE_MODES = ("quest", "retro-w2", "retro-w4")  # the modes a budget applies to
 HEADROOM = 128  # cache positions left after the prompt: new tokens, and replays of the recorded step
 KERNEL_KINDS = {  # substrings of kernel names, first match wins
     "attention": ("flash", "fmha", "attention", "attn", "_page_scores", "_page_candidates", "_top_pages",
@@ -303,8 +304,12 @@ def targets(batch: int, context: int) -> float | None:
 
 
 def label(row: dict) -> str:
-    """A row's configuration: its mode, and "int8" for int8 page summaries."""
-    return row["mode"] + (" int8" if row.get("summaries") == "int8" else "")
+    """A row's configuration: its mode, "int8" for int8 page summaries, and a sparse mode's budget
+    where it is not the default (rows of two budgets are two configurations, not one replacing the
+    other in an appended sweep)."""
+    name = row["mode"] + (" int8" if row.get("summaries") == "int8" else "")
+    budget = row.get("budget", RetroConfig.budget)
+    return name + (f" @{budget}" if row["mode"] in SPARSE_MODES and budget != RetroConfig.budget else "")
 
 
 def shape_of(row: dict) -> tuple[int, int, int]:
@@ -369,7 +374,7 @@ def sweep(args) -> list[dict]:
             else:  # the last phase it reached, then its last words
                 lines = said.strip().splitlines()
                 detail = " | ".join([line for line in lines if line.startswith(f"[{mode} ")][-1:] + lines[-3:])
-                row = dict(mode=mode, batch=batch, context=context, error=f"{error}: {detail[-500:]}")
+                row = dict(mode=mode, batch=batch, context=context, budget=args.budget, error=f"{error}: {detail[-500:]}")
         row.setdefault("tp", args.tp)
         row.setdefault("summaries", args.summaries)
         rows = [r for r in rows if (label(r), *shape_of(r)) != (label(row), batch, context, args.tp)] + [row]

@@ -68,3 +68,18 @@ def command_lines() -> list[bytes]:
         except OSError:  # ended meanwhile
             pass
     return lines
+
+
+def test_rows_of_two_budgets_are_two_configurations():
+    """An appended sweep replaces a row only with one of the same configuration: a sparse mode at
+    another budget is another configuration (a sweep over budgets kept only its last), int8
+    summaries are another, and the dense baselines ignore the budget they were given."""
+    from retro_compile.bench_e2e import label
+
+    def row(mode, budget, summaries="exact"):
+        return dict(mode=mode, budget=budget, summaries=summaries)
+
+    assert len({label(row("retro-w2", b)) for b in (2048, 4096, 8192)}) == 3
+    assert label(row("retro-w2", 2048)) != label(row("retro-w2", 2048, "int8"))
+    assert label(row("dense", 2048)) == label(row("dense", 8192)) == "dense"
+    assert label(row("quest", 2048)) == label(dict(mode="quest")) == "quest"  # rows from before budgets were recorded
