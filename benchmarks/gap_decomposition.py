@@ -314,8 +314,8 @@ def run(args) -> dict:
             for selection in args.selections:  # the same two runs with pages ranked by another score
                 PROBE.selection = selection
                 try:
-                    add(f"quest_{selection}", probe_nll(probe, one, args.prefill, first, own(), pages, keep_own=True))
                     add(f"query_only_{selection}", probe_nll(probe, one, args.prefill, first, kv, pages, keep_own=False))
+                    add(f"quest_{selection}", probe_nll(probe, one, args.prefill, first, own(), pages, keep_own=True))
                 finally:
                     PROBE.selection = "bound"
             for w in args.window if args.retro_probe else []:
