@@ -202,9 +202,11 @@ def test_errors():
         retro_compile(torch.compile(tiny_model("llama")), config)
     with pytest.raises(TypeError, match="must be a RetroConfig"):
         retro_compile(tiny_model("llama"), {"budget": 16})
-    ids, mask = prompts(1, 2)
-    with pytest.raises(ValueError, match="needs more than window"):
-        greedy(compiled, ids, mask, 2)
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        greedy(compiled, torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, dtype=torch.long), 2)
+    ids, mask = prompts(1, 1)  # window 2: a one-token prompt takes two slots of padding before it
+    with pytest.raises(ValueError, match=r"1 tokens \(and 2 slots of padding before them\) plus 126 new tokens need 129"):
+        greedy(compiled, ids, mask, MAX_CONTEXT - 2)
     ids, mask = prompts(1, 120)
     with pytest.raises(ValueError, match="max_context"):
         greedy(compiled, ids, mask, 20)

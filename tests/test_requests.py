@@ -49,11 +49,26 @@ def test_short_prompts_and_page_boundaries(window, length):
     assert torch.equal(greedy(retro_compile(copy.deepcopy(model), small), ids, mask, 12), expected)
 
 
-def test_prompt_of_window_tokens_is_refused():
-    model = retro_compile(tiny_model("llama"), CONFIG)
-    ids, mask = prompts(1, 2)
-    with pytest.raises(ValueError, match="the prompt has 2 tokens; it needs more than window=2"):
-        greedy(model, ids, mask, 4)
+@pytest.mark.parametrize("window", [2, 4])
+@pytest.mark.slow
+def test_prompts_of_one_to_window_tokens(window):
+    """A prompt of 1..window tokens, too short for a decode step's window to re-feed: at full budget
+    the untouched model's tokens (one row, and two rows with one padded); at a small budget, with
+    the context growing past it, the hand-driven reference's tokens for the same prompt left-padded
+    by hand to window + 1 slots."""
+    model = tiny_model("llama", seed=2)
+    full = dataclasses.replace(CONFIG, window=window, budget=128)
+    small = dataclasses.replace(CONFIG, window=window, budget=16)
+    compiled_full = retro_compile(copy.deepcopy(model), full)
+    compiled_small = retro_compile(copy.deepcopy(model), small)
+    for length in range(1, window + 1):
+        for batch, pad in ((1, ()), (2, (0, length - 1))):
+            ids, mask = prompts(batch, length, pad=pad, seed=length)
+            assert torch.equal(greedy(compiled_full, ids, mask, 6), greedy(model, ids, mask, 6)), (length, batch)
+            lead = window + 1 - length
+            padded_ids, padded_mask = (torch.cat([x.new_zeros(batch, lead), x], 1) for x in (ids, mask))
+            expected, _, _ = HandDriven(copy.deepcopy(model), small).generate(padded_ids, padded_mask, 30)
+            assert torch.equal(greedy(compiled_small, ids, mask, 30), expected), (length, batch)
 
 
 @pytest.mark.slow

@@ -198,14 +198,16 @@ class DecodeWindowDriver:
     # Requests and caches
     # ---------------------------------------------------------------------------------------------
     def check_request(self, prompt: int, new_tokens: int = 0) -> None:
-        """Refuse, before any work, a request the window or the static state cannot hold."""
-        if prompt <= self.window:
-            raise ValueError(f"retro_compile: the prompt has {prompt} tokens; it needs more than window={self.window}")
-        if prompt + new_tokens > self.config.max_context:
+        """Refuse, before any work, a request the static state cannot hold."""
+        if prompt == 0:
+            raise ValueError("retro_compile: the prompt is empty; generate() needs at least one token to start from")
+        lead = self.lead_padding(prompt)
+        if prompt + lead + new_tokens > self.config.max_context:
+            padded = f" (and {lead} slots of padding before them)" if lead else ""
             raise ValueError(
-                f"retro_compile: the prompt's {prompt} tokens plus {new_tokens} new tokens need {prompt + new_tokens} "
-                f"positions, more than RetroConfig.max_context={self.config.max_context}; raise RetroConfig.max_context "
-                "(or ask for fewer tokens)"
+                f"retro_compile: the prompt's {prompt} tokens{padded} plus {new_tokens} new tokens need "
+                f"{prompt + lead + new_tokens} positions, more than RetroConfig.max_context={self.config.max_context}; "
+                "raise RetroConfig.max_context (or ask for fewer tokens)"
             )
 
     def cache_for(self, batch: int, device: torch.device) -> Any:
@@ -323,6 +325,13 @@ class DecodeWindowDriver:
         the cache of the request in progress); any other call is a prefill."""
         return cache is not None and cache is self.cache and rows == 1
 
+    def lead_padding(self, prompt: int) -> int:
+        """Padding slots the driver puts before a prompt of ``prompt`` tokens: a decode step's window
+        re-feeds the ``w - 1`` tokens before the newest, so the cache must hold more than ``w``
+        slots before the first step. A shorter prompt is left-padded to ``w + 1`` slots, which its
+        rows never see: its tokens are those of the prompt alone, as for any padded row."""
+        return max(0, self.window + 1 - prompt)
+
     def _prefill(self, input_ids, attention_mask, position_ids, cache, kwargs):
         """Write the prompt into the cache and build the decode state, in chunks of at most
         ``RetroConfig.prefill_tokens`` tokens (summed over the batch) and at most ``chunk_positions``
@@ -333,6 +342,13 @@ class DecodeWindowDriver:
             self.cache = cache
             self.length = int(cache.get_seq_length())
         self.check_request(self.length + n)
+        lead = self.lead_padding(self.length + n) if self.length == 0 else 0
+        if lead:  # a short prompt: padding slots first (see lead_padding), and only the prompt's rows out
+            input_ids, attention_mask, position_ids = self._lead_padded(lead, input_ids, attention_mask, position_ids)
+            out = self._prefill(input_ids, attention_mask, position_ids, cache, kwargs)
+            if out.logits.shape[1] > n:
+                out.logits = out.logits[:, -n:]
+            return out
         out = None
         max_tokens = self.config.prefill_tokens
         if self.chunk_positions:
@@ -373,6 +389,17 @@ class DecodeWindowDriver:
         recent = torch.cat([buffers.recent, input_ids], dim=1)  # a chunk shorter than w - 1 keeps earlier ids
         buffers.recent.copy_(recent[:, recent.shape[1] - buffers.recent.shape[1]:])
         return out
+
+    def _lead_padded(self, lead: int, input_ids, attention_mask, position_ids):
+        """``input_ids`` with ``lead`` padding slots before it, and its 2D padding mask and position
+        ids to match (the padding's positions are 0, as generate() gives padded slots)."""
+        batch, n = input_ids.shape
+        padding = self._padding_mask(attention_mask, batch, n, input_ids.device)
+        prompt = torch.ones_like(input_ids, dtype=torch.bool) if padding is None else padding
+        input_ids = torch.cat([input_ids.new_zeros(batch, lead), input_ids], dim=1)
+        if position_ids is not None:
+            position_ids = torch.cat([position_ids.new_zeros(*position_ids.shape[:-1], lead), position_ids], dim=-1)
+        return input_ids, torch.cat([prompt.new_zeros(batch, lead), prompt], dim=1), position_ids
 
     def _padding_mask(self, attention_mask: Any, batch: int, length: int, device) -> torch.Tensor | None:
         """The request's 2D padding mask (B, length) as bool, or None where nothing is padded."""
