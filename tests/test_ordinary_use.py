@@ -164,6 +164,20 @@ def test_assistant_model_is_refused_up_front():
         greedy(model, ids, mask, 10, assistant_model=tiny_model(seed=1))
 
 
+def test_inputs_embeds_is_refused_up_front():
+    """generate(inputs_embeds=...) works on the untouched model and is refused in plain words here,
+    before anything is compiled."""
+    untouched = tiny_model()
+    ids, mask = prompts(1, 20)
+    embeds = untouched.get_input_embeddings()(ids)
+    assert untouched.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                              pad_token_id=0).shape == (1, 3)
+    model = retro_compile(tiny_model(), FULL)
+    with pytest.raises(ValueError, match=r"generate\(inputs_embeds=...\) is not supported.*pass input_ids"):
+        model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert model.retro_state.layers() == [], "the refused request compiled or ran something"
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lengths=st.lists(st.integers(20, 44), min_size=2, max_size=3), extra=st.integers(0, 13),
        window=st.sampled_from([1, 2, 4]), budget=st.sampled_from([16, 24, 40]), sink=st.integers(0, 1),

@@ -44,6 +44,9 @@ def check_generate_options(generation: Any, kwargs: dict[str, Any]) -> None:
     if (kwargs.get("num_beams") or generation.num_beams or 1) > 1:
         raise ValueError("retro_compile: beam search (num_beams > 1) is not supported: it reorders the cache "
                          "between steps, which the decode state does not follow")
+    if kwargs.get("inputs_embeds") is not None:
+        raise ValueError("retro_compile: generate(inputs_embeds=...) is not supported: each decode step feeds the "
+                         "window's last tokens again by their ids; pass input_ids instead")
     for name in ASSISTED_DECODING:
         if kwargs.get(name) is not None or getattr(generation, name, None) is not None:
             raise ValueError(f"retro_compile: generate({name}=...) (assisted or speculative decoding) is not "
