@@ -3,8 +3,8 @@
 For each family: at a budget covering the whole context, ``retro_compile`` gives the untouched
 model's greedy tokens (batch 2, left padding); a small budget decodes to the end; every attention
 layer is either rewritten or declined with its reason. A family whose attention transformers
-runs eagerly only (no SDPA call to rewrite) is refused with that reason, and the model is left
-as it was. No family has code of its own in the package.
+runs eagerly only (no SDPA call to rewrite), or whose cache holds a compressed latent (DeepSeek's
+multi-head latent attention), is refused with that reason, and the model is left as it was. No family has code of its own in the package.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ WINDOW = 16  # sliding window of the families that have one: shorter than the pr
 
 
 def common(**extra):
-    return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=1024, **extra)
+    return dict(dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=1024), **extra)
 
 
 ALTERNATING = ["sliding_attention", "full_attention"] * 2
@@ -57,13 +57,19 @@ FAMILIES = {
     "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**common(head_dim=16, sliding_window=WINDOW))),
     "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**common(head_dim=16, sliding_window=WINDOW,
                                                                        layer_types=ALTERNATING))),
+    "deepseek-v3": lambda: tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(**common(
+        num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, n_group=1, topk_group=1))),
     "gpt-oss": lambda: tf.GptOssForCausalLM(tf.GptOssConfig(**common(head_dim=16, sliding_window=WINDOW,
                                                                      num_local_experts=4, num_experts_per_tok=2))),
 }
 # family -> the sliding-window layers, which stay dense (layer 0 is dense by dense_layers=1)
 SLIDING = {"mistral-sliding": {1, 2, 3}, "qwen2-sliding": {2, 3}, "gemma3": {2}}
-# family -> why retro_compile refuses it (transformers runs its attention eagerly only)
-REFUSED = {"gemma2": "does not support SDPA attention", "gpt-oss": "does not support SDPA attention"}
+# family -> why retro_compile refuses it: transformers runs its attention eagerly only, or its cache
+# holds a compressed latent (multi-head latent attention) instead of per-head keys and values
+REFUSED = {"gemma2": "does not support SDPA attention", "gpt-oss": "does not support SDPA attention",
+           "deepseek-v3": "multi-head latent attention"}
 FULL = RetroConfig(mode="retro", budget=128, page_size=8, dense_layers=1, max_context=128)
 SMALL = RetroConfig(mode="retro", budget=16, page_size=8, dense_layers=1, max_context=128)
 

@@ -34,7 +34,8 @@ def is_hf_causal_lm(model: torch.nn.Module) -> bool:
 
 
 def check_sdpa_support(model: torch.nn.Module) -> None:
-    """Raise if the architecture cannot run SDPA attention (so there would be nothing to rewrite).
+    """Raise if the architecture cannot run SDPA attention (so there would be nothing to rewrite), or
+    if its cache holds something other than per-head keys and values (multi-head latent attention).
 
     Attention logit softcapping (Gemma 2) is refused whatever the model class says: transformers
     before 5.24 declared SDPA support for Gemma 2 and dropped the softcap there."""
@@ -45,6 +46,13 @@ def check_sdpa_support(model: torch.nn.Module) -> None:
             f"retro_compile: {type(model).__name__} does not support SDPA attention in transformers "
             f"({why}), so there is no SDPA call site to rewrite. "
             "Use an architecture that supports attn_implementation='sdpa'."
+        )
+    latent = getattr(text_config(model.config), "kv_lora_rank", None)
+    if latent:
+        raise ValueError(
+            f"retro_compile: {type(model).__name__} uses multi-head latent attention (kv_lora_rank={latent}): its "
+            "cache holds a compressed latent, not the per-head keys and values that page selection summarises, "
+            "and this package does not serve it yet. Run the model without retro_compile."
         )
 
 
