@@ -61,15 +61,23 @@ FAMILIES = {
         num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
         first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16,
         v_head_dim=16, n_group=1, topk_group=1))),
+    "jamba": lambda: tf.JambaForCausalLM(tf.JambaConfig(**common(
+        attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, num_experts=2,
+        mamba_d_state=8, mamba_expand=2, use_mamba_kernels=False))),
+    "bamba": lambda: tf.BambaForCausalLM(tf.BambaConfig(**common(
+        attn_layer_indices=[1, 3], mamba_n_heads=4, mamba_d_head=32, mamba_d_state=8, mamba_n_groups=1))),
+    "lfm2": lambda: tf.Lfm2ForCausalLM(tf.Lfm2Config(**common(layer_types=["conv", "full_attention"] * 2))),
     "gpt-oss": lambda: tf.GptOssForCausalLM(tf.GptOssConfig(**common(head_dim=16, sliding_window=WINDOW,
                                                                      num_local_experts=4, num_experts_per_tok=2))),
 }
 # family -> the sliding-window layers, which stay dense (layer 0 is dense by dense_layers=1)
 SLIDING = {"mistral-sliding": {1, 2, 3}, "qwen2-sliding": {2, 3}, "gemma3": {2}}
-# family -> why retro_compile refuses it: transformers runs its attention eagerly only, or its cache
-# holds a compressed latent (multi-head latent attention) instead of per-head keys and values
+# family -> why retro_compile refuses it: transformers runs its attention eagerly only, its cache
+# holds a compressed latent (multi-head latent attention) instead of per-head keys and values, or it
+# has recurrent or convolution layers, whose state the window's re-fed tokens would advance twice
 REFUSED = {"gemma2": "does not support SDPA attention", "gpt-oss": "does not support SDPA attention",
-           "deepseek-v3": "multi-head latent attention"}
+           "deepseek-v3": "multi-head latent attention", "jamba": r"layer types \['linear_attention'\] are not supported",
+           "bamba": r"layer types \['linear_attention'\] are not supported", "lfm2": r"layer types \['conv'\] are not supported"}
 FULL = RetroConfig(mode="retro", budget=128, page_size=8, dense_layers=1, max_context=128)
 SMALL = RetroConfig(mode="retro", budget=16, page_size=8, dense_layers=1, max_context=128)
 

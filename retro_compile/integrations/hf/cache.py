@@ -55,7 +55,9 @@ def sliding_layers(hf_config: Any) -> SlidingLayers | None:
         other = sorted(set(types) - {"full_attention", "sliding_attention"})
         if other:
             raise ValueError(f"retro_compile: layer types {other} are not supported (full_attention and "
-                             "sliding_attention are)")
+                             "sliding_attention are): the driver's static cache holds no recurrent or convolution "
+                             "state, and a decode step feeds the window's last tokens again, which would advance "
+                             "such a state twice")
         layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
         return SlidingLayers(window, layers, by_type=True) if layers else None
     if window and getattr(text, "use_sliding_window", True):
