@@ -3,8 +3,10 @@
 For each family: at a budget covering the whole context, ``retro_compile`` gives the untouched
 model's greedy tokens (batch 2, left padding); a small budget decodes to the end; every attention
 layer is either rewritten or declined with its reason. A family whose attention transformers
-runs eagerly only (no SDPA call to rewrite), or whose cache holds a compressed latent (DeepSeek's
-multi-head latent attention), is refused with that reason, and the model is left as it was. No family has code of its own in the package.
+runs eagerly only (no SDPA call to rewrite), whose cache holds a compressed latent (DeepSeek's
+multi-head latent attention), or that has recurrent or convolution layers beside attention (Jamba,
+Bamba, LFM2) is refused with that reason, and the model is left as it was. No family has code of
+its own in the package.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ WINDOW = 16  # sliding window of the families that have one: shorter than the pr
 
 
 def common(**extra):
-    return dict(dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=1024), **extra)
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=1024)
+    return {**base, **extra}  # a family's own settings win
 
 
 ALTERNATING = ["sliding_attention", "full_attention"] * 2

@@ -342,20 +342,18 @@ class DecodeWindowDriver:
             self.cache = cache
             self.length = int(cache.get_seq_length())
         self.check_request(self.length + n)
-        lead = self.lead_padding(self.length + n) if self.length == 0 else 0
-        if lead:  # a short prompt: padding slots first (see lead_padding), and only the prompt's rows out
+        lead = self.lead_padding(n) if self.length == 0 else 0
+        if lead:  # a short prompt: padding slots first (see lead_padding)
             input_ids, attention_mask, position_ids = self._lead_padded(lead, input_ids, attention_mask, position_ids)
-            out = self._prefill(input_ids, attention_mask, position_ids, cache, kwargs)
-            if out.logits.shape[1] > n:
-                out.logits = out.logits[:, -n:]
-            return out
         out = None
         max_tokens = self.config.prefill_tokens
         if self.chunk_positions:
             max_tokens = min(max_tokens, self.chunk_positions * batch)
-        for begin, end in prefill_chunks(n, batch, max_tokens):
+        for begin, end in prefill_chunks(n + lead, batch, max_tokens):
             out = self._prefill_chunk(input_ids[:, begin:end], attention_mask,
                                       None if position_ids is None else position_ids[..., begin:end], kwargs)
+        if out.logits.shape[1] > n:  # the padding slots' rows are not the caller's
+            out.logits = out.logits[:, -n:]
         return out
 
     def _prefill_chunk(self, input_ids, attention_mask, position_ids, kwargs):
