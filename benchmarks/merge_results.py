@@ -6,7 +6,7 @@ their per-length results joined, a length that two files both hold is an error, 
 invocations are listed under ``setup.invocations``. RULER averages and paired differences to
 dense are computed again over the merged rows, and the plot is drawn again.
 
-    python benchmarks/merge_results.py a.json b.json --out results/ruler_qwen2.5-coder_h200.json
+    python benchmarks/merge_results.py a.json b.json --out results/ruler_qwen2.5-coder.json
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ def merge(datas: list[dict], names: list[str]) -> dict:
     results = sorted(rows.values(), key=lambda r: (r["budget"] or 0, ORDER[r["mode"]], r["window"], r["sink_pages"]))
     setup = dict(datas[0]["setup"])
     setup["lengths"] = sorted({int(n) for r in results for n in r.get("accuracy", {})}) or setup.get("lengths")
-    setup["invocations"] = [dict(file=name, **{k: d["setup"].get(k) for k in ("lengths", "budgets", "modes", "window",
-                                                                         "samples", "gpu")})
-                            for name, d in zip(names, datas)]
+    setup["invocations"] = []
+    for name, d in zip(names, datas):  # a merged file brings the invocations it was merged from
+        setup["invocations"] += d["setup"].get("invocations") or [
+            dict(file=name, **{k: d["setup"].get(k) for k in ("lengths", "budgets", "modes", "window", "samples", "gpu")})]
     out = dict(task=task, setup=setup, results=results)
     if task == "ruler":
         out["averaged_tasks"] = add_averages(results)

@@ -97,6 +97,22 @@ def test_the_difference_to_dense_is_paired_by_sample():
         "| dense | 50.0 | 0.0 | 50.0 |  |", "| quest @ 512 | 25.0 | 0.0 | 25.0 | -25.0 ± 25.0 |"]
 
 
+def test_retro_is_paired_with_quest_at_its_own_budget():
+    """vs_quest: retro's paired difference to the quest row of the same budget and sink pages,
+    over the tasks dense passes; no other row gets one (hand-computed)."""
+    def row(mode, budget, a, sink=0):
+        return dict(mode=mode, budget=budget, window=2 if mode == "retro" else 1, sink_pages=sink,
+                    accuracy={"4096": {"a": sum(a) / 4, "b": 0.0}}, scores={"4096": {"a": a, "b": [0.0] * 4}})
+
+    rows = [row("dense", None, [100.0] * 4), row("quest", 512, [0.0, 0.0, 100.0, 0.0]),
+            row("quest", 1024, [100.0] * 4), row("retro", 512, [100.0, 0.0, 100.0, 0.0]),
+            row("retro", 512, [0.0] * 4, sink=1)]
+    add_averages(rows)
+    # task a only: diffs 100, 0, 0, 0 against quest @ 512: mean 25, sample variance 2500, SE 25
+    assert rows[3]["vs_quest"] == {"4096": {"difference": 25.0, "standard_error": 25.0}}
+    assert all("vs_quest" not in r for r in rows[:3] + rows[4:])  # no quest row with one sink page
+
+
 @pytest.mark.slow
 @needs_model
 def test_the_ruler_command_scores_a_real_model(tmp_path, monkeypatch):

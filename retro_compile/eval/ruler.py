@@ -384,7 +384,8 @@ def join_lengths(into: dict, row: dict) -> None:
 def add_averages(rows: list[dict], dense_floor: float = DENSE_FLOOR) -> dict[str, list[str]]:
     """Give each result row (``accuracy``: {length: {task: %}}) an ``average`` per length over the
     tasks the dense row scores above ``dense_floor`` on (every task without a dense row); returns
-    those tasks per length."""
+    those tasks per length. Rows with per-sample ``scores`` also get ``vs_dense``, and retro rows
+    ``vs_quest`` (against quest at the same budget and sink pages), paired by sample."""
     dense = next((row for row in rows if row["mode"] == "dense"), None)
     averaged: dict[str, list[str]] = {}
     for row in rows:
@@ -393,10 +394,18 @@ def add_averages(rows: list[dict], dense_floor: float = DENSE_FLOOR) -> dict[str
             tasks = [t for t in per_task if dense is None or dense["accuracy"].get(length, {}).get(t, 0.0) > dense_floor]
             averaged[length] = tasks
             row["average"][length] = sum(per_task[t] for t in tasks) / len(tasks) if tasks else None
-        if dense is not None and "scores" in row:  # the lengths both rows have (a run may stop early)
-            row["vs_dense"] = {length: paired_difference(row["scores"][length], dense["scores"][length], tasks)
-                               for length, tasks in averaged.items()
-                               if length in row["scores"] and length in dense["scores"]}
+
+    def versus(row: dict, other: dict) -> dict:  # the lengths both rows have (a run may stop early)
+        return {length: paired_difference(row["scores"][length], other["scores"][length], tasks)
+                for length, tasks in averaged.items() if length in row["scores"] and length in other["scores"]}
+
+    for row in rows:
+        if dense is not None and "scores" in row:
+            row["vs_dense"] = versus(row, dense)
+        quest = next((r for r in rows if r["mode"] == "quest" and r.get("budget") == row.get("budget")
+                      and r.get("sink_pages") == row.get("sink_pages")), None)
+        if row["mode"] == "retro" and quest is not None and "scores" in row and "scores" in quest:
+            row["vs_quest"] = versus(row, quest)
     return averaged
 
 
