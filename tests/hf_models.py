@@ -73,6 +73,7 @@ class HandDriven:
         self.sliding = {i for i, t in enumerate(types) if t == "sliding_attention"}
         self.sliding_window = getattr(model.config, "sliding_window", None)
         self.states = {}
+        self.prefill = None  # the phase said to the op (None: inferred from the rows)
         self.captured = {}  # layer index -> hidden states entering that layer on the last call
         AttentionInterface.register(self.NAME, self._attention)
         AttentionMaskInterface.register(self.NAME, sdpa_mask)
@@ -94,7 +95,8 @@ class HandDriven:
             if layer not in self.states:
                 self.states[layer] = allocate(StateShape.of_call(q, k, v, self.config.num_pages, self.config.window,
                                                                   self.config.summaries))
-            out = retro_attention(q, k, v, mask, self.states[layer], sparse_params(self.config), scale=scaling)
+            out = retro_attention(q, k, v, mask, self.states[layer], sparse_params(self.config), scale=scaling,
+                                  prefill=self.prefill)
         return out.transpose(1, 2), None
 
     @torch.no_grad()
@@ -132,6 +134,43 @@ class HandDriven:
             out = self.model(input_ids=history[:, -w:], attention_mask=self._masks(mask, rows),
                              position_ids=pos_ids[:, -w:], **{cache_arg: cache})
         return torch.stack(tokens, dim=1), logits, cache
+
+    @torch.no_grad()
+    def replay(self, calls):
+        """Replays one unpadded row's forward calls and cache crops as the driver serves them.
+
+        ``calls``: ("feed", ids (1, n)) and ("crop", k). A feed of several tokens is a prefill
+        chunk at the next slots (dense rows; the op rebuilds the state); a feed of one token is a
+        decode step over the window (the last ``w - 1`` tokens again). A crop drops the newest ``k``
+        slots, and the next feed is a prefill chunk led by the last ``w - 1`` kept tokens. Returns
+        the logits of each feed's own rows, (1, n, V) each.
+        """
+        w, length = self.config.window, self.config.max_context
+        cache = StaticCache(config=self.model.config, max_cache_len=length)
+        cache_arg = cache_argument(self.model)
+        history = torch.zeros(1, 0, dtype=torch.long)
+        slots, refeed, out = 0, False, []
+        j = torch.arange(length)
+        for kind, arg in calls:
+            if kind == "crop":
+                rewind(cache, arg)
+                slots -= arg
+                history = history[:, :slots]
+                refeed = True
+                continue
+            n = arg.shape[1]
+            history = torch.cat([history, arg], dim=1)
+            again = w - 1 if refeed or n == 1 else 0
+            rows = torch.arange(slots - again, slots + n)
+            rewind(cache, again)
+            self.prefill = n > 1 or refeed
+            mask = (j <= rows[:, None])[None, None] & (j < slots + n)
+            logits = self.model(input_ids=history[:, slots - again:], attention_mask=mask, position_ids=rows[None],
+                                **{cache_arg: cache}).logits
+            out.append(logits[:, again:].float())
+            slots, refeed = slots + n, False
+        self.prefill = None
+        return out
 
     def _masks(self, mask, rows):
         """The forward's masks: per layer type where the model has sliding-window layers."""

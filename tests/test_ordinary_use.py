@@ -147,21 +147,14 @@ def test_inference_mode_no_grad_and_plain_calls_in_any_order(first):
             assert torch.equal(greedy(model, ids, mask, 5), expected), name
 
 
-@pytest.mark.parametrize("option", [dict(prompt_lookup_num_tokens=3), dict(assistant_early_exit=2)])
-def test_assisted_decoding_is_refused_up_front(option):
+def test_early_exit_drafting_is_refused_up_front():
+    """Assisted decoding with an assistant model or prompt lookup is served (tests/test_speculative.py);
+    drafting with the model's own first layers is refused before anything compiles."""
     model = retro_compile(tiny_model(), FULL)
     ids, mask = prompts(1, 100)
-    name = next(iter(option))
-    with pytest.raises(ValueError, match=rf"generate\({name}=...\) \(assisted or speculative decoding\) is not supported"):
-        greedy(model, ids, mask, 10, **option)
+    with pytest.raises(ValueError, match=r"generate\(assistant_early_exit=...\) is not supported"):
+        greedy(model, ids, mask, 10, assistant_early_exit=2)
     assert model.retro_state.layers() == [], "the refused request compiled or ran something"
-
-
-def test_assistant_model_is_refused_up_front():
-    model = retro_compile(tiny_model(), FULL)
-    ids, mask = prompts(1, 100)
-    with pytest.raises(ValueError, match=r"generate\(assistant_model=...\)"):
-        greedy(model, ids, mask, 10, assistant_model=tiny_model(seed=1))
 
 
 def test_inputs_embeds_is_refused_up_front():

@@ -193,6 +193,11 @@ class DecodeWindowDriver:
         self.length = 0  # positions written in the cache
         self.steps = 0  # decode steps of this request
         self.request_mask = request_mask
+        # The ids of the last forward call of several tokens, after the w - 1 before it, and how many
+        # of them crop() may drop (see crop); refeed: the next call feeds the last w - 1 again.
+        self.fed: torch.Tensor | None = None
+        self.droppable = 0
+        self.refeed = False
 
     # ---------------------------------------------------------------------------------------------
     # Requests and caches
@@ -221,11 +226,39 @@ class DecodeWindowDriver:
             while len(self._caches) >= self.max_cached_batches:
                 self.release(next(iter(self._caches)))
             cache = static_cache(self.model, batch, self.config.max_context, device, full_length=True)
+            cache.crop = functools.partial(self.crop, cache)
         else:
             for layer in cache.layers:
                 layer.cumulative_length.zero_()
         self._caches[batch] = cache
         return cache
+
+    def crop(self, cache: Any, tokens: int) -> None:
+        """``cache.crop(tokens)`` on the driver's cache: drop the newest ``-tokens`` positions, as
+        transformers' assisted and prompt-lookup decoding do with rejected draft tokens (a positive
+        ``tokens`` is the length to keep, as older transformers passed it).
+
+        Only tokens of the last forward call of several tokens can go, never its first. The sparse
+        layers' decode state still holds what the dropped rows left (in page summaries, ``last`` and
+        the output cache), so the next call feeds the last ``w - 1`` kept tokens again, in a prefill
+        chunk that rebuilds that state from the kept cache alone (:meth:`_prefill`).
+        """
+        remove = self.length - tokens if tokens > 0 else -tokens
+        if remove == 0:
+            return
+        if cache is not self.cache or not 0 < remove <= self.droppable:
+            raise ValueError(f"retro_compile: cannot crop {remove} positions from the cache: only the tokens of the "
+                             f"last forward call of several tokens, after its first, can be dropped ({self.droppable} "
+                             "here)")
+        rewind(cache, remove)
+        self.length -= remove
+        self.droppable -= remove
+        self.fed = self.fed[:, :-remove]
+        buffers = self._buffers[self.fed.shape[0]]
+        buffers.valid[:, self.length:] = False
+        buffers.next_pos.sub_(remove)
+        buffers.recent.copy_(self.fed[:, self.fed.shape[1] - buffers.recent.shape[1]:])
+        self.refeed = True
 
     def release(self, batch: int | None = None) -> None:
         """Free the static cache and CUDA graph kept for ``batch`` (every batch size if None)."""
@@ -322,8 +355,8 @@ class DecodeWindowDriver:
 
     def decodes(self, cache: Any, rows: int) -> bool:
         """Whether a forward call of ``rows`` new tokens on ``cache`` is a decode step (one token on
-        the cache of the request in progress); any other call is a prefill."""
-        return cache is not None and cache is self.cache and rows == 1
+        the cache of the request in progress, not right after a crop); any other call is a prefill."""
+        return cache is not None and cache is self.cache and rows == 1 and not self.refeed
 
     def lead_padding(self, prompt: int) -> int:
         """Padding slots the driver puts before a prompt of ``prompt`` tokens: a decode step's window
@@ -342,17 +375,27 @@ class DecodeWindowDriver:
             self.cache = cache
             self.length = int(cache.get_seq_length())
         self.check_request(self.length + n)
+        buffers = self._buffers_for(batch, input_ids.device)
+        before = buffers.recent.clone()
         lead = self.lead_padding(n) if self.length == 0 else 0
         if lead:  # a short prompt: padding slots first (see lead_padding)
             input_ids, attention_mask, position_ids = self._lead_padded(lead, input_ids, attention_mask, position_ids)
+        elif self.refeed:  # after a crop: the last w - 1 kept tokens again (see crop)
+            input_ids, position_ids = torch.cat([before, input_ids], dim=1), None  # positions: counted from valid
+            rewind(cache, before.shape[1])
+            self.length -= before.shape[1]
+            self.refeed = False
         out = None
         max_tokens = self.config.prefill_tokens
         if self.chunk_positions:
             max_tokens = min(max_tokens, self.chunk_positions * batch)
-        for begin, end in prefill_chunks(n + lead, batch, max_tokens):
+        for begin, end in prefill_chunks(input_ids.shape[1], batch, max_tokens):
             out = self._prefill_chunk(input_ids[:, begin:end], attention_mask,
                                       None if position_ids is None else position_ids[..., begin:end], kwargs)
-        if out.logits.shape[1] > n:  # the padding slots' rows are not the caller's
+        # crop() may drop the call's tokens after its first, as long as more than w slots stay (lead_padding)
+        self.fed = torch.cat([before, input_ids], dim=1)
+        self.droppable = max(0, min(n - 1, self.length - self.window - 1))
+        if out.logits.shape[1] > n:  # the padding or re-fed slots' rows are not the caller's
             out.logits = out.logits[:, -n:]
         return out
 
@@ -412,6 +455,8 @@ class DecodeWindowDriver:
         mask = mask.to(device=device, dtype=torch.bool)
         if mask.shape[0] != batch:  # generate() repeats each prompt for num_return_sequences
             mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
+        if mask.shape[1] < length:  # tokens after the prompt's mask: generated or drafted, never padding
+            mask = torch.nn.functional.pad(mask, (0, length - mask.shape[1]), value=True)
         mask = mask[:, :length]
         return None if bool(mask.all()) else mask
 
@@ -456,4 +501,5 @@ class DecodeWindowDriver:
                 logits = self.run_step(input_ids, self.cache, buffers)
         self.length += 1
         self.steps += 1
+        self.fed, self.droppable = None, 0
         return causal_lm_output(logits[:, None], self.cache)

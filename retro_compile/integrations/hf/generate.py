@@ -36,9 +36,6 @@ def _prompt_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
 
 
-ASSISTED_DECODING = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
-
-
 def check_generate_options(generation: Any, kwargs: dict[str, Any]) -> None:
     """Refuse, before any work, the generate() options whose cache use the decode state does not follow."""
     if (kwargs.get("num_beams") or generation.num_beams or 1) > 1:
@@ -47,11 +44,10 @@ def check_generate_options(generation: Any, kwargs: dict[str, Any]) -> None:
     if kwargs.get("inputs_embeds") is not None:
         raise ValueError("retro_compile: generate(inputs_embeds=...) is not supported: each decode step feeds the "
                          "window's last tokens again by their ids; pass input_ids instead")
-    for name in ASSISTED_DECODING:
-        if kwargs.get(name) is not None or getattr(generation, name, None) is not None:
-            raise ValueError(f"retro_compile: generate({name}=...) (assisted or speculative decoding) is not "
-                             "supported: it feeds several new tokens a step and crops the cache when it rejects "
-                             "some, which the decode state does not follow; generate without it")
+    if kwargs.get("assistant_early_exit") is not None or getattr(generation, "assistant_early_exit", None) is not None:
+        raise ValueError("retro_compile: generate(assistant_early_exit=...) is not supported: its drafts run the "
+                         "model's own first layers on the same cache, outside the decode window; use "
+                         "assistant_model=... or prompt_lookup_num_tokens=... (both supported) instead")
 
 
 def take_prefill_chunk_size(generation: Any, kwargs: dict[str, Any]) -> int | None:
