@@ -170,6 +170,9 @@ class DecodeWindowDriver:
         # function runs (it cuts the cache to the mask); a model that calls SDPA itself needs them full width.
         self.cuts_keys = getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME
         self.generating = False  # inside the wrapped generate(): every forward call is the driver's
+        self.drafting = False  # generate()'s drafts are the sparse step's (RetroConfig.draft_tokens)
+        # Over the last generate() with drafts: verification rounds, tokens drafted, drafts accepted.
+        self.draft_counts = dict(rounds=0, drafted=0, accepted=0)
         self.chunk_positions: int | None = None  # generate(prefill_chunk_size=...) of the request in progress
         self._caches: OrderedDict[int, Any] = OrderedDict()  # batch size -> the driver's own static cache
         self._buffers: dict[int, WindowBuffers] = {}
@@ -190,6 +193,7 @@ class DecodeWindowDriver:
         """Forget the current sequence: the next call must be a prefill. ``request_mask`` is the 2D
         padding mask the coming request was given (generate() hands the model none of its own)."""
         self.cache: Any = None
+        self.batch = 0  # the request's rows
         self.length = 0  # positions written in the cache
         self.steps = 0  # decode steps of this request
         self.request_mask = request_mask
@@ -250,15 +254,29 @@ class DecodeWindowDriver:
             raise ValueError(f"retro_compile: cannot crop {remove} positions from the cache: only the tokens of the "
                              f"last forward call of several tokens, after its first, can be dropped ({self.droppable} "
                              "here)")
-        rewind(cache, remove)
+        kept = self.fed[:, :-remove]
+        self._move_back(remove, kept[:, kept.shape[1] - self.window + 1:])
+
+    def draft_mark(self) -> tuple[int, torch.Tensor]:
+        """Where the request stands, for :meth:`rollback` to return to."""
+        return self.length, self._buffers[self.batch].recent.clone()
+
+    def rollback(self, mark: tuple[int, torch.Tensor]) -> None:
+        """Undo every position written since :meth:`draft_mark` gave ``mark`` (decode steps that
+        drafted tokens); the next call rebuilds the state, as after a crop."""
+        length, recent = mark
+        self._move_back(self.length - length, recent)
+
+    def _move_back(self, remove: int, recent: torch.Tensor) -> None:
+        """Forget the newest ``remove`` cache positions; ``recent``: the ids of the ``w - 1`` tokens
+        that end the kept ones. The next call feeds those again (see :meth:`crop`)."""
+        rewind(self.cache, remove)
         self.length -= remove
-        self.droppable -= remove
-        self.fed = self.fed[:, :-remove]
-        buffers = self._buffers[self.fed.shape[0]]
+        buffers = self._buffers[self.batch]
         buffers.valid[:, self.length:] = False
         buffers.next_pos.sub_(remove)
-        buffers.recent.copy_(self.fed[:, self.fed.shape[1] - buffers.recent.shape[1]:])
-        self.refeed = True
+        buffers.recent.copy_(recent)
+        self.fed, self.droppable, self.refeed = None, 0, True
 
     def release(self, batch: int | None = None) -> None:
         """Free the static cache and CUDA graph kept for ``batch`` (every batch size if None)."""
@@ -372,7 +390,7 @@ class DecodeWindowDriver:
         batch, n = input_ids.shape
         if cache is not self.cache:
             self.reset(self.request_mask)
-            self.cache = cache
+            self.cache, self.batch = cache, batch
             self.length = int(cache.get_seq_length())
         self.check_request(self.length + n)
         buffers = self._buffers_for(batch, input_ids.device)

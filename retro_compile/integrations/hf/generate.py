@@ -13,6 +13,7 @@ import torch
 from ...config import RetroConfig
 from ...state import StateStore
 from .cache import SlidingLayers
+from .drafts import draft_candidates
 from .driver import DecodeWindowDriver
 
 
@@ -50,6 +51,20 @@ def check_generate_options(generation: Any, kwargs: dict[str, Any]) -> None:
                          "assistant_model=... or prompt_lookup_num_tokens=... (both supported) instead")
 
 
+def check_drafting(generation: Any, kwargs: dict[str, Any], ids: torch.Tensor | None) -> None:
+    """Refuse, before any work, a request that ``RetroConfig.draft_tokens`` cannot serve."""
+    for name in ("assistant_model", "prompt_lookup_num_tokens"):
+        if kwargs.get(name) is not None or getattr(generation, name, None) is not None:
+            raise ValueError(f"retro_compile: generate({name}=...) brings drafts of its own, and RetroConfig.draft_tokens "
+                             "drafts with the sparse step; use one of them")
+    copies = kwargs.get("num_return_sequences") or generation.num_return_sequences or 1
+    rows = (1 if ids is None else ids.shape[0]) * copies
+    if rows != 1:
+        raise ValueError(f"retro_compile: RetroConfig.draft_tokens decodes one row a request (transformers' assisted "
+                         f"generation does), and this one has {rows}; generate the rows one at a time, or set "
+                         "draft_tokens=0")
+
+
 def take_prefill_chunk_size(generation: Any, kwargs: dict[str, Any]) -> int | None:
     """Take ``prefill_chunk_size`` out of generate()'s arguments (and out of a copy of its
     generation config) for the driver to chunk the prompt with: transformers would feed the chunks
@@ -71,8 +86,9 @@ def take_prefill_chunk_size(generation: Any, kwargs: dict[str, Any]) -> int | No
 def driver_methods(model: torch.nn.Module, config: RetroConfig, store: StateStore,
                    compile_prefill: Callable[[], Callable], compile_step: Callable[[], Callable], cuda_graphs: bool,
                    sliding: SlidingLayers | None) -> tuple[DecodeWindowDriver, dict[str, Callable]]:
-    """The driver, and the ``forward``, ``generate`` and ``create_masks_for_generate`` that route the
-    model's calls through it (a generate() that runs every request on the driver's static cache)."""
+    """The driver, and the ``forward``, ``generate``, ``create_masks_for_generate`` and
+    ``_get_candidate_generator`` that route the model's calls through it (a generate() that runs
+    every request on the driver's static cache)."""
     from transformers import masking_utils
 
     driver = DecodeWindowDriver(model, config, store, compile_prefill, compile_step, cuda_graphs, sliding)
@@ -85,7 +101,7 @@ def driver_methods(model: torch.nn.Module, config: RetroConfig, store: StateStor
         try:
             return _generate(*args, **kwargs)
         finally:
-            driver.generating, driver.chunk_positions = False, None
+            driver.generating, driver.chunk_positions, driver.drafting = False, None, False
 
     def _generate(*args: Any, **kwargs: Any) -> Any:
         request = requested_positions(model, args, kwargs)
@@ -93,9 +109,13 @@ def driver_methods(model: torch.nn.Module, config: RetroConfig, store: StateStor
             driver.check_request(*request)
         generation = kwargs.get("generation_config") or model.generation_config
         check_generate_options(generation, kwargs)
+        ids = _prompt_ids(args, kwargs)
+        if config.draft_tokens:
+            check_drafting(generation, kwargs, ids)
+            kwargs["prompt_lookup_num_tokens"] = config.draft_tokens  # makes generate() decode with drafts
+            driver.drafting, driver.draft_counts = True, dict(rounds=0, drafted=0, accepted=0)
         driver.chunk_positions = take_prefill_chunk_size(generation, kwargs)
         driver.reset(kwargs.get("attention_mask"))
-        ids = _prompt_ids(args, kwargs)
         if kwargs.get(cache_arg) is None and kwargs.get("past_key_values") is None and ids is not None:
             copies = kwargs.get("num_return_sequences") or generation.num_return_sequences or 1
             kwargs[cache_arg] = driver.cache_for(ids.shape[0] * copies, ids.device)
@@ -107,6 +127,15 @@ def driver_methods(model: torch.nn.Module, config: RetroConfig, store: StateStor
         if driver.generating or driver.serves(kwargs):
             return driver.forward(*args, **kwargs)
         return original_forward(*args, **kwargs)  # the model's own computation: scoring, losses, features
+
+    original_candidates = model._get_candidate_generator
+
+    def _get_candidate_generator(*args: Any, **kwargs: Any) -> Any:
+        """generate()'s drafts: the sparse decode step's where ``RetroConfig.draft_tokens`` asks for them."""
+        if driver.drafting:
+            generation = kwargs["generation_config"] if "generation_config" in kwargs else args[0]
+            return draft_candidates(driver, config.draft_tokens, generation.max_length)
+        return original_candidates(*args, **kwargs)
 
     original_masks = getattr(model, "create_masks_for_generate", masking_utils.create_masks_for_generate)
 
@@ -121,4 +150,5 @@ def driver_methods(model: torch.nn.Module, config: RetroConfig, store: StateStor
         return original_masks(*args, **kwargs)
 
     # generate() looks create_masks_for_generate up on the model
-    return driver, dict(forward=forward, generate=generate, create_masks_for_generate=create_masks_for_generate)
+    return driver, dict(forward=forward, generate=generate, create_masks_for_generate=create_masks_for_generate,
+                        _get_candidate_generator=_get_candidate_generator)
