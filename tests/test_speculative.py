@@ -37,8 +37,8 @@ def _prompt(pad: int = 0):
 
 
 def _spy(model):
-    """Record the driver's forward calls as ("feed", ids) and the crops between them as ("crop", k),
-    with the logits each feed returned."""
+    """Record the driver's forward calls as ("feed", ids), the positions dropped between them (a
+    crop, or the rollback of drafts) as ("crop", k), and the logits each feed returned."""
     driver = model.retro_driver
     calls, logits, after = [], [], [0]
     forward = driver.forward
