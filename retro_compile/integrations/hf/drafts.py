@@ -6,7 +6,7 @@ greedily; the driver then rolls those steps back (:meth:`DecodeWindowDriver.roll
 generate() feeds the newest accepted token and the drafts as one call, which the driver serves as
 a prefill chunk: its rows attend densely over the cache, so every token generate() keeps comes
 from a dense row. Rejected drafts are cropped as in any assisted decoding (:meth:`DecodeWindowDriver.crop`).
-Greedy tokens are the dense model's; sampling samples the dense model's distribution.
+Greedy tokens are the dense model's; sampled tokens are drawn from the dense rows' distribution.
 """
 
 from __future__ import annotations
