@@ -153,6 +153,7 @@ class DecodeWindowDriver:
     # Compiled functions (and the decode state their graphs hold, about 1/page_size of a cache's
     # bytes) kept for this many batch sizes; a batch size evicted and seen again compiles afresh.
     max_compiled_batches = 8
+    few_rows = 64  # a prefill call of at most this many tokens computes every row's logits (see _prefill)
 
     def __init__(self, model: torch.nn.Module, config: RetroConfig, store: StateStore,
                  compile_prefill: Callable[[], Callable], compile_step: Callable[[], Callable], cuda_graphs: bool,
@@ -339,8 +340,12 @@ class DecodeWindowDriver:
 
         Only a request's first step can compile: later ones feed the same tensors, so they call the
         compiled step directly, without the recompile-limit guard (entering ``config.patch`` costs
-        about 80 us on the host, a few percent of a step where no CUDA graph replays it)."""
-        args = (ids, cache, buffers.valid, buffers.next_pos, buffers.recent)
+        about 80 us on the host, a few percent of a step where no CUDA graph replays it). The same
+        tensors: the new ids go in through ``buffers.ids``, since the caller's may be a slice whose
+        row stride changes every step (``input_ids[:, -1:]``), and Dynamo would compile the step
+        again for each, past its recompile limit running it uncompiled, with dense attention."""
+        buffers.ids.copy_(ids)
+        args = (buffers.ids, cache, buffers.valid, buffers.next_pos, buffers.recent)
         if self.steps > 0:
             return self._compiled_for(ids.shape[0]).step(*args)
         return self._run_compiled(ids.shape[0], "step", *args)
@@ -403,6 +408,11 @@ class DecodeWindowDriver:
             rewind(cache, before.shape[1])
             self.length -= before.shape[1]
             self.refeed = False
+        keep = kwargs.get("logits_to_keep")
+        if isinstance(keep, int) and 0 < keep and n <= self.few_rows:
+            # A call of a few tokens (drafts to verify) asks for a different number of rows' logits
+            # each time; every int is a compiled variant of its own, so it gets them all, cut below.
+            kwargs = {**kwargs, "logits_to_keep": 0}
         out = None
         max_tokens = self.config.prefill_tokens
         if self.chunk_positions:
@@ -413,8 +423,9 @@ class DecodeWindowDriver:
         # crop() may drop the call's tokens after its first, as long as more than w slots stay (lead_padding)
         self.fed = torch.cat([before, input_ids], dim=1)
         self.droppable = max(0, min(n - 1, self.length - self.window - 1))
-        if out.logits.shape[1] > n:  # the padding or re-fed slots' rows are not the caller's
-            out.logits = out.logits[:, -n:]
+        rows = keep if isinstance(keep, int) and 0 < keep < n else n
+        if out.logits.shape[1] > rows:  # the padding or re-fed slots' rows, or rows not asked for
+            out.logits = out.logits[:, -rows:]
         return out
 
     def _prefill_chunk(self, input_ids, attention_mask, position_ids, kwargs):
