@@ -403,8 +403,8 @@ def add_averages(rows: list[dict], dense_floor: float = DENSE_FLOOR) -> dict[str
         if dense is not None and "scores" in row:
             row["vs_dense"] = versus(row, dense)
         quest = next((r for r in rows if r["mode"] == "quest" and r.get("budget") == row.get("budget")
-                      and r.get("sink_pages") == row.get("sink_pages")), None)
-        if row["mode"] == "retro" and quest is not None and "scores" in row and "scores" in quest:
+                      and r.get("sink_pages") == row.get("sink_pages") and "scores" in r), None)
+        if row["mode"] == "retro" and "scores" in row and quest is not None:
             row["vs_quest"] = versus(row, quest)
     return averaged
 

@@ -23,7 +23,7 @@ def draft_candidates(driver: Any, tokens: int, max_length: int) -> Any:
     class SparseDrafts(CandidateGenerator):
         def get_candidates(self, input_ids: torch.LongTensor, **kwargs: Any) -> tuple[torch.LongTensor, None]:
             count = min(tokens, max_length - input_ids.shape[1] - 1)
-            if driver.cache is None or driver.length == 0 or count < 1:  # no prefill yet, or no room
+            if driver.cache is None or count < 1:  # no prefill yet, or no room
                 return input_ids, None
             mark = driver.draft_mark()
             drafts, newest = [], input_ids[:, -1:]

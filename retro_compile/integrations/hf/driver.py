@@ -172,8 +172,6 @@ class DecodeWindowDriver:
         self.cuts_keys = getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME
         self.generating = False  # inside the wrapped generate(): every forward call is the driver's
         self.drafting = False  # generate()'s drafts are the sparse step's (RetroConfig.draft_tokens)
-        # Over the last generate() with drafts: verification rounds, tokens drafted, drafts accepted.
-        self.draft_counts = dict(rounds=0, drafted=0, accepted=0)
         self.chunk_positions: int | None = None  # generate(prefill_chunk_size=...) of the request in progress
         self._caches: OrderedDict[int, Any] = OrderedDict()  # batch size -> the driver's own static cache
         self._buffers: dict[int, WindowBuffers] = {}
@@ -203,6 +201,8 @@ class DecodeWindowDriver:
         self.fed: torch.Tensor | None = None
         self.droppable = 0
         self.refeed = False
+        # This request's drafts (RetroConfig.draft_tokens): verification rounds, tokens drafted, drafts accepted.
+        self.draft_counts = dict(rounds=0, drafted=0, accepted=0)
 
     # ---------------------------------------------------------------------------------------------
     # Requests and caches

@@ -51,15 +51,13 @@ def check_generate_options(generation: Any, kwargs: dict[str, Any]) -> None:
                          "assistant_model=... or prompt_lookup_num_tokens=... (both supported) instead")
 
 
-def check_drafting(generation: Any, kwargs: dict[str, Any], ids: torch.Tensor | None) -> None:
+def check_drafting(generation: Any, kwargs: dict[str, Any], rows: int | None) -> None:
     """Refuse, before any work, a request that ``RetroConfig.draft_tokens`` cannot serve."""
     for name in ("assistant_model", "prompt_lookup_num_tokens"):
         if kwargs.get(name) is not None or getattr(generation, name, None) is not None:
             raise ValueError(f"retro_compile: generate({name}=...) brings drafts of its own, and RetroConfig.draft_tokens "
                              "drafts with the sparse step; use one of them")
-    copies = kwargs.get("num_return_sequences") or generation.num_return_sequences or 1
-    rows = (1 if ids is None else ids.shape[0]) * copies
-    if rows != 1:
+    if rows not in (None, 1):
         raise ValueError(f"retro_compile: RetroConfig.draft_tokens decodes one row a request (transformers' assisted "
                          f"generation does), and this one has {rows}; generate the rows one at a time, or set "
                          "draft_tokens=0")
@@ -110,15 +108,16 @@ def driver_methods(model: torch.nn.Module, config: RetroConfig, store: StateStor
         generation = kwargs.get("generation_config") or model.generation_config
         check_generate_options(generation, kwargs)
         ids = _prompt_ids(args, kwargs)
+        copies = kwargs.get("num_return_sequences") or generation.num_return_sequences or 1
+        rows = None if ids is None else ids.shape[0] * copies  # generate() repeats each prompt per sequence
         if config.draft_tokens:
-            check_drafting(generation, kwargs, ids)
+            check_drafting(generation, kwargs, rows)
             kwargs["prompt_lookup_num_tokens"] = config.draft_tokens  # makes generate() decode with drafts
-            driver.drafting, driver.draft_counts = True, dict(rounds=0, drafted=0, accepted=0)
+            driver.drafting = True
         driver.chunk_positions = take_prefill_chunk_size(generation, kwargs)
         driver.reset(kwargs.get("attention_mask"))
         if kwargs.get(cache_arg) is None and kwargs.get("past_key_values") is None and ids is not None:
-            copies = kwargs.get("num_return_sequences") or generation.num_return_sequences or 1
-            kwargs[cache_arg] = driver.cache_for(ids.shape[0] * copies, ids.device)
+            kwargs[cache_arg] = driver.cache_for(rows, ids.device)
         kwargs["disable_compile"] = True  # the driver compiles; generate() must not compile again
         return original_generate(*args, **kwargs)
 
