@@ -71,6 +71,8 @@ class HandDriven:
         # and see the keys of the last ``sliding_window`` slots.
         types = getattr(model.config, "layer_types", None) or []
         self.sliding = {i for i, t in enumerate(types) if t == "sliding_attention"}
+        # Recurrent and convolution layers read the 2D padding mask of a call's tokens, under their type
+        self.recurrent_key = "conv" if "conv" in types else "linear_attention" if {"linear_attention", "hybrid"} & set(types) else None
         self.sliding_window = getattr(model.config, "sliding_window", None)
         self.states = {}
         self.prefill = None  # the phase said to the op (None: inferred from the rows)
@@ -113,8 +115,9 @@ class HandDriven:
         j = torch.arange(length)
         mask = key_ok[:, None, None, :] & (j <= torch.arange(n)[:, None])
         mask = mask | (~mask.any(-1, keepdim=True) & (j == torch.arange(n)[:, None]))  # padded rows see themselves
-        out = self.model(input_ids=ids, attention_mask=self._masks(mask, torch.arange(n)), position_ids=pos_ids,
-                         **{cache_arg: cache})
+        padding = None if bool(attention_mask.all()) else attention_mask.bool()
+        out = self.model(input_ids=ids, attention_mask=self._masks(mask, torch.arange(n), padding),
+                         position_ids=pos_ids, **{cache_arg: cache})
         tokens, logits = [], []
         history = ids
         for step in range(new_tokens):
@@ -172,9 +175,14 @@ class HandDriven:
         self.prefill = None
         return out
 
-    def _masks(self, mask, rows):
-        """The forward's masks: per layer type where the model has sliding-window layers."""
-        if not self.sliding:
+    def _masks(self, mask, rows, padding=None):
+        """The forward's masks: per layer type where the model has sliding-window or recurrent
+        layers (these take ``padding``, the call's 2D padding mask, None where nothing is padded)."""
+        if not self.sliding and self.recurrent_key is None:
             return mask
-        near = torch.arange(mask.shape[-1]) > rows[:, None] - self.sliding_window
-        return {"full_attention": mask, "sliding_attention": mask & near}
+        masks = {"full_attention": mask}
+        if self.sliding:
+            masks["sliding_attention"] = mask & (torch.arange(mask.shape[-1]) > rows[:, None] - self.sliding_window)
+        if self.recurrent_key is not None:
+            masks[self.recurrent_key] = padding
+        return masks

@@ -2,11 +2,12 @@
 
 For each family: at a budget covering the whole context, ``retro_compile`` gives the untouched
 model's greedy tokens (batch 2, left padding); a small budget decodes to the end; every attention
-layer is either rewritten or declined with its reason. A family whose attention transformers
-runs eagerly only (no SDPA call to rewrite), whose cache holds a compressed latent (DeepSeek's
-multi-head latent attention), or that has recurrent or convolution layers beside attention (Jamba,
-Bamba, LFM2) is refused with that reason, and the model is left as it was. No family has code of
-its own in the package.
+layer is either rewritten or declined with its reason. A family with recurrent, linear-attention
+or convolution layers beside its attention (Jamba, Bamba, LFM2, Qwen3-Next, Falcon-H1, ...) decodes
+in quest mode, one token a step, and a small budget gives the tokens of the hand-driven reference.
+A family whose attention transformers runs eagerly only (no SDPA call to rewrite) or whose cache
+holds a compressed latent (DeepSeek's multi-head latent attention) is refused with that reason, and
+the model is left as it was. No family has code of its own in the package.
 """
 
 from __future__ import annotations
@@ -70,17 +71,32 @@ FAMILIES = {
     "bamba": lambda: tf.BambaForCausalLM(tf.BambaConfig(**common(
         attn_layer_indices=[1, 3], mamba_n_heads=4, mamba_d_head=32, mamba_d_state=8, mamba_n_groups=1))),
     "lfm2": lambda: tf.Lfm2ForCausalLM(tf.Lfm2Config(**common(layer_types=["conv", "full_attention"] * 2))),
+    "qwen3-next": lambda: tf.Qwen3NextForCausalLM(tf.Qwen3NextConfig(**common(
+        head_dim=16, full_attention_interval=2, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+        linear_value_head_dim=16, linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=32))),
+    "granitemoehybrid": lambda: tf.GraniteMoeHybridForCausalLM(tf.GraniteMoeHybridConfig(**common(
+        layer_types=["mamba", "attention"] * 2, mamba_n_heads=4, mamba_d_head=32, mamba_d_state=8, mamba_n_groups=1,
+        num_local_experts=4, num_experts_per_tok=2))),
+    "falcon-h1": lambda: tf.FalconH1ForCausalLM(tf.FalconH1Config(**common(
+        head_dim=16, mamba_d_ssm=128, mamba_n_heads=4, mamba_d_head=32, mamba_d_state=8, mamba_n_groups=1))),
+    "zamba2": lambda: tf.Zamba2ForCausalLM(tf.Zamba2Config(**common(
+        layers_block_type=["mamba", "hybrid"] * 2, mamba_d_state=8, mamba_headdim=16, n_mamba_heads=8, num_mem_blocks=1))),
+    "nemotron-h": lambda: tf.NemotronHForCausalLM(tf.NemotronHConfig(**common(
+        hybrid_override_pattern="M*M*", mamba_num_heads=4, mamba_head_dim=32, ssm_state_size=8, n_groups=1))),
     "gpt-oss": lambda: tf.GptOssForCausalLM(tf.GptOssConfig(**common(head_dim=16, sliding_window=WINDOW,
                                                                      num_local_experts=4, num_experts_per_tok=2))),
 }
 # family -> the sliding-window layers, which stay dense (layer 0 is dense by dense_layers=1)
 SLIDING = {"mistral-sliding": {1, 2, 3}, "qwen2-sliding": {2, 3}, "gemma3": {2}}
-# family -> why retro_compile refuses it: transformers runs its attention eagerly only, its cache
-# holds a compressed latent (multi-head latent attention) instead of per-head keys and values, or it
-# has recurrent or convolution layers, whose state the window's re-fed tokens would advance twice
+# family -> its attention layers, where some layers are recurrent or convolutional instead (these
+# families decode in quest mode); every other family's 4 layers are attention layers
+HYBRID = {"jamba": (1, 3), "bamba": (1, 3), "lfm2": (1, 3), "qwen3-next": (1, 3), "granitemoehybrid": (1, 3),
+          "nemotron-h": (1, 3), "zamba2": (1, 3), "falcon-h1": (0, 1, 2, 3)}
+# family -> why retro_compile refuses it: transformers runs its attention eagerly only, or its cache
+# holds a compressed latent (multi-head latent attention) instead of per-head keys and values
 REFUSED = {"gemma2": "does not support SDPA attention", "gpt-oss": "does not support SDPA attention",
-           "deepseek-v3": "multi-head latent attention", "jamba": r"layer types \['linear_attention'\] are not supported",
-           "bamba": r"layer types \['linear_attention'\] are not supported", "lfm2": r"layer types \['conv'\] are not supported"}
+           "deepseek-v3": "multi-head latent attention"}
 FULL = RetroConfig(mode="retro", budget=128, page_size=8, dense_layers=1, max_context=128)
 SMALL = RetroConfig(mode="retro", budget=16, page_size=8, dense_layers=1, max_context=128)
 
@@ -107,12 +123,14 @@ def test_family(family):
         return
     full = retro_compile(copy.deepcopy(model), FULL)
     assert torch.equal(greedy_new_tokens(full, ids, mask, 10), expected)
+    assert full.retro_config.mode == ("quest" if family in HYBRID else "retro")
     store = full.retro_state
     sliding = SLIDING.get(family, set())
-    assert len(store.layers()) == 3 - len(sliding)  # 4 layers, layer 0 dense by choice
+    attention = HYBRID.get(family, (0, 1, 2, 3))
+    assert len(store.layers()) == len(attention) - 1 - len(sliding)  # the first attention layer dense by choice
     declined = sorted(store.dense_reasons.values())
-    assert declined == sorted(["layer 0 is in dense_layers"] + [f"sliding-window attention (window {WINDOW})"]
-                              * len(sliding))
+    assert declined == sorted([f"layer {attention[0]} is in dense_layers"]
+                              + [f"sliding-window attention (window {WINDOW})"] * len(sliding))
     small = greedy_new_tokens(retro_compile(copy.deepcopy(model), SMALL), ids, mask, 10)
     assert small.shape == (2, 10)
 
@@ -127,3 +145,60 @@ def test_sliding_window_family_against_the_hand_driven_reference(family):
     got = greedy_new_tokens(retro_compile(copy.deepcopy(model), SMALL), ids, mask, 12)
     expected, _, _ = HandDriven(copy.deepcopy(model), SMALL).generate(ids, mask, 12)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("family", ["lfm2", "bamba", "qwen3-next", "falcon-h1"])
+@pytest.mark.slow
+def test_hybrid_family_against_the_hand_driven_reference(family):
+    """A small budget on a model with recurrent layers beside attention: quest mode, one token a
+    step, and the tokens of the hand-driven reference, whose recurrent layers run as the model runs
+    them (with the padding mask of each call's tokens)."""
+    model = build(family)
+    ids, mask = prompts(2, 40, pad=(0, 5), seed=3)
+    ids = ids.masked_fill(mask == 0, 7)  # padding that embeds to a nonzero vector (token 0's is zero), as eos does
+
+    def logits(m):
+        out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True, output_logits=True)
+        return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, dim=1).float()
+
+    tokens, got = logits(retro_compile(copy.deepcopy(model), SMALL))
+    # dense_layers=1 is the first attention layer, wherever it is
+    reference = RetroConfig(mode="quest", budget=16, page_size=8, dense_layers=HYBRID[family][:1], max_context=128)
+    expected_tokens, expected, _ = HandDriven(copy.deepcopy(model), reference).generate(ids, mask, 12)
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(got, torch.stack(expected, dim=1), rtol=1e-4, atol=1e-4)
+    _, dense = logits(model)
+    assert (got - dense).abs().max() > 1e-2  # the budget is small enough to matter
+
+
+@pytest.mark.slow
+def test_hybrid_requests_in_sequence_each_start_from_an_empty_state():
+    """Requests of different shapes on one model with recurrent layers, each equal to the untouched
+    model at full budget: a request that reuses a batch size's static cache finds its recurrent
+    and convolution states zeroed, and a prompt of one token works."""
+    model = build("bamba")
+    compiled = retro_compile(copy.deepcopy(model), FULL)
+    for batch, length, pad, seed in [(2, 40, (0, 5), 1), (2, 24, (3, 0), 2), (1, 1, (), 3), (2, 33, (), 4)]:
+        ids, mask = prompts(batch, length, pad=pad, seed=seed)
+        ids = ids.masked_fill(mask == 0, 7)  # padding that embeds to a nonzero vector
+        assert torch.equal(greedy_new_tokens(compiled, ids, mask, 8), greedy_new_tokens(model, ids, mask, 8))
+
+
+def test_hybrid_model_decodes_in_quest_mode_and_refuses_what_needs_a_rewind(caplog):
+    """The retrospective window would feed tokens to the recurrent layers twice: retro becomes quest,
+    said once; drafts that would have to be taken back out of a recurrent state are refused."""
+    model = build("lfm2")
+    with caplog.at_level("WARNING", logger="retro_compile"):
+        compiled = retro_compile(copy.deepcopy(model), FULL)
+    assert compiled.retro_config.mode == "quest" and compiled.retro_config.window == 1
+    assert [r.message for r in caplog.records if "quest mode" in r.message] == [
+        "retro-compile: Lfm2ForCausalLM has recurrent layers [0, 2], whose state every fed token advances; the "
+        "retrospective window feeds tokens again, so this model decodes in quest mode (window 1)"]
+    ids, mask = prompts(1, 20)
+    for option in (dict(prompt_lookup_num_tokens=3), dict(assistant_model=build("lfm2"))):
+        with pytest.raises(ValueError, match=f"{next(iter(option))}=...\\) is not supported on a model with recurrent"):
+            compiled.generate(ids, attention_mask=mask, max_new_tokens=4, **option)
+    with pytest.raises(ValueError, match="draft_tokens is not supported for Lfm2ForCausalLM"):
+        retro_compile(copy.deepcopy(model), RetroConfig(mode="quest", budget=16, page_size=8, max_context=128,
+                                                        draft_tokens=2))

@@ -6,6 +6,8 @@ and masks (:mod:`.cache`) and the decode-window driver that ``generate()`` runs 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Any, Callable
 
 import torch
@@ -14,10 +16,12 @@ from ...config import RetroConfig
 from ...state import StateStore
 from .. import installed
 from .attention import ATTENTION_NAME, register_attention, retro_sdpa_mask
-from .cache import (cache_argument, causal_lm_output, prefill_chunks, rewind, sliding_layers, static_cache,
+from .cache import (LayerKinds, cache_argument, causal_lm_output, layer_kinds, prefill_chunks, rewind, static_cache,
                     text_config, tp_size)
 from .driver import DecodeWindowDriver, compiled_window_step
 from .generate import driver_methods
+
+log = logging.getLogger(__name__)
 
 # The package's surface: what code outside it uses.
 __all__ = ["ATTENTION_NAME", "DecodeWindowDriver", "cache_argument", "causal_lm_output", "check_sdpa_support",
@@ -68,16 +72,17 @@ def compile_causal_lm(model: torch.nn.Module, config: RetroConfig, store: StateS
     from ...backend import backend_for
 
     check_sdpa_support(model)
+    kinds = layer_kinds(model.config)
+    if kinds is not None and kinds.recurrent:
+        config = recurrent_model_config(model, config, kinds)
 
     def recompile(clone: torch.nn.Module) -> torch.nn.Module:  # a deep copy's own compilation
         return compile_causal_lm(clone, config, StateStore(), inductor=inductor, cuda_graphs=cuda_graphs, mode=mode,
                                  **compile_kwargs)
 
     original_attention = installed.attention_implementations(model)
-    sliding = sliding_layers(model.config)
-    if sliding is not None:
-        for layer in sliding.layers:
-            store.declare_model_dense(layer, f"sliding-window attention (window {sliding.window})")
+    for layer in kinds.sliding if kinds is not None else ():
+        store.declare_model_dense(layer, f"sliding-window attention (window {kinds.window})")
     options = dict(torch._inductor.list_mode_options(mode)) if mode else {}
     graphs_in_mode = options.pop("triton.cudagraphs", False)
     step_kwargs = dict(compile_kwargs)
@@ -94,15 +99,42 @@ def compile_causal_lm(model: torch.nn.Module, config: RetroConfig, store: StateS
                              backend=backend_for(config, store, inductor=False, phase="prefill"))
 
     def compile_step() -> Callable:
-        return compiled_window_step(model, own_forward, sliding, lambda fn: torch.compile(
+        return compiled_window_step(model, own_forward, kinds, lambda fn: torch.compile(
             own_frame(fn), backend=backend_for(config, store, inductor=inductor, phase="decode"), dynamic=False,
             options=options or None, **step_kwargs))
 
     driver, methods = driver_methods(model, config, store, compile_prefill, compile_step, cuda_graphs=bool(use_graphs),
-                                     sliding=sliding)
+                                     kinds=kinds)
     installed.install(model, dict(methods, retro_config=config, retro_state=store, retro_driver=driver),
                       original_attention, recompile)
     return model
+
+
+def recurrent_model_config(model: torch.nn.Module, config: RetroConfig, kinds: LayerKinds) -> RetroConfig:
+    """``config`` as a model with recurrent layers (:class:`LayerKinds`) can run it.
+
+    Every token fed advances a recurrent layer's state, so the retrospective window, which feeds
+    the last ``w - 1`` tokens again each step, would advance it twice: such a model decodes in
+    quest mode (window 1), said in one log line. ``dense_layers=n`` keeps its meaning, the first
+    ``n`` attention layers, as a tuple of their indices. Lossless drafts need their steps taken
+    back out of every layer's state, which no recurrent layer allows.
+    """
+    name = type(model).__name__
+    if config.draft_tokens:
+        raise ValueError(f"retro_compile: RetroConfig.draft_tokens is not supported for {name}: its recurrent layers "
+                         f"{list(kinds.recurrent)} cannot take rejected drafts back out of their state; set "
+                         "draft_tokens=0")
+    changes: dict[str, Any] = {}
+    if config.window > 1:
+        log.warning("retro-compile: %s has recurrent layers %s, whose state every fed token advances; the "
+                    "retrospective window feeds tokens again, so this model decodes in quest mode (window 1)",
+                    name, list(kinds.recurrent))
+        changes.update(mode="quest", window=1)
+    if isinstance(config.dense_layers, int):
+        types = text_config(model.config).layer_types
+        attention = [i for i, t in enumerate(types) if t in ("full_attention", "sliding_attention", "hybrid")]
+        changes["dense_layers"] = tuple(attention[:config.dense_layers])
+    return dataclasses.replace(config, **changes)
 
 
 def own_frame(fn: Callable) -> Callable:

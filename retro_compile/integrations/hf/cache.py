@@ -16,26 +16,44 @@ def text_config(hf_config: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class SlidingLayers:
-    """A model's sliding-window attention layers, which stay dense SDPA.
+class LayerKinds:
+    """A model's layers that are not plain full attention, and the masks its forward takes.
 
-    The driver gives them full-length static cache layers (a ring buffer cannot be rewound to
-    overwrite the window's past rows) and masks of their own: a query at cache slot ``q`` sees the
-    slots ``q - window < k <= q`` that it may see at all, as transformers' sliding-window mask does.
-    ``by_type``: the forward takes ``{"full_attention": mask, "sliding_attention": mask}``
-    (models with ``layer_types``); otherwise every layer slides and takes one mask.
+    ``sliding``: sliding-window attention layers (window ``window``), which stay dense SDPA. The
+    driver gives them full-length static cache layers (a ring buffer cannot be rewound to overwrite
+    the window's past rows) and masks of their own: a query at cache slot ``q`` sees the slots
+    ``q - window < k <= q`` that it may see at all, as transformers' sliding-window mask does.
+
+    ``recurrent``: layers that keep a recurrent or convolution state (Mamba, linear attention,
+    short convolutions), instead of attention or beside it. Every token fed advances that state
+    and no cache rewind takes it back, so such a model decodes one token a step (window 1) and its
+    cache is never cropped. Their forward takes the 2D padding mask of the call's own tokens, under
+    ``recurrent_type`` in the mask mapping.
+
+    ``by_type``: the forward takes ``{layer type: mask}`` (models with ``layer_types``); otherwise
+    every layer slides and takes one mask.
     """
 
-    window: int
-    layers: tuple[int, ...]
     by_type: bool
+    sliding: tuple[int, ...] = ()
+    window: int | None = None
+    recurrent: tuple[int, ...] = ()
+    recurrent_type: str | None = None
 
-    def masks(self, full: torch.Tensor | None, rows: torch.Tensor, keys: int) -> Any:
+    def masks(self, full: torch.Tensor | None, rows: torch.Tensor, keys: int,
+              padding: torch.Tensor | None = None) -> Any:
         """The forward's ``attention_mask`` for query rows at cache slots ``rows`` (n,), given the
-        full-attention mask ``full`` ((B or 1, 1, n, keys) bool, or None: causal from slot 0)."""
-        near = torch.arange(keys, device=rows.device) > rows[:, None] - self.window
-        sliding = (slot_mask(None, rows, keys) if full is None else full) & near
-        return {"full_attention": full, "sliding_attention": sliding} if self.by_type else sliding
+        full-attention mask ``full`` ((B or 1, 1, n, keys) bool, or None: causal from slot 0) and
+        the rows' padding ``padding`` ((B, n) bool, None where nothing is padded)."""
+        masks: dict[str, Any] = {"full_attention": full}
+        if self.sliding:
+            near = torch.arange(keys, device=rows.device) > rows[:, None] - self.window
+            masks["sliding_attention"] = (slot_mask(None, rows, keys) if full is None else full) & near
+            if not self.by_type:
+                return masks["sliding_attention"]
+        if self.recurrent:
+            masks[self.recurrent_type] = padding
+        return masks
 
 
 def slot_mask(valid: torch.Tensor | None, rows: torch.Tensor, keys: int) -> torch.Tensor:
@@ -46,22 +64,31 @@ def slot_mask(valid: torch.Tensor | None, rows: torch.Tensor, keys: int) -> torc
     return causal[None, None] if valid is None else valid[:, None, None, :keys] & causal
 
 
-def sliding_layers(hf_config: Any) -> SlidingLayers | None:
-    """The sliding-window layers of a transformers config (None if it has none)."""
+# layer type -> the mask mapping's key its forward reads ("hybrid": attention and a recurrent state in one layer)
+RECURRENT_TYPES = {"conv": "conv", "linear_attention": "linear_attention", "hybrid": "linear_attention"}
+
+
+def layer_kinds(hf_config: Any) -> LayerKinds | None:
+    """The sliding-window and recurrent layers of a transformers config (None if it has neither)."""
     text = text_config(hf_config)
     window = getattr(text, "sliding_window", None)
     types = getattr(text, "layer_types", None)
     if types:
-        other = sorted(set(types) - {"full_attention", "sliding_attention"})
+        other = sorted(set(types) - {"full_attention", "sliding_attention"} - set(RECURRENT_TYPES))
         if other:
-            raise ValueError(f"retro_compile: layer types {other} are not supported (full_attention and "
-                             "sliding_attention are): the driver's static cache holds no recurrent or convolution "
-                             "state, and a decode step feeds the window's last tokens again, which would advance "
-                             "such a state twice")
-        layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
-        return SlidingLayers(window, layers, by_type=True) if layers else None
+            raise ValueError(f"retro_compile: layer types {other} are not supported (full_attention, "
+                             f"sliding_attention and the recurrent types {sorted(RECURRENT_TYPES)} are)")
+        sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+        recurrent = tuple(i for i, t in enumerate(types) if t in RECURRENT_TYPES)
+        keys = {RECURRENT_TYPES[types[i]] for i in recurrent}
+        if len(keys) > 1:
+            raise ValueError(f"retro_compile: recurrent layers of several mask types {sorted(keys)} are not supported")
+        if not sliding and not recurrent:
+            return None
+        return LayerKinds(by_type=True, sliding=sliding, window=window if sliding else None, recurrent=recurrent,
+                          recurrent_type=keys.pop() if keys else None)
     if window and getattr(text, "use_sliding_window", True):
-        return SlidingLayers(window, tuple(range(text.num_hidden_layers)), by_type=False)
+        return LayerKinds(by_type=False, sliding=tuple(range(text.num_hidden_layers)), window=window)
     return None
 
 
@@ -83,7 +110,7 @@ def static_cache(model: torch.nn.Module, batch: int, length: int, device: torch.
 
     Allocated up front (not lazily inside a compiled prefill), its tensors keep fixed addresses for
     CUDA graphs, and transformers marks them static for its own compiled decode. ``full_length``
-    gives sliding-window layers ``length`` positions too (see :class:`SlidingLayers`).
+    gives sliding-window layers ``length`` positions too (see :class:`LayerKinds`).
     """
     from transformers import StaticCache
     from transformers.cache_utils import StaticLayer
@@ -91,7 +118,8 @@ def static_cache(model: torch.nn.Module, batch: int, length: int, device: torch.
     hf = model.config
     cache = StaticCache(config=hf, max_cache_len=length)
     if full_length:
-        cache.layers = [layer if not layer.is_sliding else StaticLayer(max_cache_len=length) for layer in cache.layers]
+        cache.layers = [StaticLayer(max_cache_len=length) if getattr(layer, "is_sliding", False) else layer
+                        for layer in cache.layers]
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
     cache.early_initialization(batch, kv_heads // tp_size(model), head_dim, model.dtype, device)  # this rank's share
@@ -118,8 +146,29 @@ def rewind(cache: Any, tokens: int) -> None:
     for layer in cache.layers:
         position = getattr(layer, "cumulative_length", None)
         if not isinstance(position, torch.Tensor):
-            raise TypeError(f"retro_compile: cannot rewind a {type(layer).__name__} cache layer; use a StaticCache")
+            raise TypeError(f"retro_compile: cannot rewind a {type(layer).__name__} cache layer (a recurrent state, or "
+                            "a cache that is not static)")
         position.sub_(tokens)
+
+
+def write_position(cache: Any) -> torch.Tensor:
+    """The static cache's write position: the first attention layer's ``cumulative_length`` (a
+    recurrent layer has none)."""
+    return next(layer.cumulative_length for layer in cache.layers if hasattr(layer, "cumulative_length"))
+
+
+def empty(cache: Any) -> None:
+    """Empty a static cache in place, keeping every tensor's address: write positions to 0,
+    recurrent and convolution states zeroed and marked as not yet prefilled (their layers'
+    ``reset``). Keys and values stay: no query reads a slot its request did not write."""
+    for layer in cache.layers:
+        position = getattr(layer, "cumulative_length", None)
+        if isinstance(position, torch.Tensor):
+            position.zero_()
+        if hasattr(layer, "recurrent_states"):
+            from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+            LinearAttentionCacheLayerMixin.reset(layer)  # its own part only: a hybrid layer's reset zeroes its keys too
 
 
 def prefill_chunks(n: int, batch: int, max_tokens: int) -> list[tuple[int, int]]:

@@ -40,7 +40,8 @@ from ...config import RetroConfig
 from ...passes.rewrite import window_slots
 from ...state import StateStore
 from .attention import ATTENTION_NAME
-from .cache import SlidingLayers, cache_argument, causal_lm_output, prefill_chunks, rewind, slot_mask, static_cache
+from .cache import (LayerKinds, cache_argument, causal_lm_output, empty, prefill_chunks, rewind, slot_mask, static_cache,
+                    write_position)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class WindowBuffers:
                    torch.zeros(batch, window - 1, **long), torch.zeros(batch, 1, **long))
 
 
-def window_step(forward: Callable, forward_kwargs: dict[str, Any], cache_arg: str, sliding: SlidingLayers | None,
+def window_step(forward: Callable, forward_kwargs: dict[str, Any], cache_arg: str, kinds: LayerKinds | None,
                 ids: torch.Tensor, cache: Any, valid: torch.Tensor, next_pos: torch.Tensor,
                 recent: torch.Tensor) -> torch.Tensor:
     """One decode step of the window, all on the device: returns the newest row's logits (B, V).
@@ -82,14 +83,14 @@ def window_step(forward: Callable, forward_kwargs: dict[str, Any], cache_arg: st
     w = recent.shape[1] + 1
     length = valid.shape[1]
     device = ids.device
-    slot = cache.layers[0].cumulative_length
+    slot = write_position(cache)
     valid.index_fill_(1, slot.reshape(1), True)
     rows = window_slots(slot + torch.arange(1 - w, 1, device=device))  # (w,) cache slots, said to the rewrite
     mask = slot_mask(valid, rows, length)  # (B, 1, w, L)
     positions = next_pos[:, None] + torch.arange(1 - w, 1, device=device)
     window_ids = torch.cat([recent, ids], dim=1)
-    if sliding is not None:
-        mask = sliding.masks(mask, rows, length)
+    if kinds is not None:
+        mask = kinds.masks(mask, rows, length)  # a decode step's tokens are never padding
     rewind(cache, w - 1)
     out = forward(input_ids=window_ids, attention_mask=mask, position_ids=positions, **forward_kwargs,
                   **{cache_arg: cache})
@@ -98,13 +99,13 @@ def window_step(forward: Callable, forward_kwargs: dict[str, Any], cache_arg: st
     return out.logits[:, -1]
 
 
-def compiled_window_step(model: torch.nn.Module, forward: Callable, sliding: SlidingLayers | None,
+def compiled_window_step(model: torch.nn.Module, forward: Callable, kinds: LayerKinds | None,
                          compile: Callable[[Callable], Callable]) -> Callable:
     """:func:`window_step` bound to ``forward`` (``model``'s own), compiled by ``compile``."""
     forward_kwargs: dict[str, Any] = {"use_cache": True}
     if "logits_to_keep" in inspect.signature(type(model).forward).parameters:
         forward_kwargs["logits_to_keep"] = 1  # the window's older rows need no logits
-    return compile(functools.partial(window_step, forward, forward_kwargs, cache_argument(model), sliding))
+    return compile(functools.partial(window_step, forward, forward_kwargs, cache_argument(model), kinds))
 
 
 class RecordedStep:
@@ -146,7 +147,7 @@ class DecodeWindowDriver:
         compile_prefill: returns a new ``model.forward`` compiled for prompts (dynamic length).
         compile_step: returns a new :func:`window_step` bound to the model, compiled for decode steps.
         cuda_graphs: record each batch size's decode step in a CUDA graph (CUDA only).
-        sliding: the model's sliding-window layers (:func:`sliding_layers`), or None.
+        kinds: the model's sliding-window and recurrent layers (:func:`layer_kinds`), or None.
     """
 
     max_cached_batches = 2  # static caches (and their CUDA graphs) kept for this many batch sizes
@@ -157,7 +158,7 @@ class DecodeWindowDriver:
 
     def __init__(self, model: torch.nn.Module, config: RetroConfig, store: StateStore,
                  compile_prefill: Callable[[], Callable], compile_step: Callable[[], Callable], cuda_graphs: bool,
-                 sliding: SlidingLayers | None) -> None:
+                 kinds: LayerKinds | None) -> None:
         self.model = model
         self.config = config
         self.store = store
@@ -166,7 +167,7 @@ class DecodeWindowDriver:
         self.compile_step = compile_step
         self.cuda_graphs = cuda_graphs
         self.cache_arg = cache_argument(model)
-        self.sliding = sliding
+        self.kinds = kinds
         # Prefill masks may stop at the last written key only where this package's attention
         # function runs (it cuts the cache to the mask); a model that calls SDPA itself needs them full width.
         self.cuts_keys = getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME
@@ -233,8 +234,7 @@ class DecodeWindowDriver:
             cache = static_cache(self.model, batch, self.config.max_context, device, full_length=True)
             cache.crop = functools.partial(self.crop, cache)
         else:
-            for layer in cache.layers:
-                layer.cumulative_length.zero_()
+            empty(cache)
         self._caches[batch] = cache
         return cache
 
@@ -271,6 +271,9 @@ class DecodeWindowDriver:
     def _move_back(self, remove: int, recent: torch.Tensor) -> None:
         """Forget the newest ``remove`` cache positions; ``recent``: the ids of the ``w - 1`` tokens
         that end the kept ones. The next call feeds those again (see :meth:`crop`)."""
+        if self.kinds is not None and self.kinds.recurrent:
+            raise ValueError(f"retro_compile: cannot drop cache positions of a model with recurrent layers "
+                             f"{list(self.kinds.recurrent)}: no rewind takes tokens back out of their state")
         rewind(self.cache, remove)
         self.length -= remove
         buffers = self._buffers[self.batch]
@@ -445,12 +448,13 @@ class DecodeWindowDriver:
             counted = buffers.valid[:, :start + n].long().cumsum(-1) - 1
             position_ids = counted[:, start:].clamp(min=0)
         masks = [mask]
-        if self.sliding is not None:
-            mask = self.sliding.masks(mask, torch.arange(start, start + n, device=device), keys)
+        if self.kinds is not None:
+            mask = self.kinds.masks(mask, torch.arange(start, start + n, device=device), keys,
+                                    None if padding is None else padding[:, start:])
             masks = list(mask.values()) if isinstance(mask, dict) else [mask]
         mask_dims = (2, 3) if self.cuts_keys else (2,)
-        for t, dims in [(input_ids, (1,)), (position_ids, (1,))] + [(m, mask_dims) for m in masks if m is not None]:
-            for dim in dims:
+        for t in [input_ids, position_ids] + [m for m in masks if m is not None]:
+            for dim in mask_dims if t.dim() == 4 else (1,):  # 4D attention masks; ids, positions, 2D padding
                 torch._dynamo.mark_dynamic(t, dim)
         self.store.forget_built()  # a prefill that runs no rewritten graph must leave nothing to decode from
         out = self.run_prefill(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs)

@@ -12,7 +12,7 @@ import torch
 
 from ...config import RetroConfig
 from ...state import StateStore
-from .cache import SlidingLayers
+from .cache import LayerKinds
 from .drafts import draft_candidates
 from .driver import DecodeWindowDriver
 
@@ -37,7 +37,7 @@ def _prompt_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
 
 
-def check_generate_options(generation: Any, kwargs: dict[str, Any]) -> None:
+def check_generate_options(generation: Any, kwargs: dict[str, Any], kinds: LayerKinds | None) -> None:
     """Refuse, before any work, the generate() options whose cache use the decode state does not follow."""
     if (kwargs.get("num_beams") or generation.num_beams or 1) > 1:
         raise ValueError("retro_compile: beam search (num_beams > 1) is not supported: it reorders the cache "
@@ -49,6 +49,12 @@ def check_generate_options(generation: Any, kwargs: dict[str, Any]) -> None:
         raise ValueError("retro_compile: generate(assistant_early_exit=...) is not supported: its drafts run the "
                          "model's own first layers on the same cache, outside the decode window; use "
                          "assistant_model=... or prompt_lookup_num_tokens=... (both supported) instead")
+    if kinds is not None and kinds.recurrent:
+        for name in ("assistant_model", "prompt_lookup_num_tokens"):
+            if kwargs.get(name) is not None or getattr(generation, name, None) is not None:
+                raise ValueError(f"retro_compile: generate({name}=...) is not supported on a model with recurrent "
+                                 f"layers {list(kinds.recurrent)}: rejected drafts would have to be taken back out "
+                                 "of their state, which only a cache rewind of attention layers does")
 
 
 def check_drafting(generation: Any, kwargs: dict[str, Any], rows: int | None) -> None:
@@ -83,13 +89,13 @@ def take_prefill_chunk_size(generation: Any, kwargs: dict[str, Any]) -> int | No
 
 def driver_methods(model: torch.nn.Module, config: RetroConfig, store: StateStore,
                    compile_prefill: Callable[[], Callable], compile_step: Callable[[], Callable], cuda_graphs: bool,
-                   sliding: SlidingLayers | None) -> tuple[DecodeWindowDriver, dict[str, Callable]]:
+                   kinds: LayerKinds | None) -> tuple[DecodeWindowDriver, dict[str, Callable]]:
     """The driver, and the ``forward``, ``generate``, ``create_masks_for_generate`` and
     ``_get_candidate_generator`` that route the model's calls through it (a generate() that runs
     every request on the driver's static cache)."""
     from transformers import masking_utils
 
-    driver = DecodeWindowDriver(model, config, store, compile_prefill, compile_step, cuda_graphs, sliding)
+    driver = DecodeWindowDriver(model, config, store, compile_prefill, compile_step, cuda_graphs, kinds)
     original_generate, original_forward = model.generate, model.forward
     cache_arg = driver.cache_arg
 
@@ -106,7 +112,7 @@ def driver_methods(model: torch.nn.Module, config: RetroConfig, store: StateStor
         if request is not None:
             driver.check_request(*request)
         generation = kwargs.get("generation_config") or model.generation_config
-        check_generate_options(generation, kwargs)
+        check_generate_options(generation, kwargs, kinds)
         ids = _prompt_ids(args, kwargs)
         copies = kwargs.get("num_return_sequences") or generation.num_return_sequences or 1
         rows = None if ids is None else ids.shape[0] * copies  # generate() repeats each prompt per sequence
