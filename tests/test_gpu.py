@@ -248,10 +248,11 @@ def test_inductor_inlines_the_triton_kernels():
     assert "def _summarize_pages_kernel(" not in source  # the refresh runs inside the scoring launch
 
 
-@pytest.mark.parametrize("family", ["qwen2-sliding", "gemma3"])
-def test_sliding_window_family_with_cuda_graphs_matches_untouched(family):
-    """A sliding/global mix on CUDA with the driver's CUDA graph: full budget gives the untouched
-    model's tokens (batch 2, left padding), and a second request replays without recompiling."""
+@pytest.mark.parametrize("family", ["qwen2-sliding", "gemma3", "lfm2", "bamba"])
+def test_sliding_window_and_hybrid_families_with_cuda_graphs_match_untouched(family):
+    """A sliding/global mix, or recurrent layers beside attention, on CUDA with the driver's CUDA
+    graph: full budget gives the untouched model's tokens (batch 2, left padding), and a second
+    request (its recurrent states zeroed in place) replays without recompiling."""
     from .test_model_matrix import build
 
     model = build(family).cuda()

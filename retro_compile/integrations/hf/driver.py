@@ -233,10 +233,24 @@ class DecodeWindowDriver:
                 self.release(next(iter(self._caches)))
             cache = static_cache(self.model, batch, self.config.max_context, device, full_length=True)
             cache.crop = functools.partial(self.crop, cache)
+            if self.kinds is not None and self.kinds.recurrent:
+                self._allocate_recurrent_states(cache, batch, device)
         else:
             empty(cache)
         self._caches[batch] = cache
         return cache
+
+    @torch.no_grad()
+    def _allocate_recurrent_states(self, cache: Any, batch: int, device: torch.device) -> None:
+        """Allocate ``cache``'s recurrent and convolution states now, by one token a row through the
+        model's own forward, uncompiled, and empty the cache again.
+
+        transformers allocates them on a layer's first call. Inside the compiled prefill that would
+        make the first request's graph one that finds them missing, and every later request's
+        prefill a recompilation; allocated here they keep one address (static for CUDA graphs)."""
+        ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        type(self.model).forward(self.model, input_ids=ids, use_cache=True, **{self.cache_arg: cache})
+        empty(cache)
 
     def crop(self, cache: Any, tokens: int) -> None:
         """``cache.crop(tokens)`` on the driver's cache: drop the newest ``-tokens`` positions, as
