@@ -10,11 +10,7 @@ static cache of ``context`` positions for every configuration, everything throug
   prefill mask: the strong dense baseline that speedups are claimed against;
 * ``driver-dense``: ``retro_compile(mode="dense")``: this package's decode driver and CUDA graph
   with dense attention, which separates what the driver saves from what sparsity saves;
-* ``quest``, ``retro-w2``, ``retro-w4``: ``retro_compile`` with a 2048-token budget;
-* ``lossless``: retro-w2 whose sparse steps draft ``--draft-tokens`` tokens that one dense forward
-  verifies (``RetroConfig.draft_tokens``; one row a request): the dense model's greedy tokens.
-  Its row also has the share of drafts accepted. Random weights make that share unlike a real
-  model's, so the speed of this row is a measurement of the mechanism, not of a model.
+* ``quest``, ``retro-w2``, ``retro-w4``: ``retro_compile`` with a 2048-token budget.
 
 Each (configuration, batch, context) runs in a process of its own, under a time limit, and its row
 is added to the JSON as soon as it ends. Per row: decode ms/token and tokens/s (token timestamps
@@ -58,8 +54,8 @@ SHAPES = {
     "smoke": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0),
 }
-MODES = ("stock", "dense", "driver-dense", "quest", "retro-w2", "retro-w4", "lossless")
-SPARSE_MODES = ("quest", "retro-w2", "retro-w4", "lossless")  # the modes a budget applies to
+MODES = ("stock", "dense", "driver-dense", "quest", "retro-w2", "retro-w4")
+SPARSE_MODES = ("quest", "retro-w2", "retro-w4")  # the modes a budget applies to
 HEADROOM = 128  # cache positions left after the prompt: new tokens, and replays of the recorded step
 KERNEL_KINDS = {  # substrings of kernel names, first match wins
     "attention": ("flash", "fmha", "attention", "attn", "_page_scores", "_page_candidates", "_top_pages",
@@ -104,8 +100,7 @@ def build_model(shape: str, context: int, device: str, tp: int = 1):
     return model
 
 
-def prepare(model, mode: str, context: int, budget: int, batch: int, prefill_tokens: int, summaries: str = "exact",
-            draft_tokens: int = 4):
+def prepare(model, mode: str, context: int, budget: int, batch: int, prefill_tokens: int, summaries: str = "exact"):
     """(model ready for generate, extra generate kwargs) for ``mode``.
 
     A prompt longer than ``prefill_tokens`` (summed over the batch) is prefilled in chunks of
@@ -135,7 +130,6 @@ def prepare(model, mode: str, context: int, budget: int, batch: int, prefill_tok
         "quest": RetroConfig(mode="quest", budget=budget, **common),
         "retro-w2": RetroConfig(mode="retro", window=2, budget=budget, **common),
         "retro-w4": RetroConfig(mode="retro", window=4, budget=budget, **common),
-        "lossless": RetroConfig(mode="retro", window=2, budget=budget, draft_tokens=draft_tokens, **common),
     }[mode]
     return retro_compile(model, config), {}
 
@@ -255,7 +249,7 @@ def run_one(args) -> dict:
     phase("preparing it")
     row["model_tp_size"] = hf.tp_size(model)  # what transformers sharded it over
     model, kwargs = prepare(model, args.mode, args.context, args.budget, args.batch, args.prefill_tokens,
-                            args.summaries, args.draft_tokens)
+                            args.summaries)
     prompt = args.context - HEADROOM
     ids = torch.randint(1, SHAPES[args.shape]["vocab_size"], (args.batch, prompt),
                         generator=torch.Generator().manual_seed(1)).to(device)
@@ -291,10 +285,6 @@ def run_one(args) -> dict:
     store = getattr(model, "retro_state", None)
     if store is not None:
         row["state_gib"] = store.nbytes / 2**30
-    if args.mode == "lossless":  # the last timed request's drafts
-        counts = model.retro_driver.draft_counts
-        row.update(draft_tokens=args.draft_tokens, draft_rounds=counts["rounds"],
-                   drafts_accepted=counts["accepted"] / max(counts["drafted"], 1))
     phase("timed")
     if args.profile and device == "cuda":
         from torch.profiler import ProfilerActivity, profile
@@ -365,8 +355,7 @@ def sweep(args) -> list[dict]:
                        "--budget", str(args.budget), "--prefill-tokens", str(args.prefill_tokens),
                        "--new-tokens", str(args.new_tokens), "--runs", str(args.runs),
                        "--warmup-tokens", str(args.warmup_tokens), "--warmup-prompt", str(args.warmup_prompt),
-                       "--timeout", str(args.timeout), "--summaries", args.summaries,
-                       "--draft-tokens", str(args.draft_tokens), "--row-out", str(result)]
+                       "--timeout", str(args.timeout), "--summaries", args.summaries, "--row-out", str(result)]
             if args.profile:
                 command.append("--profile")
             # A session of its own, so that a timeout ends the launcher's workers too, not the launcher alone.
@@ -423,7 +412,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens (summed over the batch) per prefill forward; longer prompts are chunked on every side")
     p.add_argument("--summaries", choices=SUMMARIES, default=RetroConfig.summaries,
                    help="how quest and retro store page summaries (RetroConfig.summaries)")
-    p.add_argument("--draft-tokens", type=int, default=4, help="lossless: tokens drafted per dense verification")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per timed request")
     p.add_argument("--warmup-tokens", type=int, default=8, help="tokens of the warm-up request (compiles)")
     p.add_argument("--warmup-prompt", type=int, default=0,

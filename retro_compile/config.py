@@ -49,10 +49,6 @@ class RetroConfig:
             dim, over 127), rounded outward so that every page's score stays an upper bound;
             keys beyond that range saturate. Scoring, the largest read of a decode step, then
             reads half the bytes.
-        draft_tokens: ``0`` (the default): every generated token comes from a sparse decode step.
-            ``k > 0``: lossless decoding through ``generate()`` (one row a request): the sparse
-            decode step drafts ``k`` tokens, and one dense forward over them verifies them, so
-            greedy tokens are exactly the dense model's (``integrations/hf/drafts.py``).
     """
 
     mode: Mode = "retro"
@@ -65,7 +61,6 @@ class RetroConfig:
     max_context: int = 8192
     prefill_tokens: int = 131072
     summaries: Literal["exact", "int8"] = "exact"
-    draft_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -88,10 +83,6 @@ class RetroConfig:
                 raise ValueError(f"RetroConfig.{name}={value!r} must be an int >= 0")
         if self.local_pages < 1:
             raise ValueError(f"RetroConfig.local_pages={self.local_pages} must be >= 1 (the query's own page is always kept)")
-        if not _is_int(self.draft_tokens) or self.draft_tokens < 0:
-            raise ValueError(f"RetroConfig.draft_tokens={self.draft_tokens!r} must be an int >= 0")
-        if self.draft_tokens and self.mode == "dense":
-            raise ValueError("RetroConfig.draft_tokens needs mode='quest' or 'retro' (dense has no sparse step to draft with)")
         for name in ("max_context", "prefill_tokens"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"RetroConfig.{name}={getattr(self, name)!r} must be an int >= 1")

@@ -34,19 +34,6 @@ def test_e2e_benchmark_smoke_on_cpu(tmp_path):
 
 
 @pytest.mark.slow
-def test_e2e_lossless_row_counts_its_drafts(tmp_path):
-    """The lossless mode (sparse drafts, dense verification) runs one row a request and reports the
-    verification rounds and the share of drafts accepted."""
-    out = tmp_path / "e2e_lossless.json"
-    main(["e2e", "--shape", "smoke", "--device", "cpu", "--batches", "1", "--contexts", "256", "--new-tokens", "12",
-          "--runs", "1", "--warmup-tokens", "4", "--budget", "64", "--draft-tokens", "3", "--modes", "lossless",
-          "--out", str(out)])
-    (row,) = json.loads(out.read_text())["results"]
-    assert "error" not in row, row.get("error")
-    assert row["draft_tokens"] == 3 and 0 < row["draft_rounds"] <= 11 and 0.0 <= row["drafts_accepted"] <= 1.0
-
-
-@pytest.mark.slow
 def test_e2e_benchmark_tensor_parallel_smoke_on_cpu(tmp_path):
     """--tp 2: each configuration runs as two gloo processes over a checkpoint sharded by its tp_plan."""
     out = tmp_path / "e2e_tp.json"

@@ -192,7 +192,8 @@ def test_hybrid_requests_in_sequence_each_start_from_an_empty_state():
 
 def test_hybrid_model_decodes_in_quest_mode_and_refuses_what_needs_a_rewind(caplog):
     """The retrospective window would feed tokens to the recurrent layers twice: retro becomes quest,
-    said once; drafts that would have to be taken back out of a recurrent state are refused."""
+    said once; assisted and prompt-lookup decoding, whose rejected drafts would have to be taken back
+    out of a recurrent state, are refused up front."""
     model = build("lfm2")
     with caplog.at_level("WARNING", logger="retro_compile"):
         compiled = retro_compile(copy.deepcopy(model), FULL)
@@ -204,6 +205,6 @@ def test_hybrid_model_decodes_in_quest_mode_and_refuses_what_needs_a_rewind(capl
     for option in (dict(prompt_lookup_num_tokens=3), dict(assistant_model=build("lfm2"))):
         with pytest.raises(ValueError, match=f"{next(iter(option))}=...\\) is not supported on a model with recurrent"):
             compiled.generate(ids, attention_mask=mask, max_new_tokens=4, **option)
-    with pytest.raises(ValueError, match="draft_tokens is not supported for Lfm2ForCausalLM"):
-        retro_compile(copy.deepcopy(model), RetroConfig(mode="quest", budget=16, page_size=8, max_context=128,
-                                                        draft_tokens=2))
+    greedy_new_tokens(compiled, ids, mask, 2)
+    with pytest.raises(ValueError, match="cannot drop cache positions of a model with recurrent layers"):
+        compiled.retro_driver.cache.crop(-1)  # a crop by hand, refused before anything moves

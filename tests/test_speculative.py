@@ -6,7 +6,6 @@ reference served the same calls and crops (tests/hf_models.py, ``HandDriven.repl
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -37,8 +36,8 @@ def _prompt(pad: int = 0):
 
 
 def _spy(model):
-    """Record the driver's forward calls as ("feed", ids), the positions dropped between them (a
-    crop, or the rollback of drafts) as ("crop", k), and the logits each feed returned."""
+    """Record the driver's forward calls as ("feed", ids), the positions a crop dropped between
+    them as ("crop", k), and the logits each feed returned."""
     driver = model.retro_driver
     calls, logits, after = [], [], [0]
     forward = driver.forward
@@ -108,40 +107,3 @@ def test_crop_beyond_the_last_call_is_refused():
     driver = model.retro_driver
     with pytest.raises(ValueError, match=r"cannot crop 1 positions from the cache"):
         driver.cache.crop(-1)
-
-
-@pytest.mark.parametrize("mode,window", [("retro", 2), pytest.param("quest", 1, marks=pytest.mark.slow),
-                                         pytest.param("retro", 4, marks=pytest.mark.slow)])
-def test_draft_tokens_give_the_dense_models_tokens_at_a_small_budget(mode, window):
-    """RetroConfig.draft_tokens: the sparse step drafts, a dense forward verifies, so the greedy
-    tokens are the untouched model's even where sparse decoding alone departs from them. Every
-    call's logits, the sparse drafts' included, are the hand-driven reference's for the same calls
-    and rollbacks: a rolled-back draft leaves no trace in the state the next drafts read."""
-    base = _base()
-    ids, mask = prompts(1, 100, seed=3)
-    config = RetroConfig(mode=mode, budget=16, page_size=8, window=window, max_context=256, dense_layers=1)
-    want = greedy(base, ids, mask, 60)
-    assert not torch.equal(greedy(retro_compile(copy.deepcopy(base), config), ids, mask, 60), want), \
-        "sparse decoding alone gives the dense tokens here: the test could not tell drafts from dense"
-    model = retro_compile(copy.deepcopy(base), dataclasses.replace(config, draft_tokens=3))
-    calls, logits = _spy(model)
-    assert torch.equal(greedy(model, ids, mask, 60), want)
-    verified = [i for i, (kind, arg) in enumerate(calls) if i and kind == "feed" and arg.shape[1] == 4]
-    assert 0 < len(verified) < 40, "no call verified three drafts, or drafts were never accepted"
-    rejected = [i + 1 for i in verified if i + 1 < len(calls) and calls[i + 1][0] == "crop"]
-    assert rejected, "every draft was accepted: the test exercised no rejection"
-    expected = HandDriven(copy.deepcopy(base), config).replay(calls)
-    for i, (want_logits, got) in enumerate(zip(expected, logits, strict=True)):
-        torch.testing.assert_close(got, want_logits[:, -got.shape[1]:], atol=2e-4, rtol=0, msg=lambda m: f"feed {i}: {m}")
-
-
-def test_draft_tokens_refuse_what_they_cannot_serve():
-    model = retro_compile(_base(), RetroConfig(budget=16, page_size=8, max_context=256, dense_layers=1,
-                                               draft_tokens=2))
-    ids, mask = prompts(2, 40)
-    with pytest.raises(ValueError, match=r"draft_tokens decodes one row a request.*this one has 2"):
-        greedy(model, ids, mask, 5)
-    with pytest.raises(ValueError, match=r"prompt_lookup_num_tokens=...\) brings drafts of its own"):
-        greedy(model, ids[:1], mask[:1], 5, prompt_lookup_num_tokens=3)
-    with pytest.raises(ValueError, match=r"RetroConfig.draft_tokens=-1 must be an int >= 0"):
-        RetroConfig(draft_tokens=-1)

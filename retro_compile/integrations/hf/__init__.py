@@ -116,14 +116,9 @@ def recurrent_model_config(model: torch.nn.Module, config: RetroConfig, kinds: L
     Every token fed advances a recurrent layer's state, so the retrospective window, which feeds
     the last ``w - 1`` tokens again each step, would advance it twice: such a model decodes in
     quest mode (window 1), said in one log line. ``dense_layers=n`` keeps its meaning, the first
-    ``n`` attention layers, as a tuple of their indices. Lossless drafts need their steps taken
-    back out of every layer's state, which no recurrent layer allows.
+    ``n`` attention layers, as a tuple of their indices.
     """
     name = type(model).__name__
-    if config.draft_tokens:
-        raise ValueError(f"retro_compile: RetroConfig.draft_tokens is not supported for {name}: its recurrent layers "
-                         f"{list(kinds.recurrent)} cannot take rejected drafts back out of their state; set "
-                         "draft_tokens=0")
     changes: dict[str, Any] = {}
     if config.window > 1:
         log.warning("retro-compile: %s has recurrent layers %s, whose state every fed token advances; the "

@@ -172,7 +172,6 @@ class DecodeWindowDriver:
         # function runs (it cuts the cache to the mask); a model that calls SDPA itself needs them full width.
         self.cuts_keys = getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME
         self.generating = False  # inside the wrapped generate(): every forward call is the driver's
-        self.drafting = False  # generate()'s drafts are the sparse step's (RetroConfig.draft_tokens)
         self.chunk_positions: int | None = None  # generate(prefill_chunk_size=...) of the request in progress
         self._caches: OrderedDict[int, Any] = OrderedDict()  # batch size -> the driver's own static cache
         self._buffers: dict[int, WindowBuffers] = {}
@@ -202,8 +201,6 @@ class DecodeWindowDriver:
         self.fed: torch.Tensor | None = None
         self.droppable = 0
         self.refeed = False
-        # This request's drafts (RetroConfig.draft_tokens): verification rounds, tokens drafted, drafts accepted.
-        self.draft_counts = dict(rounds=0, drafted=0, accepted=0)
 
     # ---------------------------------------------------------------------------------------------
     # Requests and caches
@@ -265,35 +262,20 @@ class DecodeWindowDriver:
         remove = self.length - tokens if tokens > 0 else -tokens
         if remove == 0:
             return
+        if self.kinds is not None and self.kinds.recurrent:
+            raise ValueError(f"retro_compile: cannot drop cache positions of a model with recurrent layers "
+                             f"{list(self.kinds.recurrent)}: no rewind takes tokens back out of their state")
         if cache is not self.cache or not 0 < remove <= self.droppable:
             raise ValueError(f"retro_compile: cannot crop {remove} positions from the cache: only the tokens of the "
                              f"last forward call of several tokens, after its first, can be dropped ({self.droppable} "
                              "here)")
         kept = self.fed[:, :-remove]
-        self._move_back(remove, kept[:, kept.shape[1] - self.window + 1:])
-
-    def draft_mark(self) -> tuple[int, torch.Tensor]:
-        """Where the request stands, for :meth:`rollback` to return to."""
-        return self.length, self._buffers[self.batch].recent.clone()
-
-    def rollback(self, mark: tuple[int, torch.Tensor]) -> None:
-        """Undo every position written since :meth:`draft_mark` gave ``mark`` (decode steps that
-        drafted tokens); the next call rebuilds the state, as after a crop."""
-        length, recent = mark
-        self._move_back(self.length - length, recent)
-
-    def _move_back(self, remove: int, recent: torch.Tensor) -> None:
-        """Forget the newest ``remove`` cache positions; ``recent``: the ids of the ``w - 1`` tokens
-        that end the kept ones. The next call feeds those again (see :meth:`crop`)."""
-        if self.kinds is not None and self.kinds.recurrent:
-            raise ValueError(f"retro_compile: cannot drop cache positions of a model with recurrent layers "
-                             f"{list(self.kinds.recurrent)}: no rewind takes tokens back out of their state")
         rewind(self.cache, remove)
         self.length -= remove
         buffers = self._buffers[self.batch]
         buffers.valid[:, self.length:] = False
         buffers.next_pos.sub_(remove)
-        buffers.recent.copy_(recent)
+        buffers.recent.copy_(kept[:, kept.shape[1] - self.window + 1:])  # the w - 1 ids that end the kept tokens
         self.fed, self.droppable, self.refeed = None, 0, True
 
     def release(self, batch: int | None = None) -> None:

@@ -13,7 +13,6 @@ import torch
 from ...config import RetroConfig
 from ...state import StateStore
 from .cache import LayerKinds
-from .drafts import draft_candidates
 from .driver import DecodeWindowDriver
 
 
@@ -57,18 +56,6 @@ def check_generate_options(generation: Any, kwargs: dict[str, Any], kinds: Layer
                                  "of their state, which only a cache rewind of attention layers does")
 
 
-def check_drafting(generation: Any, kwargs: dict[str, Any], rows: int | None) -> None:
-    """Refuse, before any work, a request that ``RetroConfig.draft_tokens`` cannot serve."""
-    for name in ("assistant_model", "prompt_lookup_num_tokens"):
-        if kwargs.get(name) is not None or getattr(generation, name, None) is not None:
-            raise ValueError(f"retro_compile: generate({name}=...) brings drafts of its own, and RetroConfig.draft_tokens "
-                             "drafts with the sparse step; use one of them")
-    if rows not in (None, 1):
-        raise ValueError(f"retro_compile: RetroConfig.draft_tokens decodes one row a request (transformers' assisted "
-                         f"generation does), and this one has {rows}; generate the rows one at a time, or set "
-                         "draft_tokens=0")
-
-
 def take_prefill_chunk_size(generation: Any, kwargs: dict[str, Any]) -> int | None:
     """Take ``prefill_chunk_size`` out of generate()'s arguments (and out of a copy of its
     generation config) for the driver to chunk the prompt with: transformers would feed the chunks
@@ -90,9 +77,9 @@ def take_prefill_chunk_size(generation: Any, kwargs: dict[str, Any]) -> int | No
 def driver_methods(model: torch.nn.Module, config: RetroConfig, store: StateStore,
                    compile_prefill: Callable[[], Callable], compile_step: Callable[[], Callable], cuda_graphs: bool,
                    kinds: LayerKinds | None) -> tuple[DecodeWindowDriver, dict[str, Callable]]:
-    """The driver, and the ``forward``, ``generate``, ``create_masks_for_generate`` and
-    ``_get_candidate_generator`` that route the model's calls through it (a generate() that runs
-    every request on the driver's static cache)."""
+    """The driver, and the ``forward``, ``generate`` and ``create_masks_for_generate`` that route
+    the model's calls through it (a generate() that runs every request on the driver's static
+    cache)."""
     from transformers import masking_utils
 
     driver = DecodeWindowDriver(model, config, store, compile_prefill, compile_step, cuda_graphs, kinds)
@@ -105,7 +92,7 @@ def driver_methods(model: torch.nn.Module, config: RetroConfig, store: StateStor
         try:
             return _generate(*args, **kwargs)
         finally:
-            driver.generating, driver.chunk_positions, driver.drafting = False, None, False
+            driver.generating, driver.chunk_positions = False, None
 
     def _generate(*args: Any, **kwargs: Any) -> Any:
         request = requested_positions(model, args, kwargs)
@@ -116,10 +103,6 @@ def driver_methods(model: torch.nn.Module, config: RetroConfig, store: StateStor
         ids = _prompt_ids(args, kwargs)
         copies = kwargs.get("num_return_sequences") or generation.num_return_sequences or 1
         rows = None if ids is None else ids.shape[0] * copies  # generate() repeats each prompt per sequence
-        if config.draft_tokens:
-            check_drafting(generation, kwargs, rows)
-            kwargs["prompt_lookup_num_tokens"] = config.draft_tokens  # makes generate() decode with drafts
-            driver.drafting = True
         driver.chunk_positions = take_prefill_chunk_size(generation, kwargs)
         driver.reset(kwargs.get("attention_mask"))
         if kwargs.get(cache_arg) is None and kwargs.get("past_key_values") is None and ids is not None:
@@ -132,15 +115,6 @@ def driver_methods(model: torch.nn.Module, config: RetroConfig, store: StateStor
         if driver.generating or driver.serves(kwargs):
             return driver.forward(*args, **kwargs)
         return original_forward(*args, **kwargs)  # the model's own computation: scoring, losses, features
-
-    original_candidates = model._get_candidate_generator
-
-    def _get_candidate_generator(*args: Any, **kwargs: Any) -> Any:
-        """generate()'s drafts: the sparse decode step's where ``RetroConfig.draft_tokens`` asks for them."""
-        if driver.drafting:
-            generation = kwargs["generation_config"] if "generation_config" in kwargs else args[0]
-            return draft_candidates(driver, config.draft_tokens, generation.max_length)
-        return original_candidates(*args, **kwargs)
 
     original_masks = getattr(model, "create_masks_for_generate", masking_utils.create_masks_for_generate)
 
@@ -155,5 +129,4 @@ def driver_methods(model: torch.nn.Module, config: RetroConfig, store: StateStor
         return original_masks(*args, **kwargs)
 
     # generate() looks create_masks_for_generate up on the model
-    return driver, dict(forward=forward, generate=generate, create_masks_for_generate=create_masks_for_generate,
-                        _get_candidate_generator=_get_candidate_generator)
+    return driver, dict(forward=forward, generate=generate, create_masks_for_generate=create_masks_for_generate)
