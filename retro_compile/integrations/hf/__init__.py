@@ -126,9 +126,7 @@ def recurrent_model_config(model: torch.nn.Module, config: RetroConfig, kinds: L
                     name, list(kinds.recurrent))
         changes.update(mode="quest", window=1)
     if isinstance(config.dense_layers, int):
-        types = text_config(model.config).layer_types
-        attention = [i for i, t in enumerate(types) if t in ("full_attention", "sliding_attention", "hybrid")]
-        changes["dense_layers"] = tuple(attention[:config.dense_layers])
+        changes["dense_layers"] = kinds.attention[:config.dense_layers]
     return dataclasses.replace(config, **changes)
 
 

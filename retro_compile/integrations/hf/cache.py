@@ -28,7 +28,8 @@ class LayerKinds:
     short convolutions), instead of attention or beside it. Every token fed advances that state
     and no cache rewind takes it back, so such a model decodes one token a step (window 1) and its
     cache is never cropped. Their forward takes the 2D padding mask of the call's own tokens, under
-    ``recurrent_type`` in the mask mapping.
+    ``recurrent_type`` in the mask mapping. ``attention`` lists the layers that attend (a
+    ``hybrid`` layer does both), set where some layers are recurrent only.
 
     ``by_type``: the forward takes ``{layer type: mask}`` (models with ``layer_types``); otherwise
     every layer slides and takes one mask.
@@ -39,6 +40,7 @@ class LayerKinds:
     window: int | None = None
     recurrent: tuple[int, ...] = ()
     recurrent_type: str | None = None
+    attention: tuple[int, ...] = ()
 
     def masks(self, full: torch.Tensor | None, rows: torch.Tensor, keys: int,
               padding: torch.Tensor | None = None) -> Any:
@@ -66,6 +68,7 @@ def slot_mask(valid: torch.Tensor | None, rows: torch.Tensor, keys: int) -> torc
 
 # layer type -> the mask mapping's key its forward reads ("hybrid": attention and a recurrent state in one layer)
 RECURRENT_TYPES = {"conv": "conv", "linear_attention": "linear_attention", "hybrid": "linear_attention"}
+RECURRENT_ONLY = ("conv", "linear_attention")  # the recurrent types without attention
 
 
 def layer_kinds(hf_config: Any) -> LayerKinds | None:
@@ -85,8 +88,9 @@ def layer_kinds(hf_config: Any) -> LayerKinds | None:
             raise ValueError(f"retro_compile: recurrent layers of several mask types {sorted(keys)} are not supported")
         if not sliding and not recurrent:
             return None
+        attention = tuple(i for i, t in enumerate(types) if t not in RECURRENT_ONLY) if recurrent else ()
         return LayerKinds(by_type=True, sliding=sliding, window=window if sliding else None, recurrent=recurrent,
-                          recurrent_type=keys.pop() if keys else None)
+                          recurrent_type=keys.pop() if keys else None, attention=attention)
     if window and getattr(text, "use_sliding_window", True):
         return LayerKinds(by_type=False, sliding=tuple(range(text.num_hidden_layers)), window=window)
     return None

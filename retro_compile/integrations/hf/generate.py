@@ -101,12 +101,11 @@ def driver_methods(model: torch.nn.Module, config: RetroConfig, store: StateStor
         generation = kwargs.get("generation_config") or model.generation_config
         check_generate_options(generation, kwargs, kinds)
         ids = _prompt_ids(args, kwargs)
-        copies = kwargs.get("num_return_sequences") or generation.num_return_sequences or 1
-        rows = None if ids is None else ids.shape[0] * copies  # generate() repeats each prompt per sequence
         driver.chunk_positions = take_prefill_chunk_size(generation, kwargs)
         driver.reset(kwargs.get("attention_mask"))
         if kwargs.get(cache_arg) is None and kwargs.get("past_key_values") is None and ids is not None:
-            kwargs[cache_arg] = driver.cache_for(rows, ids.device)
+            copies = kwargs.get("num_return_sequences") or generation.num_return_sequences or 1
+            kwargs[cache_arg] = driver.cache_for(ids.shape[0] * copies, ids.device)  # each prompt, once per sequence
         kwargs["disable_compile"] = True  # the driver compiles; generate() must not compile again
         return original_generate(*args, **kwargs)
 
