@@ -15,9 +15,15 @@ static cache of ``context`` positions for every configuration, everything throug
 Each (configuration, batch, context) runs in a process of its own, under a time limit, and its row
 is added to the JSON as soon as it ends. Per row: decode ms/token and tokens/s (token timestamps
 from a streamer: generate() synchronises on every token), time to first token, peak GPU memory,
-warm-up (compile) time and, with ``--profile``, the device time of a decode step split into
-matrix products, attention and other kernels (the rest of a step's wall time is host time
-between graph replays). ``--shape smoke`` runs a tiny model on the CPU (CI's smoke test).
+warm-up (compile) time with torch.compile's own split of it by phase and, with ``--profile``, the
+device time of a decode step split into matrix products, attention and other kernels (the rest of a
+step's wall time is host time between graph replays). ``--shape smoke`` runs a tiny model on the
+CPU (CI's smoke test).
+
+Every configuration compiles into empty compile caches of its own (Inductor's and Triton's), so its
+warm-up is what a new user's first request pays, whatever ran on the machine before.
+``--second-process`` then runs its warm-up once more in a new process over those caches: what a
+later process (a restarted server) pays.
 
 ``--tp N`` runs each configuration tensor-parallel over N GPUs of one host (N processes under
 ``torch.distributed.run``, NCCL; gloo with ``--device cpu``): the random weights are saved once as a
@@ -41,7 +47,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch._dynamo.utils import counters
+from torch._dynamo.utils import calculate_time_spent, counters
 from transformers.generation.streamers import BaseStreamer
 
 from .config import SUMMARIES, RetroConfig
@@ -260,8 +266,11 @@ def run_one(args) -> dict:
     phase(f"warm-up request ({warmup_ids.shape[1]} prompt tokens; compiles)")
     start = time.perf_counter()
     timed_generate(model, warmup_ids, kwargs, args.warmup_tokens)  # compiles prefill and decode, records graphs
-    phase(f"{args.runs} timed request(s)")
     row["warmup_s"] = time.perf_counter() - start
+    row["warmup_by_phase_s"] = {name: round(seconds, 2) for name, seconds in calculate_time_spent().items()}
+    if args.warmup_only:
+        return row
+    phase(f"{args.runs} timed request(s)")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     graphs_compiled = counters["stats"]["unique_graphs"]
@@ -326,8 +335,42 @@ def summarize(rows: list[dict]) -> None:
                 row[f"speedup_vs_{base}"] = ref["decode_ms"] / row["decode_ms"]
             if ref is not None and "ttft_s" in row:
                 row[f"ttft_vs_{base}"] = row["ttft_s"] / ref["ttft_s"]
+            if ref is not None and "warmup_s" in row:
+                row[f"warmup_vs_{base}"] = row["warmup_s"] / ref["warmup_s"]
         single_gpu = row.get("tp", 1) == 1  # the targets are for one GPU
         row["target_vs_dense"] = targets(row["batch"], row["context"]) if row["mode"] in ("quest", "retro-w2") and single_gpu else None
+
+
+def launcher(tp: int) -> list[str]:
+    """The command that starts one configuration's process, or its ``tp`` processes."""
+    if tp == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp)]
+
+
+def run_configuration(command: list[str], caches: str, timeout: int, mode: str) -> dict:
+    """Run one configuration's ``command`` with the compile caches in the folder ``caches``; its row,
+    or ``{"error": ...}`` with the last phase it reached and its last words."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "row.json"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCHINDUCTOR_CACHE_DIR": os.path.join(caches, "inductor"),
+               "TRITON_CACHE_DIR": os.path.join(caches, "triton")}
+        # A session of its own, so that a timeout ends the launcher's workers too, not the launcher alone.
+        child = subprocess.Popen([*command, "--row-out", str(result)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+        try:
+            said, _ = child.communicate(timeout=timeout)
+            error = None if child.returncode == 0 and result.exists() else f"exit status {child.returncode}"
+        except subprocess.TimeoutExpired:  # what it said shows the phase it reached
+            os.killpg(child.pid, signal.SIGKILL)
+            said, _ = child.communicate()
+            error = f"timed out after {timeout} s"
+        sys.stderr.write(said)  # the configuration's own log, into the sweep's
+        if error is None:
+            return json.loads(result.read_text())
+    lines = said.strip().splitlines()
+    detail = " | ".join([line for line in lines if line.startswith(f"[{mode} ")][-1:] + lines[-3:])
+    return dict(error=f"{error}: {detail[-500:]}")
 
 
 def sweep(args) -> list[dict]:
@@ -346,35 +389,23 @@ def sweep(args) -> list[dict]:
     meta["transformers"] = transformers.__version__
     cases = [(b, c, m) for b in args.batches for c in args.contexts for m in args.modes]
     for batch, context, mode in tqdm(cases, desc="end-to-end benchmark"):
-        with tempfile.TemporaryDirectory() as tmp:
-            result = Path(tmp) / "row.json"
-            launcher = [sys.executable] if args.tp == 1 else [
-                sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.tp)]
-            command = [*launcher, "-m", "retro_compile.bench", "e2e", "--one", mode, "--tp", str(args.tp), "--batches", str(batch),
-                       "--contexts", str(context), "--shape", args.shape, "--device", args.device,
+        with tempfile.TemporaryDirectory() as caches:
+            command = [*launcher(args.tp), "-m", "retro_compile.bench", "e2e", "--one", mode, "--tp", str(args.tp),
+                       "--batches", str(batch), "--contexts", str(context), "--shape", args.shape, "--device", args.device,
                        "--budget", str(args.budget), "--prefill-tokens", str(args.prefill_tokens),
                        "--new-tokens", str(args.new_tokens), "--runs", str(args.runs),
                        "--warmup-tokens", str(args.warmup_tokens), "--warmup-prompt", str(args.warmup_prompt),
-                       "--timeout", str(args.timeout), "--summaries", args.summaries, "--row-out", str(result)]
+                       "--timeout", str(args.timeout), "--summaries", args.summaries]
             if args.profile:
                 command.append("--profile")
-            # A session of its own, so that a timeout ends the launcher's workers too, not the launcher alone.
-            child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-            try:
-                said, _ = child.communicate(timeout=args.timeout)
-                error = None if child.returncode == 0 and result.exists() else f"exit status {child.returncode}"
-            except subprocess.TimeoutExpired:  # what it said shows the phase it reached
-                os.killpg(child.pid, signal.SIGKILL)
-                said, _ = child.communicate()
-                error = f"timed out after {args.timeout} s"
-            sys.stderr.write(said)  # the configuration's own log, into the sweep's
-            if error is None:
-                row = json.loads(result.read_text())
-            else:  # the last phase it reached, then its last words
-                lines = said.strip().splitlines()
-                detail = " | ".join([line for line in lines if line.startswith(f"[{mode} ")][-1:] + lines[-3:])
-                row = dict(mode=mode, batch=batch, context=context, budget=args.budget, error=f"{error}: {detail[-500:]}")
+            row = run_configuration(command, caches, args.timeout, mode)
+            if args.second_process and "error" not in row:
+                again = run_configuration([*command, "--warmup-only"], caches, args.timeout, mode)
+                row["second_process"] = {k: again[k] for k in ("warmup_s", "warmup_by_phase_s", "error") if k in again}
+        row.setdefault("mode", mode)
+        row.setdefault("batch", batch)
+        row.setdefault("context", context)
+        row.setdefault("budget", args.budget)
         row.setdefault("tp", args.tp)
         row.setdefault("summaries", args.summaries)
         rows = [r for r in rows if (label(r), *shape_of(r)) != (label(row), batch, context, args.tp)] + [row]
@@ -420,6 +451,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=2, help="timed requests per configuration (medians reported)")
     p.add_argument("--timeout", type=int, default=480, help="seconds allowed per configuration")
     p.add_argument("--profile", action="store_true", help="also split a decode step's device time by kernel kind")
+    p.add_argument("--second-process", action="store_true",
+                   help="also time each configuration's warm-up in a second process over the first's compile caches")
+    p.add_argument("--warmup-only", action="store_true", help=argparse.SUPPRESS)  # the second process (internal)
     p.add_argument("--append", action="store_true", help="keep the rows already in --out (a sweep in several runs)")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel processes per configuration (GPUs of one host; gloo processes with --device cpu)")

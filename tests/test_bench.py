@@ -16,7 +16,7 @@ def test_e2e_benchmark_smoke_on_cpu(tmp_path):
     out = tmp_path / "e2e.json"
     argv = ["e2e", "--shape", "smoke", "--device", "cpu", "--batches", "2", "--contexts", "256", "--new-tokens", "6",
             "--runs", "1", "--warmup-tokens", "2", "--warmup-prompt", "40", "--budget", "64",
-            "--prefill-tokens", "64", "--modes", "dense", "retro-w2", "--out", str(out)]
+            "--prefill-tokens", "64", "--modes", "dense", "retro-w2", "--second-process", "--out", str(out)]
     main(argv)
     result = json.loads(out.read_text())
     assert result["meta"]["invocations"] == ["python -m retro_compile.bench " + " ".join(argv)]  # the command given
@@ -30,6 +30,12 @@ def test_e2e_benchmark_smoke_on_cpu(tmp_path):
         # and compiles everything the timed requests run
         assert row["warmup_prompt"] == 40 + 32 and row["compiles_in_timed_runs"] == 0
     assert rows["retro-w2"]["speedup_vs_dense"] == rows["dense"]["decode_ms"] / rows["retro-w2"]["decode_ms"]
+    # warm-up: torch.compile's split by phase (the retro model's prefill and step are Dynamo frames), and a
+    # second process's warm-up over the first's compile caches
+    assert rows["retro-w2"]["warmup_by_phase_s"]["entire_frame_compile"] > 0
+    for row in rows.values():
+        assert 0 < row["second_process"]["warmup_s"] and "error" not in row["second_process"]
+    assert rows["retro-w2"]["warmup_vs_dense"] == rows["retro-w2"]["warmup_s"] / rows["dense"]["warmup_s"]
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
