@@ -14,8 +14,8 @@ import torch.fx as fx
 from torch._dynamo import register_backend
 
 from .config import RetroConfig
-from .kernels.op import autograd_cache_off
-from .passes.rewrite import Rewrite, rewrite_sdpa
+from .kernels.op import compile_cache_keyed
+from .passes.rewrite import STATE_BUFFER_PREFIX, Rewrite, rewrite_sdpa
 from .state import StateStore
 
 #: State for graphs compiled through the plain ``backend="retro"`` string. ``retro_compile``
@@ -54,8 +54,54 @@ def retro_backend(
     from torch._inductor.compile_fx import compile_fx
 
     patches = {**torch._inductor.list_mode_options(mode), **options} if mode else options
-    with autograd_cache_off():
-        return guard_state(compile_fx(gm, example_inputs, config_patches=patches), plan, store)
+    gm, state = state_as_inputs(gm)
+    with compile_cache_keyed():
+        compiled = compile_fx(gm, [*example_inputs, *state], config_patches=patches)
+    return guard_state(with_state(compiled, state), plan, store)
+
+
+def state_as_inputs(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+    """A copy of ``gm`` that takes the decode state the rewrite read as buffers as inputs, placed
+    after Dynamo's own, and the state tensors to pass there, in order.
+
+    Compile caches key a graph by its inputs' shapes and dtypes but by its tensor attributes'
+    values, and the state's values change every step: as buffers, no process would find a graph
+    another compiled. As inputs they are marked static, as Dynamo marks module buffers, so that a
+    CUDA graph of the step reads them where they are rather than from copies. A copy, since Dynamo
+    reads its own graph's inputs again once the backend returns.
+    """
+    from torch._dynamo.source import ConstantSource
+
+    if not any(n.target.startswith(STATE_BUFFER_PREFIX) for n in gm.graph.find_nodes(op="get_attr")):
+        return gm, []
+    graph, copied = fx.Graph(), {}
+    result, output = graph.graph_copy(gm.graph, copied, return_output_node=True)
+    graph.output(result).meta = dict(output.meta)
+    for old, new in copied.items():
+        if old.op == "placeholder":
+            new._dynamo_source = old._dynamo_source  # what AOTAutograd reads off a Dynamo graph's inputs
+    reads = [n for n in graph.find_nodes(op="get_attr") if n.target.startswith(STATE_BUFFER_PREFIX)]
+    state = []
+    with graph.inserting_after(list(graph.find_nodes(op="placeholder"))[-1]):
+        for read in reversed(reads):  # each placed right after Dynamo's inputs: reversed, they land in order
+            node = graph.placeholder(read.target)
+            node.meta.update(read.meta, tensor_dict={"_dynamo_static_input_type": "unguarded"})
+            node._dynamo_source = ConstantSource(source_name=read.target)
+            read.replace_all_uses_with(node)
+            graph.erase_node(read)
+            state.append(getattr(gm, read.target))
+    lifted = fx.GraphModule(gm, graph)
+    lifted.meta = dict(gm.meta)
+    names = {name for name, _ in (*lifted.named_parameters(), *lifted.named_buffers())}
+    lifted._param_name_to_source = {k: v for k, v in getattr(gm, "_param_name_to_source", {}).items() if k in names}
+    return lifted, state[::-1]
+
+
+def with_state(compiled: Callable, state: list[torch.Tensor]) -> Callable:
+    """``compiled`` called as Dynamo calls it (its own inputs only), with ``state`` added after them."""
+    if not state:
+        return compiled
+    return lambda *args: compiled(*args, *state)
 
 
 def guard_state(compiled: Callable, plan: Rewrite, store: StateStore) -> Callable:

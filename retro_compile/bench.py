@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import SUMMARIES
-from .kernels.op import autograd_cache_off, retro_attention
+from .kernels.op import compile_cache_keyed, retro_attention
 from .kernels.masks import mask_positions
 from .kernels.reference import SparseParams
 from .state import StateShape, allocate
@@ -73,7 +73,7 @@ def _record(fn, inputs, compile: bool = True) -> torch.cuda.CUDAGraph:
         step = torch.compile(fn, fullgraph=True, dynamic=False)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), autograd_cache_off():
+    with torch.cuda.stream(side), compile_cache_keyed():
         for _ in range(3):  # compile, autotune, warm up
             step(*inputs)
     torch.cuda.current_stream().wait_stream(side)

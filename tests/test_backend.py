@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -207,67 +208,87 @@ def test_decode_sites_sharing_a_mask_share_one_positions_node():
         torch.testing.assert_close(step(*step_inputs), expected)
 
 
-COMPILE_IN_A_PROCESS = """
-import contextlib
-import sys
+DECODE_IN_A_PROCESS = """
+import json
 import torch
-from retro_compile.kernels import reference
-from retro_compile.kernels.op import autograd_cache_off, retro_attention
-from retro_compile.state import StateShape, allocate
+from torch._dynamo.utils import counters
+from retro_compile import RetroConfig, retro_compile
+from hf_models import greedy_new_tokens, prompts, tiny_model
 
-if sys.argv[1] == "changed":  # the op's body as a new version of the package might have it
-    original_step = reference.decode_step
-    reference.decode_step = lambda *args, **kwargs: 2 * original_step(*args, **kwargs)
-torch.manual_seed(0)
-q, k, v = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
-params = reference.SparseParams(16, 2, 0.0, 0, 1, 2)
-state = allocate(StateShape.of_call(q, k, v, 4, 2))
-seen = torch.arange(64) <= torch.arange(40, 64)[:, None]  # rows at positions 40..63
-retro_attention(q, k, v, seen[None, None, :3], state, params)  # a prefill of 3 rows builds the state
-step = torch.compile(lambda q, k, v, mask, positions: retro_attention(q, k, v, mask, state, params,
-                                                                      positions=positions), fullgraph=True)
-with autograd_cache_off() if sys.argv[2] == "off" else contextlib.nullcontext():
-    out = step(q[:, :, 1:], k, v, seen[None, None, 1:3], torch.tensor([[41, 42]]))
-print(out.double().sum().item())
+model = retro_compile(tiny_model("llama", seed=5), RetroConfig(mode="retro", window=2, budget=16, page_size=8,
+                                                               dense_layers=1, max_context=128), inductor=True)
+ids, mask = prompts(2, 40, pad=(0, 5), seed=6)
+tokens = greedy_new_tokens(model, ids, mask, 6)
+print(json.dumps(dict(tokens=tokens.tolist(), aot=dict(counters["aot_autograd"]))))
 """
 
 
-def test_a_changed_op_body_is_not_served_from_the_compile_cache(tmp_path):
-    """A decode step compiled under ``autograd_cache_off`` (as the backend compiles), then compiled
-    again in a new process whose op body differs (as after an upgrade), with the same on-disk
-    compile caches: the second process runs its own body. With AOTAutograd's cache on, it is
-    served the graph traced from the first body: the hazard the helper is there for."""
-    def decode_output(version: str, cache: Path, autograd_cache: str) -> float:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
-               "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-        done = subprocess.run([sys.executable, "-c", COMPILE_IN_A_PROCESS, version, autograd_cache], env=env,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return float(done.stdout.split()[-1])
-
-    original = decode_output("original", tmp_path / "off", "off")
-    changed = decode_output("changed", tmp_path / "fresh", "off")
-    assert changed != original
-    assert decode_output("changed", tmp_path / "off", "off") == changed
-    decode_output("original", tmp_path / "on", "on")
-    assert decode_output("changed", tmp_path / "on", "on") == original  # served stale
+def decode_in_a_process(package: Path, caches: Path) -> dict:
+    """Greedy tokens of a small-budget request through the package at ``package`` (a folder holding
+    ``retro_compile``) with Inductor, in a new process over the compile caches in ``caches``, and
+    that process's AOTAutograd cache counters."""
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton"),
+           "PYTHONPATH": os.pathsep.join([str(package), str(tests), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", DECODE_IN_A_PROCESS], env=env, cwd=package, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_the_backend_compiles_with_the_autograd_cache_off(monkeypatch):
-    """The backend hands Inductor its rewritten graph under ``autograd_cache_off``."""
-    import torch._functorch.config
+@pytest.mark.slow
+def test_a_second_process_is_served_the_compiled_step_but_a_changed_package_is_not(tmp_path):
+    """The decode step's compile caches stay on: a second process of the same package source is
+    served the first's compiled graphs (AOTAutograd's cache hits; the decode state goes in as graph
+    inputs, not as buffers hashed by value) and decodes the same tokens; a package whose op body
+    changed (as after an upgrade) is not served them and runs its own body."""
+    import shutil
+
+    source = Path(__file__).resolve().parents[1] / "retro_compile"
+    same, changed = tmp_path / "same", tmp_path / "changed"
+    for folder in (same, changed):
+        shutil.copytree(source, folder / "retro_compile", ignore=shutil.ignore_patterns("__pycache__"))
+    reference = changed / "retro_compile" / "kernels" / "reference.py"
+    body = reference.read_text()
+    last_line = "        default_scale(q, scale), page_size)\n"
+    assert body.count(last_line) == 1  # decode_step's return: its output halved in the changed version
+    reference.write_text(body.replace(last_line, last_line.rstrip("\n") + " * 0.5\n"))
+
+    first = decode_in_a_process(same, tmp_path / "caches")
+    second = decode_in_a_process(same, tmp_path / "caches")
+    upgraded = decode_in_a_process(changed, tmp_path / "caches")
+    fresh = decode_in_a_process(changed, tmp_path / "fresh_caches")
+    assert first["aot"].get("autograd_cache_saved", 0) >= 1 and not first["aot"].get("autograd_cache_hit")
+    assert second["aot"].get("autograd_cache_hit", 0) >= 1 and not second["aot"].get("autograd_cache_bypass")
+    assert second["tokens"] == first["tokens"]
+    assert not upgraded["aot"].get("autograd_cache_hit") and upgraded["tokens"] == fresh["tokens"]
+    assert upgraded["tokens"] != first["tokens"]  # the change shows in the tokens, so serving stale would
+
+
+def test_the_backend_compiles_under_a_cache_key_of_the_package_source(monkeypatch):
+    """The backend hands Inductor its rewritten graph, with the decode state as inputs after
+    Dynamo's, under a compile cache key tag that holds the package source's digest."""
+    import torch.compiler.config
     import torch._inductor.compile_fx
 
     from retro_compile.backend import retro_backend
+    from retro_compile.kernels.op import source_digest
 
     seen = []
-    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx",
-                        lambda gm, *args, **kwargs: seen.append(torch._functorch.config.enable_autograd_cache) or gm)
+
+    def compile_fx(gm, inputs, **kwargs):
+        seen.append((torch.compiler.config.cache_key_tag, len(gm.graph.find_nodes(op="placeholder")), len(inputs)))
+        return lambda *args: None
+
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", compile_fx)
     model = Decoder(layers=2, max_len=64).eval()
     (gm, inputs), = captured_graphs(model, (torch.randint(0, 97, (1, 40)), torch.arange(40)))
+    dynamo_inputs = len(gm.graph.find_nodes(op="placeholder"))
     retro_backend(gm, inputs, config=RetroConfig(mode="retro", budget=32, page_size=16, dense_layers=0, max_context=64),
                   store=StateStore())
-    assert seen == [False]
+    (tag, placeholders, given), = seen
+    assert tag == f"retro-compile:{source_digest()}" and len(source_digest()) == 64
+    assert placeholders == given == dynamo_inputs + 2 * 7  # two layers' seven state fields
 
 
 def test_a_said_phase_decides_what_a_site_is_whatever_its_rows():

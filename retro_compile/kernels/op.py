@@ -227,16 +227,33 @@ def dense_window(
     return reference.sdpa_row_by_row(q, k, v, attn_mask, scale=scale, enable_gqa=enable_gqa)
 
 
-def autograd_cache_off():
-    """A context for compiling a graph that calls these ops: AOTAutograd's cache off.
+def compile_cache_keyed():
+    """A context for compiling a graph that calls these ops: compile caches key it on this package's source.
 
-    That cache keys a graph by its ops and sees each op as one: after a change to an op's body (a
-    new version of this package) it would serve the graph traced from the old body. Inductor's FX
-    graph cache keys the traced body itself, Triton kernel sources included, and stays on.
+    AOTAutograd's cache keys a graph by its ops and sees each op as one: after a change to an op's
+    body (a new version of this package) it would serve the graph traced from the old body. Its key
+    holds ``torch.compiler.config.cache_key_tag``, which this adds a digest of the package's source
+    to, so a graph is served only to the package that traced it. (Inductor's FX graph cache keys
+    the traced body itself, Triton kernel sources included.)
     """
-    import torch._functorch.config
+    import torch.compiler.config
 
-    return torch._functorch.config.patch(enable_autograd_cache=False)
+    tag = torch.compiler.config.cache_key_tag
+    return torch.compiler.config.patch(cache_key_tag=f"{tag}|retro-compile:{source_digest()}" if tag
+                                       else f"retro-compile:{source_digest()}")
+
+
+@functools.cache
+def source_digest() -> str:
+    """SHA-256 of every Python file of the installed package (paths and contents)."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def _declare_kernels() -> None:
@@ -247,7 +264,7 @@ def _declare_kernels() -> None:
     kernels PyTorch finds by reading the op's body, and it finds none of these (the body reaches
     them through ``reference.Stages``). A graph that calls ``retro::attention`` and was compiled
     before a kernel changed would then be served with the old kernel, where the cache is on (see
-    :func:`autograd_cache_off` for the rest of the body). Interpreted kernels
+    :func:`compile_cache_keyed` for the rest of the body). Interpreted kernels
     (``TRITON_INTERPRET=1``) have no source to key on and are left out, as is everything when
     Triton is missing (the kernels never run then).
     """

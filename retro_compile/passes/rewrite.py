@@ -2,8 +2,9 @@
 
 Dense layers and call sites the op cannot serve stay SDPA; each is logged once with the reason
 (at WARNING when the user did not ask for it). State tensors are registered on the graph module
-as buffers and read with ``get_attr``, so AOTAutograd lifts them like any module buffer (static
-addresses for CUDA graphs) and the op's in-place updates are functionalised and re-inplaced by
+as buffers (names starting with :data:`STATE_BUFFER_PREFIX`) and read with ``get_attr``, so the
+graph runs as it is; before Inductor the backend turns them into static graph inputs
+(``backend.state_as_inputs``), and the op's in-place updates are functionalised and re-inplaced by
 Inductor.
 
 A *prefill* site builds the layer's state; a *decode* site reads it. Which one a graph's sites are
@@ -236,8 +237,11 @@ def _positions_node(graph: fx.Graph, site: SdpaSite, slots: fx.Node | None,
     said = example_value(slots) if slots is not None else None
     if isinstance(said, torch.Tensor) and said.shape == (rows,):
         key = (slots, batch, rows)
-        if key not in shared:
-            shared[key] = graph.call_function(slot_positions, (slots, batch))
+        if key not in shared:  # slot_positions, as tensor methods a compile cache can key on
+            expanded = graph.call_method("expand", (slots, batch, -1))
+            expanded.meta["example_value"] = said.expand(batch, -1)
+            shared[key] = graph.call_method("contiguous", (expanded,))
+            shared[key].meta["example_value"] = slot_positions(said, batch)
         return shared[key]
     if not isinstance(site.attn_mask, fx.Node):
         return None
@@ -259,8 +263,11 @@ def _register_state(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> None
         sources[name] = ConstantSource(source_name=name)
 
 
+STATE_BUFFER_PREFIX = "_retro_"  # the names of the state buffers the rewrite registers
+
+
 def _buffer_name(gm: fx.GraphModule, layer: str, field: str) -> str:
-    base = "_retro_" + "".join(c if c.isalnum() else "_" for c in layer) + "_" + field
+    base = STATE_BUFFER_PREFIX + "".join(c if c.isalnum() else "_" for c in layer) + "_" + field
     name, i = base, 0
     while hasattr(gm, name):
         i += 1
