@@ -54,7 +54,7 @@ def retro_backend(
     from torch._inductor.compile_fx import compile_fx
 
     patches = {**torch._inductor.list_mode_options(mode), **options} if mode else options
-    gm, state = state_as_inputs(gm)
+    gm, state = state_as_inputs(gm) if plan.layers else (gm, [])
     with compile_cache_keyed():
         compiled = compile_fx(gm, [*example_inputs, *state], config_patches=patches)
     return guard_state(with_state(compiled, state), plan, store)
@@ -72,8 +72,6 @@ def state_as_inputs(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[torch.Tens
     """
     from torch._dynamo.source import ConstantSource
 
-    if not any(n.target.startswith(STATE_BUFFER_PREFIX) for n in gm.graph.find_nodes(op="get_attr")):
-        return gm, []
     graph, copied = fx.Graph(), {}
     result, output = graph.graph_copy(gm.graph, copied, return_output_node=True)
     graph.output(result).meta = dict(output.meta)
@@ -92,8 +90,7 @@ def state_as_inputs(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[torch.Tens
             state.append(getattr(gm, read.target))
     lifted = fx.GraphModule(gm, graph)
     lifted.meta = dict(gm.meta)
-    names = {name for name, _ in (*lifted.named_parameters(), *lifted.named_buffers())}
-    lifted._param_name_to_source = {k: v for k, v in getattr(gm, "_param_name_to_source", {}).items() if k in names}
+    lifted._param_name_to_source = getattr(gm, "_param_name_to_source", {})  # AOTAutograd looks its buffers up there
     return lifted, state[::-1]
 
 

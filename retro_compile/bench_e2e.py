@@ -402,12 +402,7 @@ def sweep(args) -> list[dict]:
             if args.second_process and "error" not in row:
                 again = run_configuration([*command, "--warmup-only"], caches, args.timeout, mode)
                 row["second_process"] = {k: again[k] for k in ("warmup_s", "warmup_by_phase_s", "error") if k in again}
-        row.setdefault("mode", mode)
-        row.setdefault("batch", batch)
-        row.setdefault("context", context)
-        row.setdefault("budget", args.budget)
-        row.setdefault("tp", args.tp)
-        row.setdefault("summaries", args.summaries)
+        row = dict(mode=mode, batch=batch, context=context, budget=args.budget, tp=args.tp, summaries=args.summaries) | row
         rows = [r for r in rows if (label(r), *shape_of(r)) != (label(row), batch, context, args.tp)] + [row]
         summarize(rows)
         log.info("%s", {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})

@@ -130,7 +130,7 @@ def test_decode_steps_build_no_attention_mask_on_the_host():
 @pytest.mark.slow
 def test_decode_step_hands_its_window_slots_to_every_sparse_layer(monkeypatch):
     """The decode step says its rows' cache slots (``window_slots``); the rewritten step hands them,
-    once for every batch row (as ``slot_positions`` does), to every sparse layer's op and reduces no mask to find them. At a
+    expanded to every batch row, to every sparse layer's op and reduces no mask to find them. At a
     small budget with a padded row the tokens equal the reference op driven by hand, which reads
     its positions off the mask."""
     from retro_compile import backend
@@ -156,7 +156,7 @@ def test_decode_step_hands_its_window_slots_to_every_sparse_layer(monkeypatch):
     ops = [n for n in nodes if n.target is torch.ops.retro.attention.default]
     assert len(ops) == 3  # layers 1-3
     positions = {op.args[-2] for op in ops}
-    (said,) = positions  # slot_positions as tensor methods: the slots expanded to every batch row, contiguous
+    (said,) = positions  # tensor methods: the slots expanded to every batch row, contiguous
     assert said.target == "contiguous" and said.args[0].target == "expand" and said.args[0].args[1:] == (2, -1)
     assert not [n for n in nodes if n.target in (mask_positions, torch.ops.retro.window_slots.default)]
 

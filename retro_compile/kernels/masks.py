@@ -2,7 +2,7 @@
 which page of its row each cache slot is on.
 
 SDPA's mask conventions are read here once (:func:`mask_to_allowed`); a query's position is the
-last key it may see (:func:`query_positions`), or said by the caller (:func:`slot_positions`).
+last key it may see (:func:`query_positions`), or said by the caller (a decode step's window slots).
 Pages are counted from each row's first valid slot (:func:`first_slots`), so a left-padded row
 pages its tokens as an unpadded one does. :mod:`.reference` and the rewrite build on these.
 """
@@ -67,13 +67,6 @@ def mask_positions(attn_mask: torch.Tensor, batch: int, n: int) -> torch.Tensor:
     (``positions``), instead of each layer reducing the whole mask again."""
     allowed, _ = mask_to_allowed(attn_mask, False, batch, n, attn_mask.shape[-1], attn_mask.device)
     return query_positions(allowed)
-
-
-def slot_positions(slots: torch.Tensor, batch: int) -> torch.Tensor:
-    """The positions (B, n) of ``batch`` rows whose ``n`` queries sit at the cache slots ``slots``
-    (n,), as a decode step says them: one contiguous tensor for every layer of the graph, since the
-    attention stage reads positions contiguously and would otherwise copy a broadcast view a layer."""
-    return slots.expand(batch, -1).contiguous()
 
 
 def first_slots(valid: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch.fx as fx
 
 from ..config import RetroConfig
 from ..kernels.op import unservable
-from ..kernels.masks import mask_positions, slot_positions
+from ..kernels.masks import mask_positions
 from ..kernels.reference import SparseParams, sdpa_row_by_row
 from ..state import STATE_FIELDS, LayerState, StateShape, StateStore
 from .sdpa import SdpaSite, example_value, find_sdpa_sites
@@ -227,8 +227,10 @@ def rewrite_sdpa(gm: fx.GraphModule, config: RetroConfig, store: StateStore, pha
 def _positions_node(graph: fx.Graph, site: SdpaSite, slots: fx.Node | None,
                     shared: dict[tuple, fx.Node]) -> fx.Node | None:
     """The decode site's query positions (B, n), one node per (source, batch, rows) for the whole
-    graph: the ``slots`` the step said (:func:`said_slots`), for every batch row
-    (:func:`slot_positions`), where their number matches the site's rows; else read off the site's mask (:func:`mask_positions`: a
+    graph: the ``slots`` the step said (:func:`said_slots`), expanded to every batch row and made
+    contiguous (the attention stage reads positions contiguously and would otherwise copy a
+    broadcast view a layer), where their number matches the site's rows; else read off the site's
+    mask (:func:`mask_positions`: a
     reduction over the cache, once per graph rather than once a layer, as Inductor does not merge
     it across op calls). None with neither; the op then reads its own mask. Called with the
     graph's insertion point before the site."""
@@ -237,11 +239,11 @@ def _positions_node(graph: fx.Graph, site: SdpaSite, slots: fx.Node | None,
     said = example_value(slots) if slots is not None else None
     if isinstance(said, torch.Tensor) and said.shape == (rows,):
         key = (slots, batch, rows)
-        if key not in shared:  # slot_positions, as tensor methods a compile cache can key on
+        if key not in shared:  # tensor methods, with the example values a compile cache's key reads
             expanded = graph.call_method("expand", (slots, batch, -1))
             expanded.meta["example_value"] = said.expand(batch, -1)
             shared[key] = graph.call_method("contiguous", (expanded,))
-            shared[key].meta["example_value"] = slot_positions(said, batch)
+            shared[key].meta["example_value"] = expanded.meta["example_value"].contiguous()
         return shared[key]
     if not isinstance(site.attn_mask, fx.Node):
         return None
