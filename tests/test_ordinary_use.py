@@ -157,23 +157,6 @@ def test_early_exit_drafting_is_refused_up_front():
     assert model.retro_state.layers() == [], "the refused request compiled or ran something"
 
 
-def test_continuous_batching_is_refused_up_front():
-    """generate_batch works on the untouched model; here it would run transformers' paged cache and
-    attention, around the sparse decode, so it is refused in plain words before anything runs, and
-    generate() still serves the model afterwards."""
-    from transformers import GenerationConfig
-
-    untouched = tiny_model()
-    ids, mask = prompts(2, 20)
-    config = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert len(untouched.generate_batch(inputs=ids.tolist(), generation_config=config)) == 2
-    model = retro_compile(copy.deepcopy(untouched), FULL)
-    with pytest.raises(NotImplementedError, match=r"continuous batching \(generate_batch"):
-        model.generate_batch(inputs=ids.tolist(), generation_config=config)
-    assert model.retro_state.layers() == [], "the refused request compiled or ran something"
-    assert torch.equal(greedy(model, ids, mask, 4), greedy(untouched, ids, mask, 4))
-
-
 def test_inputs_embeds_is_refused_up_front():
     """generate(inputs_embeds=...) works on the untouched model and is refused in plain words here,
     before anything is compiled."""

@@ -93,10 +93,13 @@ def pages_to_tokens(per_page: torch.Tensor, page_size: int, length: int,
     return per_page.gather(-1, pages[:, None, :].expand(b, h, length))
 
 
-def page_any(valid: torch.Tensor, page_size: int, start: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, L) bool -> (B, NP) bool, NP the pages the cache spans: does the page (counted from
-    ``start``) hold any valid slot."""
+def page_any(valid: torch.Tensor, page_size: int, start: torch.Tensor | None = None,
+             num_pages: int | None = None) -> torch.Tensor:
+    """(B, L) bool -> (B, NP) bool: does the page (counted from ``start``) hold any valid slot.
+    NP is ``num_pages`` (the state's pages, which may reach past a cache shorter than its
+    capacity: those hold none), by default the pages the cache spans."""
     batch, length = valid.shape
     pages = row_pages(start, batch, length, page_size, valid.device)
-    out = torch.zeros(batch, -(-length // page_size), dtype=torch.int32, device=valid.device)
+    num_pages = -(-length // page_size) if num_pages is None else num_pages
+    out = torch.zeros(batch, num_pages, dtype=torch.int32, device=valid.device)
     return out.scatter_reduce(1, pages, valid.to(torch.int32), "amax") > 0

@@ -206,7 +206,7 @@ def page_scores(
     if step is not None:
         q = (q * step[:, :, None, None]).to(q_row.dtype).float()
     upper = torch.maximum(q * kmax.float()[:, :, None], q * kmin.float()[:, :, None]).sum(-1)  # (B, Hkv, G, NP)
-    return upper.amax(dim=2).masked_fill(~page_any(valid, page_size, start)[:, None, :], NEG_INF)
+    return upper.amax(dim=2).masked_fill(~page_any(valid, page_size, start, kmax.shape[2])[:, None, :], NEG_INF)
 
 
 def budget_pages_for(params: SparseParams, position: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 ATTENTION_NAME = "retro_sdpa"
+BATCH_KWARG = "retro_batch"  # the forward keyword that carries a continuous-batching ServedBatch
 
 
 def retro_sdpa_attention(
@@ -29,7 +30,12 @@ def retro_sdpa_attention(
     position 0 (a prefill): no mask with several rows means causal attention (SDPA's top-left
     alignment), so keys past the last row are never visible and are cut off; a mask narrower than
     the cache covers the first ``mask.shape[-1]`` keys, the rest being unwritten.
+
+    A continuous-batching call (keyword ``retro_batch``) goes to its :class:`~.serving.ServedBatch`.
     """
+    batch = kwargs.get(BATCH_KWARG)
+    if batch is not None:  # a continuous-batching forward: every request's rows, packed
+        return batch.attention(module, query, key, value, scaling), None
     if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
         raise ValueError("retro-compile: softcapping and position biases are not supported by SDPA attention")
     rows = query.shape[2]

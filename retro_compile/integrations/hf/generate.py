@@ -14,6 +14,7 @@ from ...config import RetroConfig
 from ...state import StateStore
 from .cache import LayerKinds
 from .driver import DecodeWindowDriver
+from .serving import continuous_batching_method
 
 
 def requested_positions(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int] | None:
@@ -79,7 +80,7 @@ def driver_methods(model: torch.nn.Module, config: RetroConfig, store: StateStor
                    kinds: LayerKinds | None) -> tuple[DecodeWindowDriver, dict[str, Callable]]:
     """The driver, and the ``forward``, ``generate`` and ``create_masks_for_generate`` that route
     the model's calls through it (a generate() that runs every request on the driver's static
-    cache), and the ``init_continuous_batching`` that refuses continuous batching."""
+    cache), and the ``init_continuous_batching`` that batches requests continuously (:mod:`.serving`)."""
     from transformers import masking_utils
 
     driver = DecodeWindowDriver(model, config, store, compile_prefill, compile_step, cuda_graphs, kinds)
@@ -127,13 +128,7 @@ def driver_methods(model: torch.nn.Module, config: RetroConfig, store: StateStor
             return None
         return original_masks(*args, **kwargs)
 
-    def init_continuous_batching(*args: Any, **kwargs: Any) -> Any:
-        """Continuous batching (``generate_batch``, ``init_continuous_batching``, the server built on
-        them), refused: its paged cache and attention functions never reach the decode driver."""
-        raise NotImplementedError(
-            "retro_compile: continuous batching (generate_batch, init_continuous_batching, transformers serve) is "
-            "not supported yet: its paged cache and attention would bypass the sparse decode, so every request "
-            "would run dense attention. Use model.generate(...), which batches requests of one start")
+    init_continuous_batching = continuous_batching_method(model, config, store.model_dense, kinds)
 
     # generate() looks create_masks_for_generate up on the model
     return driver, dict(forward=forward, generate=generate, create_masks_for_generate=create_masks_for_generate,

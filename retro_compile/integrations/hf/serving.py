@@ -1,0 +1,341 @@
+"""Continuous batching on a ``retro_compile``d model: transformers' ``generate_batch``,
+``init_continuous_batching`` (:class:`~transformers.ContinuousBatchingManager`) and the
+``transformers serve`` built on them, with sparse + retrospective decode.
+
+Continuous batching packs the new tokens of every scheduled request into one row and keeps keys
+and values in a paged cache; each attention call gets every request's keys gathered in position
+order. Three hooks make that batch run the decode-window algorithm of ``generate()``:
+
+1. **The window.** Once a step has sampled a request's token, the request is set to feed its last
+   ``w`` tokens next, from ``w - 1`` positions back (:func:`feed_window`). The scheduler counts and
+   allocates them like any tokens, and the paged cache overwrites the re-fed positions' keys and
+   values, as the static cache does under ``generate()``.
+2. **The batch.** Each forward call carries a :class:`ServedBatch` (keyword ``retro_batch``) that
+   names each request in the row, its first position, its rows and its phase; the attention
+   function (``retro_sdpa``) hands such calls to :meth:`ServedBatch.attention`, which runs each
+   request's rows over its own keys: dense layers as causal SDPA, sparse ones through
+   ``retro::attention`` with that request's state.
+3. **State by request.** :class:`RequestStates` keeps each request's
+   :class:`~retro_compile.state.LayerState` per sparse layer by request id (the batch is
+   reordered every step). A prefill from position 0 builds it; the paged cache freeing the
+   request's blocks (finished, cancelled, evicted) drops it.
+
+So each request decodes exactly as it would alone through ``generate()``: rows never read each
+other's keys or state. What this path does not do yet: CUDA graphs, ``torch.compile`` of the
+step and asynchronous batching (each is refused when asked for), parallel sampling
+(``num_return_sequences > 1``), and models with sliding-window or recurrent layers. Attention
+runs request by request, eagerly: ``retro::attention``'s Triton kernels on CUDA, the PyTorch
+reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import logging
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ...config import RetroConfig
+from ...kernels.op import retro_attention
+from ...passes.rewrite import sparse_params
+from ...state import LayerState, StateShape, allocate
+from .attention import BATCH_KWARG
+from .cache import LayerKinds
+
+if TYPE_CHECKING:
+    from transformers import ContinuousBatchingManager
+
+log = logging.getLogger(__name__)
+
+
+# ContinuousBatchingConfig fields this path fixes, with why; a user's other choice is an error.
+FIXED_SETTINGS: dict[str, tuple[Any, str]] = {
+    "use_cuda_graph": (False, "attention runs request by request, which a CUDA graph cannot record"),
+    "use_async_batching": (False, "a step's window is read from the tokens the previous step sampled"),
+    "varlen_compile_config": (None, "the step runs eagerly"),
+    "decode_compile_config": (None, "the step runs eagerly"),
+    "default_compile_level": (0, "the step runs eagerly"),
+    "max_blocks_per_request": (0, "the decode fast path hands attention a block table, not the gathered keys"),
+    "cpu_offload_space": (0.0, "a request offloaded to the CPU would come back without its decode state"),
+}
+# Fixed whatever the user left it at, with one log line: its default is on, and the window rewrites shared blocks.
+BLOCK_SHARING = ("allow_block_sharing", False,
+                 "each step overwrites its window's keys and values, which a block shared between requests "
+                 "cannot take")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sequence:
+    """One request's rows in a packed forward call: ``rows`` tokens at positions
+    ``first_position ..``, over keys ``0 .. first_position + rows - 1``."""
+
+    request_id: str
+    first_position: int
+    rows: int
+    prefill: bool
+
+
+class RequestStates:
+    """Each request's decode state, per sparse layer, by request id."""
+
+    def __init__(self, config: RetroConfig) -> None:
+        self.config = config
+        self._states: dict[str, dict[int, LayerState]] = {}
+
+    def __len__(self) -> int:
+        """How many requests hold state."""
+        return len(self._states)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._states
+
+    def start(self, request_id: str) -> None:
+        """Forget any state of ``request_id``: its prefill starts from position 0 (a new request, or
+        one evicted from the cache and prefilled again)."""
+        self._states[request_id] = {}
+
+    def layer_state(self, request_id: str, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    prefill: bool) -> LayerState:
+        """``request_id``'s state for ``layer``, allocated by its prefill's first call on the layer."""
+        layers = self._states.get(request_id)
+        if layers is None:
+            raise RuntimeError(f"retro_compile: request {request_id!r} reached a decode step with no decode state; "
+                               "its prefill did not run through this model's continuous batching")
+        state = layers.get(layer)
+        if state is None:
+            if not prefill:
+                raise RuntimeError(f"retro_compile: request {request_id!r} has no decode state for layer {layer}")
+            shape = StateShape.of_call(q, k, v, self.config.num_pages, self.config.window, self.config.summaries)
+            state = layers[layer] = allocate(shape)
+        return state
+
+    def release(self, request_id: str) -> None:
+        self._states.pop(request_id, None)
+
+
+class ServedBatch:
+    """One forward call of continuous batching: which request each run of rows belongs to, and
+    the attention that runs each request's rows over its own keys and state."""
+
+    def __init__(self, sequences: list[Sequence], states: RequestStates, model_dense: Mapping[int, str]) -> None:
+        self.sequences = sequences
+        self.states = states
+        self.config = states.config
+        self.model_dense = model_dense
+        self.params = sparse_params(self.config)
+        self._masks: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+    def dense(self, layer: int) -> bool:
+        """Whether ``layer`` runs dense attention (the rewrite's rule: the mode, ``dense_layers``,
+        and layers the model needs dense)."""
+        return self.config.mode == "dense" or self.config.is_dense_layer(layer) or layer in self.model_dense
+
+    def causal_mask(self, sequence: Sequence, device: torch.device) -> torch.Tensor | None:
+        """(1, 1, rows, keys) bool: row ``i`` sees keys up to its position; None from position 0
+        (SDPA's causal flag says it). Built once per call, shared by every layer."""
+        if sequence.first_position == 0:
+            return None
+        key = (sequence.first_position, sequence.rows, device)
+        if key not in self._masks:
+            keys = sequence.first_position + sequence.rows
+            positions = torch.arange(sequence.first_position, keys, device=device)
+            self._masks[key] = (torch.arange(keys, device=device) <= positions[:, None])[None, None]
+        return self._masks[key]
+
+    def attention(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  scaling: float | None) -> torch.Tensor:
+        """``query`` (1, Hq, rows, D) of every request, packed; ``key``/``value`` (1, Hkv, keys, D),
+        each request's keys gathered in position order. Returns (1, rows, Hq, Dv), as transformers'
+        attention functions do. The rows are the batch's own: this path never pads them (no CUDA
+        graph, no compile)."""
+        layer = module.layer_idx
+        dense = self.dense(layer)
+        outputs, row, first_key = [], 0, 0
+        for sequence in self.sequences:
+            keys = sequence.first_position + sequence.rows
+            q = query[:, :, row:row + sequence.rows]
+            k, v = key[:, :, first_key:first_key + keys], value[:, :, first_key:first_key + keys]
+            mask = self.causal_mask(sequence, q.device)
+            if dense:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling,
+                                                     enable_gqa=q.shape[1] != k.shape[1])
+            else:
+                state = self.states.layer_state(sequence.request_id, layer, q, k, v, sequence.prefill)
+                positions = None
+                if not sequence.prefill:
+                    positions = torch.arange(sequence.first_position, keys, device=q.device)[None]
+                out = retro_attention(q, k, v, mask, state, self.params, is_causal=mask is None, scale=scaling,
+                                      positions=positions, prefill=sequence.prefill)
+            outputs.append(out)
+            row, first_key = row + sequence.rows, first_key + keys
+        return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
+
+
+def last_tokens(state: Any, count: int) -> list[int]:
+    """The last ``count`` tokens of a request's sequence (prompt, then generated tokens)."""
+    generated = state.generated_tokens
+    if count <= len(generated):
+        return generated[len(generated) - count:]
+    prompt = state.initial_tokens
+    return prompt[len(prompt) - (count - len(generated)):] + generated
+
+
+def feed_window(state: Any, window: int) -> None:
+    """Set a decoding request to feed its last ``window`` tokens next (fewer if the sequence is
+    shorter), from as many positions back: the step re-computes the ``window - 1`` tokens before
+    the new one, overwriting their keys and values, as ``generate()``'s decode step does."""
+    fed = min(window, state.position_offset + 1)  # position_offset: the new token's position
+    state.tokens_to_process = last_tokens(state, fed)
+    state.position_offset -= fed - 1
+
+
+def batching_config(requested: Any) -> Any:
+    """A copy of the ``ContinuousBatchingConfig`` ``requested`` (None: the default one) with the
+    settings this path needs (:data:`FIXED_SETTINGS`); a user's other choice of one of them is a
+    ``ValueError`` naming it."""
+    from transformers import ContinuousBatchingConfig
+
+    defaults = ContinuousBatchingConfig()
+    cb_config = copy.deepcopy(requested) if requested is not None else defaults
+    for name, (value, why) in FIXED_SETTINGS.items():
+        chosen = getattr(cb_config, name)
+        if chosen != value and chosen != getattr(defaults, name) and chosen is not None:
+            raise ValueError(f"retro_compile: continuous batching with {name}={chosen!r} is not supported "
+                             f"({why}); leave it unset or set it to {value!r}")
+        setattr(cb_config, name, value)
+    name, value, why = BLOCK_SHARING
+    if getattr(cb_config, name) != value:
+        log.info("retro-compile: continuous batching runs with %s=%r: %s", name, value, why)
+        setattr(cb_config, name, value)
+    return cb_config
+
+
+def check_lengths(config: RetroConfig, prompt: int, new_tokens: int | None) -> None:
+    """Refuse a request longer than the decode state holds (``RetroConfig.max_context``)."""
+    if new_tokens is None:
+        raise ValueError("retro_compile: a continuous-batching request needs max_new_tokens (its length is bounded "
+                         f"by RetroConfig.max_context={config.max_context})")
+    if prompt + new_tokens > config.max_context:
+        raise ValueError(f"retro_compile: a request of {prompt} prompt tokens and max_new_tokens={new_tokens} "
+                         f"exceeds RetroConfig.max_context={config.max_context}; raise max_context")
+
+
+def install_hooks(processor: Any, states: RequestStates, model_dense: Mapping[int, str]) -> None:
+    """Hook a ``ContinuousBatchProcessor`` (see the module docstring): plan each batch and hand it
+    to the forward call; feed each decoding request its window; drop a request's state when the
+    cache frees its blocks."""
+    from transformers.generation.continuous_batching.requests import RequestStatus
+
+    io, cache, window = processor.inputs_and_outputs, processor.cache, states.config.window
+    prepare, model_kwargs, update, free = (io.prepare_batch_tensors, io.get_model_kwargs, processor.update_batch,
+                                           cache.free_blocks)
+    scheduled: list[Any] = []
+    sequences: list[Sequence] = []
+
+    def prepare_batch_tensors(requests_in_batch: list[Any], *args: Any, **kwargs: Any) -> None:
+        scheduled[:] = requests_in_batch
+        sequences[:] = []
+        for future in requests_in_batch:
+            state = future.state
+            prefill = not state.generated_tokens  # the scheduler marks a prompt's last chunk as decoding already
+            if prefill and state.position_offset == 0:
+                states.start(state.request_id)
+            sequences.append(Sequence(state.request_id, state.position_offset, future.query_length, prefill))
+        return prepare(requests_in_batch, *args, **kwargs)
+
+    def get_model_kwargs(*args: Any, **kwargs: Any) -> Any:
+        batch = model_kwargs(*args, **kwargs)
+        batch[BATCH_KWARG] = ServedBatch(list(sequences), states, model_dense)
+        return batch
+
+    def update_batch() -> None:
+        update()
+        if window > 1:
+            for future in scheduled:
+                if future.has_new_token and future.state.status == RequestStatus.DECODING:
+                    feed_window(future.state, window)
+
+    def free_blocks(request_id: str, *args: Any, **kwargs: Any) -> None:
+        states.release(request_id)
+        return free(request_id, *args, **kwargs)
+
+    io.prepare_batch_tensors, io.get_model_kwargs = prepare_batch_tensors, get_model_kwargs
+    processor.update_batch, cache.free_blocks = update_batch, free_blocks
+
+
+@functools.cache
+def manager_class() -> type:
+    """:class:`RetroBatchingManager`, made on first use (transformers' continuous batching is
+    imported only by a model that batches continuously)."""
+    from transformers import ContinuousBatchingManager
+
+    class RetroBatchingManager(ContinuousBatchingManager):
+        """transformers' ``ContinuousBatchingManager`` over a ``retro_compile``d model: the model
+        keeps its attention (``retro_sdpa`` serves packed batches itself) and each batch processor
+        it makes is hooked (:func:`install_hooks`)."""
+
+        def __init__(self, model: torch.nn.Module, generation_config: Any, continuous_batching_config: Any,
+                     workload_hints: Any, states: RequestStates, model_dense: Mapping[int, str]) -> None:
+            self.retro_states, self.retro_model_dense = states, model_dense
+            super().__init__(model, generation_config, continuous_batching_config, workload_hints)
+            for name in ("varlen_compile_config", "decode_compile_config"):  # a generation config's compile_config
+                if getattr(self.continuous_batching_config, name) is not None:
+                    log.info("retro-compile: continuous batching runs its steps eagerly; %s is not used", name)
+                    setattr(self.continuous_batching_config, name, None)
+
+        def switch_to_cb_friendly_attn(self, model: torch.nn.Module, auto_switch_to_flash: bool = True) -> None:
+            """Nothing to switch: ``retro_sdpa`` serves continuous batching."""
+
+        def _create_batch_processor(self) -> Any:
+            processor = super()._create_batch_processor()
+            if not getattr(processor, "retro_hooked", False):
+                install_hooks(processor, self.retro_states, self.retro_model_dense)
+                processor.retro_hooked = True
+            return processor
+
+        def add_request(self, input_ids: list[int], request_id: str | None = None, max_new_tokens: int | None = None,
+                        *args: Any, **kwargs: Any) -> str | None:
+            new = self.generation_config.max_new_tokens if max_new_tokens is None else max_new_tokens
+            check_lengths(self.retro_states.config, len(input_ids), new)
+            return super().add_request(input_ids, request_id, max_new_tokens, *args, **kwargs)
+
+    return RetroBatchingManager
+
+
+def continuous_batching_method(model: torch.nn.Module, config: RetroConfig, model_dense: Mapping[int, str],
+                               kinds: LayerKinds | None) -> Any:
+    """The model's ``init_continuous_batching``: transformers' own (a cached manager is reused; a
+    generation config is required), making a :class:`RetroBatchingManager` with the settings
+    this path needs (:func:`batching_config`), after refusing what it does not serve."""
+
+    def init_continuous_batching(generation_config: Any = None, continuous_batching_config: Any = None,
+                                 workload_hints: Any = None) -> "ContinuousBatchingManager":
+        if kinds is not None and (kinds.sliding or kinds.recurrent):
+            layers = {"sliding-window": list(kinds.sliding), "recurrent": list(kinds.recurrent)}
+            raise NotImplementedError(
+                "retro_compile: continuous batching serves models whose every layer is full attention; this one has "
+                + ", ".join(f"{kind} layers {found}" for kind, found in layers.items() if found)
+                + ". Use model.generate(...), which serves it")
+        cached = getattr(model, "_cached_continuous_batching_manager", None)
+        if isinstance(cached, manager_class()):
+            return cached
+        generation = generation_config if generation_config is not None else model.generation_config
+        if generation is None:
+            raise ValueError("retro_compile: continuous batching needs a GenerationConfig")
+        if (generation.num_return_sequences or 1) > 1:
+            raise ValueError(f"retro_compile: continuous batching with num_return_sequences="
+                             f"{generation.num_return_sequences} is not supported: the sequences would fork a "
+                             "request's decode state, which is kept per request")
+        if generation.eos_token_id is None:
+            log.warning("retro-compile: the generation config has no eos_token_id; requests stop at max_new_tokens")
+            generation.eos_token_id = -1
+        if workload_hints is not None and workload_hints.max_prompt_length:
+            check_lengths(config, workload_hints.max_prompt_length, workload_hints.max_generated_length)
+        cb_config = batching_config(continuous_batching_config)
+        return manager_class()(model, generation, cb_config, workload_hints, RequestStates(config), model_dense)
+
+    return init_continuous_batching
