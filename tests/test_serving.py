@@ -116,6 +116,9 @@ def test_requests_arriving_at_different_steps_and_reusing_freed_blocks(untouched
             output = manager.get_result(timeout=120)
             assert output is not None and output.error is None, output
             produced = len(output.generated_tokens)
+        held = manager.retro_states.held("r0")  # sized for r0's prompt and new tokens, not max_context
+        assert {state.kmax.shape[2] for state in held.values()} == {-(-(len(inputs[0]) + NEW) // 8)}
+        assert sorted(held) == [1, 2, 3]  # the sparse layers (dense_layers=1)
         for i, prompt in enumerate(inputs[1:], start=1):
             manager.add_request(prompt, request_id=f"r{i}")
         results = {}
@@ -170,6 +173,19 @@ def test_concurrent_clients_are_answered_like_the_untouched_model(untouched):
     finally:
         manager.stop(block=True, timeout=30)
     assert answers == expected
+
+
+def test_the_paged_cache_leaves_the_page_summaries_their_share_of_memory(untouched):
+    """Left to size itself, the paged cache takes what it would on the untouched model less the
+    summaries' share: a max and a min per 8-position page (float32) beside a key and a value per
+    position, 1/9 of the decode memory. A size the user gives is kept."""
+    model = retro_compile(copy.deepcopy(untouched), FULL)
+    sized = model.init_continuous_batching(generation_config=generation()).continuous_batching_config
+    stock = untouched.init_continuous_batching(generation_config=generation()).continuous_batching_config
+    assert sized.max_memory_percent == pytest.approx(stock.max_memory_percent * (1 - 1 / 9))
+    given = model.init_continuous_batching(generation_config=generation(),
+                                           continuous_batching_config=ContinuousBatchingConfig(max_memory_percent=0.5))
+    assert given.continuous_batching_config.max_memory_percent == 0.5
 
 
 def test_unsupported_batching_settings_are_refused_up_front(untouched):

@@ -34,6 +34,7 @@ import copy
 import dataclasses
 import functools
 import logging
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
@@ -71,12 +72,14 @@ BLOCK_SHARING = ("allow_block_sharing", False,
 @dataclasses.dataclass(frozen=True)
 class Sequence:
     """One request's rows in a packed forward call: ``rows`` tokens at positions
-    ``first_position ..``, over keys ``0 .. first_position + rows - 1``."""
+    ``first_position ..``, over keys ``0 .. first_position + rows - 1``; ``capacity``: the most
+    positions the request can reach (its prompt plus ``max_new_tokens``)."""
 
     request_id: str
     first_position: int
     rows: int
     prefill: bool
+    capacity: int
 
 
 class RequestStates:
@@ -98,20 +101,28 @@ class RequestStates:
         one evicted from the cache and prefilled again)."""
         self._states[request_id] = {}
 
-    def layer_state(self, request_id: str, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    prefill: bool) -> LayerState:
-        """``request_id``'s state for ``layer``, allocated by its prefill's first call on the layer."""
+    def layer_state(self, sequence: Sequence, layer: int, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> LayerState:
+        """The state of ``sequence``'s request for ``layer``, allocated by its prefill's first call
+        on the layer with pages for the request's ``capacity`` (summaries take ``1 / page_size`` of
+        the memory of the keys they summarise, so a short request holds little)."""
+        request_id = sequence.request_id
         layers = self._states.get(request_id)
         if layers is None:
             raise RuntimeError(f"retro_compile: request {request_id!r} reached a decode step with no decode state; "
                                "its prefill did not run through this model's continuous batching")
         state = layers.get(layer)
         if state is None:
-            if not prefill:
+            if not sequence.prefill:
                 raise RuntimeError(f"retro_compile: request {request_id!r} has no decode state for layer {layer}")
-            shape = StateShape.of_call(q, k, v, self.config.num_pages, self.config.window, self.config.summaries)
+            pages = -(-sequence.capacity // self.config.page_size)
+            shape = StateShape.of_call(q, k, v, pages, self.config.window, self.config.summaries)
             state = layers[layer] = allocate(shape)
         return state
+
+    def held(self, request_id: str) -> Mapping[int, LayerState]:
+        """Layer index -> ``request_id``'s state, for the layers its prefill has reached (read-only)."""
+        return MappingProxyType(self._states.get(request_id, {}))
 
     def release(self, request_id: str) -> None:
         self._states.pop(request_id, None)
@@ -164,7 +175,7 @@ class ServedBatch:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling,
                                                      enable_gqa=q.shape[1] != k.shape[1])
             else:
-                state = self.states.layer_state(sequence.request_id, layer, q, k, v, sequence.prefill)
+                state = self.states.layer_state(sequence, layer, q, k, v)
                 positions = None
                 if not sequence.prefill:
                     positions = torch.arange(sequence.first_position, keys, device=q.device)[None]
@@ -214,6 +225,14 @@ def batching_config(requested: Any) -> Any:
     return cb_config
 
 
+def summary_share(config: RetroConfig, dtype: torch.dtype) -> float:
+    """The part of the decode memory (keys and values, and page summaries) that the summaries of a
+    request's sparse layers take: a key and a value an element per position against a max and a
+    min per page of ``page_size`` positions (in the key dtype, or int8)."""
+    summary_bytes = 2 * (1 if config.summaries == "int8" else dtype.itemsize) / config.page_size
+    return summary_bytes / (summary_bytes + 2 * dtype.itemsize)
+
+
 def check_lengths(config: RetroConfig, prompt: int, new_tokens: int | None) -> None:
     """Refuse a request longer than the decode state holds (``RetroConfig.max_context``)."""
     if new_tokens is None:
@@ -244,7 +263,8 @@ def install_hooks(processor: Any, states: RequestStates, model_dense: Mapping[in
             prefill = not state.generated_tokens  # the scheduler marks a prompt's last chunk as decoding already
             if prefill and state.position_offset == 0:
                 states.start(state.request_id)
-            sequences.append(Sequence(state.request_id, state.position_offset, future.query_length, prefill))
+            capacity = len(state.initial_tokens) + state.max_new_tokens  # add_request checked it is set
+            sequences.append(Sequence(state.request_id, state.position_offset, future.query_length, prefill, capacity))
         return prepare(requests_in_batch, *args, **kwargs)
 
     def get_model_kwargs(*args: Any, **kwargs: Any) -> Any:
@@ -281,7 +301,14 @@ def manager_class() -> type:
         def __init__(self, model: torch.nn.Module, generation_config: Any, continuous_batching_config: Any,
                      workload_hints: Any, states: RequestStates, model_dense: Mapping[int, str]) -> None:
             self.retro_states, self.retro_model_dense = states, model_dense
+            sized_by_user = (continuous_batching_config.max_memory_percent is not None
+                             or continuous_batching_config.num_blocks is not None)
             super().__init__(model, generation_config, continuous_batching_config, workload_hints)
+            if not sized_by_user:  # the paged cache takes its share of free memory, the summaries theirs
+                share = summary_share(states.config, model.dtype)
+                self.continuous_batching_config.max_memory_percent *= 1.0 - share
+                log.info("retro-compile: the paged cache takes %.3g of free memory, leaving %.1f%% of its share to the "
+                         "requests' page summaries", self.continuous_batching_config.max_memory_percent, 100 * share)
             for name in ("varlen_compile_config", "decode_compile_config"):  # a generation config's compile_config
                 if getattr(self.continuous_batching_config, name) is not None:
                     log.info("retro-compile: continuous batching runs its steps eagerly; %s is not used", name)
