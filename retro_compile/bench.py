@@ -265,8 +265,8 @@ def profile_op(batch: int, context: int, window: int, summaries: str = "exact") 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m retro_compile.bench",
-                                description="speed benchmarks; they need a CUDA GPU (e2e --shape smoke runs on the CPU)")
-    sub = p.add_subparsers(dest="what", required=True, help="op: the decode op alone; e2e: generate() end to end")
+                                description="speed benchmarks; they need a CUDA GPU (e2e and serve --shape smoke run on the CPU)")
+    sub = p.add_subparsers(dest="what", required=True, help="op: the decode op alone; e2e: generate() end to end; serve: continuous batching")
     op = sub.add_parser("op", help="one decode-attention step of the op (GPU)")
     op.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes")
     op.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072], help="cache lengths, in tokens")
@@ -280,11 +280,18 @@ def main(argv=None) -> None:
 
     bench_e2e.add_arguments(sub.add_parser(
         "e2e", help="generate() end to end on a Llama-3.1-8B-shaped model (GPU; --shape smoke on CPU)"))
+    from . import bench_serve
+
+    bench_serve.add_arguments(sub.add_parser(
+        "serve", help="continuous batching under a load of concurrent requests (GPU; --shape smoke on CPU)"))
     args = p.parse_args(argv)
     args.invocation = "python -m retro_compile.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.what == "e2e":
         bench_e2e.main(args)
+        return
+    if args.what == "serve":
+        bench_serve.main(args)
         return
     if not torch.cuda.is_available():
         raise SystemExit("python -m retro_compile.bench op needs a CUDA device")

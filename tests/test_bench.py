@@ -89,3 +89,24 @@ def test_rows_of_two_budgets_are_two_configurations():
     assert label(row("retro-w2", 2048)) != label(row("retro-w2", 2048, "int8"))
     assert label(row("dense", 2048)) == label(row("dense", 8192)) == "dense"
     assert label(row("quest", 2048)) == label(dict(mode="quest")) == "quest"  # rows from before budgets were recorded
+
+
+@pytest.mark.slow
+def test_serve_benchmark_smoke_on_cpu(tmp_path):
+    """The served-throughput benchmark at a tiny shape: every configuration answers the same load
+    in a process of its own, and each row's figures hang together."""
+    out = tmp_path / "serve.json"
+    argv = ["serve", "--shape", "smoke", "--device", "cpu", "--requests", "3", "--min-context", "64",
+            "--max-context", "160", "--new-tokens", "6", "--budget", "32", "--page-size", "16", "--batch-tokens", "64",
+            "--out", str(out)]
+    main(argv)
+    result = json.loads(out.read_text())
+    assert result["meta"]["invocation"] == "python -m retro_compile.bench " + " ".join(argv)
+    rows = {r["mode"]: r for r in result["results"]}
+    assert sorted(rows) == ["dense", "quest", "retro-w2"]
+    for row in rows.values():
+        assert "error" not in row, row.get("error")
+        assert row["tokens_per_s"] == pytest.approx(3 * 6 / row["wall_s"])
+        assert 0 < row["ttft_s"]["median"] <= row["latency_s"]["median"] <= row["wall_s"]
+        assert row["positions"] == rows["dense"]["positions"]  # the same load for every configuration
+    assert rows["retro-w2"]["throughput_vs_dense"] == rows["retro-w2"]["tokens_per_s"] / rows["dense"]["tokens_per_s"]
