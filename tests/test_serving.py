@@ -212,15 +212,31 @@ def test_unsupported_batching_settings_are_refused_up_front(untouched):
     assert greedy(model, torch.tensor([inputs[0]]), None, 4).shape == (1, 4)
 
 
-def test_a_model_with_sliding_window_layers_is_refused():
-    """Continuous batching of a model with sliding-window layers is not served yet: refused in
-    plain words, naming the layers."""
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mistral-sliding", "qwen2-sliding", "gemma3"])
+def test_models_with_sliding_window_layers(family):
+    """Sliding-window layers stay dense, over the keys the paged cache keeps for them (the last
+    window of positions): at full budget the untouched model's tokens under the same batching, at
+    a small budget each request's tokens alone through generate()."""
+    from .test_model_matrix import FAMILIES
+
+    torch.manual_seed(0)
+    untouched = FAMILIES[family]().eval()
+    inputs = request_prompts((37, 90, 21), seed=3)
+    assert batch_tokens(retro_compile(copy.deepcopy(untouched), FULL), inputs) == batch_tokens(untouched, inputs)
+    model = retro_compile(copy.deepcopy(untouched), SMALL["retro-w2"])
+    assert batch_tokens(model, inputs) == alone(model, inputs)
+
+
+def test_a_longer_window_on_a_model_with_sliding_window_layers_is_refused():
+    """The paged cache keeps a sliding layer's last ``sliding_window`` positions: enough for a
+    window of 2, not for one that feeds two or more positions again. Refused in plain words."""
     import transformers as tf
 
     config = tf.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, sliding_window=16)
-    model = retro_compile(tf.MistralForCausalLM(config).eval(), FULL)
-    with pytest.raises(NotImplementedError, match=r"sliding-window layers \[0, 1\]"):
+    model = retro_compile(tf.MistralForCausalLM(config).eval(), SMALL["retro-w3"])
+    with pytest.raises(NotImplementedError, match=r"serves windows up to 2, not window=3"):
         model.generate_batch(inputs=request_prompts((20,)), generation_config=generation())
 
 

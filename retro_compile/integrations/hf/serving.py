@@ -23,7 +23,8 @@ order. Three hooks make that batch run the decode-window algorithm of ``generate
 So each request decodes exactly as it would alone through ``generate()``: rows never read each
 other's keys or state. What this path does not do yet: CUDA graphs, ``torch.compile`` of the
 step and asynchronous batching (each is refused when asked for), parallel sampling
-(``num_return_sequences > 1``), and models with sliding-window or recurrent layers. Attention
+(``num_return_sequences > 1``), windows over 2 on models with sliding-window layers, and models
+with recurrent layers. Attention
 runs request by request, eagerly: ``retro::attention``'s Triton kernels on CUDA, the PyTorch
 reference elsewhere.
 """
@@ -132,45 +133,58 @@ class ServedBatch:
     """One forward call of continuous batching: which request each run of rows belongs to, and
     the attention that runs each request's rows over its own keys and state."""
 
-    def __init__(self, sequences: list[Sequence], states: RequestStates, model_dense: Mapping[int, str]) -> None:
+    def __init__(self, sequences: list[Sequence], states: RequestStates, model_dense: Mapping[int, str],
+                 kinds: LayerKinds | None) -> None:
         self.sequences = sequences
         self.states = states
         self.config = states.config
         self.model_dense = model_dense
+        self.sliding = frozenset(kinds.sliding) if kinds is not None else frozenset()
+        self.window = kinds.window if kinds is not None else None
         self.params = sparse_params(self.config)
-        self._masks: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+        self._masks: dict[tuple[int, int, int, bool, torch.device], torch.Tensor | None] = {}
 
     def dense(self, layer: int) -> bool:
         """Whether ``layer`` runs dense attention (the rewrite's rule: the mode, ``dense_layers``,
-        and layers the model needs dense)."""
+        and layers the model needs dense, such as sliding-window ones)."""
         return self.config.mode == "dense" or self.config.is_dense_layer(layer) or layer in self.model_dense
 
-    def causal_mask(self, sequence: Sequence, device: torch.device) -> torch.Tensor | None:
-        """(1, 1, rows, keys) bool: row ``i`` sees keys up to its position; None from position 0
-        (SDPA's causal flag says it). Built once per call, shared by every layer."""
-        if sequence.first_position == 0:
-            return None
-        key = (sequence.first_position, sequence.rows, device)
+    def first_key(self, sequence: Sequence, sliding: bool) -> int:
+        """The position of a request's first key in the call: 0, or for a sliding-window layer the
+        oldest the paged cache keeps for it (the ``window - 1`` positions before the rows)."""
+        return sequence.first_position - min(sequence.first_position, self.window - 1) if sliding else 0
+
+    def mask(self, sequence: Sequence, sliding: bool, device: torch.device) -> torch.Tensor | None:
+        """(1, 1, rows, keys) bool: row ``i`` sees the keys up to its position, and on a
+        sliding-window layer only the last ``window`` of them; None for a full-attention call from
+        position 0 (SDPA's causal flag says it). Built once per call, shared by every layer."""
+        first = self.first_key(sequence, sliding)
+        key = (sequence.first_position, sequence.rows, first, sliding, device)
         if key not in self._masks:
-            keys = sequence.first_position + sequence.rows
-            positions = torch.arange(sequence.first_position, keys, device=device)
-            self._masks[key] = (torch.arange(keys, device=device) <= positions[:, None])[None, None]
+            self._masks[key] = None
+            if sequence.first_position or sliding:
+                rows = torch.arange(sequence.first_position, sequence.first_position + sequence.rows, device=device)
+                keys = torch.arange(first, sequence.first_position + sequence.rows, device=device)
+                allowed = keys <= rows[:, None]
+                if sliding:
+                    allowed &= keys > rows[:, None] - self.window
+                self._masks[key] = allowed[None, None]
         return self._masks[key]
 
     def attention(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   scaling: float | None) -> torch.Tensor:
         """``query`` (1, Hq, rows, D) of every request, packed; ``key``/``value`` (1, Hkv, keys, D),
-        each request's keys gathered in position order. Returns (1, rows, Hq, Dv), as transformers'
-        attention functions do. The rows are the batch's own: this path never pads them (no CUDA
-        graph, no compile)."""
+        each request's keys as the paged cache gathers them, in position order. Returns
+        (1, rows, Hq, Dv), as transformers' attention functions do. The rows are the batch's own:
+        this path never pads them (no CUDA graph, no compile)."""
         layer = module.layer_idx
-        dense = self.dense(layer)
-        outputs, row, first_key = [], 0, 0
+        dense, sliding = self.dense(layer), layer in self.sliding
+        outputs, row, key_row = [], 0, 0
         for sequence in self.sequences:
-            keys = sequence.first_position + sequence.rows
+            keys = sequence.first_position + sequence.rows - self.first_key(sequence, sliding)
             q = query[:, :, row:row + sequence.rows]
-            k, v = key[:, :, first_key:first_key + keys], value[:, :, first_key:first_key + keys]
-            mask = self.causal_mask(sequence, q.device)
+            k, v = key[:, :, key_row:key_row + keys], value[:, :, key_row:key_row + keys]
+            mask = self.mask(sequence, sliding, q.device)
             if dense:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling,
                                                      enable_gqa=q.shape[1] != k.shape[1])
@@ -178,11 +192,12 @@ class ServedBatch:
                 state = self.states.layer_state(sequence, layer, q, k, v)
                 positions = None
                 if not sequence.prefill:
-                    positions = torch.arange(sequence.first_position, keys, device=q.device)[None]
+                    positions = torch.arange(sequence.first_position, sequence.first_position + sequence.rows,
+                                             device=q.device)[None]
                 out = retro_attention(q, k, v, mask, state, self.params, is_causal=mask is None, scale=scaling,
                                       positions=positions, prefill=sequence.prefill)
             outputs.append(out)
-            row, first_key = row + sequence.rows, first_key + keys
+            row, key_row = row + sequence.rows, key_row + keys
         return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
 
 
@@ -243,7 +258,8 @@ def check_lengths(config: RetroConfig, prompt: int, new_tokens: int | None) -> N
                          f"exceeds RetroConfig.max_context={config.max_context}; raise max_context")
 
 
-def install_hooks(processor: Any, states: RequestStates, model_dense: Mapping[int, str]) -> None:
+def install_hooks(processor: Any, states: RequestStates, model_dense: Mapping[int, str],
+                  kinds: LayerKinds | None) -> None:
     """Hook a ``ContinuousBatchProcessor`` (see the module docstring): plan each batch and hand it
     to the forward call; feed each decoding request its window; drop a request's state when the
     cache frees its blocks."""
@@ -269,7 +285,7 @@ def install_hooks(processor: Any, states: RequestStates, model_dense: Mapping[in
 
     def get_model_kwargs(*args: Any, **kwargs: Any) -> Any:
         batch = model_kwargs(*args, **kwargs)
-        batch[BATCH_KWARG] = ServedBatch(list(sequences), states, model_dense)
+        batch[BATCH_KWARG] = ServedBatch(list(sequences), states, model_dense, kinds)
         return batch
 
     def update_batch() -> None:
@@ -299,8 +315,9 @@ def manager_class() -> type:
         it makes is hooked (:func:`install_hooks`)."""
 
         def __init__(self, model: torch.nn.Module, generation_config: Any, continuous_batching_config: Any,
-                     workload_hints: Any, states: RequestStates, model_dense: Mapping[int, str]) -> None:
-            self.retro_states, self.retro_model_dense = states, model_dense
+                     workload_hints: Any, states: RequestStates, model_dense: Mapping[int, str],
+                     kinds: LayerKinds | None) -> None:
+            self.retro_states, self.retro_model_dense, self.retro_kinds = states, model_dense, kinds
             sized_by_user = (continuous_batching_config.max_memory_percent is not None
                              or continuous_batching_config.num_blocks is not None)
             super().__init__(model, generation_config, continuous_batching_config, workload_hints)
@@ -320,7 +337,7 @@ def manager_class() -> type:
         def _create_batch_processor(self) -> Any:
             processor = super()._create_batch_processor()
             if not getattr(processor, "retro_hooked", False):
-                install_hooks(processor, self.retro_states, self.retro_model_dense)
+                install_hooks(processor, self.retro_states, self.retro_model_dense, self.retro_kinds)
                 processor.retro_hooked = True
             return processor
 
@@ -341,12 +358,15 @@ def continuous_batching_method(model: torch.nn.Module, config: RetroConfig, mode
 
     def init_continuous_batching(generation_config: Any = None, continuous_batching_config: Any = None,
                                  workload_hints: Any = None) -> "ContinuousBatchingManager":
-        if kinds is not None and (kinds.sliding or kinds.recurrent):
-            layers = {"sliding-window": list(kinds.sliding), "recurrent": list(kinds.recurrent)}
+        if kinds is not None and kinds.sliding and config.window > 2:
             raise NotImplementedError(
-                "retro_compile: continuous batching serves models whose every layer is full attention; this one has "
-                + ", ".join(f"{kind} layers {found}" for kind, found in layers.items() if found)
-                + ". Use model.generate(...), which serves it")
+                f"retro_compile: continuous batching of a model with sliding-window layers ({list(kinds.sliding)}) "
+                f"serves windows up to 2, not window={config.window}: the paged cache keeps a sliding layer's last "
+                "sliding_window positions, and a longer window feeds again positions whose keys it no longer holds")
+        if kinds is not None and kinds.recurrent:
+            raise NotImplementedError(
+                f"retro_compile: continuous batching does not serve models with recurrent layers (this one has "
+                f"{list(kinds.recurrent)}); transformers' continuous batching does not either. Use model.generate(...)")
         cached = getattr(model, "_cached_continuous_batching_manager", None)
         if isinstance(cached, manager_class()):
             return cached
@@ -363,6 +383,6 @@ def continuous_batching_method(model: torch.nn.Module, config: RetroConfig, mode
         if workload_hints is not None and workload_hints.max_prompt_length:
             check_lengths(config, workload_hints.max_prompt_length, workload_hints.max_generated_length)
         cb_config = batching_config(continuous_batching_config)
-        return manager_class()(model, generation, cb_config, workload_hints, RequestStates(config), model_dense)
+        return manager_class()(model, generation, cb_config, workload_hints, RequestStates(config), model_dense, kinds)
 
     return init_continuous_batching
