@@ -136,6 +136,24 @@ def test_requests_arriving_at_different_steps_and_reusing_freed_blocks(untouched
     assert len(manager.retro_states) == 0, "finished requests kept their decode state"
 
 
+def test_parallel_sampling_forks_each_requests_state(untouched):
+    """num_return_sequences > 1 prefills a prompt once and forks the request before its last
+    token; each fork goes on with a copy of the parent's state. Greedily, every sequence of a
+    prompt gives the tokens the prompt gets alone (forks sharing one state would move it on once
+    per fork and step)."""
+    inputs = request_prompts((37, 90), seed=13)
+    model = retro_compile(copy.deepcopy(untouched), SMALL["retro-w2"])
+    three = generation()
+    three.num_return_sequences = 3
+    out = model.generate_batch(inputs=inputs, generation_config=three,
+                               continuous_batching_config=ContinuousBatchingConfig(**CACHE))
+    assert all(r.error is None for r in out.values()), [r.error for r in out.values()]
+    expected = alone(model, inputs)
+    for i, tokens in enumerate(expected):
+        ids = [f"req_{i}", f"req_{i}__child#0", f"req_{i}__child#1"]
+        assert [out[r].generated_tokens for r in ids] == [tokens] * 3
+
+
 def test_concurrent_clients_are_answered_like_the_untouched_model(untouched):
     """The manager as ``transformers serve`` drives it: created by the model's
     init_continuous_batching, started once, each client's request added as a stream whose outputs
@@ -199,10 +217,6 @@ def test_unsupported_batching_settings_are_refused_up_front(untouched):
         with pytest.raises(ValueError, match=match):
             model.generate_batch(inputs=inputs, generation_config=generation(),
                                  continuous_batching_config=ContinuousBatchingConfig(**CACHE, **setting))
-    two = generation()
-    two.num_return_sequences, two.do_sample = 2, True
-    with pytest.raises(ValueError, match="num_return_sequences=2"):
-        model.generate_batch(inputs=inputs, generation_config=two)
     with pytest.raises(ValueError, match="exceeds RetroConfig.max_context=256"):
         model.generate_batch(inputs=request_prompts((250,)), generation_config=generation())
     manager = model.init_continuous_batching(generation_config=generation())

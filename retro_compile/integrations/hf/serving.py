@@ -17,16 +17,15 @@ order. Three hooks make that batch run the decode-window algorithm of ``generate
    ``retro::attention`` with that request's state.
 3. **State by request.** :class:`RequestStates` keeps each request's
    :class:`~retro_compile.state.LayerState` per sparse layer by request id (the batch is
-   reordered every step). A prefill from position 0 builds it; the paged cache freeing the
-   request's blocks (finished, cancelled, evicted) drops it.
+   reordered every step). A prefill from position 0 builds it; a request forked for parallel
+   sampling gets a copy; the paged cache freeing the request's blocks (finished, cancelled,
+   evicted) drops it.
 
 So each request decodes exactly as it would alone through ``generate()``: rows never read each
 other's keys or state. What this path does not do yet: CUDA graphs, ``torch.compile`` of the
-step and asynchronous batching (each is refused when asked for), parallel sampling
-(``num_return_sequences > 1``), windows over 2 on models with sliding-window layers, and models
-with recurrent layers. Attention
-runs request by request, eagerly: ``retro::attention``'s Triton kernels on CUDA, the PyTorch
-reference elsewhere.
+step and asynchronous batching (each is refused when asked for), windows over 2 on models with
+sliding-window layers, and models with recurrent layers. Attention runs request by request,
+eagerly: ``retro::attention``'s Triton kernels on CUDA, the PyTorch reference elsewhere.
 """
 
 from __future__ import annotations
@@ -124,6 +123,12 @@ class RequestStates:
     def held(self, request_id: str) -> Mapping[int, LayerState]:
         """Layer index -> ``request_id``'s state, for the layers its prefill has reached (read-only)."""
         return MappingProxyType(self._states.get(request_id, {}))
+
+    def fork(self, parent: str, child: str) -> None:
+        """Give ``child`` a copy of ``parent``'s state: a request forked for parallel sampling
+        shares its parent's prompt and goes on from the same point on its own."""
+        self._states[child] = {layer: LayerState(*(t.clone() for t in state))
+                               for layer, state in self._states.get(parent, {}).items()}
 
     def release(self, request_id: str) -> None:
         self._states.pop(request_id, None)
@@ -266,8 +271,8 @@ def install_hooks(processor: Any, states: RequestStates, model_dense: Mapping[in
     from transformers.generation.continuous_batching.requests import RequestStatus
 
     io, cache, window = processor.inputs_and_outputs, processor.cache, states.config.window
-    prepare, model_kwargs, update, free = (io.prepare_batch_tensors, io.get_model_kwargs, processor.update_batch,
-                                           cache.free_blocks)
+    prepare, model_kwargs, update, free, fork = (io.prepare_batch_tensors, io.get_model_kwargs, processor.update_batch,
+                                                 cache.free_blocks, cache.prepare_fork_request)
     scheduled: list[Any] = []
     sequences: list[Sequence] = []
 
@@ -299,8 +304,14 @@ def install_hooks(processor: Any, states: RequestStates, model_dense: Mapping[in
         states.release(request_id)
         return free(request_id, *args, **kwargs)
 
+    def prepare_fork_request(parent: Any, children: list[str], *args: Any, **kwargs: Any) -> list[str]:
+        forked = fork(parent, children, *args, **kwargs)  # those that did not fit are prefilled anew
+        for child in forked:
+            states.fork(parent.request_id, child)
+        return forked
+
     io.prepare_batch_tensors, io.get_model_kwargs = prepare_batch_tensors, get_model_kwargs
-    processor.update_batch, cache.free_blocks = update_batch, free_blocks
+    processor.update_batch, cache.free_blocks, cache.prepare_fork_request = update_batch, free_blocks, prepare_fork_request
 
 
 @functools.cache
@@ -373,10 +384,6 @@ def continuous_batching_method(model: torch.nn.Module, config: RetroConfig, mode
         generation = generation_config if generation_config is not None else model.generation_config
         if generation is None:
             raise ValueError("retro_compile: continuous batching needs a GenerationConfig")
-        if (generation.num_return_sequences or 1) > 1:
-            raise ValueError(f"retro_compile: continuous batching with num_return_sequences="
-                             f"{generation.num_return_sequences} is not supported: the sequences would fork a "
-                             "request's decode state, which is kept per request")
         if generation.eos_token_id is None:
             log.warning("retro-compile: the generation config has no eos_token_id; requests stop at max_new_tokens")
             generation.eos_token_id = -1
