@@ -251,6 +251,23 @@ def test_decode_step_with_kernels_matches_reference(window, summaries, prompt, p
         torch.testing.assert_close(out, dense_rows(problem, positions).to(out.device), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("kernels", [False, True], ids=["reference", "kernels"])
+def test_a_state_with_pages_past_the_keys_decodes_as_one_sized_to_them(kernels, monkeypatch):
+    """A continuous-batching request's call holds its own keys only, fewer than its state has pages
+    for: pages past the keys hold no valid position and change nothing. The op (reference stages
+    and kernel stages) with 12 pages over 80 keys against the reference with the 5 they span."""
+    from retro_compile.kernels import op
+
+    problem = make_problem(batch=2, q_heads=4, kv_heads=2, length=80, prompt=50, pad=(0, 7))
+    problem = type(problem)(*(t.to(DEVICE) for t in (problem.q, problem.k, problem.v, problem.valid)), problem.prompt)
+    p = ref.SparseParams(16, 2, 0.0, 0, 1, 2)
+    expected = [out for _, out in run(problem, p, steps=4)]
+    monkeypatch.setattr(op, "use_kernels", lambda *a: kernels)
+    got = [out for _, out in run(problem, p, steps=4, num_pages=12)]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("window,local", [(2, 1), (4, 1), (2, 0), (4, 2)])
 @pytest.mark.parametrize("summaries", ["exact", "int8"])
 @pytest.mark.slow

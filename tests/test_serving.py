@@ -13,6 +13,7 @@ import asyncio
 import copy
 import logging
 import threading
+import time
 
 import pytest
 import torch
@@ -64,12 +65,13 @@ def untouched():
     return tiny_model()
 
 
-def test_full_budget_serves_the_untouched_models_tokens(untouched):
+@pytest.mark.parametrize("config", [FULL, RetroConfig(mode="dense", max_context=256)], ids=["retro", "dense"])
+def test_full_budget_serves_the_untouched_models_tokens(untouched, config):
     """A budget covering every context is dense attention: continuous batching on the
     retro_compile'd model gives the untouched model's tokens under the same batching, for prompts
-    prefilled in one piece and in chunks."""
+    prefilled in one piece and in chunks; so does mode="dense"."""
     inputs = request_prompts()
-    model = retro_compile(copy.deepcopy(untouched), FULL)
+    model = retro_compile(copy.deepcopy(untouched), config)
     assert batch_tokens(model, inputs) == batch_tokens(untouched, inputs)
 
 
@@ -134,6 +136,40 @@ def test_requests_arriving_at_different_steps_and_reusing_freed_blocks(untouched
     served = [results[f"r{i}"].generated_tokens for i in range(len(inputs))]
     assert served == alone(model, inputs)
     assert len(manager.retro_states) == 0, "finished requests kept their decode state"
+
+
+@pytest.mark.slow
+def test_a_cancelled_request_frees_its_state_and_leaves_the_others_alone(untouched):
+    """A request cancelled while it decodes drops its decode state with its blocks; the request
+    decoding beside it gives its tokens alone through generate()."""
+    model = retro_compile(copy.deepcopy(untouched), SMALL["retro-w2"])
+    inputs = request_prompts((60, 80), seed=17)
+    manager = model.init_continuous_batching(generation_config=generation(),
+                                             continuous_batching_config=ContinuousBatchingConfig(**CACHE))
+    manager.start()
+    try:
+        manager.add_request(inputs[0], request_id="cancelled", streaming=True, max_new_tokens=150)
+        manager.add_request(inputs[1], request_id="kept", max_new_tokens=NEW)
+        while True:  # cancel once both decode
+            output = manager.get_result(timeout=120)
+            assert output is not None and output.error is None, output
+            if output.request_id == "cancelled" and len(output.generated_tokens) >= 2:
+                break
+        assert "cancelled" in manager.retro_states
+        manager.cancel_request("cancelled")
+        kept = None
+        while kept is None:
+            output = manager.get_result(timeout=120)
+            assert output is not None, "the manager stopped answering"
+            if output.request_id == "kept" and output.is_finished():
+                kept = output
+        deadline = time.monotonic() + 30
+        while "cancelled" in manager.retro_states and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        manager.stop(block=True, timeout=30)
+    assert "cancelled" not in manager.retro_states
+    assert kept.error is None and kept.generated_tokens == alone(model, inputs[1:])[0]
 
 
 def test_parallel_sampling_forks_each_requests_state(untouched):

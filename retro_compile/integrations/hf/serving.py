@@ -133,6 +133,9 @@ class RequestStates:
     def release(self, request_id: str) -> None:
         self._states.pop(request_id, None)
 
+    def clear(self) -> None:
+        self._states.clear()
+
 
 class ServedBatch:
     """One forward call of continuous batching: which request each run of rows belongs to, and
@@ -266,13 +269,13 @@ def check_lengths(config: RetroConfig, prompt: int, new_tokens: int | None) -> N
 def install_hooks(processor: Any, states: RequestStates, model_dense: Mapping[int, str],
                   kinds: LayerKinds | None) -> None:
     """Hook a ``ContinuousBatchProcessor`` (see the module docstring): plan each batch and hand it
-    to the forward call; feed each decoding request its window; drop a request's state when the
-    cache frees its blocks."""
+    to the forward call; feed each decoding request its window; copy a request's state to its
+    forks; drop a request's state when the cache frees its blocks."""
     from transformers.generation.continuous_batching.requests import RequestStatus
 
     io, cache, window = processor.inputs_and_outputs, processor.cache, states.config.window
-    prepare, model_kwargs, update, free, fork = (io.prepare_batch_tensors, io.get_model_kwargs, processor.update_batch,
-                                                 cache.free_blocks, cache.prepare_fork_request)
+    prepare, model_kwargs, update = io.prepare_batch_tensors, io.get_model_kwargs, processor.update_batch
+    free, free_all, fork = cache.free_blocks, cache.free_all_requests, cache.prepare_fork_request
     scheduled: list[Any] = []
     sequences: list[Sequence] = []
 
@@ -304,6 +307,10 @@ def install_hooks(processor: Any, states: RequestStates, model_dense: Mapping[in
         states.release(request_id)
         return free(request_id, *args, **kwargs)
 
+    def free_all_requests(*args: Any, **kwargs: Any) -> None:  # a batch processor reset for a new session
+        states.clear()
+        return free_all(*args, **kwargs)
+
     def prepare_fork_request(parent: Any, children: list[str], *args: Any, **kwargs: Any) -> list[str]:
         forked = fork(parent, children, *args, **kwargs)  # those that did not fit are prefilled anew
         for child in forked:
@@ -311,7 +318,9 @@ def install_hooks(processor: Any, states: RequestStates, model_dense: Mapping[in
         return forked
 
     io.prepare_batch_tensors, io.get_model_kwargs = prepare_batch_tensors, get_model_kwargs
-    processor.update_batch, cache.free_blocks, cache.prepare_fork_request = update_batch, free_blocks, prepare_fork_request
+    processor.update_batch = update_batch
+    cache.free_blocks, cache.free_all_requests, cache.prepare_fork_request = (free_blocks, free_all_requests,
+                                                                             prepare_fork_request)
 
 
 @functools.cache
