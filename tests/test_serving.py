@@ -172,6 +172,7 @@ def test_a_cancelled_request_frees_its_state_and_leaves_the_others_alone(untouch
     assert kept.error is None and kept.generated_tokens == alone(model, inputs[1:])[0]
 
 
+@pytest.mark.slow
 def test_parallel_sampling_forks_each_requests_state(untouched):
     """num_return_sequences > 1 prefills a prompt once and forks the request before its last
     token; each fork goes on with a copy of the parent's state. Greedily, every sequence of a
