@@ -264,3 +264,29 @@ def test_sliding_window_and_hybrid_families_with_cuda_graphs_match_untouched(fam
     assert torch.equal(compiled.generate(**kw), expected)
     with torch.compiler.set_stance("fail_on_recompile"):
         assert torch.equal(compiled.generate(**kw), expected)
+
+
+def test_continuous_batching_on_cuda_matches_untouched_and_generate_alone():
+    """Continuous batching with the op's kernel stages, eagerly: at full budget the untouched
+    model's continuous batching; at a small budget each request as it decodes alone through
+    generate() (Inductor and CUDA graphs)."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    model = tiny_model("llama").cuda()
+    g = torch.Generator().manual_seed(3)
+    inputs = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (37, 90, 21, 64)]
+    gen = GenerationConfig(max_new_tokens=12, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cache = ContinuousBatchingConfig(page_size=16, num_blocks=32, max_batch_tokens=64)
+
+    def served(m) -> list[list[int]]:
+        out = m.generate_batch(inputs=inputs, generation_config=gen, continuous_batching_config=cache)
+        assert all(o.error is None for o in out.values()), [o.error for o in out.values()]
+        return [out[f"req_{i}"].generated_tokens for i in range(len(inputs))]
+
+    full = RetroConfig(mode="retro", budget=128, page_size=16, dense_layers=1, max_context=128)
+    assert served(retro_compile(copy.deepcopy(model), full)) == served(model)
+    small = retro_compile(copy.deepcopy(model), RetroConfig(mode="retro", budget=32, page_size=16, dense_layers=1,
+                                                            max_context=128))
+    alone = [small.generate(input_ids=torch.tensor([p]).cuda(), max_new_tokens=12, do_sample=False,
+                            pad_token_id=0)[0, len(p):].tolist() for p in inputs]
+    assert served(small) == alone
