@@ -1,7 +1,8 @@
-"""The ``retro-compile`` command: ``retro-compile {demo,eval,bench} [options]``.
+"""The ``retro-compile`` command: ``retro-compile {demo,eval,bench,serve} [options]``.
 
-The same as ``python -m retro_compile.demo``, ``python -m retro_compile.eval`` and
-``python -m retro_compile.bench``; ``retro-compile COMMAND -h`` describes each command's flags.
+The same as ``python -m retro_compile.demo``, ``python -m retro_compile.eval``,
+``python -m retro_compile.bench`` and ``python -m retro_compile.serve``; ``retro-compile COMMAND -h``
+describes each command's flags.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import sys
 COMMANDS = {  # name -> (module with main(argv), one line for the help)
     "demo": ("retro_compile.demo", "generate from a long real text with dense, quest and retro attention, side by side"),
     "eval": ("retro_compile.eval.cli", "quality: long-decode perplexity, passkey retrieval, KV exposure"),
-    "bench": ("retro_compile.bench", "speed on a CUDA GPU: the decode op alone (op), generate() end to end (e2e)"),
+    "bench": ("retro_compile.bench", "speed on a CUDA GPU: the decode op alone (op), generate() end to end (e2e), "
+                                     "continuous batching (serve)"),
+    "serve": ("retro_compile.serve", "an OpenAI-compatible server (transformers serve) over retro_compile'd models"),
 }
 
 

@@ -18,7 +18,7 @@ def test_top_level_help_exits_zero_and_lists_the_commands(capsys):
     assert "unknown command 'nope'" in str(error.value) and error.value.code != 0
 
 
-@pytest.mark.parametrize("argv", [["demo"], ["eval"], ["bench"], ["bench", "op"], ["bench", "e2e"], ["bench", "serve"]])
+@pytest.mark.parametrize("argv", [["demo"], ["eval"], ["bench"], ["bench", "op"], ["bench", "e2e"], ["bench", "serve"], ["serve"]])
 def test_every_flag_of_every_command_is_described(argv, monkeypatch, capsys):
     shown = []
     original = argparse.ArgumentParser.print_help
