@@ -13,8 +13,9 @@ order. Three hooks make that batch run the decode-window algorithm of ``generate
 2. **The batch.** Each forward call carries a :class:`ServedBatch` (keyword ``retro_batch``) that
    names each request in the row, its first position, its rows and its phase; the attention
    function (``retro_sdpa``) hands such calls to :meth:`ServedBatch.attention`, which runs each
-   request's rows over its own keys: dense layers as causal SDPA, sparse ones through
-   ``retro::attention`` with that request's state.
+   request's rows over its own keys: dense layers as causal SDPA, sliding-window layers as SDPA
+   over the positions the paged cache keeps for them, sparse ones through ``retro::attention``
+   with that request's state.
 3. **State by request.** :class:`RequestStates` keeps each request's
    :class:`~retro_compile.state.LayerState` per sparse layer by request id (the batch is
    reordered every step). A prefill from position 0 builds it; a request forked for parallel
