@@ -102,6 +102,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype=None, device: str = "cpu"):
             state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
             save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
             model.config.quantization_config = None
+            model.config.architectures = [type(model).__name__]  # a loader by class name needs it (transformers serve)
             model.config.to_json_file(folder / "config.json")
             model.generation_config.to_json_file(folder / "generation_config.json")
             tokenizer.save_pretrained(folder)
