@@ -54,7 +54,9 @@ def server(model: str | None, config: RetroConfig, *, background: bool = False, 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="retro-compile serve", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="retro-compile serve",
+                                description="transformers' OpenAI-compatible server (transformers serve) with continuous "
+                                            "batching, every model it loads retro_compile'd; needs the serve extra")
     p.add_argument("model", nargs="?", help="model to preload (a model id or a local folder); without it, models load "
                                             "on their first request")
     p.add_argument("--mode", choices=("dense", "quest", "retro"), default=RetroConfig.mode, help="RetroConfig.mode")
