@@ -101,6 +101,15 @@ def test_small_budget_serves_each_request_as_generate_alone(untouched, name):
 
 
 @pytest.mark.slow
+def test_prompts_no_longer_than_the_window(untouched):
+    """A prompt of 1 to 3 tokens under a window of 3: the first windows reach back to position 0
+    (feeding fewer rows), and each request still decodes as it does alone through generate()."""
+    model = retro_compile(copy.deepcopy(untouched), SMALL["retro-w3"])
+    inputs = request_prompts((1, 2, 3, 5), seed=21)
+    assert batch_tokens(model, inputs) == alone(model, inputs)
+
+
+@pytest.mark.slow
 def test_requests_arriving_at_different_steps_and_reusing_freed_blocks(untouched):
     """Requests join a running manager at different steps, while others decode; the blocks of
     finished requests go to later ones, and every request still decodes as it would alone. A
