@@ -265,6 +265,10 @@ def test_unsupported_batching_settings_are_refused_up_front(untouched):
                                  continuous_batching_config=ContinuousBatchingConfig(**CACHE, **setting))
     with pytest.raises(ValueError, match="exceeds RetroConfig.max_context=256"):
         model.generate_batch(inputs=request_prompts((250,)), generation_config=generation())
+    unbounded = generation()
+    unbounded.max_new_tokens = None
+    with pytest.raises(ValueError, match="needs max_new_tokens"):
+        model.generate_batch(inputs=inputs, generation_config=unbounded)
     manager = model.init_continuous_batching(generation_config=generation())
     with pytest.raises(ValueError, match="exceeds RetroConfig.max_context=256"):
         manager.add_request(list(range(1, 251)), max_new_tokens=NEW)

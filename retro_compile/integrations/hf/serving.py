@@ -397,8 +397,10 @@ def continuous_batching_method(model: torch.nn.Module, config: RetroConfig, mode
         if generation.eos_token_id is None:
             log.warning("retro-compile: the generation config has no eos_token_id; requests stop at max_new_tokens")
             generation.eos_token_id = -1
-        if workload_hints is not None and workload_hints.max_prompt_length:
-            check_lengths(config, workload_hints.max_prompt_length, workload_hints.max_generated_length)
+        if workload_hints is not None and workload_hints.max_prompt_length:  # generate_batch's requests, up front:
+            # it only logs what add_request raises
+            new_tokens = workload_hints.max_generated_length or generation.max_new_tokens
+            check_lengths(config, workload_hints.max_prompt_length, new_tokens)
         cb_config = batching_config(continuous_batching_config)
         return manager_class()(model, generation, cb_config, workload_hints, RequestStates(config), model_dense, kinds)
 
