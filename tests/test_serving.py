@@ -292,6 +292,17 @@ def test_models_with_sliding_window_layers(family):
     assert batch_tokens(model, inputs) == alone(model, inputs)
 
 
+def test_an_older_transformers_is_refused(untouched, monkeypatch):
+    """The hooks are written for transformers 5.24's continuous batching: an older one is refused
+    in plain words before anything runs."""
+    import transformers
+
+    model = retro_compile(copy.deepcopy(untouched), FULL)
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(NotImplementedError, match=r"needs transformers >= 5.24 \(found 5.17.0\)"):
+        model.generate_batch(inputs=request_prompts((20,)), generation_config=generation())
+
+
 def test_a_longer_window_on_a_model_with_sliding_window_layers_is_refused():
     """The paged cache keeps a sliding layer's last ``sliding_window`` positions: enough for a
     window of 2, not for one that feeds two or more positions again. Refused in plain words."""

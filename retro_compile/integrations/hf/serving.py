@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+MIN_TRANSFORMERS = (5, 24)  # the continuous batching (scheduler, paged cache, forks) the hooks are written for
+
 # ContinuousBatchingConfig fields this path fixes, with why; a user's other choice is an error.
 FIXED_SETTINGS: dict[str, tuple[Any, str]] = {
     "use_cuda_graph": (False, "attention runs request by request, which a CUDA graph cannot record"),
@@ -379,6 +381,14 @@ def continuous_batching_method(model: torch.nn.Module, config: RetroConfig, mode
 
     def init_continuous_batching(generation_config: Any = None, continuous_batching_config: Any = None,
                                  workload_hints: Any = None) -> "ContinuousBatchingManager":
+        import transformers
+        from packaging.version import Version
+
+        if Version(transformers.__version__).release < MIN_TRANSFORMERS:
+            raise NotImplementedError(
+                f"retro_compile: continuous batching needs transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))} "
+                f"(found {transformers.__version__}), whose batch processor this package hooks; generate() works "
+                "from 5.17")
         if kinds is not None and kinds.sliding and config.window > 2:
             raise NotImplementedError(
                 f"retro_compile: continuous batching of a model with sliding-window layers ({list(kinds.sliding)}) "
