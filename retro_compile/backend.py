@@ -56,7 +56,7 @@ def retro_backend(
     patches = {**torch._inductor.list_mode_options(mode), **options} if mode else options
     gm, state = state_as_inputs(gm) if plan.layers else (gm, [])
     with compile_cache_keyed():
-        compiled = compile_fx(gm, [*example_inputs, *state], config_patches=patches)
+        compiled = compile_fx(gm, [*example_inputs, *static_fakes(state, example_inputs)], config_patches=patches)
     return guard_state(with_state(compiled, state), plan, store)
 
 
@@ -92,6 +92,17 @@ def state_as_inputs(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[torch.Tens
     lifted.meta = dict(gm.meta)
     lifted._param_name_to_source = getattr(gm, "_param_name_to_source", {})  # AOTAutograd looks its buffers up there
     return lifted, state[::-1]
+
+
+def static_fakes(state: list[torch.Tensor], example_inputs: list[Any]) -> list[torch.Tensor]:
+    """The state as example inputs for Inductor: fake tensors of static shapes in Dynamo's fake
+    mode. Given real tensors, AOTAutograd would fake them with a fresh symbol per dimension, which
+    Dynamo has no source for: the first guard on one (a kernel's launch arithmetic on the page
+    count) failed the compile (torch 2.11, CUDA)."""
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        return state
+    return [fake_mode.from_tensor(t, static_shapes=True) for t in state]
 
 
 def with_state(compiled: Callable, state: list[torch.Tensor]) -> Callable:
