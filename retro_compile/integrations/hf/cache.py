@@ -49,13 +49,17 @@ class LayerKinds:
         the rows' padding ``padding`` ((B, n) bool, None where nothing is padded)."""
         masks: dict[str, Any] = {"full_attention": full}
         if self.sliding:
-            near = torch.arange(keys, device=rows.device) > rows[:, None] - self.window
-            masks["sliding_attention"] = (slot_mask(None, rows, keys) if full is None else full) & near
+            masks["sliding_attention"] = (slot_mask(None, rows, keys) if full is None else full) & self.near(rows, keys)
             if not self.by_type:
                 return masks["sliding_attention"]
         if self.recurrent:
             masks[self.recurrent_type] = padding
         return masks
+
+
+    def near(self, rows: torch.Tensor, keys: int) -> torch.Tensor:
+        """(n, keys) bool: the slots within a sliding layer's window of each row at ``rows`` (n,)."""
+        return torch.arange(keys, device=rows.device) > rows[:, None] - self.window
 
 
 def slot_mask(valid: torch.Tensor | None, rows: torch.Tensor, keys: int) -> torch.Tensor:

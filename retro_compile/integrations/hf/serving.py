@@ -43,10 +43,11 @@ import torch.nn.functional as F
 
 from ...config import RetroConfig
 from ...kernels.op import retro_attention
+from ...kernels.reference import SparseParams
 from ...passes.rewrite import sparse_params
 from ...state import LayerState, StateShape, allocate
 from .attention import BATCH_KWARG
-from .cache import LayerKinds
+from .cache import LayerKinds, slot_mask
 
 if TYPE_CHECKING:
     from transformers import ContinuousBatchingManager
@@ -140,47 +141,58 @@ class RequestStates:
         self._states.clear()
 
 
-class ServedBatch:
-    """One forward call of continuous batching: which request each run of rows belongs to, and
-    the attention that runs each request's rows over its own keys and state."""
+@dataclasses.dataclass(frozen=True)
+class ServedLayers:
+    """What each layer of a served model does, fixed for the manager's life: the requests' state,
+    the sparse layers' parameters, which layers stay dense, which slide (``kinds``)."""
 
-    def __init__(self, sequences: list[Sequence], states: RequestStates, model_dense: Mapping[int, str],
-                 kinds: LayerKinds | None) -> None:
-        self.sequences = sequences
-        self.states = states
-        self.config = states.config
-        self.model_dense = model_dense
-        self.sliding = frozenset(kinds.sliding) if kinds is not None else frozenset()
-        self.window = kinds.window if kinds is not None else None
-        self.params = sparse_params(self.config)
-        self._masks: dict[tuple[int, int, int, bool, torch.device], torch.Tensor | None] = {}
+    states: RequestStates
+    params: SparseParams
+    model_dense: Mapping[int, str]
+    kinds: LayerKinds | None
+
+    @classmethod
+    def of(cls, states: RequestStates, model_dense: Mapping[int, str], kinds: LayerKinds | None) -> "ServedLayers":
+        return cls(states, sparse_params(states.config), model_dense, kinds)
 
     def dense(self, layer: int) -> bool:
         """Whether ``layer`` runs dense attention (the rewrite's rule: the mode, ``dense_layers``,
         and layers the model needs dense, such as sliding-window ones)."""
-        return self.config.mode == "dense" or self.config.is_dense_layer(layer) or layer in self.model_dense
+        config = self.states.config
+        return config.mode == "dense" or config.is_dense_layer(layer) or layer in self.model_dense
 
-    def first_key(self, sequence: Sequence, sliding: bool) -> int:
-        """The position of a request's first key in the call: 0, or for a sliding-window layer the
-        oldest the paged cache keeps for it (the ``window - 1`` positions before the rows)."""
-        return sequence.first_position - min(sequence.first_position, self.window - 1) if sliding else 0
+    def sliding(self, layer: int) -> bool:
+        return self.kinds is not None and layer in self.kinds.sliding
 
-    def mask(self, sequence: Sequence, sliding: bool, device: torch.device) -> torch.Tensor | None:
-        """(1, 1, rows, keys) bool: row ``i`` sees the keys up to its position, and on a
-        sliding-window layer only the last ``window`` of them; None for a full-attention call from
-        position 0 (SDPA's causal flag says it). Built once per call, shared by every layer."""
-        first = self.first_key(sequence, sliding)
-        key = (sequence.first_position, sequence.rows, first, sliding, device)
-        if key not in self._masks:
-            self._masks[key] = None
-            if sequence.first_position or sliding:
-                rows = torch.arange(sequence.first_position, sequence.first_position + sequence.rows, device=device)
-                keys = torch.arange(first, sequence.first_position + sequence.rows, device=device)
-                allowed = keys <= rows[:, None]
-                if sliding:
-                    allowed &= keys > rows[:, None] - self.window
-                self._masks[key] = allowed[None, None]
-        return self._masks[key]
+
+class ServedBatch:
+    """One forward call of continuous batching: which request each run of rows belongs to, and
+    the attention that runs each request's rows over its own keys and state."""
+
+    def __init__(self, sequences: list[Sequence], layers: ServedLayers) -> None:
+        self.sequences = sequences
+        self.layers = layers
+        self._views: dict[tuple[torch.device, bool], list[tuple[int, torch.Tensor, torch.Tensor | None]]] = {}
+
+    def views(self, device: torch.device, sliding: bool) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        """Per request, built once per call and shared by every layer of its kind: the position of
+        its first key in the call (0, or on a sliding-window layer the oldest the paged cache keeps
+        for it, ``window - 1`` before its rows), its rows' positions (1, rows), and their mask
+        (1, 1, rows, keys) bool (:func:`~.cache.slot_mask`, within the window on a sliding layer);
+        None for a full-attention call from position 0, which SDPA's causal flag says."""
+        if (device, sliding) not in self._views:
+            kinds, views = self.layers.kinds, []
+            for sequence in self.sequences:
+                first, end = sequence.first_position, sequence.first_position + sequence.rows
+                rows = torch.arange(first, end, device=device)
+                first_key = first - min(first, kinds.window - 1) if sliding else 0
+                mask = None
+                if first or sliding:
+                    mask = slot_mask(None, rows, end)
+                    mask = (mask & kinds.near(rows, end) if sliding else mask)[..., first_key:]
+                views.append((first_key, rows[None], mask))
+            self._views[device, sliding] = views
+        return self._views[device, sliding]
 
     def attention(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   scaling: float | None) -> torch.Tensor:
@@ -189,24 +201,20 @@ class ServedBatch:
         (1, rows, Hq, Dv), as transformers' attention functions do. The rows are the batch's own:
         this path never pads them (no CUDA graph, no compile)."""
         layer = module.layer_idx
-        dense, sliding = self.dense(layer), layer in self.sliding
+        dense = self.layers.dense(layer)
         outputs, row, key_row = [], 0, 0
-        for sequence in self.sequences:
-            keys = sequence.first_position + sequence.rows - self.first_key(sequence, sliding)
+        for sequence, (first_key, positions, mask) in zip(self.sequences,
+                                                          self.views(query.device, self.layers.sliding(layer))):
+            keys = sequence.first_position + sequence.rows - first_key
             q = query[:, :, row:row + sequence.rows]
             k, v = key[:, :, key_row:key_row + keys], value[:, :, key_row:key_row + keys]
-            mask = self.mask(sequence, sliding, q.device)
             if dense:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling,
                                                      enable_gqa=q.shape[1] != k.shape[1])
             else:
-                state = self.states.layer_state(sequence, layer, q, k, v)
-                positions = None
-                if not sequence.prefill:
-                    positions = torch.arange(sequence.first_position, sequence.first_position + sequence.rows,
-                                             device=q.device)[None]
-                out = retro_attention(q, k, v, mask, state, self.params, is_causal=mask is None, scale=scaling,
-                                      positions=positions, prefill=sequence.prefill)
+                state = self.layers.states.layer_state(sequence, layer, q, k, v)
+                out = retro_attention(q, k, v, mask, state, self.layers.params, is_causal=mask is None, scale=scaling,
+                                      positions=None if sequence.prefill else positions, prefill=sequence.prefill)
             outputs.append(out)
             row, key_row = row + sequence.rows, key_row + keys
         return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
@@ -277,6 +285,7 @@ def install_hooks(processor: Any, states: RequestStates, model_dense: Mapping[in
     from transformers.generation.continuous_batching.requests import RequestStatus
 
     io, cache, window = processor.inputs_and_outputs, processor.cache, states.config.window
+    layers = ServedLayers.of(states, model_dense, kinds)
     prepare, model_kwargs, update = io.prepare_batch_tensors, io.get_model_kwargs, processor.update_batch
     free, free_all, fork = cache.free_blocks, cache.free_all_requests, cache.prepare_fork_request
     scheduled: list[Any] = []
@@ -296,7 +305,7 @@ def install_hooks(processor: Any, states: RequestStates, model_dense: Mapping[in
 
     def get_model_kwargs(*args: Any, **kwargs: Any) -> Any:
         batch = model_kwargs(*args, **kwargs)
-        batch[BATCH_KWARG] = ServedBatch(list(sequences), states, model_dense, kinds)
+        batch[BATCH_KWARG] = ServedBatch(list(sequences), layers)
         return batch
 
     def update_batch() -> None:
