@@ -16,13 +16,15 @@ request at once, ``--batch-tokens`` tokens a forward) and runs in a process of i
 request to the last answer, generated tokens/s over it, decode tokens/s once every request has
 its first token, and per request (median and 90th percentile): time to first token, latency to
 the last token, and the interval between tokens. A short burst first (``--warmup-requests``)
-runs each configuration's first-call work outside the timing. ``--shape smoke`` runs a tiny model
-on the CPU.
+runs each configuration's first-call work outside the timing. ``--profile-steps N`` then serves
+the load once more and profiles N decode steps once every request decodes (:func:`profile_decode`).
+``--shape smoke`` runs a tiny model on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import logging
@@ -54,8 +56,10 @@ def quantiles(values: list[float]) -> dict[str, float]:
     return dict(median=statistics.median(ordered), p90=ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))])
 
 
-def serve(model, prompts: list[list[int]], new_tokens: int, cache: dict) -> list:
-    """Every prompt added at once to a started manager; the finished outputs, in the prompts' order."""
+@contextlib.contextmanager
+def running_manager(model, new_tokens: int, cache: dict):
+    """A started ``ContinuousBatchingManager`` of ``model`` with the paged cache ``cache``, greedy,
+    stopping at ``new_tokens``; stopped on exit."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     generation = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
@@ -63,21 +67,77 @@ def serve(model, prompts: list[list[int]], new_tokens: int, cache: dict) -> list
                                              continuous_batching_config=ContinuousBatchingConfig(**cache))
     manager.start()
     try:
+        yield manager
+    finally:
+        manager.stop(block=True, timeout=60)
+
+
+def next_output(manager):
+    output = manager.get_result(timeout=600)
+    if output is None:
+        raise RuntimeError("the manager stopped answering")
+    if output.error is not None:
+        raise RuntimeError(f"request {output.request_id} failed: {output.error}")
+    return output
+
+
+def serve(model, prompts: list[list[int]], new_tokens: int, cache: dict) -> list:
+    """Every prompt added at once to a started manager; the finished outputs, in the prompts' order."""
+    with running_manager(model, new_tokens, cache) as manager:
         ids = [manager.add_request(p, request_id=f"r{i}", max_new_tokens=new_tokens, record_timestamps=True)
                for i, p in enumerate(prompts)]
         finished = {}
         while len(finished) < len(ids):
-            output = manager.get_result(timeout=600)
-            if output is None:
-                raise RuntimeError("the manager stopped answering")
+            output = next_output(manager)
             if output.is_finished():
                 finished[output.request_id] = output
-    finally:
-        manager.stop(block=True, timeout=60)
-    failed = [o.error for o in finished.values() if o.error is not None]
-    if failed:
-        raise RuntimeError(f"{len(failed)} requests failed: {failed[0]}")
     return [finished[i] for i in ids]
+
+
+def profile_decode(model, prompts: list[list[int]], new_tokens: int, cache: dict, steps: int) -> dict:
+    """Where a decode step's time goes once every request decodes: the same load again, streamed,
+    under ``torch.profiler`` (every thread: the manager steps in its own) from the moment every
+    request has its first token for ``steps`` steps, or until the first request finishes.
+
+    Per step: wall time, device time by kind of kernel (:func:`.bench_e2e.kernel_breakdown`), the
+    host time inside this package's ranges (``serving.PROFILE_RANGES``, children included) and the
+    operators with the most host time of their own."""
+    from torch._C._profiler import _ExperimentalConfig
+    from torch.profiler import ProfilerActivity, profile
+
+    from .bench_e2e import kernel_breakdown
+    from .integrations.hf.serving import PROFILE_RANGES
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    profiler = profile(activities=activities, experimental_config=_ExperimentalConfig(profile_all_threads=True))
+    generated: dict[str, int] = {}
+    began = ended = None
+    with running_manager(model, new_tokens, cache) as manager:
+        ids = [manager.add_request(p, request_id=f"p{i}", max_new_tokens=new_tokens, streaming=True)
+               for i, p in enumerate(prompts)]
+        finished: set[str] = set()
+        while len(finished) < len(ids):
+            output = next_output(manager)
+            generated[output.request_id] = len(output.generated_tokens)
+            if output.is_finished():
+                finished.add(output.request_id)
+            if began is None and len(generated) == len(ids) and not finished:
+                profiler.start()
+                began, first = time.perf_counter(), sum(generated.values())
+            elif began is not None and ended is None and (finished or sum(generated.values()) - first >= steps * len(ids)):
+                profiler.stop()
+                ended, profiled = time.perf_counter(), (sum(generated.values()) - first) / len(ids)
+    if ended is None or profiled <= 0:
+        raise RuntimeError(f"no decode step was profiled: ask for more than {new_tokens} new tokens")
+    events = profiler.key_averages()
+    own = {name: next((e.cpu_time_total / 1000.0 / profiled for e in events if e.key == label), 0.0)
+           for name, label in PROFILE_RANGES.items()}
+    host = sorted(((e.self_cpu_time_total / 1000.0 / profiled, e.key[:80], e.count / profiled) for e in events
+                   if e.key not in PROFILE_RANGES.values()), reverse=True)[:20]
+    return dict(profiled_steps=profiled, step_wall_ms=1000.0 * (ended - began) / profiled,
+                **kernel_breakdown(profiler, profiled),
+                **{f"step_host_{name}_ms": ms for name, ms in own.items()},
+                step_top_host_ms=[[name, round(ms, 4), round(calls, 2)] for ms, name, calls in host])
 
 
 def run_one(args) -> dict:
@@ -121,6 +181,9 @@ def run_one(args) -> dict:
     if args.device == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     phase("timed")
+    if args.profile_steps:
+        phase(f"the load again, {args.profile_steps} decode steps profiled")
+        row["profile"] = profile_decode(model, prompts, args.new_tokens, cache, args.profile_steps)
     return row
 
 
@@ -142,7 +205,8 @@ def sweep(args) -> list[dict]:
                            "--min-context", str(args.min_context), "--max-context", str(args.max_context),
                            "--new-tokens", str(args.new_tokens), "--budget", str(args.budget),
                            "--page-size", str(args.page_size), "--batch-tokens", str(args.batch_tokens),
-                           "--warmup-requests", str(args.warmup_requests), "--timeout", str(args.timeout)]
+                           "--warmup-requests", str(args.warmup_requests), "--timeout", str(args.timeout),
+                           "--profile-steps", str(args.profile_steps)]
                 row = run_configuration(command, caches, args.timeout, mode)
             row = dict(mode=mode, requests=requests) | row
             dense = next((r for r in rows if r["mode"] == "dense" and r["requests"] == requests
@@ -169,6 +233,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="llama-8b: the Llama-3.1-8B shape; smoke: a 3-layer toy for a CPU check")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--timeout", type=int, default=540, help="seconds allowed per configuration")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after the timed load, run it again and profile this many decode steps once every request "
+                        "decodes (the row's 'profile': wall, device and host time a step)")
     p.add_argument("--out", type=Path, default=Path("results/bench_serve_h100.json"), help="JSON path")
     p.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)  # run one configuration (internal)
     p.add_argument("--row-out", type=Path, help=argparse.SUPPRESS)

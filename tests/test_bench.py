@@ -94,11 +94,11 @@ def test_rows_of_two_budgets_are_two_configurations():
 @pytest.mark.slow
 def test_serve_benchmark_smoke_on_cpu(tmp_path):
     """The served-throughput benchmark at a tiny shape: every configuration answers the same load
-    in a process of its own, and each row's figures hang together."""
+    in a process of its own, and each row's figures hang together, its decode profile too."""
     out = tmp_path / "serve.json"
     argv = ["serve", "--shape", "smoke", "--device", "cpu", "--requests", "3", "--min-context", "64",
-            "--max-context", "160", "--new-tokens", "6", "--budget", "32", "--page-size", "16", "--batch-tokens", "64",
-            "--out", str(out)]
+            "--max-context", "160", "--new-tokens", "12", "--budget", "32", "--page-size", "16", "--batch-tokens", "64",
+            "--profile-steps", "2", "--out", str(out)]
     main(argv)
     result = json.loads(out.read_text())
     assert result["meta"]["invocation"] == "python -m retro_compile.bench " + " ".join(argv)
@@ -106,7 +106,15 @@ def test_serve_benchmark_smoke_on_cpu(tmp_path):
     assert sorted(rows) == ["dense", "quest", "retro-w2"]
     for row in rows.values():
         assert "error" not in row, row.get("error")
-        assert row["tokens_per_s"] == pytest.approx(3 * 6 / row["wall_s"])
+        assert row["tokens_per_s"] == pytest.approx(3 * 12 / row["wall_s"])
         assert 0 < row["ttft_s"]["median"] <= row["latency_s"]["median"] <= row["wall_s"]
         assert row["positions"] == rows["dense"]["positions"]  # the same load for every configuration
+        profile = row["profile"]
+        assert 1 <= profile["profiled_steps"] <= 2 and profile["step_wall_ms"] > 0 and profile["step_top_host_ms"]
+        # the package's attention runs (inside the manager's own thread) for the sparse modes only
+        if row["mode"] == "dense":
+            assert profile["step_host_attention_ms"] == 0
+        else:
+            assert 0 < profile["step_host_attention_ms"] < profile["step_wall_ms"]
+            assert any(name == "retro::attention" for name, _, _ in profile["step_top_host_ms"])
     assert rows["retro-w2"]["throughput_vs_dense"] == rows["retro-w2"]["tokens_per_s"] / rows["dense"]["tokens_per_s"]

@@ -57,6 +57,13 @@ log = logging.getLogger(__name__)
 
 MIN_TRANSFORMERS = (5, 24)  # the continuous batching (scheduler, paged cache, forks) the hooks are written for
 
+# Named ranges a profiler sees (torch.profiler.record_function) for this path's share of a step.
+PROFILE_RANGES = MappingProxyType({
+    "attention": "retro_compile.served_attention",  # ServedBatch.attention, every layer's call
+    "prepare": "retro_compile.prepare_batch",  # the batch processor's batch tensors and this path's plan
+    "update": "retro_compile.update_batch",  # its update after sampling, and the windows fed next
+})
+
 # ContinuousBatchingConfig fields this path fixes, with why; a user's other choice is an error.
 FIXED_SETTINGS: dict[str, tuple[Any, str]] = {
     "use_cuda_graph": (False, "attention runs request by request, which a CUDA graph cannot record"),
@@ -200,7 +207,11 @@ class ServedBatch:
         each request's keys as the paged cache gathers them, in position order. Returns
         (1, rows, Hq, Dv), as transformers' attention functions do. The rows are the batch's own:
         this path never pads them (no CUDA graph, no compile)."""
-        layer = module.layer_idx
+        with torch.profiler.record_function(PROFILE_RANGES["attention"]):
+            return self._attention(module.layer_idx, query, key, value, scaling)
+
+    def _attention(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   scaling: float | None) -> torch.Tensor:
         dense = self.layers.dense(layer)
         outputs, row, key_row = [], 0, 0
         for sequence, (first_key, positions, mask) in zip(self.sequences,
@@ -292,16 +303,18 @@ def install_hooks(processor: Any, states: RequestStates, model_dense: Mapping[in
     sequences: list[Sequence] = []
 
     def prepare_batch_tensors(requests_in_batch: list[Any], *args: Any, **kwargs: Any) -> None:
-        scheduled[:] = requests_in_batch
-        sequences[:] = []
-        for future in requests_in_batch:
-            state = future.state
-            prefill = not state.generated_tokens  # the scheduler marks a prompt's last chunk as decoding already
-            if prefill and state.position_offset == 0:
-                states.start(state.request_id)
-            capacity = len(state.initial_tokens) + state.max_new_tokens  # add_request checked it is set
-            sequences.append(Sequence(state.request_id, state.position_offset, future.query_length, prefill, capacity))
-        return prepare(requests_in_batch, *args, **kwargs)
+        with torch.profiler.record_function(PROFILE_RANGES["prepare"]):
+            scheduled[:] = requests_in_batch
+            sequences[:] = []
+            for future in requests_in_batch:
+                state = future.state
+                prefill = not state.generated_tokens  # the scheduler marks a prompt's last chunk as decoding already
+                if prefill and state.position_offset == 0:
+                    states.start(state.request_id)
+                capacity = len(state.initial_tokens) + state.max_new_tokens  # add_request checked it is set
+                sequences.append(Sequence(state.request_id, state.position_offset, future.query_length, prefill,
+                                          capacity))
+            return prepare(requests_in_batch, *args, **kwargs)
 
     def get_model_kwargs(*args: Any, **kwargs: Any) -> Any:
         batch = model_kwargs(*args, **kwargs)
@@ -309,11 +322,12 @@ def install_hooks(processor: Any, states: RequestStates, model_dense: Mapping[in
         return batch
 
     def update_batch() -> None:
-        update()
-        if window > 1:
-            for future in scheduled:
-                if future.has_new_token and future.state.status == RequestStatus.DECODING:
-                    feed_window(future.state, window)
+        with torch.profiler.record_function(PROFILE_RANGES["update"]):
+            update()
+            if window > 1:
+                for future in scheduled:
+                    if future.has_new_token and future.state.status == RequestStatus.DECODING:
+                        feed_window(future.state, window)
 
     def free_blocks(request_id: str, *args: Any, **kwargs: Any) -> None:
         states.release(request_id)
