@@ -116,17 +116,23 @@ def profile_decode(model, prompts: list[list[int]], new_tokens: int, cache: dict
         ids = [manager.add_request(p, request_id=f"p{i}", max_new_tokens=new_tokens, streaming=True)
                for i, p in enumerate(prompts)]
         finished: set[str] = set()
-        while len(finished) < len(ids):
-            output = next_output(manager)
-            generated[output.request_id] = len(output.generated_tokens)
-            if output.is_finished():
-                finished.add(output.request_id)
-            if began is None and len(generated) == len(ids) and not finished:
-                profiler.start()
-                began, first = time.perf_counter(), sum(generated.values())
-            elif began is not None and ended is None and (finished or sum(generated.values()) - first >= steps * len(ids)):
+        try:
+            while len(finished) < len(ids):
+                output = next_output(manager)
+                generated[output.request_id] = len(output.generated_tokens)
+                if output.is_finished():
+                    finished.add(output.request_id)
+                if began is None and len(generated) == len(ids) and not finished:
+                    profiler.start()
+                    began, first = time.perf_counter(), sum(generated.values())
+                elif began is not None and ended is None:
+                    decoded = sum(generated.values()) - first
+                    if finished or decoded >= steps * len(ids):
+                        profiler.stop()
+                        ended, profiled = time.perf_counter(), decoded / len(ids)
+        finally:
+            if began is not None and ended is None:
                 profiler.stop()
-                ended, profiled = time.perf_counter(), (sum(generated.values()) - first) / len(ids)
     if ended is None or profiled <= 0:
         raise RuntimeError(f"no decode step was profiled: ask for more than {new_tokens} new tokens")
     events = profiler.key_averages()
