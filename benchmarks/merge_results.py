@@ -1,9 +1,9 @@
 """Merge the JSON of several ``python -m retro_compile.eval`` runs of one task into one file.
 
 A sweep too long for one sitting runs as several invocations (other lengths, other budgets); this
-puts their rows together: rows of the same configuration (mode, budget, window, sink pages) have
-their per-length results joined, a length that two files both hold is an error, and the
-invocations are listed under ``setup.invocations``. RULER averages and paired differences to
+puts their rows together: rows of the same configuration (mode, budget, window, sink pages,
+summaries) have their per-length results joined, a length that two files both hold is an error,
+and the invocations are listed under ``setup.invocations``. RULER averages and paired differences to
 dense are computed again over the merged rows, and the plot is drawn again.
 
     python benchmarks/merge_results.py a.json b.json --out results/ruler_qwen2.5-coder.json
@@ -36,7 +36,7 @@ def merge(datas: list[dict], names: list[str]) -> dict:
                 raise ValueError(f"merge: {configuration(row)} is in two {task} files; only RULER rows join by length")
             else:
                 join_lengths(rows[configuration(row)], row)
-    results = sorted(rows.values(), key=lambda r: (r["budget"] or 0, ORDER[r["mode"]], r["window"], r["sink_pages"]))
+    results = sorted(rows.values(), key=lambda r: (r["budget"] or 0, ORDER[r["mode"]], *configuration(r)[2:]))
     setup = dict(datas[0]["setup"])
     setup["lengths"] = sorted({int(n) for r in results for n in r.get("accuracy", {})}) or setup.get("lengths")
     setup["invocations"] = []

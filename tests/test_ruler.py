@@ -159,6 +159,31 @@ def test_merging_runs_joins_a_configurations_lengths_and_refuses_a_length_twice(
         merge([short, short], ["a", "b"])
 
 
+def test_merged_rows_of_two_summary_formats_stay_apart_and_pair_with_their_own_quest():
+    """An int8-summaries run merged with an exact one: the same mode, budget, window and sink pages
+    are two configurations, and a retro row is paired with the quest row of its own format."""
+    from retro_compile.eval.plot import label
+
+    from .benchmark_scripts import load_script
+
+    def run(summaries, rows):
+        return dict(task="ruler", setup=dict(lengths=[4096], samples=2, tasks=["a"], model="m"),
+                    results=[dict(mode=m, budget=512, window=w, sink_pages=0, summaries=summaries, seconds=1.0,
+                                  accuracy={"4096": {"a": sum(s) / 2}}, scores={"4096": {"a": s}})
+                             for m, w, s in rows])
+
+    exact = run("exact", [("quest", 1, [100.0, 0.0]), ("retro", 2, [100.0, 100.0])])
+    int8 = run("int8", [("quest", 1, [0.0, 0.0]), ("retro", 2, [100.0, 0.0])])
+    del exact["results"][0]["summaries"]  # a row from before the format was recorded: exact
+    merged = load_script("merge_results").merge([exact, int8], ["exact.json", "int8.json"])
+    rows = {(r["mode"], r.get("summaries", "exact")): r for r in merged["results"]}
+    assert len(merged["results"]) == 4 and set(rows) == {("quest", "exact"), ("retro", "exact"),
+                                                          ("quest", "int8"), ("retro", "int8")}
+    assert rows["retro", "exact"]["vs_quest"]["4096"]["difference"] == 50.0  # 100 against 50
+    assert rows["retro", "int8"]["vs_quest"]["4096"]["difference"] == 50.0  # 50 against 0
+    assert label(rows["retro", "int8"]) == "retro w=2, int8 summaries" and label(rows["retro", "exact"]) == "retro w=2"
+
+
 def test_a_ruler_run_records_each_length_as_it_finishes(tmp_path, monkeypatch):
     """The command's unit of work is a configuration at one length, shortest length first: a run
     joins each configuration's lengths into one row, and a run stopped during its longer length

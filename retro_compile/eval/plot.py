@@ -15,7 +15,8 @@ METRICS = {"ppl": [("ppl", "perplexity"), ("exposure", "effective KV exposure")]
 
 def label(row: dict) -> str:
     name = f"retro w={row['window']}" if row["mode"] == "retro" else row["mode"]
-    return f"{name}, sink {row['sink_pages']}" if row.get("sink_pages") else name
+    name = f"{name}, sink {row['sink_pages']}" if row.get("sink_pages") else name
+    return f"{name}, int8 summaries" if row.get("summaries") == "int8" else name
 
 
 def pyplot():

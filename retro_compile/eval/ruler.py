@@ -365,9 +365,18 @@ class Generator:
 DENSE_FLOOR = 10.0  # a task dense scores at most this on (in %) says nothing about sparse attention
 
 
-def configuration(row: dict) -> tuple[str, int | None, int, int]:
-    """The configuration a result row was measured with: (mode, budget, window, sink_pages)."""
-    return row["mode"], row["budget"], row["window"], row["sink_pages"]
+def configuration(row: dict) -> tuple[str, int | None, int, int, str]:
+    """The configuration a result row was measured with: (mode, budget, window, sink_pages,
+    summaries); rows from before the summary format was recorded held exact summaries."""
+    return row["mode"], row["budget"], row["window"], row["sink_pages"], row.get("summaries", "exact")
+
+
+def same_selection(a: dict, b: dict) -> bool:
+    """Whether two result rows select pages alike: the same budget, sink pages and summaries."""
+    def selection(row: dict) -> tuple:
+        return row.get("budget"), row.get("sink_pages", 0), row.get("summaries", "exact")
+
+    return selection(a) == selection(b)
 
 
 def join_lengths(into: dict, row: dict) -> None:
@@ -385,7 +394,7 @@ def add_averages(rows: list[dict], dense_floor: float = DENSE_FLOOR) -> dict[str
     """Give each result row (``accuracy``: {length: {task: %}}) an ``average`` per length over the
     tasks the dense row scores above ``dense_floor`` on (every task without a dense row); returns
     those tasks per length. Rows with per-sample ``scores`` also get ``vs_dense``, and retro rows
-    ``vs_quest`` (against quest at the same budget and sink pages), paired by sample."""
+    ``vs_quest`` (against quest at the same budget, sink pages and summaries), paired by sample."""
     dense = next((row for row in rows if row["mode"] == "dense"), None)
     averaged: dict[str, list[str]] = {}
     for row in rows:
@@ -402,8 +411,8 @@ def add_averages(rows: list[dict], dense_floor: float = DENSE_FLOOR) -> dict[str
     for row in rows:
         if dense is not None and "scores" in row:
             row["vs_dense"] = versus(row, dense)
-        quest = next((r for r in rows if r["mode"] == "quest" and r.get("budget") == row.get("budget")
-                      and r.get("sink_pages") == row.get("sink_pages") and "scores" in r), None)
+        quest = next((r for r in rows if r["mode"] == "quest" and "scores" in r
+                      and same_selection(r, row)), None)
         if row["mode"] == "retro" and "scores" in row and quest is not None:
             row["vs_quest"] = versus(row, quest)
     return averaged
