@@ -411,9 +411,10 @@ def add_averages(rows: list[dict], dense_floor: float = DENSE_FLOOR) -> dict[str
     for row in rows:
         if dense is not None and "scores" in row:
             row["vs_dense"] = versus(row, dense)
-        quest = next((r for r in rows if r["mode"] == "quest" and "scores" in r
-                      and same_selection(r, row)), None)
-        if row["mode"] == "retro" and "scores" in row and quest is not None:
+        if row["mode"] != "retro" or "scores" not in row:
+            continue
+        quest = next((r for r in rows if r["mode"] == "quest" and "scores" in r and same_selection(r, row)), None)
+        if quest is not None:
             row["vs_quest"] = versus(row, quest)
     return averaged
 
